@@ -1,0 +1,309 @@
+"""Dataset utility shared by the o2o-jax algorithm files (the only shared module).
+
+    import data
+    ds = data.load_dataset("o2o/hopper/medium-v0", gamma=0.99)   # flat NumPy arrays, see OfflineData
+    env = data.make_env("o2o/hopper/medium-v0")                    # evaluation env, flat observations
+    data.normalized_score("o2o/hopper/medium-v0", episode_return)  # D4RL score: 0 random, 100 expert
+
+IDs:
+- local D4RL-style locomotion: `o2o/{hopper,walker2d,halfcheetah}/{random,medium,medium-replay,
+  medium-expert,expert}-v0`, built from the policies shipped in `benchmarks/behavior_policies/`
+  automatically on first use (by `benchmarks/make_datasets.py`, which also builds them by hand);
+- official Minari IDs (`D4RL/antmaze/umaze-v1`, `mujoco/hopper/medium-v0`, ...): loaded from the local
+  Minari store (`$MINARI_DATASETS_PATH`, default ~/.minari/datasets), downloaded when missing and the
+  network answers. A download never hangs: `HF_HUB_OFFLINE=1` fails at once, an unreachable or silent
+  endpoint (`HF_ENDPOINT`, default huggingface.co) fails after `PROBE_TIMEOUT_S` seconds.
+
+Flattening (D4RL's `qlearning_dataset` conventions, except that no transition is dropped):
+- an episode of T steps has T+1 observations: observations = o[:-1], next_observations = o[1:];
+- `terminals` are true terminations only; `timeouts` mark episode ends that are not terminations
+  (time limits, or data cut off), where a critic should bootstrap from next_observations;
+- `mc_returns[t] = sum_k gamma^k r[t+k]` to the end of t's episode (no bootstrap at a timeout);
+- Dict observations are concatenated in the order of `DICT_OBS_KEYS` (AntMaze: observation (27),
+  achieved_goal (2, the ant's x-y), desired_goal (2)), the same order `make_env` uses.
+The flat arrays are cached next to the dataset (`<dataset dir>/o2o_flat_cache.npz`).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LOCAL_NAMESPACE = "o2o"
+LOCAL_ENVS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5"}
+LOCAL_LEVELS = ("random", "medium", "medium-replay", "medium-expert", "expert")
+LOCAL_VERSION = 0
+DICT_OBS_KEYS = ("observation", "achieved_goal", "desired_goal")  # other Dict keys follow, sorted
+PROBE_TIMEOUT_S = 6.0
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Official Minari datasets this project knows (a typo in these namespaces is caught offline).
+_MAZES = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+KNOWN_REMOTE = (
+    [f"D4RL/antmaze/{m}-v1" for m in _MAZES]
+    + [f"D4RL/{t}/{q}-v2" for t in ("door", "hammer", "pen", "relocate") for q in ("human", "cloned", "expert")]
+    + [f"D4RL/kitchen/{q}-v2" for q in ("complete", "partial", "mixed")]
+    + [f"mujoco/{e}/{q}-v0" for e in ("halfcheetah", "hopper", "walker2d", "ant", "humanoid")
+       for q in ("expert", "medium", "simple")])
+# D4RL's published (random, expert) returns, used when a D4RL/ dataset lacks reference scores.
+D4RL_REF_SCORES = {
+    "antmaze": (0.0, 1.0), "kitchen": (0.0, 4.0), "door": (-56.512833, 2880.5693087298737),
+    "hammer": (-274.856578, 12794.134825156867), "pen": (96.262799, 3076.8331017826877),
+    "relocate": (-6.425911, 4233.877797728884)}
+
+
+class DatasetError(Exception):
+    """A dataset ID, file or space that o2o-jax cannot use; the message says what to do."""
+
+
+@dataclass
+class OfflineData:
+    """Flat transitions of a dataset (float32, bool for masks), row t = (s_t, a_t, r_t, s_{t+1})."""
+    dataset_id: str
+    observations: np.ndarray       # [N, obs_dim]
+    actions: np.ndarray            # [N, act_dim]
+    rewards: np.ndarray            # [N]
+    next_observations: np.ndarray  # [N, obs_dim]
+    terminals: np.ndarray          # [N] bool, true terminations only
+    timeouts: np.ndarray           # [N] bool, episode ended without termination (bootstrap here)
+    mc_returns: np.ndarray         # [N] discounted return-to-go within the episode
+    obs_mean: np.ndarray           # [obs_dim] for normalisation
+    obs_std: np.ndarray            # [obs_dim] std + 1e-3, never 0
+    obs_keys: tuple | None         # order of Dict observation keys, None for Box observations
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        return self.terminals | self.timeouts
+
+    def __len__(self):
+        return len(self.rewards)
+
+
+# ---- IDs and the local store ----
+def parse_local_id(dataset_id: str):
+    """(env, level) for an `o2o/...` ID, None for other namespaces; DatasetError for a malformed one."""
+    if not dataset_id.startswith(LOCAL_NAMESPACE + "/"):
+        return None
+    m = re.fullmatch(rf"{LOCAL_NAMESPACE}/([a-z0-9]+)/([a-z-]+)-v(\d+)", dataset_id)
+    valid = [local_id(e, lvl) for e in LOCAL_ENVS for lvl in LOCAL_LEVELS]
+    if not m or m[1] not in LOCAL_ENVS or m[2] not in LOCAL_LEVELS or int(m[3]) != LOCAL_VERSION:
+        close = difflib.get_close_matches(dataset_id, valid, n=3)
+        raise DatasetError(f"unknown local dataset id '{dataset_id}'"
+                           + (f"; did you mean {' or '.join(close)}?" if close else "")
+                           + f" Local ids are {LOCAL_NAMESPACE}/<{'|'.join(LOCAL_ENVS)}>/"
+                           f"<{'|'.join(LOCAL_LEVELS)}>-v{LOCAL_VERSION}.")
+    return m[1], m[2]
+
+
+def local_id(env: str, level: str) -> str:
+    return f"{LOCAL_NAMESPACE}/{env}/{level}-v{LOCAL_VERSION}"
+
+
+def dataset_dir(dataset_id: str) -> Path:
+    root = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+    return Path(root) / dataset_id
+
+
+def is_local(dataset_id: str) -> bool:
+    return (dataset_dir(dataset_id) / "data" / "metadata.json").exists()
+
+
+def ensure_dataset(dataset_id: str, build: bool = True, download: bool = True) -> None:
+    """Make `dataset_id` present in the local Minari store (build a local one, download an official one)."""
+    if not isinstance(dataset_id, str) or not dataset_id:
+        raise DatasetError(f"dataset id must be a non-empty string, got {dataset_id!r}")
+    if is_local(dataset_id):
+        return
+    parsed = parse_local_id(dataset_id)
+    if parsed is not None:
+        if not build:
+            raise DatasetError(f"local dataset '{dataset_id}' is not built in {dataset_dir(dataset_id)}; run "
+                               f"`python benchmarks/make_datasets.py --env {parsed[0]} --level {parsed[1]}`")
+        _make_datasets_module().build(*parsed)
+        return
+    namespace = dataset_id.split("/")[0]
+    if namespace in ("D4RL", "mujoco") and dataset_id not in KNOWN_REMOTE:
+        close = difflib.get_close_matches(dataset_id, KNOWN_REMOTE, n=3)
+        raise DatasetError(f"unknown dataset id '{dataset_id}'" + (f"; did you mean {' or '.join(close)}?" if close
+                           else f"; known ids in {namespace}/: {[k for k in KNOWN_REMOTE if k.startswith(namespace)]}"))
+    if not download:
+        raise DatasetError(f"dataset '{dataset_id}' is not in the local Minari store ({dataset_dir(dataset_id)})")
+    _download(dataset_id)
+
+
+def _make_datasets_module():
+    path = REPO_ROOT / "benchmarks" / "make_datasets.py"
+    if not path.exists():
+        raise DatasetError(f"cannot build local datasets: {path} is missing (clone the whole o2o-jax repository)")
+    spec = importlib.util.spec_from_file_location("o2o_make_datasets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _download(dataset_id: str) -> None:
+    where = f"'{dataset_id}' is not in the local Minari store ({dataset_dir(dataset_id)})"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise DatasetError(f"{where} and downloads are disabled (HF_HUB_OFFLINE=1): unset it, or run "
+                           f"`minari download {dataset_id}` where there is network and copy the folder here")
+    if importlib.util.find_spec("huggingface_hub") is None:
+        raise DatasetError(f"{where}; downloading needs huggingface_hub: pip install 'minari[hf]'")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    result = {}
+
+    def probe():  # in a thread: DNS lookups ignore socket timeouts, a silent server may never answer
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint + "/api/datasets?limit=1", method="HEAD"),
+                                   timeout=PROBE_TIMEOUT_S)
+            result["ok"] = True
+        except urllib.error.HTTPError:  # the server answered: good enough
+            result["ok"] = True
+        except Exception as e:  # noqa: BLE001 - any failure means no usable network
+            result["error"] = f"{type(e).__name__}: {e}"
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S + 1.0)
+    if not result.get("ok"):
+        reason = result.get("error", f"no answer within {PROBE_TIMEOUT_S:.0f} s")
+        raise DatasetError(f"{where} and {endpoint} cannot be reached ({reason}); download it where there is "
+                           f"network (`minari download {dataset_id}`) and copy it to {dataset_dir(dataset_id)}")
+    import minari
+    try:
+        minari.download_dataset(dataset_id)
+    except Exception as e:  # noqa: BLE001 - minari raises ValueError, httpx errors, ...
+        raise DatasetError(f"downloading '{dataset_id}' failed: {type(e).__name__}: {e}") from e
+
+
+# ---- spaces ----
+def dict_obs_keys(space) -> tuple:
+    keys = list(space.spaces)
+    return tuple([k for k in DICT_OBS_KEYS if k in keys] + sorted(k for k in keys if k not in DICT_OBS_KEYS))
+
+
+def check_spaces(observation_space, action_space, dataset_id: str = "") -> tuple | None:
+    """Raise DatasetError unless observations are (a Dict of) 1-D Boxes and actions a 1-D Box in [-1, 1].
+
+    Returns the Dict key order, or None for Box observations."""
+    from gymnasium import spaces
+    what = f"dataset/env '{dataset_id}'" if dataset_id else "environment"
+    if not isinstance(action_space, spaces.Box) or len(action_space.shape) != 1:
+        raise DatasetError(f"{what} has action space {action_space}: o2o-jax algorithms need continuous "
+                           "1-D Box actions (discrete actions are not supported)")
+    if not (np.allclose(action_space.low, -1) and np.allclose(action_space.high, 1)):
+        raise DatasetError(f"{what} has actions in [{action_space.low}, {action_space.high}]: the tanh actors "
+                           "need [-1, 1]; wrap the env in gymnasium.wrappers.RescaleAction(env, -1, 1) and "
+                           "rescale the dataset actions")
+    boxes = observation_space.spaces if isinstance(observation_space, spaces.Dict) else {"": observation_space}
+    for key, box in boxes.items():
+        if not isinstance(box, spaces.Box) or len(box.shape) != 1:
+            raise DatasetError(f"{what} has observation space {observation_space}: o2o-jax needs a 1-D Box or a "
+                               f"Dict of 1-D Boxes (offending part: {key or 'observation'} = {box})")
+    return dict_obs_keys(observation_space) if isinstance(observation_space, spaces.Dict) else None
+
+
+def flatten_obs(obs, keys: tuple | None) -> np.ndarray:
+    """Concatenate Dict observations (single or batched along axis 0) in `keys` order."""
+    if keys is None:
+        return np.asarray(obs, dtype=np.float32)
+    return np.concatenate([np.asarray(obs[k], dtype=np.float32) for k in keys], axis=-1)
+
+
+# ---- loading ----
+def monte_carlo_returns(rewards: np.ndarray, episode_ends: np.ndarray, gamma: float) -> np.ndarray:
+    """Discounted return-to-go of every transition, restarting at each episode end (no bootstrap)."""
+    out = np.zeros(len(rewards), np.float64)
+    g = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        g = rewards[t] + gamma * g * (1.0 - episode_ends[t])
+        out[t] = g
+    return out.astype(np.float32)
+
+
+def _flatten_episodes(dataset, keys):
+    obs, next_obs, acts, rews, terms, truncs = [], [], [], [], [], []
+    for ep in dataset.iterate_episodes():
+        o = flatten_obs(ep.observations, keys)
+        obs.append(o[:-1])
+        next_obs.append(o[1:])
+        acts.append(np.asarray(ep.actions, np.float32).reshape(len(ep.rewards), -1))
+        rews.append(np.asarray(ep.rewards, np.float32))
+        terms.append(np.asarray(ep.terminations, bool))
+        end = np.zeros(len(ep.rewards), bool)
+        end[-1] = True  # an episode's last step ends it, whether truncated, cut or terminal
+        truncs.append(end & ~np.asarray(ep.terminations, bool))
+    cat = np.concatenate
+    return dict(observations=cat(obs), next_observations=cat(next_obs), actions=cat(acts), rewards=cat(rews),
+                terminals=cat(terms), timeouts=cat(truncs))
+
+
+def load_dataset(dataset_id: str, gamma: float = 0.99, build: bool = True, download: bool = True) -> OfflineData:
+    """Flat arrays of a Minari dataset (building or downloading it first when missing)."""
+    ensure_dataset(dataset_id, build=build, download=download)
+    import minari
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except Exception as e:  # noqa: BLE001
+        raise DatasetError(f"cannot open dataset '{dataset_id}' at {dataset_dir(dataset_id)}: {e}") from e
+    keys = check_spaces(dataset.observation_space, dataset.action_space, dataset_id)
+    cache = dataset_dir(dataset_id) / "o2o_flat_cache.npz"
+    h5 = dataset_dir(dataset_id) / "data" / "main_data.hdf5"
+    stamp = f"{keys}|{h5.stat().st_size if h5.exists() else 0}|{dataset.total_steps}"
+    arrays = None
+    if cache.exists():
+        with np.load(cache) as z:
+            if str(z["stamp"]) == stamp:
+                arrays = {k: z[k] for k in z.files if k != "stamp"}
+    if arrays is None:
+        arrays = _flatten_episodes(dataset, keys)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, stamp=stamp, **arrays)
+        os.replace(tmp, cache)
+    ends = arrays["terminals"] | arrays["timeouts"]
+    obs = arrays["observations"]
+    return OfflineData(dataset_id=dataset_id, mc_returns=monte_carlo_returns(arrays["rewards"], ends, gamma),
+                       obs_mean=obs.mean(0), obs_std=obs.std(0) + 1e-3, obs_keys=keys, **arrays)
+
+
+# ---- environments and scores ----
+def make_env(dataset_id: str, eval_env: bool = True, **kwargs):
+    """The dataset's (evaluation) environment, its Dict observations flattened like `load_dataset` does."""
+    import gymnasium as gym
+    import minari
+    ensure_dataset(dataset_id)
+    env = minari.load_dataset(dataset_id).recover_environment(eval_env=eval_env, **kwargs)
+    keys = check_spaces(env.observation_space, env.action_space, dataset_id)
+    if keys is not None:
+        low = np.concatenate([env.observation_space[k].low for k in keys]).astype(np.float32)
+        high = np.concatenate([env.observation_space[k].high for k in keys]).astype(np.float32)
+        env = gym.wrappers.TransformObservation(env, lambda o: flatten_obs(o, keys),
+                                                gym.spaces.Box(low, high, dtype=np.float32))
+    return env
+
+
+def reference_scores(dataset_id: str) -> tuple[float, float]:
+    """(ref_min_score, ref_max_score) from the dataset metadata, else D4RL's constants for D4RL/ IDs."""
+    import minari
+    ensure_dataset(dataset_id)
+    meta = minari.load_dataset(dataset_id).storage.metadata
+    lo, hi = meta.get("ref_min_score"), meta.get("ref_max_score")
+    if lo is not None and hi is not None:
+        return float(lo), float(hi)
+    parts = dataset_id.split("/")
+    if parts[0] == "D4RL" and len(parts) == 3 and parts[1] in D4RL_REF_SCORES:
+        return D4RL_REF_SCORES[parts[1]]
+    raise DatasetError(f"dataset '{dataset_id}' has no reference scores (ref_min_score/ref_max_score in its "
+                       "metadata), so no normalised score exists for it; report raw returns instead")
+
+
+def normalized_score(dataset_id: str, returns, refs: tuple[float, float] | None = None):
+    """D4RL normalised score 100 * (return - ref_min) / (ref_max - ref_min); 0 = random, 100 = expert."""
+    lo, hi = refs if refs is not None else reference_scores(dataset_id)
+    return 100.0 * (np.asarray(returns, np.float64) - lo) / (hi - lo)
