@@ -115,8 +115,10 @@ def is_local(dataset_id: str) -> bool:
     return (dataset_dir(dataset_id) / "data" / "metadata.json").exists()
 
 
-def ensure_dataset(dataset_id: str, build: bool = True, download: bool = True) -> None:
-    """Make `dataset_id` present in the local Minari store (build a local one, download an official one)."""
+def ensure_dataset(dataset_id: str, build: bool = True, download: bool = True, build_size: int | None = None):
+    """Make `dataset_id` present in the local Minari store (build a local one, download an official one).
+
+    `build_size` overrides the D4RL size of a local dataset built here (tests use tiny ones)."""
     if not isinstance(dataset_id, str) or not dataset_id:
         raise DatasetError(f"dataset id must be a non-empty string, got {dataset_id!r}")
     if is_local(dataset_id):
@@ -126,7 +128,7 @@ def ensure_dataset(dataset_id: str, build: bool = True, download: bool = True) -
         if not build:
             raise DatasetError(f"local dataset '{dataset_id}' is not built in {dataset_dir(dataset_id)}; run "
                                f"`python benchmarks/make_datasets.py --env {parsed[0]} --level {parsed[1]}`")
-        _make_datasets_module().build(*parsed)
+        _make_datasets_module().build(*parsed, size=build_size)
         return
     namespace = dataset_id.split("/")[0]
     if namespace in ("D4RL", "mujoco") and dataset_id not in KNOWN_REMOTE:
@@ -244,9 +246,10 @@ def _flatten_episodes(dataset, keys):
                 terminals=cat(terms), timeouts=cat(truncs))
 
 
-def load_dataset(dataset_id: str, gamma: float = 0.99, build: bool = True, download: bool = True) -> OfflineData:
+def load_dataset(dataset_id: str, gamma: float = 0.99, build: bool = True, download: bool = True,
+                 build_size: int | None = None) -> OfflineData:
     """Flat arrays of a Minari dataset (building or downloading it first when missing)."""
-    ensure_dataset(dataset_id, build=build, download=download)
+    ensure_dataset(dataset_id, build=build, download=download, build_size=build_size)
     import minari
     try:
         dataset = minari.load_dataset(dataset_id)
@@ -278,7 +281,16 @@ def make_env(dataset_id: str, eval_env: bool = True, **kwargs):
     import gymnasium as gym
     import minari
     ensure_dataset(dataset_id)
-    env = minari.load_dataset(dataset_id).recover_environment(eval_env=eval_env, **kwargs)
+    dataset = minari.load_dataset(dataset_id)
+    try:
+        env = dataset.recover_environment(eval_env=eval_env, **kwargs)
+    except gym.error.NameNotFound:  # AntMaze, Adroit, PointMaze... register on import
+        try:
+            import gymnasium_robotics  # noqa: F401
+        except ImportError as e:
+            raise DatasetError(f"the environment of '{dataset_id}' needs gymnasium-robotics: "
+                               "pip install gymnasium-robotics") from e
+        env = dataset.recover_environment(eval_env=eval_env, **kwargs)
     keys = check_spaces(env.observation_space, env.action_space, dataset_id)
     if keys is not None:
         low = np.concatenate([env.observation_space[k].low for k in keys]).astype(np.float32)

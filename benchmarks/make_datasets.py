@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -187,11 +188,13 @@ def write_dataset(dataset_id, env_id, episodes, refs, description):
     path = data.dataset_dir(dataset_id)
     if path.exists():
         shutil.rmtree(path)
-    minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=env_id, eval_env=env_id, observation_space=obs_space,
-        action_space=genv.action_space, algorithm_name="SAC behaviour policies (o2o-jax benchmarks/train_behavior.py)",
-        author="o2o-jax", code_permalink="benchmarks/make_datasets.py", ref_min_score=refs[0], ref_max_score=refs[1],
-        description=description, requirements=["gymnasium[mujoco]>=1.0"])
+    with warnings.catch_warnings():  # minari asks for an author e-mail; the code link says who made it
+        warnings.simplefilter("ignore", UserWarning)
+        minari.create_dataset_from_buffers(
+            dataset_id, buffers, env=env_id, eval_env=env_id, observation_space=obs_space,
+            action_space=genv.action_space, algorithm_name="SAC (o2o-jax benchmarks/train_behavior.py)",
+            author="o2o-jax", code_permalink="benchmarks/make_datasets.py", ref_min_score=refs[0],
+            ref_max_score=refs[1], description=description, requirements=["gymnasium[mujoco]>=1.0"])
 
 
 def build(env: str, level: str, size: int | None = None, workers: int | None = None, force: bool = False) -> str:

@@ -1,0 +1,38 @@
+"""Test set-up: no network, no wandb, a temporary Minari store, tiny datasets built from the shipped policies."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "algorithms"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+TINY_SIZE = 3000  # transitions per tiny local dataset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def minari_store(tmp_path_factory):
+    """Every test session gets its own empty Minari store (CI also sets a temporary one)."""
+    path = tmp_path_factory.mktemp("minari")
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MINARI_DATASETS_PATH", None)
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(minari_store):
+    """Factory: build (once per session) a tiny local dataset and return its id, e.g. tiny_dataset('hopper', 'medium')."""
+    import make_datasets
+
+    def make(env="hopper", level="medium", size=TINY_SIZE):
+        return make_datasets.build(env, level, size=size, workers=1)
+    return make

@@ -1,0 +1,252 @@
+"""The shared dataset utility: building, flattening, returns, scores and every error path."""
+import socket
+import subprocess
+import sys
+import time
+
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import data
+import make_datasets
+from conftest import ROOT, TINY_SIZE
+
+
+def write_episodes(dataset_id, episodes, obs_space, act_space, env=None, refs=(None, None)):
+    """A hand-made Minari dataset from episode dicts (observations have one row more than actions)."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+    buffers = [EpisodeBuffer(id=i, observations=ep["observations"], actions=ep["actions"],
+                             rewards=np.asarray(ep["rewards"], np.float64),
+                             terminations=np.asarray(ep["terminations"]), truncations=np.asarray(ep["truncations"]))
+               for i, ep in enumerate(episodes)]
+    with warnings.catch_warnings():  # minari warns about every missing piece of metadata
+        warnings.simplefilter("ignore", UserWarning)
+        minari.create_dataset_from_buffers(dataset_id, buffers, env=env, observation_space=obs_space,
+                                           action_space=act_space, ref_min_score=refs[0], ref_max_score=refs[1])
+    return dataset_id
+
+
+def box(n, lo=-np.inf, hi=np.inf):
+    return gym.spaces.Box(lo, hi, (n,), np.float32)
+
+
+def episode(length, obs_dim=3, act_dim=2, term=False, trunc=False, start=0.0):
+    obs = start + np.arange((length + 1) * obs_dim, dtype=np.float32).reshape(length + 1, obs_dim)
+    ends = np.zeros(length, bool)
+    t, u = ends.copy(), ends.copy()
+    t[-1], u[-1] = term, trunc
+    return {"observations": obs, "actions": np.full((length, act_dim), 0.5, np.float32),
+            "rewards": np.arange(1, length + 1, dtype=np.float32), "terminations": t, "truncations": u}
+
+
+# ---- building and flattening ----
+def test_build_load_round_trip(tiny_dataset):
+    dataset_id = tiny_dataset("hopper", "medium")
+    ds = data.load_dataset(dataset_id)
+    n = TINY_SIZE
+    assert ds.observations.shape == (n, 11) and ds.next_observations.shape == (n, 11)
+    assert ds.actions.shape == (n, 3) and ds.rewards.shape == (n,) and ds.mc_returns.shape == (n,)
+    assert ds.observations.dtype == np.float32 and ds.terminals.dtype == bool
+    assert np.abs(ds.actions).max() <= 1.0
+    # within an episode the next observation is the following row's observation
+    inner = ~ds.episode_ends[:-1]
+    np.testing.assert_array_equal(ds.next_observations[:-1][inner], ds.observations[1:][inner])
+    assert ds.episode_ends[-1] and not (ds.terminals & ds.timeouts).any()
+    assert ds.obs_mean.shape == (11,) and (ds.obs_std > 0).all()
+    # the cached reload gives identical arrays
+    again = data.load_dataset(dataset_id)
+    np.testing.assert_array_equal(again.observations, ds.observations)
+    np.testing.assert_array_equal(again.timeouts, ds.timeouts)
+    # the evaluation env matches the data
+    env = data.make_env(dataset_id)
+    assert env.observation_space.shape == (11,) and env.spec.id == "Hopper-v5"
+
+
+def test_every_level_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # a store of its own: sizes are known
+    sizes = {}
+    for level in data.LOCAL_LEVELS:
+        ds = data.load_dataset(make_datasets.build("hopper", level, size=1000, workers=1))
+        sizes[level] = len(ds)
+    assert sizes == {"random": 1000, "medium": 1000, "medium-replay": 1000, "medium-expert": 2000, "expert": 1000}
+
+
+def test_missing_local_dataset_builds_on_first_use(minari_store):
+    dataset_id = data.local_id("hopper", "random")
+    if data.is_local(dataset_id):  # built by another test in this session: remove it
+        import shutil
+        shutil.rmtree(data.dataset_dir(dataset_id))
+    ds = data.load_dataset(dataset_id, build_size=500)
+    assert len(ds) == 500 and data.is_local(dataset_id)
+    with pytest.raises(data.DatasetError, match="make_datasets.py --env walker2d --level expert"):
+        data.load_dataset("o2o/walker2d/expert-v0", build=False)
+
+
+def test_terminals_and_timeouts_hand_made(minari_store):
+    episodes = [episode(4, term=True), episode(3, trunc=True, start=100.0), episode(2, start=200.0)]
+    dataset_id = write_episodes("test/handmade/flags-v0", episodes, box(3), box(2, -1, 1))
+    ds = data.load_dataset(dataset_id)
+    assert len(ds) == 9
+    np.testing.assert_array_equal(ds.terminals, [0, 0, 0, 1, 0, 0, 0, 0, 0])
+    # the truncated episode and the one cut with no flag both end in a timeout (bootstrap there)
+    np.testing.assert_array_equal(ds.timeouts, [0, 0, 0, 0, 0, 0, 1, 0, 1])
+    np.testing.assert_array_equal(ds.observations[4], episodes[1]["observations"][0])
+    np.testing.assert_array_equal(ds.next_observations[6], episodes[1]["observations"][3])  # final obs kept
+    np.testing.assert_array_equal(ds.rewards, [1, 2, 3, 4, 1, 2, 3, 1, 2])
+
+
+def test_dict_observations_flattened_in_documented_order(minari_store):
+    import gymnasium_robotics  # noqa: F401  (registers PointMaze, a Dict-observation env, for the dataset)
+    space = gym.spaces.Dict({"desired_goal": box(2), "observation": box(4), "achieved_goal": box(2)})
+    eps = []
+    for i in range(2):
+        base = episode(3, obs_dim=4, start=10.0 * i)
+        obs = {"observation": base["observations"], "achieved_goal": base["observations"][:, :2] + 0.5,
+               "desired_goal": np.full((4, 2), -7.0, np.float32)}
+        eps.append(dict(base, observations=obs))
+    eps[0]["terminations"][-1] = True
+    eps[1]["truncations"][-1] = True
+    dataset_id = write_episodes("test/handmade/dict-v0", eps, space, box(2, -1, 1), env="PointMaze_UMaze-v3")
+    ds = data.load_dataset(dataset_id)
+    assert ds.obs_keys == ("observation", "achieved_goal", "desired_goal")
+    o = eps[1]["observations"]
+    expected = np.concatenate([o["observation"][1], o["achieved_goal"][1], o["desired_goal"][1]])
+    np.testing.assert_array_equal(ds.observations[4], expected)
+    # the recovered environment flattens its observations in the same order
+    import minari
+    env = data.make_env(dataset_id)
+    obs, _ = env.reset(seed=0)
+    raw, _ = minari.load_dataset(dataset_id).recover_environment(eval_env=True).reset(seed=0)
+    assert obs.shape == (8,) and env.observation_space.shape == (8,)
+    np.testing.assert_array_equal(obs, data.flatten_obs(raw, ds.obs_keys))
+    assert not np.array_equal(raw["achieved_goal"], raw["desired_goal"])
+    flat = data.flatten_obs({"observation": np.ones(4), "achieved_goal": np.full(2, 2.0),
+                             "desired_goal": np.full(2, 3.0)}, ds.obs_keys)
+    np.testing.assert_array_equal(flat, [1, 1, 1, 1, 2, 2, 3, 3])
+
+
+# ---- Monte-Carlo returns and scores ----
+def test_monte_carlo_returns_against_brute_force():
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=300).astype(np.float32)
+    ends = rng.random(300) < 0.05
+    ends[-1] = True
+    gamma = 0.97
+    got = data.monte_carlo_returns(rewards, ends, gamma)
+    starts = np.r_[0, np.where(ends)[0][:-1] + 1]
+    stops = np.where(ends)[0] + 1
+    for a, b in zip(starts, stops):
+        for t in range(a, b):
+            expected = sum(gamma ** (k - t) * float(rewards[k]) for k in range(t, b))
+            assert got[t] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_mc_returns_in_loaded_dataset(minari_store):
+    dataset_id = write_episodes("test/handmade/mc-v0", [episode(3, term=True), episode(2, trunc=True)],
+                                box(3), box(2, -1, 1))
+    ds = data.load_dataset(dataset_id, gamma=0.5)
+    np.testing.assert_allclose(ds.mc_returns, [1 + 1 + 0.75, 2 + 1.5, 3, 1 + 1, 2])
+
+
+def _episode_returns(ds):
+    """Returns of the complete episodes (terminated, or 1000 steps long) of a flat dataset."""
+    ends = np.where(ds.episode_ends)[0]
+    starts = np.r_[0, ends[:-1] + 1]
+    return np.array([ds.rewards[a:b + 1].sum() for a, b in zip(starts, ends)
+                     if ds.terminals[b] or b - a + 1 == 1000])
+
+
+def test_normalised_score_random_and_expert(tiny_dataset):
+    lo, hi = data.reference_scores(tiny_dataset("hopper", "random"))
+    assert data.normalized_score("o2o/hopper/random-v0", lo) == pytest.approx(0.0)
+    assert data.normalized_score("o2o/hopper/random-v0", hi) == pytest.approx(100.0)
+    random_score = data.normalized_score("o2o/hopper/random-v0", _episode_returns(
+        data.load_dataset("o2o/hopper/random-v0")).mean())
+    assert abs(random_score) < 3.0
+    expert = data.load_dataset(tiny_dataset("hopper", "expert", size=6000))
+    returns = _episode_returns(expert)
+    assert len(returns) >= 3
+    assert 75.0 < data.normalized_score(expert.dataset_id, returns.mean()) < 125.0
+
+
+def test_d4rl_reference_fallback_and_missing_scores(minari_store):
+    write_episodes("D4RL/door/human-v2", [episode(3, obs_dim=3, trunc=True)], box(3), box(2, -1, 1))
+    assert data.reference_scores("D4RL/door/human-v2") == data.D4RL_REF_SCORES["door"]
+    dataset_id = write_episodes("test/handmade/noref-v0", [episode(3, trunc=True)], box(3), box(2, -1, 1))
+    with pytest.raises(data.DatasetError, match="no reference scores"):
+        data.normalized_score(dataset_id, 10.0)
+
+
+# ---- errors ----
+def test_unknown_ids():
+    with pytest.raises(data.DatasetError, match="did you mean o2o/hopper/medium-v0"):
+        data.load_dataset("o2o/hopper/meduim-v0")
+    with pytest.raises(data.DatasetError, match="unknown local dataset id"):
+        data.load_dataset("o2o/ant/medium-v0")
+    with pytest.raises(data.DatasetError, match="did you mean D4RL/antmaze/umaze-v1"):
+        data.load_dataset("D4RL/antmaze/umaze-v0")
+    with pytest.raises(data.DatasetError, match="non-empty string"):
+        data.load_dataset("")
+
+
+def test_remote_id_offline_fails_at_once(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    with pytest.raises(data.DatasetError, match="HF_HUB_OFFLINE=1"):
+        data.load_dataset("D4RL/antmaze/umaze-v1")
+    assert time.time() - t0 < 2.0
+
+
+def test_remote_id_silent_server_fails_within_10s(monkeypatch):
+    """A server that accepts connections and never answers must not hang the loader."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # connections queue in the backlog and are never answered
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    t0 = time.time()
+    try:
+        with pytest.raises(data.DatasetError, match="cannot be reached") as err:
+            data.load_dataset("D4RL/antmaze/umaze-v1")
+    finally:
+        server.close()
+    assert time.time() - t0 < 10.0
+    assert "\n" not in str(err.value)
+
+
+def test_unusable_spaces():
+    with pytest.raises(data.DatasetError, match="discrete actions are not supported"):
+        data.check_spaces(box(3), gym.spaces.Discrete(4), "x")
+    with pytest.raises(data.DatasetError, match="RescaleAction"):
+        data.check_spaces(box(3), box(2, -2, 2), "x")
+    with pytest.raises(data.DatasetError, match="1-D Box"):
+        data.check_spaces(gym.spaces.Box(0, 255, (8, 8, 3), np.uint8), box(2, -1, 1), "x")
+    with pytest.raises(data.DatasetError, match="desired_goal"):
+        data.check_spaces(gym.spaces.Dict({"observation": box(3), "desired_goal": gym.spaces.Discrete(3)}),
+                          box(2, -1, 1), "x")
+    assert data.check_spaces(box(3), box(2, -1, 1)) is None
+
+
+def test_discrete_dataset_rejected_on_load(minari_store):
+    ep = episode(3, trunc=True)
+    ep["actions"] = np.array([0, 1, 2])
+    dataset_id = write_episodes("test/handmade/discrete-v0", [ep], box(3), gym.spaces.Discrete(3))
+    with pytest.raises(data.DatasetError, match="discrete"):
+        data.load_dataset(dataset_id)
+
+
+def test_import_has_no_heavy_side_effects():
+    code = ("import sys; sys.path.insert(0, 'algorithms'); import data; "
+            "heavy = [m for m in ('jax', 'flax', 'minari', 'torch', 'wandb') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_builder_cli_rejects_typos(capsys):
+    with pytest.raises(SystemExit):
+        make_datasets.main(["--env", "hoper", "--level", "medium"])
+    assert "'hoper' is not one of" in capsys.readouterr().err
