@@ -258,11 +258,11 @@ def load_dataset(dataset_id: str, gamma: float = 0.99, build: bool = True, downl
     keys = check_spaces(dataset.observation_space, dataset.action_space, dataset_id)
     cache = dataset_dir(dataset_id) / "o2o_flat_cache.npz"
     h5 = dataset_dir(dataset_id) / "data" / "main_data.hdf5"
-    stamp = f"{keys}|{h5.stat().st_size if h5.exists() else 0}|{dataset.total_steps}"
+    stamp = f"{keys}|{h5.stat().st_size}|{h5.stat().st_mtime_ns}|{dataset.total_steps}" if h5.exists() else ""
     arrays = None
     if cache.exists():
         with np.load(cache) as z:
-            if str(z["stamp"]) == stamp:
+            if stamp and str(z["stamp"]) == stamp:
                 arrays = {k: z[k] for k in z.files if k != "stamp"}
     if arrays is None:
         arrays = _flatten_episodes(dataset, keys)

@@ -43,6 +43,7 @@ def dir_size_mb(path):
 def measure_env(env, workers):
     info = make_datasets.policy_info(env)
     out = {"policies": {k: info[k]["returns"] for k in ("random", "medium", "expert")},
+           "policies_deterministic": {k: info[k]["returns_deterministic"] for k in ("medium", "expert")},
            "medium_step": info["medium"]["step"], "expert_step": info["expert"]["step"],
            "ref_min_score": info["ref_min_score"], "ref_max_score": info["ref_max_score"], "levels": {}}
     for level in data.LOCAL_LEVELS:
@@ -68,12 +69,14 @@ def measure_env(env, workers):
 
 
 def markdown(results):
-    lines = ["| env | policy | return (mean ± std, 100 ep.) | SAC step |", "|---|---|---|---|"]
+    lines = ["| env | policy | return, stochastic as in the data (mean ± std, 100 ep.) | return, deterministic "
+             "(100 ep.) | SAC step |", "|---|---|---|---|---|"]
     for env, r in results["envs"].items():
         for name in ("random", "medium", "expert"):
-            p = r["policies"][name]
+            p, d = r["policies"][name], r["policies_deterministic"].get(name)
             step = {"medium": r["medium_step"], "expert": r["expert_step"]}.get(name, "–")
-            lines.append(f"| {env} | {name} | {p['mean']:.1f} ± {p['std']:.1f} | {step} |")
+            det = f"{d['mean']:.1f} ± {d['std']:.1f}" if d else "–"
+            lines.append(f"| {env} | {name} | {p['mean']:.1f} ± {p['std']:.1f} | {det} | {step} |")
     lines += ["", "| dataset | transitions | episodes | normalised score of its episodes | build time (s) "
               "| disk (MB) | first load (s) |", "|---|---|---|---|---|---|---|"]
     for env, r in results["envs"].items():
@@ -88,12 +91,50 @@ def markdown(results):
     return "\n".join(lines)
 
 
+def training_curves(envs, png):
+    """Plot each environment's SAC training curve (deterministic and stochastic evaluation returns)."""
+    import csv
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows_md = ["| env | env steps trained | last eval return (det. / stoch., 5 ep.) | best stoch. return (step) |",
+               "|---|---|---|---|"]
+    fig, axes = plt.subplots(1, len(envs), figsize=(4.5 * len(envs), 3.2), squeeze=False)
+    for ax, (env, path) in zip(axes[0], envs.items()):
+        with open(path) as f:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        step = np.array([r["step"] for r in rows])
+        det, sto = np.array([r["return_det"] for r in rows]), np.array([r["return_stoch"] for r in rows])
+        ax.plot(step / 1e3, det, label="deterministic")
+        ax.plot(step / 1e3, sto, label="stochastic")
+        ax.set(title=data.LOCAL_ENVS[env], xlabel="env steps (k)", ylabel="return")
+        ax.legend(fontsize=8)
+        best = int(np.argmax(sto))
+        rows_md.append(f"| {env} | {int(step[-1]):,} | {det[-1]:.0f} / {sto[-1]:.0f} | {sto[best]:.0f} "
+                       f"({int(step[best]):,}) |")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return "\n".join(rows_md)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--env", default="hopper", help=f"one of {list(data.LOCAL_ENVS)} or 'all'")
     p.add_argument("--store", default=None, help="Minari store to build into (default: a new temp dir)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--curves", nargs="*", default=None, metavar="ENV=PROGRESS_CSV",
+                   help="only plot training curves (default: the committed behavior_policies/*/progress.csv)")
     args = p.parse_args()
+    if args.curves is not None:
+        found = dict(c.split("=", 1) for c in args.curves) or {
+            e: str(make_datasets.POLICY_ROOT / e / "progress.csv") for e in data.LOCAL_ENVS
+            if (make_datasets.POLICY_ROOT / e / "progress.csv").exists()}
+        png = HERE / "results" / "behavior_curves.png"
+        png.parent.mkdir(exist_ok=True)
+        md = training_curves(found, png) + "\n\n![SAC training curves](benchmarks/results/behavior_curves.png)"
+        replace_section("behavior", md)
+        print(md)
+        return
     envs = list(data.LOCAL_ENVS) if args.env == "all" else [args.env]
     if args.store is None:
         import tempfile

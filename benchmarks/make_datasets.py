@@ -259,12 +259,15 @@ def select(env, workdir, expert_step=None, medium_fraction=1 / 3, episodes=REF_E
     target = medium_fraction * expert_returns.mean()
     medium_step = next(int(r["step"]) for r in rows if r["return_stoch"] >= target and int(r["step"]) in snaps)
     medium_returns = episode_returns(env_id, NumpyActor(snaps[medium_step]), episodes, 20_000)
+    expert_det = episode_returns(env_id, NumpyActor(snaps[expert_step]), episodes, 40_000, stochastic=False)
+    medium_det = episode_returns(env_id, NumpyActor(snaps[medium_step]), episodes, 50_000, stochastic=False)
     import gymnasium as gym
     random_returns = episode_returns(env_id, random_actor(gym.make(env_id).action_space.shape[0]), episodes, 30_000)
     out = POLICY_ROOT / env
     if out.exists():
         shutil.rmtree(out)
     (out / "replay").mkdir(parents=True)
+    shutil.copy(workdir / "progress.csv", out / "progress.csv")  # the training curve
     shutil.copy(snaps[expert_step], out / "expert.npz")
     shutil.copy(snaps[medium_step], out / "medium.npz")
     replay = {}
@@ -277,8 +280,10 @@ def select(env, workdir, expert_step=None, medium_fraction=1 / 3, episodes=REF_E
         "env_id": env_id, "train_config": cfg, "ref_episodes": episodes,
         "ref_min_score": float(random_returns.mean()), "ref_max_score": float(expert_returns.mean()),
         "random": {"returns": stats(random_returns)},
-        "medium": {"file": "medium.npz", "step": medium_step, "returns": stats(medium_returns)},
-        "expert": {"file": "expert.npz", "step": expert_step, "returns": stats(expert_returns)},
+        "medium": {"file": "medium.npz", "step": medium_step, "returns": stats(medium_returns),
+                   "returns_deterministic": stats(medium_det)},
+        "expert": {"file": "expert.npz", "step": expert_step, "returns": stats(expert_returns),
+                   "returns_deterministic": stats(expert_det)},
         "medium-replay": {"total_steps": medium_step, "snapshot_every": cfg["snapshot_every"],
                           "start_steps": cfg["start_steps"], "snapshots": replay},
         "selection": f"expert = snapshot at step {expert_step}; medium = first evaluated snapshot whose "
