@@ -144,10 +144,13 @@ def _make_datasets_module():
     path = REPO_ROOT / "benchmarks" / "make_datasets.py"
     if not path.exists():
         raise DatasetError(f"cannot build local datasets: {path} is missing (clone the whole o2o-jax repository)")
-    spec = importlib.util.spec_from_file_location("o2o_make_datasets", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import sys
+    if "o2o_make_datasets" not in sys.modules:  # registered so that its rollout workers can unpickle jobs
+        spec = importlib.util.spec_from_file_location("o2o_make_datasets", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["o2o_make_datasets"]
 
 
 def _download(dataset_id: str) -> None:

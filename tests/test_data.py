@@ -86,6 +86,15 @@ def test_missing_local_dataset_builds_on_first_use(minari_store):
         data.load_dataset("o2o/walker2d/expert-v0", build=False)
 
 
+def test_first_use_build_with_parallel_workers(tmp_path, monkeypatch):
+    """The automatic build spreads rollout chunks over worker processes (the default), as for 1M sets."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    builder = data._make_datasets_module()
+    monkeypatch.setattr(builder, "CHUNK_STEPS", 400)
+    ds = data.load_dataset("o2o/hopper/expert-v0", build_size=1000)  # 3 chunks on min(2, cores) workers
+    assert len(ds) == 1000 and ds.timeouts.sum() >= 3  # every chunk ends its last episode
+
+
 def test_terminals_and_timeouts_hand_made(minari_store):
     episodes = [episode(4, term=True), episode(3, trunc=True, start=100.0), episode(2, start=200.0)]
     dataset_id = write_episodes("test/handmade/flags-v0", episodes, box(3), box(2, -1, 1))
