@@ -145,12 +145,10 @@ def _make_datasets_module():
     if not path.exists():
         raise DatasetError(f"cannot build local datasets: {path} is missing (clone the whole o2o-jax repository)")
     import sys
-    if "o2o_make_datasets" not in sys.modules:  # registered so that its rollout workers can unpickle jobs
-        spec = importlib.util.spec_from_file_location("o2o_make_datasets", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["o2o_make_datasets"]
+    if str(path.parent) not in sys.path:  # importable by name, so its spawned rollout workers find it too
+        sys.path.insert(0, str(path.parent))
+    import make_datasets
+    return make_datasets
 
 
 def _download(dataset_id: str) -> None:

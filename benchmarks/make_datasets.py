@@ -138,7 +138,8 @@ def collect(env, level, size, workers, desc):
     episodes = []
     with tqdm(total=size, desc=desc, unit="step", mininterval=2) as bar:
         if workers > 1 and len(jobs) > 1:
-            with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            # spawn, not fork: the caller may be an algorithm script with JAX's threads running
+            with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
                 for (_, _, n, _), eps in zip(jobs, pool.imap(_chunk_job, jobs)):
                     episodes += eps
                     bar.update(n)
