@@ -1,0 +1,955 @@
+"""Cal-QL (single file, JAX): calibrated CQL pre-training on a Minari dataset, then online fine-tuning.
+
+Paper:  Nakamoto, Zhai, Singh, Sobol Mark, Ma, Finn, Kumar, Levine, "Cal-QL: Calibrated Offline RL
+        Pre-Training for Efficient Online Fine-Tuning", NeurIPS 2023, https://arxiv.org/abs/2303.05479.
+Official code: https://github.com/nakamotoo/Cal-QL @ ac6eafec22e8d60836573e1f488c7f626ce8a77e (JAX,
+        `JaxCQL/conservative_sac.py`, `conservative_sac_main.py`, `replay_buffer.py`, `sampler.py`).
+Also compared: CORL `algorithms/finetune/cal_ql.py`, https://github.com/tinkoff-ai/CORL @
+        6afec90484bbf47dee05fdf525e26a3ebe028e9b.
+
+What is implemented (official semantics unless listed below):
+  * SAC-style tanh-Gaussian actor (state-dependent log-std = m * raw + b with learnable scalars m=1, b=-1,
+    clipped to [-20, 2]) and a vmapped Q ensemble (`n_critics`, default 2) with orthogonal init;
+  * actor loss mean(alpha log pi(a~|s) - min_i Q_i(s, a~)); automatic entropy with target -|A|;
+  * critic: max-backup target y = r + gamma (1-d) max_k min_i Qbar_i(s', a'_k), a'_k ~ pi(.|s'), k = 1..10,
+    no entropy term (`backup_entropy`), plus the CQL regulariser per member
+        logsumexp over [Q(s, a_rand) - log 0.5^|A|, Q(s, a_next) - log pi(a_next|s'),
+                        Q(s, a_cur) - log pi(a_cur|s)]  - Q(s, a_data)       (10 actions of each kind)
+    where a_next ~ pi(.|s') is evaluated at s (as in the official code) and the Cal-QL calibration lower-
+    bounds the two policy terms by the Monte-Carlo return-to-go of the data transition: max(Q, G);
+  * Lagrange version (`cql_lagrange`, AntMaze) with log alpha' initialised to 1 and target gap 0.8, else
+    a fixed weight (`cql_weight`);
+  * ONE gradient call per update over all trainable parameters (actor, Q ensemble, log alpha,
+    log alpha'); stop-gradients make each loss move only its own parameters, exactly as the official
+    per-loss gradients do (all losses from one parameter snapshot);
+  * MC returns G with rewards `reward_scale * r + reward_bias`, computed per episode without bootstrap;
+    the "failed episode" rule (`mc_failure_rule: all`): an episode whose rewards all equal the failure
+    reward gets G = r_fail / (1 - gamma) everywhere (official AntMaze); dataset actions clipped to
+    +-`clip_action`;
+  * online: one full trajectory with the stochastic policy, its MC returns, append to a separate online
+    buffer, then len(trajectory) updates with batches of 50 % offline + 50 % online data (`mixing_ratio`);
+    calibration and the CQL term stay on (official); evaluation (deterministic, `eval_episodes`) whenever
+    the env-step count crosses a multiple of `online_eval_every`.
+
+Deviations (and the switch that restores the reference behaviour where one exists):
+  1. `online_calibration: false` gives CORL's variant (calibration switched off for the online phase).
+  2. Evaluation runs on a separate env seeded with `eval_seed` (official: a second env too).
+  3. `terminate_on_success` (AntMaze configs) ends an episode as terminal when info['success'] is True,
+     reproducing D4RL's AntMaze `eval=True` done-at-goal semantics on the continuing-task Minari envs.
+  4. Adroit: the official code uses the binary `*-binary-v0` Adroit tasks (its own data + mj_envs fork),
+     which Minari does not have; the Adroit configs use Minari's dense `D4RL/<task>/cloned-v2` data with raw
+     rewards (as CORL does) and the official Adroit network sizes and schedule.
+  5. Updates run in jitted lax.scan blocks of `update_block` updates; the remainder of a trajectory's updates
+     (fewer than a block) runs in one jitted lax.fori_loop. Same sequence of updates as the official loop.
+  6. States are normalised with the dataset mean/std when `normalize` is on (off in the AntMaze/Adroit
+     configs, as in the official code; on for the locomotion configs).
+  7. MuJoCo-locomotion hyper-parameters are not in the official repository (issue nakamotoo/Cal-QL#5); the
+     locomotion configs use CQL's MuJoCo settings (fixed weight 5, 256-256 networks) and are unverified.
+
+Usage:
+    python algorithms/cal_ql.py --config_path configs/cal_ql/quickstart.yaml
+    python algorithms/cal_ql.py --config_path configs/cal_ql/quickstart.yaml --resume    # continue a killed run
+    python algorithms/cal_ql.py --config_path ... --offline_checkpoint runs/.../checkpoints/offline
+Writes to `run_dir`: config.yaml, eval.jsonl, checkpoints/{latest,offline}, checkpoints/buffer/, wandb/.
+"""
+import json
+import math
+import os
+import pickle
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, List, NamedTuple, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data  # noqa: E402  (the project's shared dataset utility)
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pyrallis  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    # experiment
+    dataset_id: str = "D4RL/antmaze/medium-diverse-v1"  # Minari dataset id (also gives the env)
+    seed: int = 0  # seed of networks, sampling, exploration and the training env
+    eval_seed: int = 100  # seed of the evaluation env (re-seeded at the start of every evaluation)
+    run_dir: str = ""  # output directory; "" = runs/cal_ql/<dataset_id>/seed<seed>
+    project: str = "o2o-jax"  # wandb project
+    group: str = "cal_ql"  # wandb group
+    name: str = ""  # wandb run name; "" = cal_ql-<dataset_id>-seed<seed>
+    wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
+    resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
+    offline_checkpoint: str = ""  # skip pre-training: start fine-tuning from this saved offline checkpoint dir
+    # schedule
+    offline_updates: int = 1_000_000  # gradient steps of pre-training (official: 1000 epochs x 1000)
+    online_steps: int = 1_000_000  # env steps of fine-tuning (whole trajectories: the last one may overshoot)
+    update_block: int = 1000  # updates per jitted lax.scan block (a smaller remainder runs in one fori_loop)
+    online_utd: int = 1  # gradient steps per collected env step (official `online_utd_ratio`)
+    offline_eval_every: int = 50_000  # offline updates between evaluations (+ checkpoint)
+    online_eval_every: int = 2000  # evaluate (+ checkpoint) when env steps cross a multiple of this
+    eval_episodes: int = 20  # deterministic evaluation episodes per evaluation
+    # data
+    batch_size: int = 256  # transitions per gradient step
+    mixing_ratio: float = 0.5  # online phase: fraction of each batch drawn from the offline data
+    discount: float = 0.99  # gamma
+    normalize: bool = False  # normalise states with the dataset mean / std (official: no normalisation)
+    reward_scale: float = 10.0  # r <- reward_scale * r + reward_bias, offline and online
+    reward_bias: float = -5.0  # AntMaze: 10 r - 5
+    clip_action: float = 0.99999  # dataset actions clipped to +-clip_action (tanh policy)
+    mc_failure_rule: str = "all"  # none | all (official) | last (CORL): which episodes count as failed
+    mc_failure_raw_reward: float = 0.0  # raw reward meaning failure (its transformed value is r_fail)
+    terminate_on_success: bool = True  # end episodes as terminal when info['success'] (D4RL AntMaze eval=True)
+    # networks and optimisers
+    policy_hidden: List[int] = field(default_factory=lambda: [256, 256])  # actor MLP widths
+    critic_hidden: List[int] = field(default_factory=lambda: [256, 256, 256, 256])  # Q MLP widths
+    n_critics: int = 2  # Q ensemble size (min over members in targets and the actor loss)
+    orthogonal_init: bool = True  # orthogonal(sqrt 2) hidden / orthogonal(1e-2) output kernels, zero biases
+    policy_lr: float = 1e-4  # Adam LR of the actor and of log alpha
+    critic_lr: float = 3e-4  # Adam LR of the Q ensemble and of log alpha'
+    tau: float = 5e-3  # Polyak rate of the target Q networks (every update)
+    log_std_multiplier: float = 1.0  # initial m in log_std = m * raw + b
+    log_std_offset: float = -1.0  # initial b in log_std = m * raw + b
+    # SAC / CQL / Cal-QL
+    auto_alpha: bool = True  # learn the entropy temperature (log alpha initialised to 0)
+    alpha_multiplier: float = 1.0  # alpha = alpha_multiplier * exp(log alpha) (or alone if auto_alpha false)
+    target_entropy: float = 0.0  # entropy target; a value >= 0 means -|A| (official convention)
+    backup_entropy: bool = False  # subtract alpha log pi(a'|s') in the TD target
+    cql_n_actions: int = 10  # actions of each kind (random, current, next) in the CQL logsumexp and backup
+    cql_weight: float = 5.0  # CQL regulariser weight (official `cql_min_q_weight`)
+    cql_weight_online: float = -1.0  # weight online; < 0 keeps cql_weight (official)
+    cql_importance_sample: bool = True  # importance-weighted logsumexp (else the plain CQL(H) form)
+    cql_temp: float = 1.0  # logsumexp temperature
+    cql_max_target_backup: bool = True  # max over cql_n_actions next actions in the TD target
+    cql_clip_diff_min: float = float("-inf")  # clip of logsumexp - Q(s,a) (CORL: -200)
+    cql_clip_diff_max: float = float("inf")  # clip of logsumexp - Q(s,a)
+    cql_lagrange: bool = True  # tune the CQL weight alpha' to keep the gap at cql_target_action_gap
+    cql_target_action_gap: float = 0.8  # Lagrange target of logsumexp - Q(s,a)
+    log_alpha_prime_init: float = 1.0  # initial log alpha' (official Scalar(1.0))
+    calibration: bool = True  # Cal-QL: lower-bound policy-action Q values by the MC return (False = CQL)
+    online_calibration: bool = True  # keep the calibration online (official); false = CORL's variant
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"invalid config: {msg}")
+        for name in ("update_block", "online_utd", "offline_eval_every", "online_eval_every", "eval_episodes",
+                     "batch_size", "n_critics", "cql_n_actions"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        need(self.offline_updates >= 0 and self.online_steps >= 0, "offline_updates/online_steps must be >= 0")
+        need(self.offline_updates % self.update_block == 0,
+             f"offline_updates={self.offline_updates} must be a multiple of update_block={self.update_block}")
+        need(self.offline_eval_every % self.update_block == 0,
+             f"offline_eval_every={self.offline_eval_every} must be a multiple of update_block={self.update_block}")
+        need(self.wandb_mode in ("online", "offline", "disabled"),
+             f"wandb_mode must be online|offline|disabled, got {self.wandb_mode!r}")
+        need(self.mc_failure_rule in ("none", "all", "last"),
+             f"mc_failure_rule must be none|all|last, got {self.mc_failure_rule!r}")
+        need(0.0 < self.mixing_ratio < 1.0, f"mixing_ratio must be in (0, 1), got {self.mixing_ratio}")
+        need(0 < int(self.batch_size * self.mixing_ratio) < self.batch_size,
+             "batch_size * mixing_ratio must leave rows for both offline and online data")
+        need(0.0 < self.clip_action <= 1.0, f"clip_action must be in (0, 1], got {self.clip_action}")
+        need(self.cql_temp > 0, f"cql_temp must be > 0, got {self.cql_temp}")
+        for name in ("policy_hidden", "critic_hidden"):
+            need(len(getattr(self, name)) > 0 and all(x > 0 for x in getattr(self, name)), f"{name} must be positive")
+
+
+class Hyper(NamedTuple):
+    """Static (hashable) hyper-parameters the jitted functions are specialised on."""
+    obs_dim: int
+    act_dim: int
+    policy_hidden: tuple
+    critic_hidden: tuple
+    n_critics: int
+    orthogonal_init: bool
+    log_std_multiplier: float
+    log_std_offset: float
+    batch_size: int
+    offline_rows: int  # rows of an online-phase batch drawn from the offline data
+    block: int
+    discount: float
+    tau: float
+    policy_lr: float
+    critic_lr: float
+    auto_alpha: bool
+    alpha_multiplier: float
+    target_entropy: float
+    backup_entropy: bool
+    n_actions: int
+    importance_sample: bool
+    temp: float
+    max_target_backup: bool
+    clip_diff_min: float
+    clip_diff_max: float
+    lagrange: bool
+    target_action_gap: float
+
+
+def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
+    return Hyper(obs_dim, act_dim, tuple(cfg.policy_hidden), tuple(cfg.critic_hidden), cfg.n_critics,
+                 cfg.orthogonal_init, cfg.log_std_multiplier, cfg.log_std_offset, cfg.batch_size,
+                 int(cfg.batch_size * cfg.mixing_ratio), cfg.update_block, cfg.discount, cfg.tau, cfg.policy_lr,
+                 cfg.critic_lr, cfg.auto_alpha, cfg.alpha_multiplier,
+                 -float(act_dim) if cfg.target_entropy >= 0 else float(cfg.target_entropy), cfg.backup_entropy,
+                 cfg.cql_n_actions, cfg.cql_importance_sample, cfg.cql_temp, cfg.cql_max_target_backup,
+                 cfg.cql_clip_diff_min, cfg.cql_clip_diff_max, cfg.cql_lagrange, cfg.cql_target_action_gap)
+
+
+# ---------------------------------------------------------------------------------------------- networks
+class MLP(nn.Module):
+    """ReLU MLP; orthogonal(sqrt 2) hidden and orthogonal(1e-2) output kernels with zero biases (official
+    `orthogonal_init`), else Flax's default hidden init and a variance-scaling(1e-2) output kernel."""
+    hidden: tuple
+    out_dim: int
+    orthogonal_init: bool
+
+    @nn.compact
+    def __call__(self, x):
+        zeros = nn.initializers.zeros
+        for h in self.hidden:
+            kernel = (nn.initializers.orthogonal(math.sqrt(2.0)) if self.orthogonal_init
+                      else nn.initializers.lecun_normal())
+            x = nn.relu(nn.Dense(h, kernel_init=kernel, bias_init=zeros)(x))
+        kernel = (nn.initializers.orthogonal(1e-2) if self.orthogonal_init
+                  else nn.initializers.variance_scaling(1e-2, "fan_in", "uniform"))
+        return nn.Dense(self.out_dim, kernel_init=kernel, bias_init=zeros)(x)
+
+
+class TanhGaussianActor(nn.Module):
+    """Returns (mean, log_std) of the pre-tanh Gaussian; log_std = m * raw + b, clipped to [-20, 2]."""
+    act_dim: int
+    hidden: tuple
+    orthogonal_init: bool
+    log_std_multiplier: float
+    log_std_offset: float
+
+    @nn.compact
+    def __call__(self, obs):
+        out = MLP(self.hidden, 2 * self.act_dim, self.orthogonal_init)(obs)
+        mean, raw = jnp.split(out, 2, axis=-1)
+        m = self.param("log_std_multiplier", lambda _: jnp.asarray(self.log_std_multiplier, jnp.float32))
+        b = self.param("log_std_offset", lambda _: jnp.asarray(self.log_std_offset, jnp.float32))
+        return mean, jnp.clip(m * raw + b, -20.0, 2.0)
+
+
+class QNet(nn.Module):
+    hidden: tuple
+    orthogonal_init: bool
+
+    @nn.compact
+    def __call__(self, obs, act):
+        return MLP(self.hidden, 1, self.orthogonal_init)(jnp.concatenate([obs, act], -1))[..., 0]
+
+
+def critic_ensemble(hidden: tuple, n: int, orthogonal_init: bool) -> nn.Module:
+    """`n` Q networks with independent parameters, evaluated on the same inputs: output [n, ...]."""
+    return nn.vmap(QNet, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
+                   axis_size=n)(hidden=hidden, orthogonal_init=orthogonal_init)
+
+
+def networks(h: Hyper):
+    actor = TanhGaussianActor(h.act_dim, h.policy_hidden, h.orthogonal_init, h.log_std_multiplier, h.log_std_offset)
+    return actor, critic_ensemble(h.critic_hidden, h.n_critics, h.orthogonal_init)
+
+
+# ---------------------------------------------------------------------------------------------- maths
+def gaussian_log_prob(mean, log_std, x):
+    """log N(x; mean, exp(log_std)^2) summed over the last axis."""
+    z = (x - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi), -1)
+
+
+def tanh_log_det(u):
+    """log |d tanh(u)/du| = log(1 - tanh(u)^2) in the stable form 2 (log 2 - u - softplus(-2u)), summed."""
+    return jnp.sum(2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u)), -1)
+
+
+def tanh_gaussian_sample(mean, log_std, key, n: Optional[int] = None):
+    """Reparameterised a = tanh(u), u ~ N(mean, std); `n` samples per row -> [..., n, A]; returns (a, log pi(a))."""
+    if n is not None:
+        mean, log_std = mean[..., None, :], log_std[..., None, :]
+        shape = mean.shape[:-2] + (n, mean.shape[-1])
+    else:
+        shape = mean.shape
+    u = mean + jnp.exp(log_std) * jax.random.normal(key, shape)
+    return jnp.tanh(u), gaussian_log_prob(mean, log_std, u) - tanh_log_det(u)
+
+
+def tanh_gaussian_log_prob(mean, log_std, action, eps=1e-6):
+    """log pi(a|s) of a tanh-Gaussian for a given action in (-1, 1)."""
+    u = jnp.arctanh(jnp.clip(action, -1.0 + eps, 1.0 - eps))
+    return gaussian_log_prob(mean, log_std, u) - tanh_log_det(u)
+
+
+def calibrated(q, mc_return, on):
+    """Cal-QL lower bound: max(Q, G) where `on` (G broadcast over the action axis), else Q."""
+    return jnp.where(on, jnp.maximum(q, mc_return), q)
+
+
+def cql_logsumexp(q_rand, q_next, q_cur, logp_next, logp_cur, act_dim: int, temp: float = 1.0,
+                  q_data=None, importance_sample: bool = True):
+    """temp * logsumexp over the CQL action set (last axis); importance weights 0.5^-|A| and 1/pi."""
+    if importance_sample:
+        cat = jnp.concatenate([q_rand - act_dim * jnp.log(0.5), q_next - logp_next, q_cur - logp_cur], -1)
+    else:
+        cat = jnp.concatenate([q_rand, q_data[..., None], q_next, q_cur], -1)
+    return temp * jax.nn.logsumexp(cat / temp, axis=-1)
+
+
+def optimizers(h: Hyper):
+    return {"actor": optax.adam(h.policy_lr), "critic": optax.adam(h.critic_lr),
+            "log_alpha": optax.adam(h.policy_lr), "log_alpha_prime": optax.adam(h.critic_lr)}
+
+
+# ---------------------------------------------------------------------------------------------- state
+class Trainable(NamedTuple):
+    """Parameters and optimiser state (a TrainState without functions, so states stay plain pytrees)."""
+    params: Any
+    opt_state: Any
+
+
+class CalQLState(NamedTuple):
+    actor: Trainable
+    critic: Trainable  # ensemble, leading axis n_critics
+    log_alpha: Trainable
+    log_alpha_prime: Trainable
+    critic_target: Any
+    key: jax.Array  # RNG of the updates
+    updates: jax.Array  # gradient steps done
+    obs_mean: jax.Array
+    obs_std: jax.Array
+
+
+class Buffer(NamedTuple):
+    obs: jax.Array
+    act: jax.Array
+    rew: jax.Array
+    next_obs: jax.Array
+    done: jax.Array  # 1.0 for true terminations only
+    mc: jax.Array  # Monte-Carlo return-to-go of the transition
+
+
+def init_state(h: Hyper, key, obs_mean, obs_std, log_alpha_prime_init: float) -> CalQLState:
+    actor, critic = networks(h)
+    k_actor, k_critic, key = jax.random.split(key, 3)
+    o, a = jnp.zeros((1, h.obs_dim)), jnp.zeros((1, h.act_dim))
+    params = {"actor": actor.init(k_actor, o)["params"], "critic": critic.init(k_critic, o, a)["params"],
+              "log_alpha": jnp.zeros((), jnp.float32),
+              "log_alpha_prime": jnp.asarray(log_alpha_prime_init, jnp.float32)}
+    txs = optimizers(h)
+    tr = {k: Trainable(p, txs[k].init(p)) for k, p in params.items()}
+    return CalQLState(tr["actor"], tr["critic"], tr["log_alpha"], tr["log_alpha_prime"], params["critic"], key,
+                      jnp.zeros((), jnp.int32), jnp.asarray(obs_mean, jnp.float32), jnp.asarray(obs_std, jnp.float32))
+
+
+def _step(trainable: Trainable, grads, tx) -> Trainable:
+    updates, opt_state = tx.update(grads, trainable.opt_state, trainable.params)
+    return Trainable(optax.apply_updates(trainable.params, updates), opt_state)
+
+
+# ---------------------------------------------------------------------------------------------- update
+def calql_losses(params: dict, state: CalQLState, batch: Buffer, key, calibrate, cql_weight, h: Hyper):
+    """Sum of all Cal-QL losses from one parameter snapshot; stop-gradients keep each loss on its own params."""
+    actor, critic = networks(h)
+    sg = jax.lax.stop_gradient
+    k_pi, k_next, k_rand, k_cur, k_cql_next = jax.random.split(key, 5)
+    obs = (batch.obs - state.obs_mean) / state.obs_std
+    next_obs = (batch.next_obs - state.obs_mean) / state.obs_std
+    b, n = obs.shape[0], h.n_actions
+
+    mean_all, log_std_all = actor.apply({"params": params["actor"]}, jnp.concatenate([obs, next_obs]))
+    mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
+
+    # temperature and actor
+    a_pi, logp_pi = tanh_gaussian_sample(mean, log_std, k_pi)
+    if h.auto_alpha:
+        alpha_loss = -params["log_alpha"] * sg(logp_pi + h.target_entropy).mean()
+        alpha = jnp.exp(params["log_alpha"]) * h.alpha_multiplier
+    else:
+        alpha_loss, alpha = jnp.zeros(()), jnp.asarray(h.alpha_multiplier)
+    q_pi = critic.apply({"params": sg(params["critic"])}, obs, a_pi).min(0)
+    actor_loss = (sg(alpha) * logp_pi - q_pi).mean()
+
+    # TD target (max-backup over n next actions, no entropy term by default)
+    a_next, logp_next = tanh_gaussian_sample(sg(next_mean), sg(next_log_std), k_next,
+                                             n if h.max_target_backup else None)
+    if h.max_target_backup:
+        next_rep = jnp.broadcast_to(next_obs[:, None], (b, n, next_obs.shape[-1]))
+        q_next = critic.apply({"params": state.critic_target}, next_rep, a_next).min(0)  # [B, n]
+        best = jnp.argmax(q_next, -1)[:, None]
+        q_next = jnp.take_along_axis(q_next, best, -1)[:, 0]
+        logp_next = jnp.take_along_axis(logp_next, best, -1)[:, 0]
+    else:
+        q_next = critic.apply({"params": state.critic_target}, next_obs, a_next).min(0)
+    if h.backup_entropy:
+        q_next = q_next - sg(alpha) * logp_next
+    y = sg(batch.rew + h.discount * (1.0 - batch.done) * q_next)
+
+    # all Q(s, .) values of the critic loss in one ensemble forward: data, random, next-state and current actions
+    a_rand = jax.random.uniform(k_rand, (b, n, h.act_dim), minval=-1.0, maxval=1.0)
+    a_cur, logp_cur = tanh_gaussian_sample(sg(mean), sg(log_std), k_cur, n)
+    a_nxt, logp_nxt = tanh_gaussian_sample(sg(next_mean), sg(next_log_std), k_cql_next, n)
+    actions = jnp.concatenate([batch.act[:, None], a_rand, a_nxt, a_cur], 1)  # [B, 1 + 3n, A]
+    obs_rep = jnp.broadcast_to(obs[:, None], (b, 1 + 3 * n, obs.shape[-1]))
+    q_all = critic.apply({"params": params["critic"]}, obs_rep, actions)  # [E, B, 1 + 3n]
+    q_data, q_rand = q_all[..., 0], q_all[..., 1:1 + n]
+    q_nxt, q_cur = q_all[..., 1 + n:1 + 2 * n], q_all[..., 1 + 2 * n:]
+    g = batch.mc[None, :, None]
+    bound_rate = 0.5 * ((q_cur < g).mean() + (q_nxt < g).mean())
+    q_nxt, q_cur = calibrated(q_nxt, g, calibrate), calibrated(q_cur, g, calibrate)
+    ood = cql_logsumexp(q_rand, q_nxt, q_cur, sg(logp_nxt), sg(logp_cur), h.act_dim, h.temp, q_data,
+                        h.importance_sample)  # [E, B]
+    cql_diff = jnp.clip(ood - q_data, h.clip_diff_min, h.clip_diff_max).mean(-1)  # [E]
+    bellman = ((q_data - y) ** 2).mean(-1)  # [E]
+    if h.lagrange:
+        alpha_prime = jnp.clip(jnp.exp(params["log_alpha_prime"]), 0.0, 1e6)
+        cql_loss = sg(alpha_prime) * cql_weight * (cql_diff - h.target_action_gap)
+        alpha_prime_loss = -(alpha_prime * cql_weight * (sg(cql_diff) - h.target_action_gap)).mean()
+    else:
+        alpha_prime, alpha_prime_loss = jnp.zeros(()), jnp.zeros(())
+        cql_loss = cql_weight * cql_diff
+    critic_loss = (bellman + cql_loss).sum()  # each member's own loss; sum = independent gradients
+
+    total = critic_loss + actor_loss + alpha_loss + alpha_prime_loss
+    metrics = {"critic_loss": critic_loss / h.n_critics, "bellman_loss": bellman.mean(), "cql_diff": cql_diff.mean(),
+               "actor_loss": actor_loss, "alpha_loss": alpha_loss, "alpha": alpha, "alpha_prime": alpha_prime,
+               "alpha_prime_loss": alpha_prime_loss, "log_pi": logp_pi.mean(), "q_data": q_data.mean(),
+               "q_rand": q_rand.mean(), "target_q": y.mean(), "mc_return": batch.mc.mean(),
+               "bound_rate": bound_rate}
+    return total, metrics
+
+
+def calql_update(state: CalQLState, batch: Buffer, key, calibrate, cql_weight, h: Hyper):
+    """One Cal-QL step: one value_and_grad over {actor, critic, log_alpha, log_alpha_prime}, then Adam + EMA."""
+    params = {"actor": state.actor.params, "critic": state.critic.params, "log_alpha": state.log_alpha.params,
+              "log_alpha_prime": state.log_alpha_prime.params}
+    grads, metrics = jax.grad(calql_losses, has_aux=True)(params, state, batch, key, calibrate, cql_weight, h)
+    txs = optimizers(h)
+    new = {k: _step(getattr(state, k), grads[k], txs[k]) for k in params}
+    critic_target = optax.incremental_update(new["critic"].params, state.critic_target, h.tau)
+    return state._replace(critic_target=critic_target, updates=state.updates + 1, **new), metrics
+
+
+def sampled_update(state: CalQLState, offline: Buffer, offline_size, online: Buffer, online_size, calibrate,
+                   cql_weight, h: Hyper):
+    """Draw a batch on device (online_size == 0: all rows offline; else `h.offline_rows` offline + the rest
+    online), then one Cal-QL update."""
+    key, k_off, k_on, k_upd = jax.random.split(state.key, 4)
+    i_off = jax.random.randint(k_off, (h.batch_size,), 0, offline_size)
+    i_on = jax.random.randint(k_on, (h.batch_size - h.offline_rows,), 0, jnp.maximum(online_size, 1))
+    batch = jax.tree.map(
+        lambda off, on: jnp.where(online_size > 0, jnp.concatenate([off[i_off[:h.offline_rows]], on[i_on]]),
+                                  off[i_off]), offline, online)
+    return calql_update(state._replace(key=key), batch, k_upd, calibrate, cql_weight, h)
+
+
+@partial(jax.jit, static_argnames=("h",))
+def update_block(state: CalQLState, offline: Buffer, offline_size, online: Buffer, online_size, calibrate,
+                 cql_weight, h: Hyper):
+    """`h.block` updates in one lax.scan, batches sampled inside the scan; metrics of shape [h.block]."""
+    args = (offline, offline_size, online, online_size, calibrate, cql_weight, h)
+    return jax.lax.scan(lambda s, _: sampled_update(s, *args), state, None, length=h.block)
+
+
+@partial(jax.jit, static_argnames=("h",))
+def update_few(state: CalQLState, offline: Buffer, offline_size, online: Buffer, online_size, n, calibrate,
+               cql_weight, h: Hyper):
+    """`n` < h.block updates (n traced: one compiled program for every remainder) in a lax.fori_loop;
+    metrics of shape [h.block], rows >= n are zero."""
+    args = (offline, offline_size, online, online_size, calibrate, cql_weight, h)
+    shapes = jax.eval_shape(lambda s: sampled_update(s, *args)[1], state)
+
+    def body(i, carry):
+        state, metrics = sampled_update(carry[0], *args)
+        return state, jax.tree.map(lambda all_, m: all_.at[i].set(m), carry[1], metrics)
+    zeros = jax.tree.map(lambda x: jnp.zeros((h.block,) + x.shape, x.dtype), shapes)
+    return jax.lax.fori_loop(0, n, body, (state, zeros))
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def buffer_insert(buffer: Buffer, rows: Buffer, start):
+    """Write `rows` at `start` in place (the buffer is donated: no copy, no re-upload)."""
+    return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r, start, 0), buffer, rows)
+
+
+# ---------------------------------------------------------------------------------------------- acting
+@partial(jax.jit, static_argnames=("h",))
+def act_explore(actor_params, obs_mean, obs_std, obs, key, h: Hyper):
+    """a ~ tanh-Gaussian policy; returns (action, next key). One call per env step, key split inside."""
+    key, sub = jax.random.split(key)
+    mean, log_std = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
+    return tanh_gaussian_sample(mean, log_std, sub)[0], key
+
+
+@partial(jax.jit, static_argnames=("h",))
+def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
+    mean, _ = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
+    return jnp.tanh(mean)
+
+
+# ---------------------------------------------------------------------------------------------- MC returns, eval
+def mc_returns(rewards, episode_ends, discount: float, rule: str, failure_reward: float):
+    """Discounted return-to-go per episode (no bootstrap); with `rule` 'all' ('last') an episode whose
+    rewards all equal (whose last reward equals) `failure_reward` gets failure_reward / (1 - discount)."""
+    g = data.monte_carlo_returns(rewards, episode_ends, discount)
+    if rule == "none" or len(rewards) == 0:
+        return g
+    ends = np.flatnonzero(episode_ends)
+    if len(ends) == 0 or ends[-1] != len(rewards) - 1:
+        ends = np.append(ends, len(rewards) - 1)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    is_fail = np.isclose(rewards, failure_reward)
+    if rule == "all":
+        failed = np.logical_and.reduceat(is_fail, starts)
+    else:
+        failed = is_fail[ends]
+    per_row = np.repeat(failed, ends - starts + 1)
+    return np.where(per_row, failure_reward / (1.0 - discount), g).astype(np.float32)
+
+
+def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, goal_task: bool, refs):
+    """Deterministic evaluation: `episodes` episodes, the first reset seeded with `seed` (reproducible)."""
+    returns, lengths, successes = [], [], []
+    has_success = goal_task
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed if ep == 0 else None)
+        ret, length, success, done = 0.0, 0, False, False
+        while not done:
+            obs, r, term, trunc, info = env.step(np.asarray(policy(np.asarray(obs, np.float32))))
+            ret, length = ret + float(r), length + 1
+            if "success" in info:
+                has_success = True
+                success = success or bool(info["success"])
+            if goal_task and r > 0:
+                success = True
+            done = term or trunc or (terminate_on_success and bool(info.get("success", False)))
+        returns.append(ret)
+        lengths.append(length)
+        successes.append(success)
+    out = {"return": float(np.mean(returns)), "return_std": float(np.std(returns)),
+           "length": float(np.mean(lengths)), "episodes": episodes}
+    if refs is not None:
+        scores = data.normalized_score("", returns, refs)
+        out["normalized_score"] = float(np.mean(scores))
+        out["normalized_score_std"] = float(np.std(scores))
+    if has_success:
+        out["success_rate"] = float(np.mean(successes))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- env RNG
+def _env_generators(env) -> dict:
+    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
+    import gymnasium as gym
+    found, seen = {}, set()
+
+    def walk(obj, path, depth):
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        gen = getattr(obj, "_np_random", None)
+        if isinstance(gen, np.random.Generator):
+            found[path] = gen
+        for k, v in vars(obj).items():
+            if isinstance(v, gym.Env):
+                walk(v, f"{path}.{k}", depth + 1)
+    walk(env.unwrapped, "unwrapped", 0)
+    return found
+
+
+def env_rng_snapshot(env) -> dict:
+    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
+    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
+
+
+def env_rng_restore(env, snapshot: dict, seed: int):
+    env.reset(seed=seed)  # initialises the wrappers and creates the generators
+    gens = _env_generators(env)
+    if set(gens) != set(snapshot):
+        raise RuntimeError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
+    for k, state in snapshot.items():
+        gens[k].bit_generator.state = state
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_tree(path: Path, tree):
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
+
+
+def load_tree(path: Path, template):
+    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    with np.load(path) as z:
+        names = sorted(z.files)
+        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
+        if names != sorted(expected):
+            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
+            raise ValueError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected}")
+        leaves = []
+        for name, (k, ref) in zip(expected, flat):
+            arr = z[name]
+            if arr.shape != np.shape(ref):
+                raise ValueError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
+                                 f"needs {np.shape(ref)} (different network sizes or dataset?)")
+            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def save_checkpoint(path: Path, state, meta: dict, cfg):
+    """Atomically write state + host meta + resolved config into directory `path`."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tree(tmp / "state.npz", state)
+    with open(tmp / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    with open(tmp / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path: Path) -> Optional[Path]:
+    for p in (path, path.with_name(path.name + ".old")):  # .old survives a kill between the two renames
+        if (p / "meta.pkl").exists() and (p / "state.npz").exists():
+            return p
+    return None
+
+
+def load_checkpoint(path: Path, template):
+    with open(path / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    return load_tree(path / "state.npz", template), meta
+
+
+def save_buffer_rows(buffer_dir: Path, buffer: Buffer, offset: int, start: int, end: int):
+    """Append online rows [start, end) (online numbering; device rows offset+start...) as one file."""
+    if end <= start:
+        return
+    buffer_dir.mkdir(parents=True, exist_ok=True)
+    rows = {k: np.asarray(v[offset + start: offset + end]) for k, v in buffer._asdict().items()}
+    tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
+    np.savez(tmp, **rows)
+    os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
+
+
+def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
+    """Online rows [0, size) from the row files; files beyond `size` (written after the checkpoint) are removed."""
+    if size == 0:
+        if buffer_dir.exists():
+            shutil.rmtree(buffer_dir)
+        return None
+    parts, pos = [], 0
+    for f in sorted(buffer_dir.glob("rows_*.npz")):
+        start, end = (int(x) for x in f.stem.split("_")[1:3])
+        if start >= size:
+            f.unlink()
+            continue
+        if start != pos or end > size:
+            raise RuntimeError(f"online buffer files in {buffer_dir} are inconsistent at {f.name} (expected start "
+                               f"{pos}, checkpoint size {size})")
+        with np.load(f) as z:
+            parts.append({k: z[k] for k in z.files})
+        pos = end
+    if pos != size:
+        raise RuntimeError(f"online buffer files in {buffer_dir} hold {pos} rows, the checkpoint needs {size}")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ---------------------------------------------------------------------------------------------- logging
+class Logger:
+    """wandb + eval.jsonl + console. Metrics are namespaced offline/..., online/..., eval/...."""
+
+    def __init__(self, cfg, run_dir: Path, wandb_id: str, eval_lines: int):
+        self.eval_path = run_dir / "eval.jsonl"
+        if self.eval_path.exists():  # drop evaluations logged after the checkpoint we resume from
+            lines = self.eval_path.read_text().splitlines()[:eval_lines]
+            self.eval_path.write_text("".join(line + "\n" for line in lines))
+        self.eval_lines = eval_lines
+        mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
+        self.wandb = None
+        if mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(project=cfg.project, group=cfg.group, name=cfg.name, id=wandb_id,
+                                    resume="allow", mode=mode, dir=str(run_dir), config=asdict(cfg))
+
+    def log(self, metrics: dict):
+        if self.wandb is not None:
+            self.wandb.log(metrics)
+
+    def log_eval(self, record: dict):
+        with open(self.eval_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.eval_lines += 1
+        self.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        score = record.get("normalized_score", record["return"])
+        extra = f", success {record['success_rate']:.2f}" if "success_rate" in record else ""
+        print(f"[eval] {record['phase']} updates={record['updates']} env_steps={record['env_steps']}: "
+              f"{'normalized score' if 'normalized_score' in record else 'return'} {score:.2f}{extra}", flush=True)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def block_metrics(metrics: dict, n: int, phase: str, updates_before: int) -> dict:
+    """Mean of the first n per-update metrics; a NaN/inf stops the run naming the loss and update."""
+    host = {k: np.asarray(v)[:n] for k, v in metrics.items()}
+    bad = np.zeros(n, bool)
+    for v in host.values():
+        bad |= ~np.isfinite(v)
+    if bad.any():
+        i = int(bad.argmax())
+        names = ", ".join(f"{phase}/{k} = {v[i]}" for k, v in host.items() if not np.isfinite(v[i]))
+        raise FloatingPointError(f"non-finite {names} at update {updates_before + i + 1}; stopping (the last "
+                                 "checkpoint is intact)")
+    return {f"{phase}/{k}": float(v.mean()) for k, v in host.items()}
+
+
+# ---------------------------------------------------------------------------------------------- training
+def prepare_offline(cfg: TrainConfig, ds: data.OfflineData):
+    """Transformed rewards, clipped actions and MC returns (with the failure rule) of the dataset."""
+    rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
+    failure = cfg.mc_failure_raw_reward * cfg.reward_scale + cfg.reward_bias
+    mc = mc_returns(rewards, ds.episode_ends, cfg.discount, cfg.mc_failure_rule, failure)
+    actions = np.clip(ds.actions, -cfg.clip_action, cfg.clip_action)
+    return rewards, actions, mc
+
+
+def default_run_dir(cfg) -> Path:
+    return Path("runs") / "cal_ql" / cfg.dataset_id.replace("/", "_") / f"seed{cfg.seed}"
+
+
+def _check_resume_config(saved: Path, cfg: TrainConfig):
+    with open(saved) as f:
+        old = pyrallis.load(TrainConfig, f)
+    free = {"resume", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}
+    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in free
+            and getattr(old, k) != getattr(cfg, k)}
+    if diff:
+        raise ValueError(f"--resume with a config that differs from the checkpoint's ({saved}): "
+                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Offline pre-training then online fine-tuning; returns the last evaluation record and paths."""
+    from tqdm import tqdm
+
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
+    cfg.name = cfg.name or f"cal_ql-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}"
+    goal_task = "antmaze" in cfg.dataset_id
+
+    # data and envs
+    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+    env, eval_env = data.make_env(cfg.dataset_id), data.make_env(cfg.dataset_id)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {env.observation_space.shape}/"
+                                f"{env.action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    max_len = env.spec.max_episode_steps if env.spec is not None else None
+    if not max_len:
+        raise data.DatasetError(f"{cfg.dataset_id}: the env has no time limit; Cal-QL collects whole trajectories")
+    try:
+        refs = data.reference_scores(cfg.dataset_id)
+    except data.DatasetError as e:
+        print(f"warning: {e}; logging raw returns only")
+        refs = None
+    rewards, actions, mc = prepare_offline(cfg, ds)
+    failure_reward = cfg.mc_failure_raw_reward * cfg.reward_scale + cfg.reward_bias
+    n_off = len(ds)
+    h = make_hyper(cfg, obs_dim, act_dim)
+    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+    offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, actions, rewards, ds.next_observations,
+                                                              ds.terminals, mc)))
+    del rewards, actions, mc
+    capacity = cfg.online_steps + max_len  # the last trajectory may overshoot online_steps
+    online = Buffer(*(jnp.zeros((capacity,) + s, jnp.float32) for s in
+                      ((obs_dim,), (act_dim,), (), (obs_dim,), (), ())))
+
+    state = init_state(h, jax.random.PRNGKey(cfg.seed), obs_mean, obs_std, cfg.log_alpha_prime_init)
+    meta = {"phase": "offline", "updates": 0, "env_steps": 0, "online_size": 0, "saved_rows": 0,
+            "next_eval": cfg.online_eval_every, "act_key": np.asarray(jax.random.PRNGKey(cfg.seed + 1)),
+            "env_rng": None, "eval_lines": 0, "episodes": 0, "wandb_id": None, "last_eval": None}
+    latest = find_checkpoint(ckpt_dir / "latest")
+    if cfg.resume and latest is not None:
+        _check_resume_config(latest / "config.yaml", cfg)
+        state, meta = load_checkpoint(latest, state)
+        rows = load_buffer_rows(ckpt_dir / "buffer", meta["online_size"])
+        if rows is not None:
+            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in rows.items()}), 0)
+        print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} updates, "
+              f"{meta['env_steps']} online env steps")
+    else:
+        if cfg.resume:
+            print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        (run_dir / "eval.jsonl").unlink(missing_ok=True)
+        if cfg.offline_checkpoint:
+            src = find_checkpoint(Path(cfg.offline_checkpoint))
+            if src is None:
+                raise FileNotFoundError(f"--offline_checkpoint {cfg.offline_checkpoint}: no checkpoint there "
+                                        "(expected a directory with state.npz and meta.pkl, e.g. "
+                                        "<run_dir>/checkpoints/offline)")
+            state, src_meta = load_checkpoint(src, state)
+            meta.update(updates=src_meta["updates"], act_key=src_meta["act_key"], phase="load_offline")
+            print(f"loaded offline state from {src} ({src_meta['updates']} updates)")
+    with open(run_dir / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if meta["wandb_id"] is None:
+        meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
+    logger = Logger(cfg, run_dir, meta["wandb_id"], meta["eval_lines"])
+    act_key = jnp.asarray(meta["act_key"])
+    policy = lambda o: act_deterministic(state.actor.params, state.obs_mean, state.obs_std, o, h)  # noqa: E731
+
+    def run_eval(phase):
+        record = {"phase": phase, "updates": int(meta["updates"]), "env_steps": int(meta["env_steps"])}
+        record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                               goal_task, refs))
+        logger.log_eval(record)
+        meta["eval_lines"], meta["last_eval"] = logger.eval_lines, record
+
+    def checkpoint(name="latest"):
+        meta["act_key"] = np.asarray(act_key)
+        save_buffer_rows(ckpt_dir / "buffer", online, 0, meta["saved_rows"], meta["online_size"])
+        meta["saved_rows"] = meta["online_size"]
+        save_checkpoint(ckpt_dir / name, state, meta, cfg)
+
+    def updates(n, phase, calibrate, weight):
+        """n updates: scans of update_block, then one call for the remainder; returns the mean metrics."""
+        nonlocal state
+        done, sums = 0, {}
+        while done < n:
+            m = min(cfg.update_block, n - done)
+            args = (offline, n_off, online, meta["online_size"])
+            if m == cfg.update_block:
+                state, metrics = update_block(state, *args, calibrate, weight, h)
+            else:
+                state, metrics = update_few(state, *args, m, calibrate, weight, h)
+            logged = block_metrics(metrics, m, phase, meta["updates"])
+            sums = {k: sums.get(k, 0.0) + v * m for k, v in logged.items()}
+            meta["updates"] += m
+            done += m
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    # ---- offline pre-training
+    if meta["phase"] == "offline":
+        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"], desc="Cal-QL offline", mininterval=5)
+        while meta["updates"] < cfg.offline_updates:
+            logged = updates(cfg.update_block, "offline", cfg.calibration, cfg.cql_weight)
+            bar.update(cfg.update_block)
+            logger.log({**logged, "offline/updates": meta["updates"]})
+            if meta["updates"] % cfg.offline_eval_every == 0 or meta["updates"] == cfg.offline_updates:
+                run_eval("offline")
+                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]))
+                if meta["updates"] < cfg.offline_updates:
+                    checkpoint()
+        bar.close()
+        if meta["last_eval"] is None:  # offline_updates == 0: still report the starting policy
+            run_eval("offline")
+        meta["phase"] = "online"
+        checkpoint("offline")
+        checkpoint()
+    elif meta["phase"] == "load_offline":
+        run_eval("offline")  # the score before fine-tuning
+        meta["phase"] = "online"
+        checkpoint("offline")
+        checkpoint()
+
+    # ---- online fine-tuning: one trajectory, its MC returns, len(trajectory) * online_utd updates
+    if meta["phase"] == "online":
+        if meta["env_rng"] is not None:
+            env_rng_restore(env, meta["env_rng"], cfg.seed)
+        first_reset = meta["env_rng"] is None
+        online_weight = cfg.cql_weight if cfg.cql_weight_online < 0 else cfg.cql_weight_online
+        calibrate = cfg.calibration and cfg.online_calibration
+        chunk = {k: np.zeros((max_len,) + s, np.float32) for k, s in
+                 (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()),
+                  ("mc", ()))}
+        recent = []
+        bar = tqdm(total=cfg.online_steps, initial=meta["env_steps"], desc="Cal-QL online", mininterval=5)
+        while meta["env_steps"] < cfg.online_steps:
+            obs, _ = env.reset(seed=cfg.seed if first_reset else None)
+            first_reset, ep_ret, n, done = False, 0.0, 0, False
+            while not done:
+                action, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std,
+                                              np.asarray(obs, np.float32), act_key, h)
+                action = np.asarray(action)
+                next_obs, r, term, trunc, info = env.step(action)
+                term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                for k, v in (("obs", obs), ("act", action), ("next_obs", next_obs), ("done", float(term)),
+                             ("rew", r * cfg.reward_scale + cfg.reward_bias)):
+                    chunk[k][n] = v
+                n, ep_ret, obs, done = n + 1, ep_ret + float(r), next_obs, term or trunc
+            ends = np.zeros(n, bool)
+            ends[-1] = True
+            chunk["mc"][:n] = mc_returns(chunk["rew"][:n], ends, cfg.discount, cfg.mc_failure_rule, failure_reward)
+            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
+                                   meta["online_size"])
+            meta["online_size"] += n
+            meta["env_steps"] += n
+            meta["episodes"] += 1
+            recent = (recent + [ep_ret])[-10:]
+            logged = updates(n * cfg.online_utd, "online", calibrate, online_weight)
+            logger.log({**logged, "online/episode_return": ep_ret, "online/episode_length": n,
+                        "online/env_steps": meta["env_steps"], "online/updates": meta["updates"]})
+            bar.update(n)
+            if meta["env_steps"] >= meta["next_eval"] and meta["env_steps"] < cfg.online_steps:
+                while meta["next_eval"] <= meta["env_steps"]:
+                    meta["next_eval"] += cfg.online_eval_every
+                run_eval("online")
+                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]),
+                                train_return=np.mean(recent))
+                meta["env_rng"] = env_rng_snapshot(env)
+                checkpoint()
+        bar.close()
+        run_eval("online")
+        meta["phase"] = "done"
+        checkpoint()
+    elif meta["phase"] == "done":
+        print(f"run in {run_dir} already finished")
+    logger.close()
+    env.close()
+    eval_env.close()
+    summary = summarize(run_dir / "eval.jsonl")
+    return {"last_eval": meta["last_eval"], "run_dir": str(run_dir), "updates": meta["updates"],
+            "env_steps": meta["env_steps"], **summary}
+
+
+def summarize(eval_path: Path) -> dict:
+    """Score at the end of pre-training vs at the end of fine-tuning (normalised score, else return)."""
+    records = [json.loads(line) for line in eval_path.read_text().splitlines()] if eval_path.exists() else []
+    key = "normalized_score" if records and "normalized_score" in records[0] else "return"
+    offline = [r[key] for r in records if r["phase"] == "offline"]
+    online = [r[key] for r in records if r["phase"] == "online"]
+    out = {"before_finetuning": offline[-1] if offline else None, "after_finetuning": online[-1] if online else None}
+    if offline and online:
+        print(f"{key.replace('_', ' ')}: {out['before_finetuning']:.2f} after pre-training -> "
+              f"{out['after_finetuning']:.2f} after fine-tuning (eval log: {eval_path})")
+    return out
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` means `--resume true`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "true")
+    return pyrallis.parse(config_class=TrainConfig, args=argv)
+
+
+if __name__ == "__main__":
+    train(parse_config())
