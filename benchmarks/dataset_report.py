@@ -97,7 +97,7 @@ def training_curves(envs, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows_md = ["| env | env steps trained | last eval return (det. / stoch., 5 ep.) | best stoch. return (step) |",
+    rows_md = ["| run | env steps trained | last eval return (det. / stoch., 5 ep.) | best stoch. return (step) |",
                "|---|---|---|---|"]
     fig, axes = plt.subplots(1, len(envs), figsize=(4.5 * len(envs), 3.2), squeeze=False)
     for ax, (env, path) in zip(axes[0], envs.items()):
@@ -107,7 +107,7 @@ def training_curves(envs, png):
         det, sto = np.array([r["return_det"] for r in rows]), np.array([r["return_stoch"] for r in rows])
         ax.plot(step / 1e3, det, label="deterministic")
         ax.plot(step / 1e3, sto, label="stochastic")
-        ax.set(title=data.LOCAL_ENVS[env], xlabel="env steps (k)", ylabel="return")
+        ax.set(title=env, xlabel="env steps (k)", ylabel="return")
         ax.legend(fontsize=8)
         best = int(np.argmax(sto))
         rows_md.append(f"| {env} | {int(step[-1]):,} | {det[-1]:.0f} / {sto[-1]:.0f} | {sto[best]:.0f} "
@@ -122,7 +122,7 @@ def main():
     p.add_argument("--env", default="hopper", help=f"one of {list(data.LOCAL_ENVS)} or 'all'")
     p.add_argument("--store", default=None, help="Minari store to build into (default: a new temp dir)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--curves", nargs="*", default=None, metavar="ENV=PROGRESS_CSV",
+    p.add_argument("--curves", nargs="*", default=None, metavar="RUN=PROGRESS_CSV",
                    help="only plot training curves (default: the committed behavior_policies/*/progress.csv)")
     args = p.parse_args()
     if args.curves is not None:
