@@ -1,4 +1,5 @@
 """Test set-up: no network, no wandb, a temporary Minari store, tiny datasets built from the shipped policies."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,3 +37,8 @@ def tiny_dataset(minari_store):
     def make(env="hopper", level="medium", size=TINY_SIZE):
         return make_datasets.build(env, level, size=size, workers=1)
     return make
+
+
+def read_evals(run_dir):
+    """The records of a run's eval.jsonl (one JSON object per evaluation)."""
+    return [json.loads(line) for line in (Path(run_dir) / "eval.jsonl").read_text().splitlines()]

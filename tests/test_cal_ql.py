@@ -1,8 +1,6 @@
 """Cal-QL: maths against NumPy (tanh-Gaussian, calibration bound, CQL logsumexp, MC returns), gradient isolation
 of the single-gradient update, ensemble init, and tiny end-to-end runs (offline -> online, resume, checkpoint)."""
-import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +8,7 @@ import numpy as np
 import pytest
 
 import cal_ql
+from conftest import read_evals
 
 # Tiny budgets; every run in this file shares these static shapes, so the update block compiles once.
 TINY = dict(offline_updates=200, online_steps=300, update_block=50, offline_eval_every=100, online_eval_every=100,
@@ -20,10 +19,6 @@ TINY = dict(offline_updates=200, online_steps=300, update_block=50, offline_eval
 
 def tiny_config(dataset_id, run_dir, **overrides):
     return cal_ql.TrainConfig(dataset_id=dataset_id, run_dir=str(run_dir), **{**TINY, **overrides})
-
-
-def read_evals(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "eval.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 
 import data
 import make_datasets
+from dataset_report import complete_episode_returns
 from conftest import ROOT, TINY_SIZE
 
 
@@ -161,23 +162,15 @@ def test_mc_returns_in_loaded_dataset(minari_store):
     np.testing.assert_allclose(ds.mc_returns, [1 + 1 + 0.75, 2 + 1.5, 3, 1 + 1, 2])
 
 
-def _episode_returns(ds):
-    """Returns of the complete episodes (terminated, or 1000 steps long) of a flat dataset."""
-    ends = np.where(ds.episode_ends)[0]
-    starts = np.r_[0, ends[:-1] + 1]
-    return np.array([ds.rewards[a:b + 1].sum() for a, b in zip(starts, ends)
-                     if ds.terminals[b] or b - a + 1 == 1000])
-
-
 def test_normalised_score_random_and_expert(tiny_dataset):
     lo, hi = data.reference_scores(tiny_dataset("hopper", "random"))
     assert data.normalized_score("o2o/hopper/random-v0", lo) == pytest.approx(0.0)
     assert data.normalized_score("o2o/hopper/random-v0", hi) == pytest.approx(100.0)
-    random_score = data.normalized_score("o2o/hopper/random-v0", _episode_returns(
+    random_score = data.normalized_score("o2o/hopper/random-v0", complete_episode_returns(
         data.load_dataset("o2o/hopper/random-v0")).mean())
     assert abs(random_score) < 3.0
     expert = data.load_dataset(tiny_dataset("hopper", "expert", size=6000))
-    returns = _episode_returns(expert)
+    returns = complete_episode_returns(expert)
     assert len(returns) >= 3
     assert 75.0 < data.normalized_score(expert.dataset_id, returns.mean()) < 125.0
 

@@ -1,5 +1,4 @@
 """IQL: maths against NumPy, ensemble init, and tiny end-to-end runs (offline -> online, resume, offline checkpoint)."""
-import json
 import math
 import os
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 
 import data
 import iql
+from conftest import read_evals
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny budgets; every run in this file shares these static shapes, so the update block compiles once.
@@ -23,10 +23,6 @@ TINY = dict(offline_updates=200, online_steps=300, update_block=50, online_block
 
 def tiny_config(dataset_id, run_dir, **overrides):
     return iql.TrainConfig(dataset_id=dataset_id, run_dir=str(run_dir), **{**TINY, **overrides})
-
-
-def read_evals(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "eval.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
