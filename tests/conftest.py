@@ -42,3 +42,18 @@ def tiny_dataset(minari_store):
 def read_evals(run_dir):
     """The records of a run's eval.jsonl (one JSON object per evaluation)."""
     return [json.loads(line) for line in (Path(run_dir) / "eval.jsonl").read_text().splitlines()]
+
+
+def kill_after_checkpoints(module, config, kill_after, monkeypatch):
+    """Run `module.train(config)` and simulate a kill right after its `kill_after`-th checkpoint."""
+    save, calls = module.save_checkpoint, []
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == kill_after:
+            raise KeyboardInterrupt("simulated kill")
+    monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        module.train(config)
+    monkeypatch.setattr(module, "save_checkpoint", save)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cal_ql
-from conftest import read_evals
+from conftest import kill_after_checkpoints, read_evals
 
 # Tiny budgets; every run in this file shares these static shapes, so the update block compiles once.
 TINY = dict(offline_updates=200, online_steps=300, update_block=50, offline_eval_every=100, online_eval_every=100,
@@ -158,17 +158,7 @@ def test_end_to_end_writes_evals_and_checkpoints(reference_run):
 
 def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch):
     dataset_id, _, _, reference = reference_run
-    save, calls = cal_ql.save_checkpoint, []
-
-    def save_then_die(*args, **kwargs):
-        save(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 4:  # after the first online evaluation
-            raise KeyboardInterrupt("simulated kill")
-    monkeypatch.setattr(cal_ql, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        cal_ql.train(tiny_config(dataset_id, tmp_path))
-    monkeypatch.setattr(cal_ql, "save_checkpoint", save)
+    kill_after_checkpoints(cal_ql, tiny_config(dataset_id, tmp_path), 4, monkeypatch)  # after the first online evaluation
     assert len(read_evals(tmp_path)) < len(reference)
     cal_ql.train(tiny_config(dataset_id, tmp_path, resume=True))
     assert read_evals(tmp_path) == reference

@@ -12,7 +12,7 @@ import pytest
 
 import data
 import iql
-from conftest import read_evals
+from conftest import kill_after_checkpoints, read_evals
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny budgets; every run in this file shares these static shapes, so the update block compiles once.
@@ -107,17 +107,7 @@ def test_end_to_end_writes_evals_and_checkpoints(reference_run):
 @pytest.mark.parametrize("kill_after", [2, 5])  # 2: during pre-training, 5: during fine-tuning
 def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch, kill_after):
     dataset_id, _, _, reference = reference_run
-    save, calls = iql.save_checkpoint, []
-
-    def save_then_die(*args, **kwargs):
-        save(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == kill_after:
-            raise KeyboardInterrupt("simulated kill")
-    monkeypatch.setattr(iql, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        iql.train(tiny_config(dataset_id, tmp_path))
-    monkeypatch.setattr(iql, "save_checkpoint", save)
+    kill_after_checkpoints(iql, tiny_config(dataset_id, tmp_path), kill_after, monkeypatch)
     assert len(read_evals(tmp_path)) < len(reference)
     iql.train(tiny_config(dataset_id, tmp_path, resume=True))
     assert read_evals(tmp_path) == reference
