@@ -57,6 +57,19 @@ CAL_QL_QUICKSTART = dict(CAL_QL["locomotion"], offline_updates=4000, online_step
                          policy_hidden=[128, 128], critic_hidden=[128, 128], run_dir="runs/quickstart/cal_ql")
 
 
+# ---- registry: one entry per algorithm -------------------------------------------------------------------
+# module: algorithms/<module>.py; groups: overrides per dataset group (a group missing here gets no configs);
+# per_dataset: extra overrides for single datasets; quickstart: the quickstart overrides (dataset_id included).
+# Each algorithm adds its own entry below; keep entries self-contained so they can be edited independently.
+ALGOS = {
+    "iql": dict(module="iql", groups=IQL, per_dataset={}, quickstart=IQL_QUICKSTART),
+    "cal_ql": dict(module="cal_ql", groups=CAL_QL,
+                   per_dataset={ds: {"online_steps": n} for ds, n in CAL_QL_ONLINE_STEPS.items()},
+                   quickstart=CAL_QL_QUICKSTART),
+}
+# ---- end of registry --------------------------------------------------------------------------------------
+
+
 def group(dataset_id):
     if dataset_id in LOCOMOTION:
         return "locomotion"
@@ -64,15 +77,16 @@ def group(dataset_id):
 
 
 def configs():
-    import cal_ql
-    import iql
+    import importlib
     out = {}
-    for ds in LOCOMOTION + ANTMAZE + ADROIT:
-        out[Path("iql") / f"{ds}.yaml"] = iql.TrainConfig(dataset_id=ds, **IQL[group(ds)])
-        extra = {"online_steps": CAL_QL_ONLINE_STEPS[ds]} if ds in CAL_QL_ONLINE_STEPS else {}
-        out[Path("cal_ql") / f"{ds}.yaml"] = cal_ql.TrainConfig(dataset_id=ds, **CAL_QL[group(ds)], **extra)
-    out[Path("iql") / "quickstart.yaml"] = iql.TrainConfig(dataset_id=QUICKSTART_DATASET, **IQL_QUICKSTART)
-    out[Path("cal_ql") / "quickstart.yaml"] = cal_ql.TrainConfig(dataset_id=QUICKSTART_DATASET, **CAL_QL_QUICKSTART)
+    for algo, spec in ALGOS.items():
+        module = importlib.import_module(spec["module"])
+        for ds in LOCOMOTION + ANTMAZE + ADROIT:
+            if group(ds) in spec["groups"]:
+                overrides = {**spec["groups"][group(ds)], **spec["per_dataset"].get(ds, {})}
+                out[Path(algo) / f"{ds}.yaml"] = module.TrainConfig(dataset_id=ds, **overrides)
+        out[Path(algo) / "quickstart.yaml"] = module.TrainConfig(
+            **{"dataset_id": QUICKSTART_DATASET, **spec["quickstart"]})
     return out
 
 
