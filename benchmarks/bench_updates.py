@@ -8,6 +8,9 @@ exactly as in training (jitted lax.scan blocks of `--block` updates, batches sam
 Networks: each algorithm's Hopper config (configs/<algo>/o2o/hopper/medium-v0.yaml if present, else the
 dataclass defaults with the locomotion overrides below).
 
+IQL is also timed with N seeds vmapped in one process (`--num_seeds 1,2,4`, as `iql.py --num_seeds N`):
+the aggregate updates/s over all seeds and its ratio to one seed.
+
 Reported per algorithm: updates/s, FLOPs per update (XLA cost analysis of one compiled update; XLA counts a
 loop body once, so the compiled block's own count, also reported, is about one update), achieved GFLOP/s,
 and that rate as a fraction of the float32 matmul rate measured in the same run for 256x256x256 and
@@ -38,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--block", type=int, default=1000, help="updates per jitted block")
     p.add_argument("--seconds", type=float, default=10.0, help="timing budget per algorithm (after compile)")
     p.add_argument("--algos", default="iql,cal_ql", help="comma-separated subset of iql,cal_ql")
+    p.add_argument("--num_seeds", default="1,2,4", type=lambda s: [int(x) for x in s.split(",")],
+                   help="IQL: seeds trained together (vmapped), aggregate updates/s for each count")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_updates.json"))
     return p.parse_args(argv)
 
@@ -102,16 +107,34 @@ def bench_iql(args):
         cfg, source = iql.TrainConfig(expectile=0.7, beta=3.0, reward_bias=0.0), "TrainConfig defaults (locomotion)"
     cfg.update_block = args.block
     h = iql.make_hyper(cfg, OBS_DIM, ACT_DIM)
-    buffer = iql.Buffer(*synthetic(args.rows, with_mc=False))
-    state = iql.init_state(h, jax.random.PRNGKey(0), np.zeros(OBS_DIM), np.ones(OBS_DIM))
-    batch = jax.tree.map(lambda x: x[:h.batch_size], buffer)
-    one = jax.jit(iql.iql_update, static_argnames=("h",)).lower(state, batch, jax.random.PRNGKey(1), h=h).compile()
-    block = iql.update_block.lower(state, buffer, args.rows, h=h).compile()
-    rate, blocks = time_blocks(lambda s: iql.update_block(s, buffer, args.rows, h), state, args.block,
-                               args.seconds)
-    return {"config": source, "hidden": list(h.hidden), "n_critics": h.n_critics, "batch_size": h.batch_size,
-            "updates_per_s": rate, "blocks_timed": blocks, "flops_per_update": flops_of(one),
-            "flops_compiled_block": flops_of(block)}
+    offline = iql.Buffer(*synthetic(args.rows, with_mc=False))
+
+    def setup(n_seeds):
+        state = iql.stack_seeds([iql.init_state(h, jax.random.PRNGKey(s), np.zeros(OBS_DIM), np.ones(OBS_DIM))
+                                 for s in range(n_seeds)])
+        online = jax.tree.map(lambda x: jnp.zeros((n_seeds, 1) + x.shape[1:], x.dtype), offline)
+        return state, online, jnp.zeros((n_seeds,), jnp.int32)
+
+    state, online, sizes = setup(1)
+    single = iql.seed_slice(state, 0)
+    batch = jax.tree.map(lambda x: x[:h.batch_size], offline)
+    one = jax.jit(iql.iql_update, static_argnames=("h",)).lower(single, batch, jax.random.PRNGKey(1), h=h).compile()
+    block = iql.update_block.lower(state, offline, online, sizes, h=h).compile()
+    out = {"config": source, "hidden": list(h.hidden), "n_critics": h.n_critics, "batch_size": h.batch_size,
+           "flops_per_update": flops_of(one), "flops_compiled_block": flops_of(block), "num_seeds": {}}
+    for n_seeds in args.num_seeds:
+        state, online, sizes = setup(n_seeds)
+        rate, blocks = time_blocks(lambda s: iql.update_block(s, offline, online, sizes, h), state, args.block,
+                                   args.seconds)
+        out["num_seeds"][n_seeds] = {"aggregate_updates_per_s": rate * n_seeds, "blocks_timed": blocks}
+        print(f"iql --num_seeds {n_seeds}: {rate * n_seeds:.1f} aggregate updates/s")
+    out["updates_per_s"] = out["num_seeds"][args.num_seeds[0]]["aggregate_updates_per_s"] / args.num_seeds[0]
+    out["blocks_timed"] = out["num_seeds"][args.num_seeds[0]]["blocks_timed"]
+    if 1 in out["num_seeds"]:
+        base = out["num_seeds"][1]["aggregate_updates_per_s"]
+        for v in out["num_seeds"].values():
+            v["speedup_vs_1_seed"] = v["aggregate_updates_per_s"] / base
+    return out
 
 
 def bench_cal_ql(args):

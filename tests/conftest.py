@@ -39,9 +39,11 @@ def tiny_dataset(minari_store):
     return make
 
 
-def read_evals(run_dir):
-    """The records of a run's eval.jsonl (one JSON object per evaluation)."""
-    return [json.loads(line) for line in (Path(run_dir) / "eval.jsonl").read_text().splitlines()]
+def read_evals(run_dir, timing=False):
+    """The records of a run's eval.jsonl (one JSON object per evaluation), without the wall-clock field
+    `wall_time` unless timing=True (so records of two runs can be compared for equality)."""
+    records = [json.loads(line) for line in (Path(run_dir) / "eval.jsonl").read_text().splitlines()]
+    return records if timing else [{k: v for k, v in r.items() if k != "wall_time"} for r in records]
 
 
 def kill_after_checkpoints(module, config, kill_after, monkeypatch):
