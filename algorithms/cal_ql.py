@@ -41,6 +41,11 @@ Deviations (and the switch that restores the reference behaviour where one exist
      rewards (as CORL does) and the official Adroit network sizes and schedule.
   5. Updates run in jitted lax.scan blocks of `update_block` updates; the remainder of a trajectory's updates
      (fewer than a block) runs in one jitted lax.fori_loop. Same sequence of updates as the official loop.
+
+Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
+vmapped over a leading seed axis (offline rows shared on device, online rows per seed) and one training env
+per seed, acted for in one jitted call per env step. Each seed follows exactly its single-seed schedule, so
+its numbers equal the single-seed run's up to float32 round-off. Evaluations go to run_dir/seed<S>/eval.jsonl.
   6. States are normalised with the dataset mean/std when `normalize` is on (off in the AntMaze/Adroit
      configs, as in the official code; on for the locomotion configs).
   7. MuJoCo-locomotion hyper-parameters are not in the official repository (issue nakamotoo/Cal-QL#5); the
@@ -89,6 +94,7 @@ class TrainConfig:
     wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
     resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
     offline_checkpoint: str = ""  # skip pre-training: start fine-tuning from this saved offline checkpoint dir
+    num_seeds: int = 1  # train seeds seed..seed+num_seeds-1 together (vmapped); >1: evals in run_dir/seed<S>/
     # schedule
     offline_updates: int = 1_000_000  # gradient steps of pre-training (official: 1000 epochs x 1000)
     online_steps: int = 1_000_000  # env steps of fine-tuning (whole trajectories: the last one may overshoot)
@@ -141,7 +147,7 @@ class TrainConfig:
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"invalid config: {msg}")
-        for name in ("update_block", "online_utd", "offline_eval_every", "online_eval_every", "eval_episodes",
+        for name in ("num_seeds", "update_block", "online_utd", "offline_eval_every", "online_eval_every", "eval_episodes",
                      "batch_size", "n_critics", "cql_n_actions"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         need(self.offline_updates >= 0 and self.online_steps >= 0, "offline_updates/online_steps must be >= 0")
@@ -451,46 +457,60 @@ def sampled_update(state: CalQLState, offline: Buffer, offline_size, online: Buf
     return calql_update(state._replace(key=key), batch, k_upd, calibrate, cql_weight, h)
 
 
+# Multi-seed: every state leaf, the online buffer and the per-seed counters carry a leading seed axis; the
+# offline rows are shared (in_axes None). One seed's numbers equal a single-seed run's up to float32
+# round-off (XLA sums batched matmuls in a different order).
 @partial(jax.jit, static_argnames=("h",))
 def update_block(state: CalQLState, offline: Buffer, offline_size, online: Buffer, online_size, calibrate,
                  cql_weight, h: Hyper):
-    """`h.block` updates in one lax.scan, batches sampled inside the scan; metrics of shape [h.block]."""
-    args = (offline, offline_size, online, online_size, calibrate, cql_weight, h)
-    return jax.lax.scan(lambda s, _: sampled_update(s, *args), state, None, length=h.block)
+    """`h.block` updates per seed in one lax.scan (vmapped over seeds); metrics of shape [seeds, h.block]."""
+    def one_seed(state, online, online_size):
+        args = (offline, offline_size, online, online_size, calibrate, cql_weight, h)
+        return jax.lax.scan(lambda s, _: sampled_update(s, *args), state, None, length=h.block)
+    return jax.vmap(one_seed)(state, online, online_size)
 
 
 @partial(jax.jit, static_argnames=("h",))
 def update_few(state: CalQLState, offline: Buffer, offline_size, online: Buffer, online_size, n, calibrate,
                cql_weight, h: Hyper):
-    """`n` < h.block updates (n traced: one compiled program for every remainder) in a lax.fori_loop;
-    metrics of shape [h.block], rows >= n are zero."""
-    args = (offline, offline_size, online, online_size, calibrate, cql_weight, h)
-    shapes = jax.eval_shape(lambda s: sampled_update(s, *args)[1], state)
+    """`n[i]` <= h.block updates for seed i in one lax.fori_loop of max(n) steps (n traced: one compiled program
+    for every count); a seed with fewer updates keeps its state; metrics [seeds, h.block], zero where unused."""
+    def one_seed(state, online, online_size, n_seed):
+        args = (offline, offline_size, online, online_size, calibrate, cql_weight, h)
+        shapes = jax.eval_shape(lambda s: sampled_update(s, *args)[1], state)
 
-    def body(i, carry):
-        state, metrics = sampled_update(carry[0], *args)
-        return state, jax.tree.map(lambda all_, m: all_.at[i].set(m), carry[1], metrics)
-    zeros = jax.tree.map(lambda x: jnp.zeros((h.block,) + x.shape, x.dtype), shapes)
-    return jax.lax.fori_loop(0, n, body, (state, zeros))
+        def body(i, carry):
+            new, metrics = sampled_update(carry[0], *args)
+            keep = i < n_seed
+            new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, carry[0])
+            return new, jax.tree.map(lambda all_, m: all_.at[i].set(jnp.where(keep, m, 0)), carry[1], metrics)
+        zeros = jax.tree.map(lambda x: jnp.zeros((h.block,) + x.shape, x.dtype), shapes)
+        return jax.lax.fori_loop(0, jnp.max(n), body, (state, zeros))
+    return jax.vmap(one_seed)(state, online, online_size, n)
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def buffer_insert(buffer: Buffer, rows: Buffer, start):
-    """Write `rows` at `start` in place (the buffer is donated: no copy, no re-upload)."""
-    return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r, start, 0), buffer, rows)
+def buffer_insert(online: Buffer, rows: Buffer, starts):
+    """Write each seed's `rows[i]` at `starts[i]` of its online rows, in place (the buffer is donated)."""
+    put = lambda b, r, s: jax.lax.dynamic_update_slice_in_dim(b, r, s, 0)  # noqa: E731
+    return jax.tree.map(lambda b, r: jax.vmap(put)(b, r, starts), online, rows)
 
 
 # ---------------------------------------------------------------------------------------------- acting
 @partial(jax.jit, static_argnames=("h",))
-def act_explore(actor_params, obs_mean, obs_std, obs, key, h: Hyper):
-    """a ~ tanh-Gaussian policy; returns (action, next key). One call per env step, key split inside."""
-    key, sub = jax.random.split(key)
-    mean, log_std = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
-    return tanh_gaussian_sample(mean, log_std, sub)[0], key
+def act_explore(actor_params, obs_mean, obs_std, obs, keys, active, h: Hyper):
+    """All seeds' actions a ~ tanh-Gaussian policy in one call per env step, keys split inside; a seed's key
+    advances only when it is `active` (so its action sequence does not depend on the other seeds)."""
+    def one(params, mean_, std_, o, key, act):
+        new_key, sub = jax.random.split(key)
+        mean, log_std = networks(h)[0].apply({"params": params}, (o - mean_) / std_)
+        return tanh_gaussian_sample(mean, log_std, sub)[0], jnp.where(act, new_key, key)
+    return jax.vmap(one)(actor_params, obs_mean, obs_std, obs, keys, active)
 
 
 @partial(jax.jit, static_argnames=("h",))
 def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
+    """tanh(mean) of one seed's actor (evaluation)."""
     mean, _ = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
     return jnp.tanh(mean)
 
@@ -633,12 +653,12 @@ def load_checkpoint(path: Path, template):
     return load_tree(path / "state.npz", template), meta
 
 
-def save_buffer_rows(buffer_dir: Path, buffer: Buffer, offset: int, start: int, end: int):
-    """Append online rows [start, end) (online numbering; device rows offset+start...) as one file."""
+def save_buffer_rows(buffer_dir: Path, online: Buffer, start: int, end: int):
+    """Append one seed's online rows [start, end) (`online`: that seed's rows) as one file."""
     if end <= start:
         return
     buffer_dir.mkdir(parents=True, exist_ok=True)
-    rows = {k: np.asarray(v[offset + start: offset + end]) for k, v in buffer._asdict().items()}
+    rows = {k: np.asarray(v[start:end]) for k, v in online._asdict().items()}
     tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
     np.savez(tmp, **rows)
     os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
@@ -669,14 +689,19 @@ def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
 
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
-    """wandb + eval.jsonl + console. Metrics are namespaced offline/..., online/..., eval/...."""
+    """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., online/..., eval/...."""
 
-    def __init__(self, cfg, run_dir: Path, wandb_id: str, eval_lines: int):
-        self.eval_path = run_dir / "eval.jsonl"
-        if self.eval_path.exists():  # drop evaluations logged after the checkpoint we resume from
-            lines = self.eval_path.read_text().splitlines()[:eval_lines]
-            self.eval_path.write_text("".join(line + "\n" for line in lines))
-        self.eval_lines = eval_lines
+    def __init__(self, cfg, run_dir: Path, seeds: list, wandb_id: str, eval_lines: list):
+        # one seed: run_dir/eval.jsonl; several: run_dir/seed<S>/eval.jsonl
+        self.eval_paths = [run_dir / "eval.jsonl"] if len(seeds) == 1 else \
+            [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]
+        for path, keep in zip(self.eval_paths, eval_lines):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # drop evaluations logged after the checkpoint we resume from
+                lines = path.read_text().splitlines()[:keep]
+                path.write_text("".join(line + "\n" for line in lines))
+        self.eval_lines = list(eval_lines)
+        self.seeds = seeds
         mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
         self.wandb = None
         if mode != "disabled":
@@ -688,14 +713,16 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(metrics)
 
-    def log_eval(self, record: dict):
-        with open(self.eval_path, "a") as f:
+    def log_eval(self, i: int, record: dict):
+        with open(self.eval_paths[i], "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.eval_lines += 1
-        self.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        self.eval_lines[i] += 1
+        tag = "eval" if len(self.seeds) == 1 else f"eval/seed{self.seeds[i]}"
+        self.log({f"{tag}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
         score = record.get("normalized_score", record["return"])
         extra = f", success {record['success_rate']:.2f}" if "success_rate" in record else ""
-        print(f"[eval] {record['phase']} updates={record['updates']} env_steps={record['env_steps']}: "
+        print(f"[eval] seed {record['seed']} {record['phase']} updates={record['updates']} "
+              f"env_steps={record['env_steps']}: "
               f"{'normalized score' if 'normalized_score' in record else 'return'} {score:.2f}{extra}", flush=True)
 
     def close(self):
@@ -703,18 +730,22 @@ class Logger:
             self.wandb.finish()
 
 
-def block_metrics(metrics: dict, n: int, phase: str, updates_before: int) -> dict:
-    """Mean of the first n per-update metrics; a NaN/inf stops the run naming the loss and update."""
-    host = {k: np.asarray(v)[:n] for k, v in metrics.items()}
-    bad = np.zeros(n, bool)
-    for v in host.values():
-        bad |= ~np.isfinite(v)
+def block_metrics(metrics: dict, n, phase: str, seeds: list, updates_before) -> dict:
+    """Means of the first n[i] per-update metrics of each seed (then over seeds); a NaN/inf stops the run
+    naming the loss, the seed and the update."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}  # [seeds, steps]
+    n = np.broadcast_to(np.asarray(n), (len(seeds),))
+    valid = np.arange(next(iter(host.values())).shape[1])[None, :] < n[:, None]
+    bad = valid & np.logical_or.reduce([~np.isfinite(v) for v in host.values()])
     if bad.any():
-        i = int(bad.argmax())
-        names = ", ".join(f"{phase}/{k} = {v[i]}" for k, v in host.items() if not np.isfinite(v[i]))
-        raise FloatingPointError(f"non-finite {names} at update {updates_before + i + 1}; stopping (the last "
-                                 "checkpoint is intact)")
-    return {f"{phase}/{k}": float(v.mean()) for k, v in host.items()}
+        j = int(np.flatnonzero(bad.any(0))[0])  # the first update with a non-finite value, over all seeds
+        i = int(np.flatnonzero(bad[:, j])[0])
+        names = ", ".join(f"{phase}/{k} = {v[i, j]}" for k, v in host.items() if not np.isfinite(v[i, j]))
+        raise FloatingPointError(f"non-finite {names} (seed {seeds[i]}) at update "
+                                 f"{int(np.asarray(updates_before)[i]) + j + 1}; stopping (the last checkpoint is "
+                                 "intact)")
+    count = max(int(valid.sum()), 1)
+    return {f"{phase}/{k}": float(np.where(valid, v, 0.0).sum() / count) for k, v in host.items()}
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -728,7 +759,8 @@ def prepare_offline(cfg: TrainConfig, ds: data.OfflineData):
 
 
 def default_run_dir(cfg) -> Path:
-    return Path("runs") / "cal_ql" / cfg.dataset_id.replace("/", "_") / f"seed{cfg.seed}"
+    seeds = f"seed{cfg.seed}" if cfg.num_seeds == 1 else f"seeds{cfg.seed}-{cfg.seed + cfg.num_seeds - 1}"
+    return Path("runs") / "cal_ql" / cfg.dataset_id.replace("/", "_") / seeds
 
 
 def _check_resume_config(saved: Path, cfg: TrainConfig):
@@ -742,24 +774,48 @@ def _check_resume_config(saved: Path, cfg: TrainConfig):
                          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
 
 
+def seed_slice(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def stack_seeds(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def save_state(path: Path, state, meta: dict, cfg):
+    """A one-seed run saves the state without the seed axis (the layout other scripts load)."""
+    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
+
+
+def load_state(path: Path, template, cfg):
+    if cfg.num_seeds == 1:
+        state, meta = load_checkpoint(path, seed_slice(template, 0))
+        return stack_seeds([state]), meta
+    return load_checkpoint(path, template)
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Offline pre-training then online fine-tuning; returns the last evaluation record and paths."""
+    """Offline pre-training then online fine-tuning of `num_seeds` seeds at once; returns the last evaluation
+    record(s) and paths."""
     from tqdm import tqdm
 
+    t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
-    cfg.name = cfg.name or f"cal_ql-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}"
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"cal_ql-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
     goal_task = "antmaze" in cfg.dataset_id
 
-    # data and envs
+    # data and envs (one training env per seed, one evaluation env)
     ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-    env, eval_env = data.make_env(cfg.dataset_id), data.make_env(cfg.dataset_id)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
-        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {env.observation_space.shape}/"
-                                f"{env.action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-    max_len = env.spec.max_episode_steps if env.spec is not None else None
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    max_len = envs[0].spec.max_episode_steps if envs[0].spec is not None else None
     if not max_len:
         raise data.DatasetError(f"{cfg.dataset_id}: the env has no time limit; Cal-QL collects whole trajectories")
     try:
@@ -777,88 +833,111 @@ def train(cfg: TrainConfig) -> dict:
                                                               ds.terminals, mc)))
     del rewards, actions, mc
     capacity = cfg.online_steps + max_len  # the last trajectory may overshoot online_steps
-    online = Buffer(*(jnp.zeros((capacity,) + s, jnp.float32) for s in
+    online = Buffer(*(jnp.zeros((N, capacity) + s, jnp.float32) for s in
                       ((obs_dim,), (act_dim,), (), (obs_dim,), (), ())))
 
-    state = init_state(h, jax.random.PRNGKey(cfg.seed), obs_mean, obs_std, cfg.log_alpha_prime_init)
-    meta = {"phase": "offline", "updates": 0, "env_steps": 0, "online_size": 0, "saved_rows": 0,
-            "next_eval": cfg.online_eval_every, "act_key": np.asarray(jax.random.PRNGKey(cfg.seed + 1)),
-            "env_rng": None, "eval_lines": 0, "episodes": 0, "wandb_id": None, "last_eval": None}
+    state = stack_seeds([init_state(h, jax.random.PRNGKey(s), obs_mean, obs_std, cfg.log_alpha_prime_init)
+                         for s in seeds])
+    meta = {"phase": "offline", "num_seeds": N, "updates": [0] * N, "env_steps": [0] * N, "online_size": [0] * N,
+            "saved_rows": [0] * N, "next_eval": [cfg.online_eval_every] * N,
+            "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
+            "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
+            "last_eval": [None] * N, "wall_time": 0.0}
     latest = find_checkpoint(ckpt_dir / "latest")
     if cfg.resume and latest is not None:
         _check_resume_config(latest / "config.yaml", cfg)
-        state, meta = load_checkpoint(latest, state)
-        rows = load_buffer_rows(ckpt_dir / "buffer", meta["online_size"])
-        if rows is not None:
-            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in rows.items()}), 0)
+        state, meta = load_state(latest, state, cfg)
+        for i, s in enumerate(seeds):
+            rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
+            if rows is not None:
+                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
         print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} updates, "
               f"{meta['env_steps']} online env steps")
     else:
         if cfg.resume:
             print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        (run_dir / "eval.jsonl").unlink(missing_ok=True)
+        for path in [run_dir / "eval.jsonl"] + [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]:
+            path.unlink(missing_ok=True)
         if cfg.offline_checkpoint:
             src = find_checkpoint(Path(cfg.offline_checkpoint))
             if src is None:
                 raise FileNotFoundError(f"--offline_checkpoint {cfg.offline_checkpoint}: no checkpoint there "
                                         "(expected a directory with state.npz and meta.pkl, e.g. "
                                         "<run_dir>/checkpoints/offline)")
-            state, src_meta = load_checkpoint(src, state)
-            meta.update(updates=src_meta["updates"], act_key=src_meta["act_key"], phase="load_offline")
+            with open(src / "meta.pkl", "rb") as f:
+                src_n = pickle.load(f).get("num_seeds", 1)
+            if src_n != N:
+                raise ValueError(f"--offline_checkpoint {src} holds {src_n} seed(s); run it with --num_seeds {src_n}")
+            state, src_meta = load_state(src, state, cfg)
+            meta.update(updates=list(np.ravel(src_meta["updates"]).astype(int)),
+                        act_key=np.asarray(src_meta["act_key"]).reshape(N, -1), phase="load_offline")
             print(f"loaded offline state from {src} ({src_meta['updates']} updates)")
     with open(run_dir / "config.yaml", "w") as f:
         pyrallis.dump(cfg, f)
     if meta["wandb_id"] is None:
         meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-    logger = Logger(cfg, run_dir, meta["wandb_id"], meta["eval_lines"])
+    logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
     act_key = jnp.asarray(meta["act_key"])
-    policy = lambda o: act_deterministic(state.actor.params, state.obs_mean, state.obs_std, o, h)  # noqa: E731
+    wall_before = meta["wall_time"]
 
-    def run_eval(phase):
-        record = {"phase": phase, "updates": int(meta["updates"]), "env_steps": int(meta["env_steps"])}
-        record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
-                               goal_task, refs))
-        logger.log_eval(record)
-        meta["eval_lines"], meta["last_eval"] = logger.eval_lines, record
+    def run_eval(phase, which=None):
+        for i in range(N) if which is None else which:
+            params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
+            record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
+                      "env_steps": int(meta["env_steps"][i])}
+            record.update(evaluate(eval_env, lambda o: act_deterministic(params, mean_, std_, o, h),
+                                   cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success, goal_task, refs))
+            record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+            logger.log_eval(i, record)
+            meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
 
     def checkpoint(name="latest"):
         meta["act_key"] = np.asarray(act_key)
-        save_buffer_rows(ckpt_dir / "buffer", online, 0, meta["saved_rows"], meta["online_size"])
-        meta["saved_rows"] = meta["online_size"]
-        save_checkpoint(ckpt_dir / name, state, meta, cfg)
+        for i, s in enumerate(seeds):
+            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
+                             meta["online_size"][i])
+        meta["saved_rows"] = list(meta["online_size"])
+        meta["wall_time"] = wall_before + time.time() - t_start
+        save_state(ckpt_dir / name, state, meta, cfg)
+
+    def score(i):
+        return meta["last_eval"][i].get("normalized_score", meta["last_eval"][i]["return"])
 
     def updates(n, phase, calibrate, weight):
-        """n updates: scans of update_block, then one call for the remainder; returns the mean metrics."""
+        """n[i] updates for seed i: blocks of update_block (a masked fori_loop when the seeds' counts differ or
+        are below a block); returns the mean metrics."""
         nonlocal state
-        done, sums = 0, {}
-        while done < n:
-            m = min(cfg.update_block, n - done)
-            args = (offline, n_off, online, meta["online_size"])
-            if m == cfg.update_block:
-                state, metrics = update_block(state, *args, calibrate, weight, h)
+        remaining, sums, total = np.asarray(n, np.int64).copy(), {}, 0
+        sizes = jnp.asarray(meta["online_size"], jnp.int32)
+        while remaining.max() > 0:
+            m = np.minimum(remaining, cfg.update_block)
+            if (m == cfg.update_block).all():
+                state, metrics = update_block(state, offline, n_off, online, sizes, calibrate, weight, h)
             else:
-                state, metrics = update_few(state, *args, m, calibrate, weight, h)
-            logged = block_metrics(metrics, m, phase, meta["updates"])
-            sums = {k: sums.get(k, 0.0) + v * m for k, v in logged.items()}
-            meta["updates"] += m
-            done += m
-        return {k: v / max(n, 1) for k, v in sums.items()}
+                state, metrics = update_few(state, offline, n_off, online, sizes, jnp.asarray(m, jnp.int32),
+                                            calibrate, weight, h)
+            logged = block_metrics(metrics, m, phase, seeds, meta["updates"])
+            sums = {k: sums.get(k, 0.0) + v * m.sum() for k, v in logged.items()}
+            total += int(m.sum())
+            meta["updates"] = [u + int(k) for u, k in zip(meta["updates"], m)]
+            remaining -= m
+        return {k: v / max(total, 1) for k, v in sums.items()}
 
-    # ---- offline pre-training
+    # ---- offline pre-training (all seeds in one vmapped scan per block)
     if meta["phase"] == "offline":
-        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"], desc="Cal-QL offline", mininterval=5)
-        while meta["updates"] < cfg.offline_updates:
-            logged = updates(cfg.update_block, "offline", cfg.calibration, cfg.cql_weight)
+        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="Cal-QL offline", mininterval=5)
+        while meta["updates"][0] < cfg.offline_updates:
+            logged = updates([cfg.update_block] * N, "offline", cfg.calibration, cfg.cql_weight)
             bar.update(cfg.update_block)
-            logger.log({**logged, "offline/updates": meta["updates"]})
-            if meta["updates"] % cfg.offline_eval_every == 0 or meta["updates"] == cfg.offline_updates:
+            logger.log({**logged, "offline/updates": meta["updates"][0]})
+            if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
                 run_eval("offline")
-                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]))
-                if meta["updates"] < cfg.offline_updates:
+                bar.set_postfix(score=np.mean([score(i) for i in range(N)]))
+                if meta["updates"][0] < cfg.offline_updates:
                     checkpoint()
         bar.close()
-        if meta["last_eval"] is None:  # offline_updates == 0: still report the starting policy
+        if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
             run_eval("offline")
         meta["phase"] = "online"
         checkpoint("offline")
@@ -869,51 +948,73 @@ def train(cfg: TrainConfig) -> dict:
         checkpoint("offline")
         checkpoint()
 
-    # ---- online fine-tuning: one trajectory, its MC returns, len(trajectory) * online_utd updates
+    # ---- online fine-tuning: each seed collects one trajectory, its MC returns, then len(trajectory) *
+    # online_utd updates (the single-seed schedule). A seed due for evaluation waits until every seed is due
+    # (or finished), so checkpoints fall on episode ends of all seeds.
     if meta["phase"] == "online":
-        if meta["env_rng"] is not None:
-            env_rng_restore(env, meta["env_rng"], cfg.seed)
-        first_reset = meta["env_rng"] is None
+        for i, env in enumerate(envs):
+            if meta["env_rng"][i] is not None:
+                env_rng_restore(env, meta["env_rng"][i], seeds[i])
+        first_reset = [meta["env_rng"][i] is None for i in range(N)]
         online_weight = cfg.cql_weight if cfg.cql_weight_online < 0 else cfg.cql_weight_online
         calibrate = cfg.calibration and cfg.online_calibration
-        chunk = {k: np.zeros((max_len,) + s, np.float32) for k, s in
+        chunk = {k: np.zeros((N, max_len) + s, np.float32) for k, s in
                  (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()),
                   ("mc", ()))}
-        recent = []
-        bar = tqdm(total=cfg.online_steps, initial=meta["env_steps"], desc="Cal-QL online", mininterval=5)
-        while meta["env_steps"] < cfg.online_steps:
-            obs, _ = env.reset(seed=cfg.seed if first_reset else None)
-            first_reset, ep_ret, n, done = False, 0.0, 0, False
-            while not done:
-                action, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std,
-                                              np.asarray(obs, np.float32), act_key, h)
-                action = np.asarray(action)
-                next_obs, r, term, trunc, info = env.step(action)
-                term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                for k, v in (("obs", obs), ("act", action), ("next_obs", next_obs), ("done", float(term)),
-                             ("rew", r * cfg.reward_scale + cfg.reward_bias)):
-                    chunk[k][n] = v
-                n, ep_ret, obs, done = n + 1, ep_ret + float(r), next_obs, term or trunc
-            ends = np.zeros(n, bool)
-            ends[-1] = True
-            chunk["mc"][:n] = mc_returns(chunk["rew"][:n], ends, cfg.discount, cfg.mc_failure_rule, failure_reward)
+        recent = [[] for _ in range(N)]
+        due = [False] * N
+        obs = np.zeros((N, obs_dim), np.float32)
+        bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="Cal-QL online", mininterval=5)
+        while min(meta["env_steps"]) < cfg.online_steps:
+            active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
+            collected = active.copy()
+            n, ep_ret = np.zeros(N, np.int32), [0.0] * N
+            for i in np.flatnonzero(active):
+                obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
+                first_reset[i] = False
+            while active.any():
+                actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
+                                               jnp.asarray(active), h)
+                actions = np.asarray(actions)
+                for i in np.flatnonzero(active):
+                    next_obs, r, term, trunc, info = envs[i].step(actions[i])
+                    term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                    j = n[i]
+                    chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
+                    chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
+                    n[i], ep_ret[i], obs[i] = j + 1, ep_ret[i] + float(r), next_obs
+                    if term or trunc:
+                        active[i] = False
+            for i in np.flatnonzero(collected):
+                ends = np.zeros(n[i], bool)
+                ends[-1] = True
+                chunk["mc"][i, :n[i]] = mc_returns(chunk["rew"][i, :n[i]], ends, cfg.discount, cfg.mc_failure_rule,
+                                                   failure_reward)
+                meta["episodes"][i] += 1
+                recent[i] = (recent[i] + [ep_ret[i]])[-10:]
             online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
-                                   meta["online_size"])
-            meta["online_size"] += n
-            meta["env_steps"] += n
-            meta["episodes"] += 1
-            recent = (recent + [ep_ret])[-10:]
+                                   jnp.asarray(meta["online_size"], jnp.int32))
+            meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
+            meta["env_steps"] = [a + int(b) for a, b in zip(meta["env_steps"], n)]
             logged = updates(n * cfg.online_utd, "online", calibrate, online_weight)
-            logger.log({**logged, "online/episode_return": ep_ret, "online/episode_length": n,
-                        "online/env_steps": meta["env_steps"], "online/updates": meta["updates"]})
-            bar.update(n)
-            if meta["env_steps"] >= meta["next_eval"] and meta["env_steps"] < cfg.online_steps:
-                while meta["next_eval"] <= meta["env_steps"]:
-                    meta["next_eval"] += cfg.online_eval_every
-                run_eval("online")
-                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]),
-                                train_return=np.mean(recent))
-                meta["env_rng"] = env_rng_snapshot(env)
+            returns = {f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i]
+                       for i in np.flatnonzero(collected)}
+            logger.log({**logged, **returns, "online/env_steps": sum(meta["env_steps"]),
+                        "online/updates": sum(meta["updates"])})
+            bar.update(int(n.sum()))
+            for i in np.flatnonzero(collected):
+                if meta["next_eval"][i] <= meta["env_steps"][i] < cfg.online_steps:
+                    due[i] = True
+            if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
+                which = [i for i in range(N) if due[i]]
+                for i in which:
+                    while meta["next_eval"][i] <= meta["env_steps"][i]:
+                        meta["next_eval"][i] += cfg.online_eval_every
+                run_eval("online", which)
+                bar.set_postfix(score=np.mean([score(i) for i in which]),
+                                train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
+                meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
+                due = [False] * N
                 checkpoint()
         bar.close()
         run_eval("online")
@@ -922,11 +1023,15 @@ def train(cfg: TrainConfig) -> dict:
     elif meta["phase"] == "done":
         print(f"run in {run_dir} already finished")
     logger.close()
-    env.close()
-    eval_env.close()
-    summary = summarize(run_dir / "eval.jsonl")
-    return {"last_eval": meta["last_eval"], "run_dir": str(run_dir), "updates": meta["updates"],
-            "env_steps": meta["env_steps"], **summary}
+    for env in envs + [eval_env]:
+        env.close()
+    summaries = [summarize(path) for path in logger.eval_paths]
+    out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
+           "env_steps": meta["env_steps"][0], **summaries[0]}
+    if N > 1:
+        out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+                   per_seed=summaries)
+    return out
 
 
 def summarize(eval_path: Path) -> dict:
