@@ -230,21 +230,82 @@ def monte_carlo_returns(rewards: np.ndarray, episode_ends: np.ndarray, gamma: fl
     return out.astype(np.float32)
 
 
-def _flatten_episodes(dataset, keys):
-    obs, next_obs, acts, rews, terms, truncs = [], [], [], [], [], []
+def _h5_episodes(h5_path: Path):
+    """Episodes straight from Minari's HDF5 file (groups episode_<id>), in id order: much faster than
+    minari's iterate_episodes for datasets of many short episodes. None if the layout is not the expected one."""
+    import h5py
+
+    def read(node):
+        return {k: read(v) for k, v in node.items()} if isinstance(node, h5py.Group) else node[()]
+    with h5py.File(h5_path, "r") as f:
+        names = list(f.keys())
+        if not names or not all(n.startswith("episode_") and n[8:].isdigit() for n in names):
+            return None
+        for name in sorted(names, key=lambda n: int(n[8:])):
+            g = f[name]
+            if not {"observations", "actions", "rewards", "terminations"} <= set(g.keys()):
+                return None
+            yield {k: read(g[k]) for k in ("observations", "actions", "rewards", "terminations")}
+
+
+def _iterate_episodes(dataset, h5_path: Path):
+    episodes = _h5_episodes(h5_path) if h5_path.exists() else None
+    if episodes is not None:
+        try:
+            first = next(episodes)
+        except StopIteration:
+            first = None
+        if first is not None:
+            yield first
+            yield from episodes
+            return
     for ep in dataset.iterate_episodes():
-        o = flatten_obs(ep.observations, keys)
+        yield {"observations": ep.observations, "actions": ep.actions, "rewards": ep.rewards,
+               "terminations": ep.terminations}
+
+
+def _flatten_episodes(episodes, keys):
+    """Flat transition arrays from episode dicts (observations has one row more than the other fields)."""
+    obs, next_obs, acts, rews, terms, truncs = [], [], [], [], [], []
+    for ep in episodes:
+        o = flatten_obs(ep["observations"], keys)
         obs.append(o[:-1])
         next_obs.append(o[1:])
-        acts.append(np.asarray(ep.actions, np.float32).reshape(len(ep.rewards), -1))
-        rews.append(np.asarray(ep.rewards, np.float32))
-        terms.append(np.asarray(ep.terminations, bool))
-        end = np.zeros(len(ep.rewards), bool)
+        n = len(ep["rewards"])
+        acts.append(np.asarray(ep["actions"], np.float32).reshape(n, -1))
+        rews.append(np.asarray(ep["rewards"], np.float32))
+        terms.append(np.asarray(ep["terminations"], bool))
+        end = np.zeros(n, bool)
         end[-1] = True  # an episode's last step ends it, whether truncated, cut or terminal
-        truncs.append(end & ~np.asarray(ep.terminations, bool))
+        truncs.append(end & ~terms[-1])
     cat = np.concatenate
     return dict(observations=cat(obs), next_observations=cat(next_obs), actions=cat(acts), rewards=cat(rews),
                 terminals=cat(terms), timeouts=cat(truncs))
+
+
+def _cache_path(dataset_id: str) -> Path:
+    return dataset_dir(dataset_id) / "o2o_flat_cache.npz"
+
+
+def _cache_stamp(dataset, keys, h5: Path) -> str:
+    """Identifies the HDF5 file the flat cache was made from (a rebuilt dataset invalidates the cache)."""
+    return f"{keys}|{h5.stat().st_size}|{h5.stat().st_mtime_ns}|{dataset.total_steps}" if h5.exists() else ""
+
+
+def _save_cache(cache: Path, stamp: str, arrays: dict):
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, stamp=stamp, **arrays)
+    os.replace(tmp, cache)
+
+
+def write_flat_cache(dataset_id: str, episodes) -> None:
+    """Write the flat-array cache of a dataset just created from `episodes` (dicts of observations, actions,
+    rewards, terminations), so its first load skips reading it back episode by episode."""
+    import minari
+    dataset = minari.load_dataset(dataset_id)
+    keys = check_spaces(dataset.observation_space, dataset.action_space, dataset_id)
+    stamp = _cache_stamp(dataset, keys, dataset_dir(dataset_id) / "data" / "main_data.hdf5")
+    _save_cache(_cache_path(dataset_id), stamp, _flatten_episodes(episodes, keys))
 
 
 def load_dataset(dataset_id: str, gamma: float = 0.99, build: bool = True, download: bool = True,
@@ -257,19 +318,16 @@ def load_dataset(dataset_id: str, gamma: float = 0.99, build: bool = True, downl
     except Exception as e:  # noqa: BLE001
         raise DatasetError(f"cannot open dataset '{dataset_id}' at {dataset_dir(dataset_id)}: {e}") from e
     keys = check_spaces(dataset.observation_space, dataset.action_space, dataset_id)
-    cache = dataset_dir(dataset_id) / "o2o_flat_cache.npz"
     h5 = dataset_dir(dataset_id) / "data" / "main_data.hdf5"
-    stamp = f"{keys}|{h5.stat().st_size}|{h5.stat().st_mtime_ns}|{dataset.total_steps}" if h5.exists() else ""
+    cache, stamp = _cache_path(dataset_id), _cache_stamp(dataset, keys, h5)
     arrays = None
     if cache.exists():
         with np.load(cache) as z:
             if stamp and str(z["stamp"]) == stamp:
                 arrays = {k: z[k] for k in z.files if k != "stamp"}
     if arrays is None:
-        arrays = _flatten_episodes(dataset, keys)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, stamp=stamp, **arrays)
-        os.replace(tmp, cache)
+        arrays = _flatten_episodes(_iterate_episodes(dataset, h5), keys)
+        _save_cache(cache, stamp, arrays)
     ends = arrays["terminals"] | arrays["timeouts"]
     obs = arrays["observations"]
     return OfflineData(dataset_id=dataset_id, mc_returns=monte_carlo_returns(arrays["rewards"], ends, gamma),

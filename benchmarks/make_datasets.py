@@ -226,6 +226,7 @@ def build(env: str, level: str, size: int | None = None, workers: int | None = N
                    f"policies ({n} transitions, {len(episodes)} episodes). ref_min_score = uniform random policy, "
                    f"ref_max_score = expert policy, mean returns over {info['ref_episodes']} episodes.")
     write_dataset(dataset_id, data.LOCAL_ENVS[env], episodes, refs, description)
+    data.write_flat_cache(dataset_id, episodes)  # the first load_dataset then skips the per-episode read-back
     print(f"{dataset_id}: {n} transitions, {len(episodes)} episodes in {time.time() - t0:.1f} s "
           f"-> {data.dataset_dir(dataset_id)}")
     return dataset_id

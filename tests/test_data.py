@@ -62,6 +62,15 @@ def test_build_load_round_trip(tiny_dataset):
     again = data.load_dataset(dataset_id)
     np.testing.assert_array_equal(again.observations, ds.observations)
     np.testing.assert_array_equal(again.timeouts, ds.timeouts)
+    # the cache written at build time equals both readers of the Minari file (direct HDF5 and minari's)
+    import minari
+    dataset = minari.load_dataset(dataset_id)
+    h5 = data.dataset_dir(dataset_id) / "data" / "main_data.hdf5"
+    direct = data._flatten_episodes(data._iterate_episodes(dataset, h5), None)
+    via_minari = data._flatten_episodes(data._iterate_episodes(dataset, h5.with_name("absent.hdf5")), None)
+    for k in direct:
+        np.testing.assert_array_equal(direct[k], via_minari[k])
+        np.testing.assert_array_equal(direct[k], getattr(ds, k))
     # the evaluation env matches the data
     env = data.make_env(dataset_id)
     assert env.observation_space.shape == (11,) and env.spec.id == "Hopper-v5"
