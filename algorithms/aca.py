@@ -1,0 +1,1169 @@
+"""ACA, Actor-Critic Alignment (single file, JAX): SAC+ML pre-training with a calibrated baseline Z(s) on a
+Minari dataset, then online fine-tuning of an aligned critic Q = R + w * softclip(log pi0).
+
+Paper:  Yu, Zhang, "Actor-Critic Alignment for Offline-to-Online Reinforcement Learning", ICML 2023,
+        PMLR 202:40452-40474, https://proceedings.mlr.press/v202/yu23k.html.
+Official code: https://github.com/ZishunYu/Actor-Critic-Alignment @ 3a082bd555bcdb96f262dd3214358403ae03a371
+        (`run_sacml.py`, `run_aca.py`, `sacml_agent/sacml_impl.py`, `aca_agent/aca_impl.py`, `utility.py`,
+        `configs/{offline,online}/*.yaml`), built on d3rlpy 1.1.0 (networks, losses' reductions, online loop).
+
+What is implemented (official semantics unless listed below):
+  * networks (d3rlpy defaults): ReLU MLPs `hidden_dims` with PyTorch-default init; actor either d3rlpy's
+    SquashedNormalPolicy (MuJoCo: tanh(N(mu(s), sigma(s))), log-std head clipped to [-20, 2], log-prob with the
+    stable tanh Jacobian, given actions clamped to +-0.999999 before atanh) or NonSquashedNormalPolicy with a
+    state-independent std parameter (AntMaze: N(tanh(mu(s)), sigma), log sigma = -5 + 5 sigmoid(theta), samples
+    clamped to [-1, 1]); deterministic action tanh(mu(s)); a vmapped critic ensemble Q_j(s, a) and a vmapped
+    baseline ensemble Z_j(s) of the same size `n_critics` (members initialised independently);
+  * offline SAC+ML, per gradient step and in this order (each step sees the previous steps' updates):
+      temperature  L_T = -mean(log T * (log pi(a~|s) - H)),  H = target_entropy_coef * |A|, T = exp(log T) (init 1);
+      critic       y = r + gamma (1-d) [min_j Qbar_j(s', a') - T log pi(a'|s')], L_Q = sum_j mean (Q_j(s,a) - y)^2;
+      baseline Z   calibrated so that log pi(a|s) + Z(s) satisfies the soft Bellman equation on the data:
+                   y_Z = r + gamma (1-d) [log pi(a''|s') + min_j Z_j(s') - T log pi(a''|s')] (current Z, no target
+                   net), L_Z = sum_j mean (log pi(a|s) + Z_j(s) - y_Z)^2 with log pi(a|s) of the data action detached;
+      actor        L_pi = lambda * mean(T log pi(a~|s) - min_j Q_j(s, a~)) - mean log pi(a|s),
+                   lambda = ml_alpha / stopgrad(mean |min_j Q_j(s, a~)|)   (SAC + max-likelihood, Q normalised);
+      Polyak update of Qbar (rate `tau`);
+  * the switch (`run_aca.py`, `utility.py::critic_init`): temperature reset to T = 1; pi0 = frozen copy of pi;
+    each R_j initialised from Z_j: all layers copied, the first layer's action columns set to 0, so R_j(s, a) ==
+    Z_j(s) for every a; Rbar = R; the optimiser states of the SAC+ML run are kept (as d3rlpy's load_model does);
+  * online: Q_j(s, a) = R_j(s, a) + w * softclip(log pi0(a|s)), softclip(x) = softplus(x - c(s)) + c(s) with
+    c(s) = min(log pi0(mu0 - beta sigma0 | s), log pi0(mu0 + beta sigma0 | s)) (squashed: evaluated on the pre-tanh
+    values); per gradient step: temperature, critic
+        y = r + gamma (1-d) [min_j Rbar_j(s', a') + w softclip(log pi0(a'|s')) - T log pi(a'|s')],
+        L_R = sum_j mean (R_j(s, a) + w softclip(log pi0(a|s)) - y)^2,
+    actor  L_pi = mean(T log pi(a~|s) - min_j R_j(s, a~) - w softclip(log pi0(a~|s))) (gradient through a~ into
+    log pi0 as well), global grad-norm clip 0.25; Polyak update of Rbar; then w <- max(w - w0 / (k * 1000), w_min)
+    with `interpolation` = [w0, k, w_min];
+  * online data: exploration by sampling pi; one gradient step per env step once the online buffer holds more
+    than `batch_size` transitions; the buffer starts EMPTY (the paper's headline setting, official n_trajs = 0
+    for random/medium/AntMaze) or, with `n_trajs` > 0, seeded with the n_trajs highest-return offline episodes
+    (official medium-replay/medium-expert/expert: 50); no other offline data is used online;
+  * deterministic evaluation (tanh(mu(s))) on a separate env seeded with `eval_seed`; each eval record also holds
+    the temperature, w, and means at the evaluation states s (a = the deterministic action): Q(s, a) offline;
+    R(s, a), the aligned Q(s, a) and log pi0(a|s) online; min_j Z_j(s); and the soft-clip bound c(s) (mean/min/max;
+    offline computed with the current pi, i.e. what pi0 would be).
+
+Deviations (and the switch that restores the reference behaviour where one exists):
+  1. Online updates run in jitted blocks: the agent collects up to `online_block` env steps with a fixed policy
+     (a block also ends at an episode end), appends them, then does the updates due for them (one per env step
+     after the buffer exceeds `batch_size`) in lax.scan blocks. The official loop updates after every env step
+     (`online_block: 1` is that, but slower).
+  2. Online evaluation and checkpoints happen at the first episode end after every `online_eval_every` env steps
+     (official: exactly every 1000 steps, mid-episode), so a resumed run reproduces an uninterrupted one exactly.
+     Offline, evaluation runs every `offline_eval_every` updates (official: 10 episodes every 1000 updates, for
+     logging only).
+  3. Transitions come from algorithms/data.py: only true terminations are terminal, time-limit truncations
+     bootstrap (ALGORITHMS.md decision 7). d3rlpy 1.1.0's online buffer additionally flags the transition before a
+     termination as terminal and drops the last transition of time-limited episodes; that is not reproduced.
+  4. Updates start when the online buffer holds more than `batch_size` transitions (d3rlpy's len(buffer) lags
+     one transition behind, a 1-step difference).
+  5. w is computed in closed form from the online update count, max(w0 - n w0 / (k * 1000), w_min) (official:
+     decremented in float64 every step: equal up to rounding); the "1000" is `interpolation_unit`.
+  6. Datasets are this project's local `o2o/<env>/<level>-v0` suite (Gymnasium v5 envs) and Minari's
+     `D4RL/antmaze/*-v1` (official: D4RL *-v2 through d3rlpy). `terminate_on_success` (AntMaze configs) ends an
+     episode as terminal when info['success'] is True, as D4RL's AntMaze `eval=True` envs do.
+  7. AntMaze rewards: the official code shifts rewards by -1 online only (d3rlpy reward scaler in `run_aca.py`),
+     not during SAC+ML; the AntMaze configs reproduce this (`reward_bias: 0`, `online_reward_bias: -1`); set both
+     to -1 for a consistent shift. Seeded offline episodes get the online transformation, as in d3rlpy.
+  8. `online_reset_optimizers: true` gives fresh Adam states at the switch (official: kept from SAC+ML, including
+     the critic's, whose weights are replaced by Z's).
+  9. torch's Softplus switches to the identity above 20; jax.nn.softplus is exact (difference < 1e-8).
+
+Usage:
+    python algorithms/aca.py --config_path configs/aca/quickstart.yaml
+    python algorithms/aca.py --config_path configs/aca/quickstart.yaml --resume          # continue a killed run
+    python algorithms/aca.py --config_path ... --offline_checkpoint runs/.../checkpoints/offline
+`--offline_checkpoint` takes an offline checkpoint written by this script (it needs the Z baseline, which only
+SAC+ML trains). Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation),
+checkpoints/{latest,offline}, checkpoints/buffer/ (online transitions), wandb/ (mode `wandb_mode`, or the
+WANDB_MODE environment variable when set).
+"""
+
+import json
+import math
+import os
+import pickle
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, List, NamedTuple, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data  # noqa: E402  (the project's shared dataset utility)
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pyrallis  # noqa: E402
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # d3rlpy SquashedNormalPolicy clamp of the log-std head
+PARAM_LOG_STD_MIN, PARAM_LOG_STD_MAX = -5.0, 0.0  # official NonSquashedNormalPolicy (use_std_parameter=True)
+ATANH_CLIP = 0.999999  # d3rlpy clamps given actions before atanh
+STATS_CHUNK = 1024  # evaluation states per jitted statistics call
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    # experiment
+    dataset_id: str = "o2o/hopper/medium-v0"  # Minari dataset id (also gives the env), see algorithms/data.py
+    seed: int = 0  # seed of networks, sampling, exploration and the training env
+    eval_seed: int = 100  # seed of the evaluation env (re-seeded at the start of every evaluation)
+    run_dir: str = ""  # output directory; "" = runs/aca/<dataset_id>/seed<seed>
+    project: str = "o2o-jax"  # wandb project
+    group: str = "aca"  # wandb group
+    name: str = ""  # wandb run name; "" = aca-<dataset_id>-seed<seed>
+    wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
+    resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
+    offline_checkpoint: str = ""  # skip pre-training: start from this script's saved offline checkpoint dir
+    # schedule
+    offline_updates: int = 500_000  # SAC+ML gradient steps (official: 500k)
+    online_steps: int = 100_000  # env steps of fine-tuning (official: 100k)
+    update_block: int = 1000  # updates per jitted lax.scan block (a smaller remainder runs in one fori_loop)
+    online_block: int = 50  # max env steps collected with a fixed policy before their updates run (official: 1)
+    offline_eval_every: int = 50_000  # offline updates between evaluations (+ checkpoint)
+    online_eval_every: int = 1000  # online env steps between evaluations (+ checkpoint), at episode ends
+    eval_episodes: int = 10  # deterministic evaluation episodes per evaluation (official: 10)
+    # data
+    batch_size: int = 256  # transitions per gradient step
+    discount: float = 0.99  # gamma
+    normalize: bool = False  # normalise states with the dataset mean / std (+1e-3); official: no normalisation
+    reward_scale: float = 1.0  # r <- reward_scale * r + reward_bias in the offline phase
+    reward_bias: float = 0.0  # offline reward shift (official: 0 everywhere, also AntMaze)
+    online_reward_bias: float = 0.0  # online shift, also for seeded offline episodes (official AntMaze: -1)
+    terminate_on_success: bool = False  # end episodes as terminal when info['success'] (D4RL AntMaze eval=True)
+    n_trajs: int = 0  # seed the online buffer with the n_trajs highest-return offline episodes (0 = empty buffer)
+    # networks and optimisers
+    hidden_dims: List[int] = field(default_factory=lambda: [256, 256])  # hidden widths of actor, critics, Z
+    n_critics: int = 2  # size of the critic ensemble and of the baseline ensemble (min over members)
+    squashed_policy: bool = True  # tanh-squashed Gaussian (MuJoCo) | Gaussian with std parameter (AntMaze)
+    actor_lr: float = 3e-4  # Adam LR of the actor
+    critic_lr: float = 3e-4  # Adam LR of the critic ensemble (Q offline, R online)
+    temp_lr: float = 3e-4  # Adam LR of log T
+    baseline_lr: float = 3e-4  # Adam LR of the baseline ensemble Z
+    tau: float = 0.005  # Polyak rate of the target critics
+    # SAC+ML (offline)
+    ml_alpha: float = 30.0  # official `alpha`: actor loss = alpha / mean|Q| * SAC loss - mean log pi(a_data|s)
+    target_entropy_coef: float = 1.0  # target entropy = -target_entropy_coef * |A| (AntMaze: 0.5), both phases
+    initial_temperature: float = 1.0  # T at the start of SAC+ML (reset to 1 at the switch)
+    # ACA (online)
+    beta: float = 7.0  # soft-clip bound c(s): log pi0 at beta std-devs from its mean (official 7, 15 m-e/e, 3 AntMaze)
+    interpolation: List[float] = field(default_factory=lambda: [1.0, 40.0, 0.5])  # [w0, k, w_min], w -= w0/(k*unit)
+    interpolation_unit: int = 1000  # the hard-coded 1000 of the official w decay
+    actor_grad_clip: float = 0.25  # online actor global grad-norm clip (official 0.25; <= 0 disables)
+    online_reset_optimizers: bool = False  # fresh Adam states at the switch (official: keep the SAC+ML ones)
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"invalid config: {msg}")
+        for name in ("update_block", "online_block", "offline_eval_every", "online_eval_every", "eval_episodes",
+                     "batch_size", "n_critics", "interpolation_unit"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        need(self.offline_updates >= 0 and self.online_steps >= 0, "offline_updates/online_steps must be >= 0")
+        need(self.offline_updates % self.update_block == 0,
+             f"offline_updates={self.offline_updates} must be a multiple of update_block={self.update_block}")
+        need(self.offline_eval_every % self.update_block == 0,
+             f"offline_eval_every={self.offline_eval_every} must be a multiple of update_block={self.update_block}")
+        need(self.wandb_mode in ("online", "offline", "disabled"),
+             f"wandb_mode must be online|offline|disabled, got {self.wandb_mode!r}")
+        need(self.n_trajs >= 0, f"n_trajs must be >= 0, got {self.n_trajs}")
+        need(len(self.interpolation) == 3, f"interpolation must be [w0, k, w_min], got {self.interpolation}")
+        if len(self.interpolation) == 3:
+            w0, k, w_min = self.interpolation
+            need(w0 > 0 and k > 0, f"interpolation w0 and k must be > 0 (official assert), got {self.interpolation}")
+            need(0 <= w_min <= w0, f"interpolation w_min must be in [0, w0], got {self.interpolation}")
+        need(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        need(self.initial_temperature > 0, f"initial_temperature must be > 0, got {self.initial_temperature}")
+        need(len(self.hidden_dims) > 0 and all(h > 0 for h in self.hidden_dims), "hidden_dims must be positive")
+
+
+class Hyper(NamedTuple):
+    """Static (hashable) hyper-parameters the jitted functions are specialised on."""
+    obs_dim: int
+    act_dim: int
+    hidden: tuple
+    n_critics: int
+    squashed: bool
+    batch_size: int
+    block: int
+    discount: float
+    tau: float
+    actor_lr: float
+    critic_lr: float
+    temp_lr: float
+    baseline_lr: float
+    ml_alpha: float
+    target_entropy: float  # H in L_T = -log T (log pi - H): target_entropy_coef * |A| (entropy target -H)
+    beta: float
+    w0: float
+    w_step: float  # w decrement per online gradient step, w0 / (k * unit)
+    w_min: float
+    actor_grad_clip: float
+
+
+def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
+    w0, k, w_min = (float(x) for x in cfg.interpolation)
+    return Hyper(obs_dim, act_dim, tuple(cfg.hidden_dims), cfg.n_critics, cfg.squashed_policy, cfg.batch_size,
+                 cfg.update_block, cfg.discount, cfg.tau, cfg.actor_lr, cfg.critic_lr, cfg.temp_lr, cfg.baseline_lr,
+                 cfg.ml_alpha, cfg.target_entropy_coef * act_dim, cfg.beta, w0, w0 / (k * cfg.interpolation_unit),
+                 w_min, cfg.actor_grad_clip)
+
+
+# ---------------------------------------------------------------------------------------------- networks
+class TorchLinear(nn.Module):
+    """Dense layer with PyTorch's default init: weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        bound = 1.0 / math.sqrt(x.shape[-1])
+        init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa
+        kernel = self.param("kernel", init, (x.shape[-1], self.features))
+        bias = self.param("bias", init, (self.features,))
+        return x @ kernel + bias
+
+
+class Actor(nn.Module):
+    """d3rlpy NormalPolicy. Returns (loc, log_std) of the Gaussian: squashed -> loc = mu(s) (pre-tanh), log-std
+    head clipped to [-20, 2]; not squashed -> loc = tanh(mu(s)), log_std = -5 + 5 sigmoid(theta) (state-independent)."""
+    act_dim: int
+    hidden: tuple
+    squashed: bool
+
+    @nn.compact
+    def __call__(self, obs):
+        x = obs
+        for h in self.hidden:
+            x = nn.relu(TorchLinear(h)(x))
+        mu = TorchLinear(self.act_dim)(x)
+        if self.squashed:
+            return mu, jnp.clip(TorchLinear(self.act_dim)(x), LOG_STD_MIN, LOG_STD_MAX)
+        theta = self.param("log_std_param", nn.initializers.zeros, (self.act_dim,))
+        log_std = PARAM_LOG_STD_MIN + (PARAM_LOG_STD_MAX - PARAM_LOG_STD_MIN) * jax.nn.sigmoid(theta)
+        return jnp.tanh(mu), jnp.broadcast_to(log_std, mu.shape)
+
+
+class QNet(nn.Module):
+    """Q(s, a) = MLP(concat(s, a)) (d3rlpy VectorEncoderWithAction + Linear(1)); the first layer's kernel rows are
+    [state rows; action rows], which the critic-from-Z initialisation relies on."""
+    hidden: tuple
+
+    @nn.compact
+    def __call__(self, obs, act):
+        x = jnp.concatenate([obs, act], -1)
+        for h in self.hidden:
+            x = nn.relu(TorchLinear(h)(x))
+        return TorchLinear(1)(x)[..., 0]
+
+
+class VNet(nn.Module):
+    """Z(s) = MLP(s) (d3rlpy ValueFunction); same layer names as QNet."""
+    hidden: tuple
+
+    @nn.compact
+    def __call__(self, obs):
+        x = obs
+        for h in self.hidden:
+            x = nn.relu(TorchLinear(h)(x))
+        return TorchLinear(1)(x)[..., 0]
+
+
+def ensemble(module, n: int, n_inputs: int) -> nn.Module:
+    """`n` copies of `module` with independent parameters on the same inputs: output [n, ...]."""
+    return nn.vmap(module, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(None,) * n_inputs,
+                   out_axes=0, axis_size=n)
+
+
+def networks(h: Hyper):
+    """(actor, critic ensemble Q_j(s, a) / R_j(s, a), baseline ensemble Z_j(s))."""
+    return (Actor(h.act_dim, h.hidden, h.squashed), ensemble(QNet, h.n_critics, 2)(hidden=h.hidden),
+            ensemble(VNet, h.n_critics, 1)(hidden=h.hidden))
+
+
+# ---------------------------------------------------------------------------------------------- maths
+def gaussian_log_prob(mean, log_std, x):
+    """log N(x; mean, exp(log_std)^2) summed over the last axis."""
+    z = (x - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi), -1)
+
+
+def tanh_log_det(u):
+    """log |d tanh(u)/du| = 2 (log 2 - u - softplus(-2u)), summed over the last axis (d3rlpy's Jacobian)."""
+    return jnp.sum(2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u)), -1)
+
+
+def log_prob_raw(mean, log_std, u):
+    """Squashed policy: log pi(tanh(u)) from the pre-tanh value u (d3rlpy `_log_prob_from_raw_y`)."""
+    return gaussian_log_prob(mean, log_std, u) - tanh_log_det(u)
+
+
+def sample_action(mean, log_std, noise, squashed: bool):
+    """Reparameterised sample from unit-normal `noise` and its log-prob: squashed a = tanh(mean + std eps);
+    not squashed a = clip(mean + std eps, -1, 1) with the Gaussian log-density of the clipped a (d3rlpy)."""
+    x = mean + jnp.exp(log_std) * noise
+    if squashed:
+        return jnp.tanh(x), log_prob_raw(mean, log_std, x)
+    a = jnp.clip(x, -1.0, 1.0)
+    return a, gaussian_log_prob(mean, log_std, a)
+
+
+def log_prob(mean, log_std, action, squashed: bool):
+    """log pi(a|s) of a given action (squashed: atanh of a clamped to +-0.999999, as d3rlpy)."""
+    if squashed:
+        return log_prob_raw(mean, log_std, jnp.arctanh(jnp.clip(action, -ATANH_CLIP, ATANH_CLIP)))
+    return gaussian_log_prob(mean, log_std, action)
+
+
+def deterministic_action(mean, squashed: bool):
+    return jnp.tanh(mean) if squashed else mean
+
+
+def clip_bound(mean, log_std, beta: float, squashed: bool):
+    """c(s) = min(log pi0(mu0 - beta sigma0), log pi0(mu0 + beta sigma0)); squashed: on the pre-tanh values."""
+    lo, hi = mean - beta * jnp.exp(log_std), mean + beta * jnp.exp(log_std)
+    f = (lambda u: log_prob_raw(mean, log_std, u)) if squashed else (lambda u: gaussian_log_prob(mean, log_std, u))
+    return jnp.minimum(f(lo), f(hi))
+
+
+def soft_clip(x, c):
+    """softplus(x - c) + c: a smooth max(x, c) (official `clip_log_pi`, before the weight w)."""
+    return jax.nn.softplus(x - c) + c
+
+
+def interpolation_weight(online_updates, h: Hyper):
+    """w used by the online update number `online_updates` (0-based): max(w0 - n * w0 / (k * unit), w_min)."""
+    return jnp.maximum(h.w0 - online_updates * h.w_step, h.w_min)
+
+
+def soft_bellman_target(rew, done, next_value, logp_next, temp, discount):
+    """r + gamma (1 - d) [next_value - T log pi(a'|s')] (critic: next_value = min_j Qbar_j(s', a');
+    baseline: next_value = log pi(a'|s') + min_j Z_j(s'))."""
+    return rew + discount * (1.0 - done) * (next_value - temp * logp_next)
+
+
+def critic_from_baseline(z_params, act_dim: int):
+    """R_j <- Z_j: copy every layer, the first layer's kernel gets zero rows for the action inputs (so R_j(s, a)
+    == Z_j(s)); parameters have the ensemble axis first."""
+    first = z_params["TorchLinear_0"]
+    kernel = first["kernel"]  # [n, obs_dim, hidden]
+    zeros = jnp.zeros((kernel.shape[0], act_dim, kernel.shape[2]), kernel.dtype)
+    out = jax.tree.map(lambda x: x, dict(z_params))
+    out["TorchLinear_0"] = {"kernel": jnp.concatenate([kernel, zeros], 1), "bias": first["bias"]}
+    return out
+
+
+def clip_grad_norm(grads, max_norm: float):
+    """torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is < 1; returns (grads, norm)."""
+    norm = optax.tree.norm(grads)
+    if max_norm <= 0:
+        return grads, norm
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: g * scale, grads), norm
+
+
+def optimizers(h: Hyper):
+    return {"actor": optax.adam(h.actor_lr), "critic": optax.adam(h.critic_lr), "baseline": optax.adam(h.baseline_lr),
+            "log_temp": optax.adam(h.temp_lr)}
+
+
+# ---------------------------------------------------------------------------------------------- state
+class Trainable(NamedTuple):
+    """Parameters and optimiser state (a TrainState without functions, so states stay plain pytrees)."""
+    params: Any
+    opt_state: Any
+
+
+class ACAState(NamedTuple):
+    actor: Trainable
+    critic: Trainable  # ensemble, leading axis n_critics: Q (SAC+ML) offline, R online
+    baseline: Trainable  # Z ensemble (trained offline, frozen online)
+    log_temp: Trainable
+    critic_target: Any
+    ref_actor: Any  # pi0 (frozen, set at the switch)
+    key: jax.Array  # RNG of the updates
+    updates: jax.Array  # gradient steps done (offline + online)
+    online_updates: jax.Array  # online gradient steps done (drives w)
+    obs_mean: jax.Array
+    obs_std: jax.Array
+
+
+class Buffer(NamedTuple):
+    obs: jax.Array
+    act: jax.Array
+    rew: jax.Array
+    next_obs: jax.Array
+    done: jax.Array  # 1.0 for true terminations only
+
+
+def init_state(h: Hyper, key, obs_mean, obs_std, initial_temperature: float = 1.0) -> ACAState:
+    actor, critic, baseline = networks(h)
+    k_actor, k_critic, k_z, key = jax.random.split(key, 4)
+    o, a = jnp.zeros((1, h.obs_dim)), jnp.zeros((1, h.act_dim))
+    params = {"actor": actor.init(k_actor, o)["params"], "critic": critic.init(k_critic, o, a)["params"],
+              "baseline": baseline.init(k_z, o)["params"],
+              "log_temp": jnp.asarray(math.log(initial_temperature), jnp.float32)}
+    txs = optimizers(h)
+    tr = {k: Trainable(p, txs[k].init(p)) for k, p in params.items()}
+    zero = jnp.zeros((), jnp.int32)
+    return ACAState(tr["actor"], tr["critic"], tr["baseline"], tr["log_temp"], params["critic"], params["actor"], key,
+                    zero, zero, jnp.asarray(obs_mean, jnp.float32), jnp.asarray(obs_std, jnp.float32))
+
+
+@partial(jax.jit, static_argnames=("h", "reset_optimizers"))
+def align(state: ACAState, h: Hyper, reset_optimizers: bool = False) -> ACAState:
+    """The switch: T <- 1, pi0 <- pi (frozen), R_j <- Z_j (action columns zeroed), Rbar <- R."""
+    txs = optimizers(h)
+    r_params = critic_from_baseline(state.baseline.params, h.act_dim)
+    log_temp = jnp.zeros((), jnp.float32)
+    if reset_optimizers:
+        critic = Trainable(r_params, txs["critic"].init(r_params))
+        temp = Trainable(log_temp, txs["log_temp"].init(log_temp))
+        actor = Trainable(state.actor.params, txs["actor"].init(state.actor.params))
+    else:  # official: d3rlpy's load_model restores the SAC+ML optimiser states, the weights are set in place
+        critic = state.critic._replace(params=r_params)
+        temp = state.log_temp._replace(params=log_temp)
+        actor = state.actor
+    return state._replace(actor=actor, critic=critic, log_temp=temp, critic_target=r_params,
+                          ref_actor=state.actor.params, online_updates=jnp.zeros((), jnp.int32))
+
+
+def _step(trainable: Trainable, grads, tx) -> Trainable:
+    updates, opt_state = tx.update(grads, trainable.opt_state, trainable.params)
+    return Trainable(optax.apply_updates(trainable.params, updates), opt_state)
+
+
+def _normalized(state: ACAState, batch: Buffer):
+    return (batch.obs - state.obs_mean) / state.obs_std, (batch.next_obs - state.obs_mean) / state.obs_std
+
+
+def _temperature_step(state: ACAState, logp, h: Hyper):
+    """L_T = -mean(log T (log pi(a~|s) - H)) with a fresh sample's log-prob (no gradient into the actor)."""
+    target = jax.lax.stop_gradient(logp - h.target_entropy)
+    loss_fn = lambda lt: -(lt * target).mean()  # noqa: E731
+    loss, grad = jax.value_and_grad(loss_fn)(state.log_temp.params)
+    return _step(state.log_temp, grad, optimizers(h)["log_temp"]), loss
+
+
+# ---------------------------------------------------------------------------------------------- update
+def offline_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
+    """One SAC+ML step (temperature, critic, baseline Z, actor, target EMA, in this order). `noise` holds the unit
+    normals of the four policy samples ("temp", "next", "z_next", "pi"), each [B, A]. Pure."""
+    actor, critic, baseline = networks(h)
+    txs = optimizers(h)
+    sg = jax.lax.stop_gradient
+    obs, next_obs = _normalized(state, batch)
+    b = obs.shape[0]
+    mean_all, log_std_all = actor.apply({"params": state.actor.params}, jnp.concatenate([obs, next_obs]))
+    mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
+
+    # 1. temperature
+    _, logp_t = sample_action(mean, log_std, noise["temp"], h.squashed)
+    temp_tr, temp_loss = _temperature_step(state, logp_t, h)
+    temp = jnp.exp(temp_tr.params)
+
+    # 2. critic
+    a_next, logp_next = sample_action(next_mean, next_log_std, noise["next"], h.squashed)
+    q_next = critic.apply({"params": state.critic_target}, next_obs, a_next).min(0)
+    y = soft_bellman_target(batch.rew, batch.done, q_next, logp_next, temp, h.discount)
+
+    def critic_loss(p):
+        q = critic.apply({"params": p}, obs, batch.act)  # [E, B]
+        return ((q - y) ** 2).mean(-1).sum(), q  # d3rlpy: sum over members of each member's MSE
+
+    (q_loss, q_data), q_grads = jax.value_and_grad(critic_loss, has_aux=True)(state.critic.params)
+    critic_tr = _step(state.critic, q_grads, txs["critic"])
+
+    # 3. baseline Z: log pi(a|s) + Z(s) satisfies the soft Bellman equation (current Z at s', no target net)
+    a_z, logp_z = sample_action(next_mean, next_log_std, noise["z_next"], h.squashed)
+    z_next = baseline.apply({"params": state.baseline.params}, next_obs).min(0)
+    y_z = soft_bellman_target(batch.rew, batch.done, logp_z + z_next, logp_z, temp, h.discount)
+    logp_data = log_prob(mean, log_std, batch.act, h.squashed)  # data actions under the current pi (detached)
+
+    def baseline_loss(p):
+        z = baseline.apply({"params": p}, obs)  # [E, B]
+        return ((logp_data + z - y_z) ** 2).mean(-1).sum(), z
+
+    (z_loss, z), z_grads = jax.value_and_grad(baseline_loss, has_aux=True)(state.baseline.params)
+    baseline_tr = _step(state.baseline, z_grads, txs["baseline"])
+
+    # 4. actor: SAC loss normalised by mean |Q| (weight ml_alpha) + max-likelihood of the data actions
+    def actor_loss(p):
+        m, ls = actor.apply({"params": p}, obs)
+        a_pi, logp_pi = sample_action(m, ls, noise["pi"], h.squashed)
+        q_pi = critic.apply({"params": critic_tr.params}, obs, a_pi).min(0)
+        lam = h.ml_alpha / sg(jnp.abs(q_pi).mean())
+        ml = -log_prob(m, ls, batch.act, h.squashed).mean()
+        return lam * (temp * logp_pi - q_pi).mean() + ml, (lam, ml, logp_pi)
+
+    (a_loss, (lam, ml, logp_pi)), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(state.actor.params)
+    actor_tr = _step(state.actor, a_grads, txs["actor"])
+
+    # 5. targets
+    critic_target = optax.incremental_update(critic_tr.params, state.critic_target, h.tau)
+    metrics = {"temp_loss": temp_loss, "alpha": temp, "critic_loss": q_loss, "baseline_loss": z_loss,
+               "actor_loss": a_loss, "ml_loss": ml, "lambda": lam, "q": q_data.mean(), "z": z.mean(),
+               "target_q": y.mean(), "log_pi": logp_pi.mean(), "log_pi_data": logp_data.mean()}
+    new = state._replace(actor=actor_tr, critic=critic_tr, baseline=baseline_tr, log_temp=temp_tr,
+                         critic_target=critic_target, updates=state.updates + 1)
+    return new, metrics
+
+
+def online_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
+    """One ACA step (temperature, critic R, actor, target EMA; w from the online update count). `noise` holds the
+    unit normals of the three policy samples ("temp", "next", "pi"), each [B, A]. Pure."""
+    actor, critic, _ = networks(h)
+    txs = optimizers(h)
+    sg = jax.lax.stop_gradient
+    obs, next_obs = _normalized(state, batch)
+    b = obs.shape[0]
+    w = interpolation_weight(state.online_updates, h)
+    both = jnp.concatenate([obs, next_obs])
+    mean_all, log_std_all = actor.apply({"params": state.actor.params}, both)
+    mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
+    ref_mean_all, ref_log_std_all = actor.apply({"params": state.ref_actor}, both)  # pi0, frozen
+    ref_mean, ref_log_std = ref_mean_all[:b], ref_log_std_all[:b]
+    ref_next_mean, ref_next_log_std = ref_mean_all[b:], ref_log_std_all[b:]
+    c = clip_bound(ref_mean, ref_log_std, h.beta, h.squashed)
+    c_next = clip_bound(ref_next_mean, ref_next_log_std, h.beta, h.squashed)
+
+    def bonus(m0, ls0, cc, a):  # w * softclip(log pi0(a|s))
+        return w * soft_clip(log_prob(m0, ls0, a, h.squashed), cc)
+
+    # 1. temperature
+    _, logp_t = sample_action(mean, log_std, noise["temp"], h.squashed)
+    temp_tr, temp_loss = _temperature_step(state, logp_t, h)
+    temp = jnp.exp(temp_tr.params)
+
+    # 2. critic R: aligned Q = R + w softclip(log pi0) on both sides of the TD error
+    a_next, logp_next = sample_action(next_mean, next_log_std, noise["next"], h.squashed)
+    r_next = critic.apply({"params": state.critic_target}, next_obs, a_next).min(0)
+    y = soft_bellman_target(batch.rew, batch.done, r_next + bonus(ref_next_mean, ref_next_log_std, c_next, a_next),
+                            logp_next, temp, h.discount)
+    data_bonus = bonus(ref_mean, ref_log_std, c, batch.act)
+
+    def critic_loss(p):
+        r = critic.apply({"params": p}, obs, batch.act)  # [E, B]
+        return ((r + data_bonus - y) ** 2).mean(-1).sum(), r
+
+    (r_loss, r_data), r_grads = jax.value_and_grad(critic_loss, has_aux=True)(state.critic.params)
+    critic_tr = _step(state.critic, r_grads, txs["critic"])
+
+    # 3. actor against the aligned Q (gradient also through a~ inside log pi0), grad-norm clip
+    def actor_loss(p):
+        m, ls = actor.apply({"params": p}, obs)
+        a_pi, logp_pi = sample_action(m, ls, noise["pi"], h.squashed)
+        r_pi = critic.apply({"params": critic_tr.params}, obs, a_pi).min(0)
+        q_pi = r_pi + bonus(ref_mean, ref_log_std, c, a_pi)
+        return (temp * logp_pi - q_pi).mean(), (logp_pi, r_pi, q_pi)
+
+    (a_loss, (logp_pi, r_pi, q_pi)), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(state.actor.params)
+    a_grads, grad_norm = clip_grad_norm(a_grads, h.actor_grad_clip)
+    actor_tr = _step(state.actor, a_grads, txs["actor"])
+
+    # 4. targets
+    critic_target = optax.incremental_update(critic_tr.params, state.critic_target, h.tau)
+    logp0_data = log_prob(ref_mean, ref_log_std, batch.act, h.squashed)
+    metrics = {"temp_loss": temp_loss, "alpha": temp, "critic_loss": r_loss, "actor_loss": a_loss, "w": w,
+               "r": r_data.mean(), "q_pi": q_pi.mean(), "r_pi": r_pi.mean(), "target_q": y.mean(),
+               "log_pi": logp_pi.mean(), "log_pi0_data": logp0_data.mean(), "clip_bound": c.mean(),
+               "clip_active": (logp0_data < c).mean(), "actor_grad_norm": grad_norm}
+    new = state._replace(actor=actor_tr, critic=critic_tr, log_temp=temp_tr, critic_target=critic_target,
+                         updates=state.updates + 1, online_updates=state.online_updates + 1)
+    return new, sg(metrics)
+
+
+def sampled_update(state: ACAState, buffer: Buffer, size, h: Hyper, online: bool):
+    """Draw a batch from buffer rows [0, size) and the policy noise on device, then one offline/online update."""
+    key, k_idx, k_noise = jax.random.split(state.key, 3)
+    idx = jax.random.randint(k_idx, (h.batch_size,), 0, size)
+    batch = jax.tree.map(lambda x: x[idx], buffer)
+    names = ("temp", "next", "pi") if online else ("temp", "next", "z_next", "pi")
+    eps = jax.random.normal(k_noise, (len(names), h.batch_size, h.act_dim))
+    noise = dict(zip(names, eps))
+    update = online_update if online else offline_update
+    return update(state._replace(key=key), batch, noise, h)
+
+
+@partial(jax.jit, static_argnames=("h", "online"))
+def update_block(state: ACAState, buffer: Buffer, size, h: Hyper, online: bool):
+    """`h.block` updates in one lax.scan, batches sampled inside the scan; metrics of shape [h.block]."""
+    return jax.lax.scan(lambda s, _: sampled_update(s, buffer, size, h, online), state, None, length=h.block)
+
+
+@partial(jax.jit, static_argnames=("h", "online"))
+def update_few(state: ACAState, buffer: Buffer, size, n, h: Hyper, online: bool):
+    """`n` < h.block updates (n traced: one compiled program for every remainder) in a lax.fori_loop;
+    metrics of shape [h.block], rows >= n are zero."""
+    shapes = jax.eval_shape(lambda s: sampled_update(s, buffer, size, h, online)[1], state)
+
+    def body(i, carry):
+        state, metrics = sampled_update(carry[0], buffer, size, h, online)
+        return state, jax.tree.map(lambda all_, m: all_.at[i].set(m), carry[1], metrics)
+    zeros = jax.tree.map(lambda x: jnp.zeros((h.block,) + x.shape, x.dtype), shapes)
+    return jax.lax.fori_loop(0, n, body, (state, zeros))
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def buffer_insert(buffer: Buffer, rows: Buffer, start):
+    """Write `rows` at `start` in place (the buffer is donated: no copy, no re-upload)."""
+    return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r, start, 0), buffer, rows)
+
+
+# ---------------------------------------------------------------------------------------------- acting
+@partial(jax.jit, static_argnames=("h",))
+def act_explore(actor_params, obs_mean, obs_std, obs, key, h: Hyper):
+    """Sample a ~ pi(.|s) (squashed: tanh; not squashed: clipped); returns (action, next key). One call per step."""
+    key, sub = jax.random.split(key)
+    mean, log_std = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
+    action, _ = sample_action(mean, log_std, jax.random.normal(sub, mean.shape), h.squashed)
+    return action, key
+
+
+@partial(jax.jit, static_argnames=("h",))
+def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
+    mean, _ = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
+    return deterministic_action(mean, h.squashed)
+
+
+@partial(jax.jit, static_argnames=("h", "online"))
+def _state_stats(state: ACAState, obs, mask, h: Hyper, online: bool):
+    """Sums over the masked rows of value statistics at states `obs` with the deterministic action."""
+    actor, critic, baseline = networks(h)
+    x = (obs - state.obs_mean) / state.obs_std
+    mean, _ = actor.apply({"params": state.actor.params}, x)
+    a = deterministic_action(mean, h.squashed)
+    ref_mean, ref_log_std = actor.apply({"params": state.ref_actor if online else state.actor.params}, x)
+    c = clip_bound(ref_mean, ref_log_std, h.beta, h.squashed)
+    crit = critic.apply({"params": state.critic.params}, x, a).min(0)
+    z = baseline.apply({"params": state.baseline.params}, x).min(0)
+    out = {"z_mean": z, "clip_low_mean": c}
+    if online:
+        w = interpolation_weight(state.online_updates, h)
+        logp0 = log_prob(ref_mean, ref_log_std, a, h.squashed)
+        out.update(r_mean=crit, q_mean=crit + w * soft_clip(logp0, c), log_pi0_mean=logp0)
+    else:
+        out.update(q_mean=crit)
+    sums = {k: jnp.sum(v * mask) for k, v in out.items()}
+    big = jnp.finfo(jnp.float32).max
+    sums["clip_low_min"] = jnp.min(jnp.where(mask > 0, c, big))
+    sums["clip_low_max"] = jnp.max(jnp.where(mask > 0, c, -big))
+    return sums
+
+
+def state_statistics(state: ACAState, observations: np.ndarray, h: Hyper, online: bool) -> dict:
+    """Means (and the min/max of the soft-clip bound) over evaluation states, in fixed-size jitted chunks."""
+    n = len(observations)
+    totals = {}
+    for start in range(0, n, STATS_CHUNK):
+        part = observations[start:start + STATS_CHUNK]
+        pad = np.zeros((STATS_CHUNK, h.obs_dim), np.float32)
+        pad[:len(part)] = part
+        mask = (np.arange(STATS_CHUNK) < len(part)).astype(np.float32)
+        sums = {k: float(v) for k, v in _state_stats(state, jnp.asarray(pad), jnp.asarray(mask), h, online).items()}
+        for k, v in sums.items():
+            if k == "clip_low_min":
+                totals[k] = min(totals.get(k, v), v)
+            elif k == "clip_low_max":
+                totals[k] = max(totals.get(k, v), v)
+            else:
+                totals[k] = totals.get(k, 0.0) + v
+    return {k: (v if k in ("clip_low_min", "clip_low_max") else v / max(n, 1)) for k, v in totals.items()}
+
+
+def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, goal_task: bool, refs):
+    """Deterministic evaluation: `episodes` episodes, the first reset seeded with `seed` (reproducible).
+    Returns (record, visited observations)."""
+    returns, lengths, successes, visited = [], [], [], []
+    has_success = goal_task
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed if ep == 0 else None)
+        ret, length, success, done = 0.0, 0, False, False
+        while not done:
+            visited.append(np.asarray(obs, np.float32))
+            obs, r, term, trunc, info = env.step(np.asarray(policy(np.asarray(obs, np.float32))))
+            ret, length = ret + float(r), length + 1
+            if "success" in info:
+                has_success = True
+                success = success or bool(info["success"])
+            if goal_task and r > 0:
+                success = True
+            done = term or trunc or (terminate_on_success and bool(info.get("success", False)))
+        returns.append(ret)
+        lengths.append(length)
+        successes.append(success)
+    out = {"return": float(np.mean(returns)), "return_std": float(np.std(returns)),
+           "length": float(np.mean(lengths)), "episodes": episodes}
+    if refs is not None:
+        scores = data.normalized_score("", returns, refs)
+        out["normalized_score"] = float(np.mean(scores))
+        out["normalized_score_std"] = float(np.std(scores))
+    if has_success:
+        out["success_rate"] = float(np.mean(successes))
+    return out, np.stack(visited)
+
+
+# ---------------------------------------------------------------------------------------------- env RNG
+def _env_generators(env) -> dict:
+    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
+    import gymnasium as gym
+    found, seen = {}, set()
+
+    def walk(obj, path, depth):
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        gen = getattr(obj, "_np_random", None)
+        if isinstance(gen, np.random.Generator):
+            found[path] = gen
+        for k, v in vars(obj).items():
+            if isinstance(v, gym.Env):
+                walk(v, f"{path}.{k}", depth + 1)
+    walk(env.unwrapped, "unwrapped", 0)
+    return found
+
+
+def env_rng_snapshot(env) -> dict:
+    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
+    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
+
+
+def env_rng_restore(env, snapshot: dict, seed: int):
+    env.reset(seed=seed)  # initialises the wrappers and creates the generators
+    gens = _env_generators(env)
+    if set(gens) != set(snapshot):
+        raise RuntimeError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
+    for k, state in snapshot.items():
+        gens[k].bit_generator.state = state
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_tree(path: Path, tree):
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
+
+
+def load_tree(path: Path, template):
+    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    with np.load(path) as z:
+        names = sorted(z.files)
+        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
+        if names != sorted(expected):
+            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
+            raise ValueError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected}")
+        leaves = []
+        for name, (k, ref) in zip(expected, flat):
+            arr = z[name]
+            if arr.shape != np.shape(ref):
+                raise ValueError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
+                                 f"needs {np.shape(ref)} (different network sizes, policy type or dataset?)")
+            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def save_checkpoint(path: Path, state, meta: dict, cfg):
+    """Atomically write state + host meta + resolved config into directory `path`."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tree(tmp / "state.npz", state)
+    with open(tmp / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    with open(tmp / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path: Path) -> Optional[Path]:
+    for p in (path, path.with_name(path.name + ".old")):  # .old survives a kill between the two renames
+        if (p / "meta.pkl").exists() and (p / "state.npz").exists():
+            return p
+    return None
+
+
+def load_checkpoint(path: Path, template):
+    with open(path / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    return load_tree(path / "state.npz", template), meta
+
+
+def load_offline_checkpoint(path: Path, template):
+    """An offline (pre-switch) checkpoint written by this script; a clear error for anything else."""
+    src = find_checkpoint(path)
+    if src is None:
+        raise FileNotFoundError(f"--offline_checkpoint {path}: no checkpoint there (expected a directory with "
+                                "state.npz and meta.pkl written by algorithms/aca.py, e.g. "
+                                "<run_dir>/checkpoints/offline)")
+    with open(src / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    if meta.get("algo") != "aca":
+        other = f" (it looks like a checkpoint of {Path(src).parents[2].name})" if len(Path(src).parents) > 2 else ""
+        raise ValueError(f"--offline_checkpoint {src} was not written by algorithms/aca.py{other}: ACA starts "
+                         "fine-tuning from its own SAC+ML pre-training, whose baseline Z(s) initialises the online "
+                         "critic. Pre-train with aca.py (or drop --offline_checkpoint).")
+    if meta.get("phase") not in ("offline", "align"):
+        raise ValueError(f"--offline_checkpoint {src} is an online-phase checkpoint (phase {meta.get('phase')!r}, "
+                         "already aligned); pass <run_dir>/checkpoints/offline, or continue that run with --resume")
+    return load_checkpoint(src, template)
+
+
+def save_buffer_rows(buffer_dir: Path, buffer: Buffer, offset: int, start: int, end: int):
+    """Append online rows [start, end) (online numbering; device rows offset+start...) as one file."""
+    if end <= start:
+        return
+    buffer_dir.mkdir(parents=True, exist_ok=True)
+    rows = {k: np.asarray(v[offset + start: offset + end]) for k, v in buffer._asdict().items()}
+    tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
+    np.savez(tmp, **rows)
+    os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
+
+
+def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
+    """Online rows [0, size) from the row files; files beyond `size` (written after the checkpoint) are removed."""
+    if size == 0:
+        if buffer_dir.exists():
+            shutil.rmtree(buffer_dir)
+        return None
+    parts, pos = [], 0
+    for f in sorted(buffer_dir.glob("rows_*.npz")):
+        start, end = (int(x) for x in f.stem.split("_")[1:3])
+        if start >= size:
+            f.unlink()
+            continue
+        if start != pos or end > size:
+            raise RuntimeError(f"online buffer files in {buffer_dir} are inconsistent at {f.name} (expected start "
+                               f"{pos}, checkpoint size {size})")
+        with np.load(f) as z:
+            parts.append({k: z[k] for k in z.files})
+        pos = end
+    if pos != size:
+        raise RuntimeError(f"online buffer files in {buffer_dir} hold {pos} rows, the checkpoint needs {size}")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ---------------------------------------------------------------------------------------------- logging
+class Logger:
+    """wandb + eval.jsonl + console. Metrics are namespaced offline/..., online/..., eval/...."""
+
+    def __init__(self, cfg, run_dir: Path, wandb_id: str, eval_lines: int):
+        self.eval_path = run_dir / "eval.jsonl"
+        if self.eval_path.exists():  # drop evaluations logged after the checkpoint we resume from
+            lines = self.eval_path.read_text().splitlines()[:eval_lines]
+            self.eval_path.write_text("".join(line + "\n" for line in lines))
+        self.eval_lines = eval_lines
+        mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
+        self.wandb = None
+        if mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(project=cfg.project, group=cfg.group, name=cfg.name, id=wandb_id,
+                                    resume="allow", mode=mode, dir=str(run_dir), config=asdict(cfg))
+
+    def log(self, metrics: dict):
+        if self.wandb is not None:
+            self.wandb.log(metrics)
+
+    def log_eval(self, record: dict):
+        with open(self.eval_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.eval_lines += 1
+        self.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        score = record.get("normalized_score", record["return"])
+        extra = f", success {record['success_rate']:.2f}" if "success_rate" in record else ""
+        extra += f", w {record['w']:.3f}" if "w" in record else ""
+        print(f"[eval] {record['phase']} updates={record['updates']} env_steps={record['env_steps']}: "
+              f"{'normalized score' if 'normalized_score' in record else 'return'} {score:.2f}{extra}, "
+              f"alpha {record['alpha']:.3g}", flush=True)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def block_metrics(metrics: dict, n: int, phase: str, updates_before: int) -> dict:
+    """Mean of the first n per-update metrics; a NaN/inf stops the run naming the loss and update."""
+    host = {k: np.asarray(v)[:n] for k, v in metrics.items()}
+    bad = np.zeros(n, bool)
+    for v in host.values():
+        bad |= ~np.isfinite(v)
+    if bad.any():
+        i = int(bad.argmax())
+        names = ", ".join(f"{phase}/{k} = {v[i]}" for k, v in host.items() if not np.isfinite(v[i]))
+        raise FloatingPointError(f"non-finite {names} at update {updates_before + i + 1}; stopping (the last "
+                                 "checkpoint is intact)")
+    return {f"{phase}/{k}": float(v.mean()) for k, v in host.items()}
+
+
+# ---------------------------------------------------------------------------------------------- training
+def episode_returns(rewards: np.ndarray, episode_ends: np.ndarray):
+    """(start, end) row ranges of the episodes and their undiscounted returns."""
+    ends = np.flatnonzero(episode_ends) + 1
+    if len(ends) == 0 or ends[-1] != len(rewards):
+        ends = np.append(ends, len(rewards))
+    starts = np.concatenate([[0], ends[:-1]])
+    returns = np.add.reduceat(rewards.astype(np.float64), starts)
+    return starts, ends, returns
+
+
+def top_episode_rows(rewards: np.ndarray, episode_ends: np.ndarray, n: int) -> np.ndarray:
+    """Row indices of the n highest-return episodes (official `buffer_init`: argsort of the returns, last n)."""
+    if n == 0:
+        return np.zeros(0, np.int64)
+    starts, ends, returns = episode_returns(rewards, episode_ends)
+    if n > len(returns):
+        raise ValueError(f"n_trajs={n} but the dataset has only {len(returns)} episodes")
+    top = np.argsort(returns, kind="stable")[-n:]
+    return np.concatenate([np.arange(starts[i], ends[i]) for i in top])
+
+
+def default_run_dir(cfg) -> Path:
+    return Path("runs") / "aca" / cfg.dataset_id.replace("/", "_") / f"seed{cfg.seed}"
+
+
+def _check_resume_config(saved: Path, cfg: TrainConfig):
+    with open(saved) as f:
+        old = pyrallis.load(TrainConfig, f)
+    free = {"resume", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}
+    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in free
+            and getattr(old, k) != getattr(cfg, k)}
+    if diff:
+        raise ValueError(f"--resume with a config that differs from the checkpoint's ({saved}): "
+                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """SAC+ML pre-training, the switch, then ACA fine-tuning; returns the last evaluation record and paths."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
+    cfg.name = cfg.name or f"aca-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}"
+    goal_task = "antmaze" in cfg.dataset_id
+
+    # data and envs
+    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+    env, eval_env = data.make_env(cfg.dataset_id), data.make_env(cfg.dataset_id)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {env.observation_space.shape}/"
+                                f"{env.action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    try:
+        refs = data.reference_scores(cfg.dataset_id)
+    except data.DatasetError as e:
+        print(f"warning: {e}; logging raw returns only")
+        refs = None
+    h = make_hyper(cfg, obs_dim, act_dim)
+    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+    n_off = len(ds)
+    offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (
+        ds.observations, ds.actions, ds.rewards * cfg.reward_scale + cfg.reward_bias, ds.next_observations,
+        ds.terminals)))
+
+    # online buffer: [seeded top-n_trajs offline episodes | online transitions | slack for a full chunk]
+    seed_rows = top_episode_rows(ds.rewards, ds.episode_ends, cfg.n_trajs)
+    n_seed = len(seed_rows)
+    capacity = n_seed + cfg.online_steps + cfg.online_block
+
+    def column(x, shape):
+        out = np.zeros((capacity,) + shape, np.float32)
+        out[:n_seed] = x[seed_rows]
+        return jnp.asarray(out)
+    online = Buffer(column(ds.observations, (obs_dim,)), column(ds.actions, (act_dim,)),
+                    column(ds.rewards * cfg.reward_scale + cfg.online_reward_bias, ()),
+                    column(ds.next_observations, (obs_dim,)), column(ds.terminals.astype(np.float32), ()))
+
+    state = init_state(h, jax.random.PRNGKey(cfg.seed), obs_mean, obs_std, cfg.initial_temperature)
+    meta = {"algo": "aca", "phase": "offline", "updates": 0, "env_steps": 0, "online_size": 0, "saved_rows": 0,
+            "next_eval": cfg.online_eval_every, "act_key": np.asarray(jax.random.PRNGKey(cfg.seed + 1)),
+            "env_rng": None, "eval_lines": 0, "episodes": 0, "wandb_id": None, "last_eval": None, "wall_time": 0.0}
+    latest = find_checkpoint(ckpt_dir / "latest")
+    if cfg.resume and latest is not None:
+        _check_resume_config(latest / "config.yaml", cfg)
+        state, meta = load_checkpoint(latest, state)
+        rows = load_buffer_rows(ckpt_dir / "buffer", meta["online_size"])
+        if rows is not None:
+            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in rows.items()}), n_seed)
+        print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} updates, "
+              f"{meta['env_steps']} online env steps")
+    else:
+        if cfg.resume:
+            print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        (run_dir / "eval.jsonl").unlink(missing_ok=True)
+        if cfg.offline_checkpoint:
+            state, src_meta = load_offline_checkpoint(Path(cfg.offline_checkpoint), state)
+            meta.update(updates=src_meta["updates"], act_key=src_meta["act_key"], phase="load_offline")
+            print(f"loaded SAC+ML state from {cfg.offline_checkpoint} ({src_meta['updates']} updates)")
+    with open(run_dir / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if meta["wandb_id"] is None:
+        meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
+    logger = Logger(cfg, run_dir, meta["wandb_id"], meta["eval_lines"])
+    act_key = jnp.asarray(meta["act_key"])
+    wall_before = meta["wall_time"]
+    policy = lambda o: act_deterministic(state.actor.params, state.obs_mean, state.obs_std, o, h)  # noqa: E731
+
+    def run_eval(phase):
+        record = {"seed": cfg.seed, "phase": phase, "updates": int(meta["updates"]),
+                  "env_steps": int(meta["env_steps"])}
+        result, visited = evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                                   goal_task, refs)
+        record.update(result)
+        record["alpha"] = float(jnp.exp(state.log_temp.params))
+        if phase == "online":
+            record["w"] = float(interpolation_weight(state.online_updates, h))
+        record.update(state_statistics(state, visited, h, online=phase == "online"))
+        record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+        logger.log_eval(record)
+        meta["eval_lines"], meta["last_eval"] = logger.eval_lines, record
+
+    def checkpoint(name="latest"):
+        meta["act_key"] = np.asarray(act_key)
+        save_buffer_rows(ckpt_dir / "buffer", online, n_seed, meta["saved_rows"], meta["online_size"])
+        meta["saved_rows"] = meta["online_size"]
+        meta["wall_time"] = wall_before + time.time() - t_start
+        save_checkpoint(ckpt_dir / name, state, meta, cfg)
+
+    def updates(n, buffer, size, phase):
+        """n updates on buffer rows [0, size): scans of update_block, then one call for the remainder."""
+        nonlocal state
+        done, sums = 0, {}
+        while done < n:
+            m = min(cfg.update_block, n - done)
+            if m == cfg.update_block:
+                state, metrics = update_block(state, buffer, size, h, phase == "online")
+            else:
+                state, metrics = update_few(state, buffer, size, m, h, phase == "online")
+            logged = block_metrics(metrics, m, phase, meta["updates"])
+            sums = {k: sums.get(k, 0.0) + v * m for k, v in logged.items()}
+            meta["updates"] += m
+            done += m
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def switch():
+        """End of pre-training: save the SAC+ML state as the offline checkpoint, then align (T, pi0, R <- Z)."""
+        nonlocal state
+        meta["phase"] = "align"
+        checkpoint("offline")
+        state = align(state, h, cfg.online_reset_optimizers)
+        meta["phase"] = "online"
+        checkpoint()
+
+    # ---- offline pre-training (SAC+ML + baseline Z)
+    if meta["phase"] == "offline":
+        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"], desc="ACA offline (SAC+ML)", mininterval=5)
+        while meta["updates"] < cfg.offline_updates:
+            logged = updates(cfg.update_block, offline, n_off, "offline")
+            bar.update(cfg.update_block)
+            logger.log({**logged, "offline/updates": meta["updates"]})
+            if meta["updates"] % cfg.offline_eval_every == 0 or meta["updates"] == cfg.offline_updates:
+                run_eval("offline")
+                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]))
+                if meta["updates"] < cfg.offline_updates:
+                    checkpoint()
+        bar.close()
+        if meta["last_eval"] is None:  # offline_updates == 0: still report the starting policy
+            run_eval("offline")
+        switch()
+    elif meta["phase"] == "load_offline":
+        run_eval("offline")  # the score before fine-tuning
+        switch()
+
+    # ---- online fine-tuning (ACA)
+    if meta["phase"] == "online":
+        if meta["env_rng"] is not None:
+            env_rng_restore(env, meta["env_rng"], cfg.seed)
+        first_reset = meta["env_rng"] is None
+        chunk = {k: np.zeros((cfg.online_block,) + s, np.float32) for k, s in
+                 (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
+        obs, ep_ret, ep_len, recent = None, 0.0, 0, []
+        bar = tqdm(total=cfg.online_steps, initial=meta["env_steps"], desc="ACA online", mininterval=5)
+        while meta["env_steps"] < cfg.online_steps:
+            n = 0
+            while n < cfg.online_block and meta["env_steps"] < cfg.online_steps:
+                if obs is None:
+                    obs, _ = env.reset(seed=cfg.seed if first_reset else None)
+                    first_reset, ep_ret, ep_len = False, 0.0, 0
+                action, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std,
+                                              np.asarray(obs, np.float32), act_key, h)
+                action = np.asarray(action)
+                next_obs, r, term, trunc, info = env.step(action)
+                term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                for k, v in (("obs", obs), ("act", action), ("next_obs", next_obs), ("done", float(term)),
+                             ("rew", r * cfg.reward_scale + cfg.online_reward_bias)):
+                    chunk[k][n] = v
+                n, meta["env_steps"] = n + 1, meta["env_steps"] + 1
+                ep_ret, ep_len = ep_ret + float(r), ep_len + 1
+                obs = next_obs
+                if term or trunc:
+                    meta["episodes"] += 1
+                    recent = (recent + [ep_ret])[-10:]
+                    logger.log({"online/episode_return": ep_ret, "online/episode_length": ep_len,
+                                "online/env_steps": meta["env_steps"]})
+                    obs = None
+                    break
+            start = n_seed + meta["online_size"]
+            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}), start)
+            meta["online_size"] += n
+            # one update per env step whose transition made the buffer larger than batch_size (official rule)
+            due = n - min(n, max(0, cfg.batch_size - start))
+            logged = updates(due, online, start + n, "online")
+            logger.log({**logged, "online/env_steps": meta["env_steps"], "online/updates": meta["updates"]})
+            bar.update(n)
+            if obs is None and meta["env_steps"] >= meta["next_eval"] and meta["env_steps"] < cfg.online_steps:
+                while meta["next_eval"] <= meta["env_steps"]:
+                    meta["next_eval"] += cfg.online_eval_every
+                run_eval("online")
+                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]),
+                                train_return=np.mean(recent) if recent else 0.0)
+                meta["env_rng"] = env_rng_snapshot(env)
+                checkpoint()
+        bar.close()
+        run_eval("online")
+        meta["phase"] = "done"
+        checkpoint()
+    elif meta["phase"] == "done":
+        print(f"run in {run_dir} already finished")
+    logger.close()
+    env.close()
+    eval_env.close()
+    summary = summarize(run_dir / "eval.jsonl")
+    return {"last_eval": meta["last_eval"], "run_dir": str(run_dir), "updates": meta["updates"],
+            "env_steps": meta["env_steps"], "seeded_transitions": n_seed, **summary}
+
+
+def summarize(eval_path: Path) -> dict:
+    """Score at the end of pre-training vs at the end of fine-tuning (normalised score, else return)."""
+    records = [json.loads(line) for line in eval_path.read_text().splitlines()] if eval_path.exists() else []
+    key = "normalized_score" if records and "normalized_score" in records[0] else "return"
+    offline = [r[key] for r in records if r["phase"] == "offline"]
+    online = [r[key] for r in records if r["phase"] == "online"]
+    out = {"before_finetuning": offline[-1] if offline else None, "after_finetuning": online[-1] if online else None}
+    if offline and online:
+        print(f"{key.replace('_', ' ')}: {out['before_finetuning']:.2f} after pre-training -> "
+              f"{out['after_finetuning']:.2f} after fine-tuning (eval log: {eval_path})")
+    return out
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` means `--resume true`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "true")
+    return pyrallis.parse(config_class=TrainConfig, args=argv)
+
+
+if __name__ == "__main__":
+    train(parse_config())

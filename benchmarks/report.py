@@ -1,0 +1,238 @@
+"""Report of a benchmark sweep: Markdown table, learning curves and the README `results` section, from its CSV.
+
+    python benchmarks/report.py reduced              # benchmarks/results/sweep_reduced.csv -> .md, _curves.png, README
+    python benchmarks/report.py reduced --no_readme  # only the files in benchmarks/results/
+    python benchmarks/report.py smoke --include_unfinished --no_readme
+
+The CSV comes from `python benchmarks/sweep.py <protocol>` (or `--collect`). Per algorithm x dataset, over the
+seeds whose runs finished (mean ± sample std, ddof 1), in normalised score:
+  offline end   the last evaluation before the online phase;
+  online last   the last online evaluation;
+  online best   each seed's best online evaluation (optimistic: chosen on the evaluations themselves);
+  early dip     each seed's lowest online evaluation in the first 10% of its online steps, i.e. up to and
+                including its first evaluation at or after 10% of its last online step (evaluations fall at
+                episode ends, so a fixed cut could hold none);
+  online steps  the last online evaluation's env step; wall time: the run's wall time at its last evaluation.
+Curves: score vs online env steps, starting at the offline-end score at step 0; each seed is interpolated
+linearly onto the union of the seeds' evaluation steps (up to the shortest seed's last one); mean ± std band.
+Every number is computed from the CSV: never edit the generated table by hand.
+"""
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from readme_tables import README, replace_section  # noqa: E402
+from sweep import RESULTS, ROOT, SweepError, csv_path, load_protocol  # noqa: E402
+
+SECTION = "results"
+DIP_FRACTION = 0.1
+NOT_BUDGET = {"wandb_mode"}  # overrides not worth stating in the README text
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+def _num(v) -> float:
+    return float(v) if v not in (None, "") else math.nan
+
+
+def read_rows(path: Path) -> list:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["seed"], r["finished"] = int(r["seed"]), int(r["finished"])
+        for k in ("online_step", "normalized_score", "wall_time"):
+            r[k] = _num(r.get(k))
+    return rows
+
+
+def seed_summary(rows: list) -> dict:
+    """One seed's numbers from its CSV rows (in eval.jsonl order)."""
+    offline = [r["normalized_score"] for r in rows if r["phase"] != "online"]
+    online = sorted(((r["online_step"], r["normalized_score"]) for r in rows if r["phase"] == "online"),
+                    key=lambda t: t[0])
+    out = {"offline": offline[-1] if offline else math.nan, "last": math.nan, "best": math.nan,
+           "dip": math.nan, "steps": math.nan,
+           "wall": max((r["wall_time"] for r in rows if not math.isnan(r["wall_time"])), default=math.nan)}
+    if online:
+        steps, scores = np.array([s for s, _ in online]), np.array([v for _, v in online])
+        first_after = int(np.argmax(steps >= DIP_FRACTION * steps[-1]))  # exists: the last step qualifies
+        out.update(last=scores[-1], best=np.nanmax(scores), dip=np.nanmin(scores[:first_after + 1]), steps=steps[-1])
+        x0 = [] if math.isnan(out["offline"]) else [0.0]
+        out["curve"] = (np.array(x0 + list(steps), float), np.array(([out["offline"]] if x0 else []) + list(scores)))
+    return out
+
+
+def summarize(rows: list, include_unfinished: bool = False) -> dict:
+    """{(algorithm, dataset): {seed: seed_summary}} over finished runs (or all)."""
+    groups = {}
+    for r in rows:
+        if r["finished"] or include_unfinished:
+            groups.setdefault((r["algorithm"], r["dataset"]), {}).setdefault(r["seed"], []).append(r)
+    return {key: {s: seed_summary(rs) for s, rs in sorted(seeds.items())} for key, seeds in groups.items()}
+
+
+def mean_std(values) -> tuple:
+    v = np.array([x for x in values if not math.isnan(x)], float)
+    if len(v) == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan, len(v)
+
+
+def mean_curve(curves: list):
+    """Seeds' (x, y) curves interpolated onto the union of their x up to the shortest one's end: x, mean, std."""
+    end = min(x[-1] for x, _ in curves)
+    grid = np.unique(np.concatenate([x[x <= end] for x, _ in curves]))
+    ys = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, ys.mean(0), ys.std(0, ddof=1) if len(curves) > 1 else np.zeros_like(grid)
+
+
+# ---------------------------------------------------------------------------------------------- output
+def fmt(m, s, digits=1) -> str:
+    if math.isnan(m):
+        return "–"
+    return f"{m:.{digits}f}" + ("" if math.isnan(s) else f" ± {s:.{digits}f}")
+
+
+def _short(v) -> str:
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1000 and v % 1000 == 0:
+        return f"{v // 1000}k"
+    return str(v).replace(" ", "")
+
+
+def ordered(keys, preferred):
+    return [k for k in preferred if k in keys] + sorted(k for k in keys if k not in preferred)
+
+
+def table(summary: dict, algos: list, datasets: list) -> str:
+    lines = ["| algorithm | dataset | seeds | offline end | online last | online best | early dip (first 10%) "
+             "| online steps | wall time (min) |", "|---|---|---|---|---|---|---|---|---|"]
+    for d in datasets:
+        for a in algos:
+            seeds = summary.get((a, d))
+            if not seeds:
+                continue
+            col = {k: mean_std([s[k] for s in seeds.values()]) for k in ("offline", "last", "best", "dip", "steps",
+                                                                        "wall")}
+            steps = "–" if math.isnan(col["steps"][0]) else f"{col['steps'][0]:,.0f}"
+            wall = col["wall"]
+            lines.append(f"| {a} | `{d}` | {len(seeds)} | {fmt(*col['offline'][:2])} | {fmt(*col['last'][:2])} | "
+                         f"{fmt(*col['best'][:2])} | {fmt(*col['dip'][:2])} | {steps} | "
+                         f"{fmt(wall[0] / 60, wall[1] / 60, 0)} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, algos: list, datasets: list, png: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [d for d in datasets if any((a, d) in summary for a in algos)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 3.4), squeeze=False)
+    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(algos)}
+    for ax, d in zip(axes[0], panels):
+        for a in algos:
+            curves = [s["curve"] for s in summary.get((a, d), {}).values() if "curve" in s]
+            if not curves:
+                continue
+            x, m, sd = mean_curve(curves)
+            ax.plot(x / 1e3, m, color=colors[a], label=f"{a} ({len(curves)})")
+            ax.fill_between(x / 1e3, m - sd, m + sd, color=colors[a], alpha=0.2, linewidth=0)
+        ax.set(title=d, xlabel="online env steps (k)", ylabel="normalised score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="algorithm (seeds)", title_fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def markdown(protocol: dict, summary: dict, rows: list, algos: list, datasets: list, csv_file: Path,
+             png: Path, include_unfinished: bool) -> str:
+    rel = lambda p: str(p.resolve().relative_to(ROOT)) if p.resolve().is_relative_to(ROOT) else str(p)  # noqa
+    planned = len(protocol["seeds"]) * len(protocol["datasets"]) * len(protocol["algorithms"])
+    runs = {(r["algorithm"], r["dataset"], r["seed"]) for r in rows}
+    finished = {(r["algorithm"], r["dataset"], r["seed"]) for r in rows if r["finished"]}
+    missing = [a for a in protocol["algorithms"] if not any(k[0] == a for k in summary)]
+    budgets = "; ".join(f"`{a}` " + (", ".join(f"{k} {_short(v)}" for k, v in o.items() if k not in NOT_BUDGET)
+                                     or "config defaults") for a, o in protocol["algorithms"].items())
+    sources = {r["wall_time_source"] for r in rows if r.get("wall_time_source")}
+    out = [f"Protocol `{protocol['name']}` (`{protocol['path']}`): seeds {', '.join(map(str, protocol['seeds']))}; "
+           f"datasets {', '.join(f'`{d}`' for d in protocol['datasets'])}; {len(finished)} of {planned} planned "
+           f"runs finished" + (f" ({len(runs - finished)} unfinished runs included)" if include_unfinished
+                               and runs - finished else "") + ".",
+           f"Budgets (overrides of `configs/<algo>/<dataset>.yaml`): {budgets}.", "",
+           table(summary, algos, datasets), "",
+           "D4RL-normalised scores (0 = random, 100 = expert reference of the dataset), deterministic evaluation; "
+           "mean ± sample std over seeds. *offline end*: last evaluation before fine-tuning; *online last*: the "
+           "final evaluation (the headline number); *online best*: each seed's best online evaluation "
+           "(optimistic); *early dip*: each seed's lowest evaluation in the first 10% of its online steps. "
+           "Budgets differ between algorithms (see above), so compare at equal *online steps* on the curves."]
+    if sources == {"runner"}:
+        out[-1] += " Wall time is measured by the sweep runner (eval records carry no time), on a shared 2-core CPU."
+    elif sources:
+        out[-1] += " Wall time on a shared 2-core CPU."
+    shared = [f"`{a}` ({o['num_seeds']} seeds)" for a, o in protocol["algorithms"].items()
+              if isinstance(o.get("num_seeds"), int) and o["num_seeds"] > 1]
+    if shared:
+        out[-1] += (" Seeds trained together in one process (num_seeds) share that process's wall time: "
+                    + ", ".join(shared) + ".")
+    if missing:
+        out.append(f"\nNo results yet: {', '.join(missing)}.")
+    out += ["", f"![learning curves]({rel(png)})", "",
+            f"Generated by `python benchmarks/report.py {protocol['name']}` from `{rel(csv_file)}` "
+            f"(`python benchmarks/sweep.py {protocol['name']} --collect`); not edited by hand."]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("protocol", help="protocol name in benchmarks/protocols/ (e.g. reduced) or a YAML path")
+    p.add_argument("--csv", default=None, help="results CSV (default: <results_dir>/sweep_<protocol>.csv)")
+    p.add_argument("--results_dir", default=str(RESULTS), help="where the CSV is and the .md / .png go")
+    p.add_argument("--readme", default=str(README), help="README whose `results` section is replaced")
+    p.add_argument("--no_readme", action="store_true", help="do not touch the README")
+    p.add_argument("--include_unfinished", action="store_true", help="also use runs without done.json")
+    args = p.parse_args(argv)
+    try:
+        protocol = load_protocol(args.protocol)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results_dir = Path(args.results_dir)
+    csv_file = Path(args.csv) if args.csv else csv_path(protocol, results_dir)
+    if not csv_file.exists():
+        print(f"error: {csv_file} does not exist; run `python benchmarks/sweep.py {protocol['name']}` "
+              "(or with --collect)", file=sys.stderr)
+        return 2
+    rows = read_rows(csv_file)
+    summary = summarize(rows, args.include_unfinished)
+    if not summary:
+        print(f"error: {csv_file} has no {'' if args.include_unfinished else 'finished '}runs "
+              "(--include_unfinished uses runs still going)", file=sys.stderr)
+        return 2
+    algos = ordered({a for a, _ in summary}, list(protocol["algorithms"]))
+    datasets = ordered({d for _, d in summary}, list(protocol["datasets"]))
+    png = results_dir / f"sweep_{protocol['name']}_curves.png"
+    plot(summary, algos, datasets, png)
+    md = markdown(protocol, summary, rows, algos, datasets, csv_file, png, args.include_unfinished)
+    md_file = results_dir / f"sweep_{protocol['name']}.md"
+    md_file.write_text(md + "\n")
+    print(md)
+    print(f"\nwrote {md_file} and {png}")
+    if not args.no_readme:
+        try:
+            replace_section(SECTION, md, Path(args.readme))
+        except ValueError as e:
+            print(f"error: {e}; add the two marker lines where the results go, then re-run", file=sys.stderr)
+            return 2
+        print(f"replaced the `{SECTION}` section of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

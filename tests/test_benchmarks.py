@@ -1,0 +1,312 @@
+"""Benchmark sweep and report: the report's numbers on a hand-made CSV, the runner's skip/resume logic with a fake
+algorithm script, --collect idempotence, clear input errors, and one tiny real IQL run through the smoke protocol."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import report
+import sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASET = "o2o/hopper/medium-v0"
+
+# A stand-in for algorithms/<algo>.py: same CLI shape, eval.jsonl (run_dir/seed<S>/eval.jsonl with --num_seeds > 1)
+# + checkpoints, --resume continues from the checkpointed eval count; a file `crash_after` in the run dir makes
+# one attempt exit 3 after that many evals. Its records carry no wall_time (the runner times them).
+FAKE_SCRIPT = '''
+import argparse, json, sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    dataset_id: str = ""
+    seed: int = 0
+    run_dir: str = ""
+    resume: bool = False
+    offline_updates: int = 2  # offline evaluations
+    online_steps: int = 3  # online evaluations, 100 env steps apart
+    num_seeds: int = 1  # seeds seed..seed+num_seeds-1 in one process
+
+
+p = argparse.ArgumentParser()
+for name in ("--config_path", "--run_dir"):
+    p.add_argument(name)
+for name in ("--seed", "--offline_updates", "--online_steps", "--num_seeds"):
+    p.add_argument(name, type=int, default=TrainConfig.__dict__.get(name[2:], 0))
+p.add_argument("--resume", action="store_true")
+a = p.parse_args()
+rd, start = Path(a.run_dir), 0
+rd.mkdir(parents=True, exist_ok=True)
+with open(rd / "calls.log", "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+seeds = [a.seed + i for i in range(a.num_seeds)]
+evs = {s: rd / "eval.jsonl" if a.num_seeds == 1 else rd / f"seed{s}" / "eval.jsonl" for s in seeds}
+ck = rd / "checkpoints" / "n"
+if a.resume and ck.exists():
+    start = int(ck.read_text())
+for ev in evs.values():
+    ev.parent.mkdir(exist_ok=True)
+    lines = ev.read_text().splitlines()[:start] if ev.exists() else []
+    ev.write_text("".join(line + "\\n" for line in lines))
+crash = int((rd / "crash_after").read_text()) if (rd / "crash_after").exists() else -1
+(rd / "crash_after").unlink(missing_ok=True)
+plan = [("offline", u, 0) for u in range(1, a.offline_updates + 1)] + \\
+       [("online", a.offline_updates, 100 * s) for s in range(1, a.online_steps + 1)]
+for i in range(start, len(plan)):
+    phase, updates, env_steps = plan[i]
+    for seed, ev in evs.items():
+        with open(ev, "a") as f:
+            f.write(json.dumps({"phase": phase, "updates": updates, "env_steps": env_steps,
+                                "normalized_score": 10.0 * i + seed, "return": 100.0 * i}) + "\\n")
+    ck.parent.mkdir(exist_ok=True)
+    ck.write_text(str(i + 1))
+    if i + 1 - start == crash:
+        sys.exit(3)
+'''
+
+
+@pytest.fixture
+def fake_root(tmp_path):
+    """A project root with one fake algorithm `fake` and its config for DATASET; a protocol for it."""
+    root = tmp_path / "root"
+    (root / "algorithms").mkdir(parents=True)
+    (root / "algorithms" / "fake.py").write_text(FAKE_SCRIPT)
+    cfg = root / "configs" / "fake" / f"{DATASET}.yaml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(f"dataset_id: {DATASET}\n")
+    proto = {"name": "fake", "output_root": "out", "seeds": [0, 1], "datasets": [DATASET],
+             "algorithms": {"fake": {"online_steps": 3}}}
+    path = tmp_path / "fake.yaml"
+    path.write_text(yaml.safe_dump(proto))
+    return root, path
+
+
+def write_protocol(path, **changes):
+    proto = yaml.safe_load(path.read_text())
+    proto.update(changes)
+    path.write_text(yaml.safe_dump(proto))
+    return path
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ---- report
+def fake_csv(path):
+    """Algorithm A: 3 finished seeds (+1 unfinished, ignored); B: 1 seed. Online evals at 600/1100/3000/5000/10000."""
+    online = {0: [30, 20, 5, 85, 80], 1: [35, 25, 0, 100, 90], 2: [40, 30, -5, 90, 70], 3: [0, 0, 0, 0, 0]}
+    rows = []
+    for seed, scores in online.items():
+        rows.append(dict(algorithm="A", seed=seed, phase="offline", step=1000, normalized_score=10))
+        rows.append(dict(algorithm="A", seed=seed, phase="offline", step=2000, normalized_score=50 + 10 * seed))
+        for i, (step, score) in enumerate(zip([600, 1100, 3000, 5000, 10000], scores)):
+            rows.append(dict(algorithm="A", seed=seed, phase="online", step=step, online_step=step,
+                             normalized_score=score, wall_time=60 * (10 + seed) * (i + 1) / 5))
+    for i, (step, score) in enumerate([(0, 40), (2000, 10), (4000, 60)]):
+        rows.append(dict(algorithm="B", seed=0, phase="offline" if i == 0 else "online", step=step,
+                         online_step=step if i else "", normalized_score=score, wall_time=100.0 * i))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, sweep.CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({"dataset": DATASET, "finished": int(r["seed"] != 3), "wall_time_source": "runner", **r})
+
+
+def test_report_numbers_curves_and_readme(tmp_path):
+    fake_csv(tmp_path / "sweep_fake.csv")
+    proto = tmp_path / "fake.yaml"
+    proto.write_text(yaml.safe_dump({"name": "fake", "seeds": [0, 1, 2], "datasets": [DATASET],
+                                     "algorithms": {"A": {"online_steps": 10000, "wandb_mode": "disabled"},
+                                                    "B": None, "C": {"offline_updates": 50000}}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:begin -->\nold\n<!-- results:end -->\ntail\n")
+    assert report.main([str(proto), "--results_dir", str(tmp_path), "--readme", str(readme)]) == 0
+    md = (tmp_path / "sweep_fake.md").read_text()
+    row_a = next(line for line in md.splitlines() if line.startswith("| A |"))
+    cells = [c.strip() for c in row_a.strip("|").split("|")]
+    # seeds, offline end, online last, online best (85/100/90), dip over evals <= 1100 (20/25/30), steps, wall
+    assert cells[2:] == ["3", "60.0 ± 10.0", "80.0 ± 10.0", "91.7 ± 7.6", "25.0 ± 5.0", "10,000", "11 ± 1"]
+    row_b = next(line for line in md.splitlines() if line.startswith("| B |"))
+    assert [c.strip() for c in row_b.strip("|").split("|")][2:7] == ["1", "40.0", "60.0", "60.0", "10.0"]
+    assert "seeds 0, 1, 2" in md and "online_steps 10k" in md and "offline_updates 50k" in md
+    assert "wandb_mode" not in md and "No results yet: C." in md and "last" in md and "best" in md
+    png = tmp_path / "sweep_fake_curves.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    text = readme.read_text()
+    assert "old" not in text and row_a in text and text.endswith("<!-- results:end -->\ntail\n")
+    readme.write_text("# no markers\n")  # the files are still written; the missing markers are a clear error
+    assert report.main([str(proto), "--results_dir", str(tmp_path), "--readme", str(readme)]) == 2
+
+
+def test_mean_curve_interpolates_onto_common_steps():
+    x, m, s = report.mean_curve([(np.array([0.0, 10.0]), np.array([0.0, 10.0])),
+                                 (np.array([0.0, 5.0, 12.0]), np.array([0.0, 10.0, 12.0]))])
+    np.testing.assert_allclose(x, [0, 5, 10])  # up to the shorter seed's end
+    np.testing.assert_allclose(m, [0, 7.5, (10 + 10 + 2 * 5 / 7) / 2])
+    np.testing.assert_allclose(s[1], np.std([5, 10], ddof=1))
+
+
+# ---- runner
+def test_finished_runs_skipped_unfinished_resumed(fake_root, tmp_path):
+    root, proto = fake_root
+    results = tmp_path / "results"
+    seed1 = root / "out" / "fake" / DATASET / "seed1"
+    seed1.mkdir(parents=True)
+    (seed1 / "crash_after").write_text("2")  # the first attempt of seed 1 dies after 2 evaluations
+    assert sweep.main([str(proto)], root=root, results_dir=results) == 1
+    seed0 = root / "out" / "fake" / DATASET / "seed0"
+    assert (seed0 / "done.json").exists() and not (seed1 / "done.json").exists()
+    assert len(sweep.read_records(seed1 / "eval.jsonl")) == 2
+
+    plan = sweep.build_plan(sweep.load_protocol(proto), root)
+    assert [r.status for r in plan.runs] == ["done", "resume"]
+    assert sweep.main([str(proto)], root=root, results_dir=results) == 0
+    calls0, calls1 = ((d / "calls.log").read_text().splitlines() for d in (seed0, seed1))
+    assert len(calls0) == 1  # finished: not run again
+    assert len(calls1) == 2 and "--resume" not in calls1[0] and calls1[1].endswith("--resume")
+    evals = sweep.read_records(seed1 / "eval.jsonl")
+    assert [e["normalized_score"] for e in evals] == [1, 11, 21, 31, 41]  # continued, nothing repeated
+    done = json.loads((seed1 / "done.json").read_text())
+    assert done["attempts"] == 2 and done["per_seed"]["1"] == {"evals": 5, "offline_final": 11, "online_final": 41}
+    assert done["args"][:2] == ["algorithms/fake.py", "--config_path"] and "--online_steps" in done["args"]
+    times = json.loads((seed1 / "eval_times.json").read_text())["eval_wall_time"]["eval.jsonl"]
+    assert len(times) == 5 and times == sorted(times)
+    assert sweep.main([str(proto)], root=root, results_dir=results) == 0  # all finished: nothing runs
+    assert len((seed1 / "calls.log").read_text().splitlines()) == 2
+
+
+def test_collect_is_idempotent(fake_root, tmp_path):
+    root, proto = fake_root
+    results = tmp_path / "results"
+    assert sweep.main([str(proto)], root=root, results_dir=results) == 0
+    out = results / "sweep_fake.csv"
+    first = out.read_bytes()
+    assert sweep.main([str(proto), "--collect"], root=root, results_dir=results) == 0
+    assert sweep.main([str(proto), "--collect"], root=root, results_dir=results) == 0
+    assert out.read_bytes() == first
+    rows = read_csv(out)
+    assert list(rows[0]) == sweep.CSV_COLUMNS and len(rows) == 2 * 5
+    offline = [r for r in rows if r["phase"] == "offline"]
+    online = [r for r in rows if r["phase"] == "online"]
+    assert all(r["online_step"] == "" and r["step"] == r["updates"] for r in offline)
+    assert [r["online_step"] for r in online[:3]] == ["100", "200", "300"]
+    assert all(r["finished"] == "1" and r["wall_time_source"] == "runner" and float(r["wall_time"]) >= 0
+               for r in rows)
+    assert {(r["seed"], r["normalized_score"]) for r in rows if r["online_step"] == "300"} == {("0", "40.0"),
+                                                                                               ("1", "41.0")}
+
+
+def test_num_seeds_groups_consecutive_seeds(fake_root, tmp_path):
+    root, proto = fake_root
+    write_protocol(proto, seeds=[0, 1, 2, 5], algorithms={"fake": {"num_seeds": 2}})
+    plan = sweep.build_plan(sweep.load_protocol(proto), root)
+    assert [(r.seeds, r.run_dir.name) for r in plan.runs] == [([0, 1], "seeds0-1"), ([2], "seed2"), ([5], "seed5")]
+    assert "--seed 0 --run_dir out/fake/o2o/hopper/medium-v0/seeds0-1 --num_seeds 2" in " ".join(
+        plan.runs[0].args(plan.protocol["command"]))
+    assert "--num_seeds 1" in " ".join(plan.runs[1].args(plan.protocol["command"]))
+    only = sweep.build_plan(sweep.load_protocol(proto), root, only=["seed=1"])
+    assert [r.seeds for r in only.runs] == [[0, 1]]  # a group runs whole
+    assert sweep.main([str(proto)], root=root, results_dir=tmp_path) == 0
+    group = root / "out" / "fake" / DATASET / "seeds0-1"
+    assert (group / "seed1" / "eval.jsonl").exists()
+    assert sorted(json.loads((group / "done.json").read_text())["per_seed"]) == ["0", "1"]
+    rows = read_csv(tmp_path / "sweep_fake.csv")
+    assert sorted({r["seed"] for r in rows}) == ["0", "1", "2", "5"] and len(rows) == 4 * 5
+    assert {r["normalized_score"] for r in rows if r["seed"] == "1" and r["online_step"] == "300"} == {"41.0"}
+    assert all(r["wall_time"] for r in rows)
+    write_protocol(proto, algorithms={"fake": {"num_seeds": 0}})
+    with pytest.raises(sweep.SweepError, match="num_seeds must be a positive integer"):
+        sweep.build_plan(sweep.load_protocol(proto), root)
+
+
+def test_changed_protocol_does_not_reuse_finished_runs(fake_root, tmp_path):
+    root, proto = fake_root
+    assert sweep.main([str(proto), "--only", "seed=0"], root=root, results_dir=tmp_path) == 0
+    write_protocol(proto, algorithms={"fake": {"online_steps": 4}})
+    with pytest.raises(sweep.SweepError, match="finished with other arguments"):
+        sweep.build_plan(sweep.load_protocol(proto), root)
+
+
+def test_dry_run_and_only(fake_root, tmp_path, capsys):
+    root, proto = fake_root
+    assert sweep.main([str(proto), "--dry_run", "--only", "algo=fake,seed=1"], root=root, results_dir=tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "1 runs" in out and "--seed 1 --run_dir out/fake/o2o/hopper/medium-v0/seed1 --online_steps 3" in out
+    assert not (root / "out").exists()
+    assert sweep.main([str(proto), "--only", "seed=7"], root=root, results_dir=tmp_path) == 2
+    assert "--only seed=7: not in the protocol" in capsys.readouterr().err
+    write_protocol(proto, command=["nice", "{python}", "scripts/{algo}.py", "{dataset}", "{seed}", "{run_dir}"])
+    plan = sweep.build_plan(sweep.load_protocol(proto), root)  # the command template is injectable
+    assert plan.runs[1].args(plan.protocol["command"])[2:] == ["scripts/fake.py", DATASET, "1",
+                                                               f"out/fake/{DATASET}/seed1", "--online_steps", "3"]
+
+
+def test_bad_inputs_fail_before_anything_runs(fake_root, capsys):
+    root, proto = fake_root
+    cases = [
+        (dict(algorithms={"fak": {}}), "unknown algorithm 'fak'.*did you mean fake"),
+        (dict(datasets=["o2o/hoper/medium-v0"]), "unknown dataset id 'o2o/hoper/medium-v0'.*did you mean"),
+        (dict(algorithms={"fake": {"online_stepz": 3}}), "override 'online_stepz'.*not a field of TrainConfig in "
+                                                         "algorithms/fake.py.*did you mean online_steps"),
+        (dict(algorithms={"fake": {"seed": 3}}), "override 'seed' is set by the runner"),
+        (dict(datasets=[DATASET, "o2o/walker2d/medium-v0"]), r"no config configs/fake/o2o/walker2d/medium-v0.yaml"),
+    ]
+    for changes, message in cases:
+        write_protocol(proto, **{"datasets": [DATASET], "algorithms": {"fake": {}}, **changes})
+        with pytest.raises(sweep.SweepError, match=message):
+            sweep.build_plan(sweep.load_protocol(proto), root)
+        assert sweep.main([str(proto)], root=root) == 2
+        assert "error:" in capsys.readouterr().err and not (root / "out").exists()
+    # an algorithm of the collection that is not written yet: reported and skipped, an error with --strict
+    write_protocol(proto, datasets=[DATASET], algorithms={"fake": {}, "o2sac": {"ope_steps": 10}})
+    plan = sweep.build_plan(sweep.load_protocol(proto), root)
+    assert {r.algo for r in plan.runs} == {"fake"}
+    assert "o2sac: algorithms/o2sac.py does not exist yet" in plan.skipped[0]
+    with pytest.raises(sweep.SweepError, match="o2sac.*--strict"):
+        sweep.build_plan(sweep.load_protocol(proto), root, strict=True)
+    with pytest.raises(sweep.SweepError, match="unknown protocol keys"):
+        sweep.build_plan(sweep.load_protocol(write_protocol(proto, seed=[0])), root)
+
+
+def test_shipped_protocols_check_against_the_real_scripts():
+    """reduced/smoke: the seven algorithms, their datasets; overrides valid for the scripts that exist."""
+    for name, n_datasets, n_seeds in (("reduced", 3, 3), ("smoke", 1, 2)):
+        proto = sweep.load_protocol(name)
+        assert list(proto["algorithms"]) == ["iql", "cal_ql", "o2sac", "o2td3", "o2ppo", "aca", "pex"]
+        assert len(proto["datasets"]) == n_datasets and len(proto["seeds"]) == n_seeds
+        ready = [a for a in proto["algorithms"] if (ROOT / "algorithms" / f"{a}.py").exists()
+                 and any((ROOT / "configs" / a).rglob("*.yaml"))]  # the others are skipped until they land
+        plan = sweep.build_plan(proto, ROOT)
+        assert sorted({r.algo for r in plan.runs}) == sorted(ready)
+        assert sum(len(r.seeds) for r in plan.runs) == len(ready) * n_datasets * n_seeds
+    assert sweep.cli_value([128, 128]) == "[128, 128]" and sweep.cli_value(False) == "false"
+
+
+# ---- one real run
+def test_tiny_iql_sweep_and_report(tiny_dataset, tmp_path):
+    """The smoke protocol's IQL run (2 seeds in one process) on the tiny dataset, through sweep.py (a real
+    subprocess) and report.py."""
+    assert tiny_dataset("hopper", "medium") == DATASET
+    proto = tmp_path / "smoke.yaml"
+    proto.write_text((ROOT / "benchmarks" / "protocols" / "smoke.yaml").read_text())
+    write_protocol(proto, output_root=str(tmp_path / "runs"))
+    assert sweep.main([str(proto), "--only", "algo=iql"], results_dir=tmp_path) == 0
+    assert (tmp_path / "runs" / "iql" / DATASET / "seeds0-1" / "seed1" / "eval.jsonl").exists()
+    rows = read_csv(tmp_path / "sweep_smoke.csv")
+    for seed in ("0", "1"):
+        mine = [r for r in rows if r["seed"] == seed]
+        assert [(r["phase"], r["updates"], r["online_step"]) for r in mine[:2]] == [("offline", "50", ""),
+                                                                                    ("offline", "100", "")]
+        assert mine[-1]["phase"] == "online" and mine[-1]["online_step"] == "100"
+    assert all(math.isfinite(float(r["normalized_score"])) and r["wall_time_source"] == "record" for r in rows)
+    assert report.main([str(proto), "--results_dir", str(tmp_path), "--no_readme"]) == 0
+    assert "| iql | `o2o/hopper/medium-v0` | 2 |" in (tmp_path / "sweep_smoke.md").read_text()
