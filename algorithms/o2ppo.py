@@ -1,0 +1,1327 @@
+"""O2PPO (single file, JAX): OCR-CFT's PPO route from offline to online RL -- IQL pre-training, value
+re-evaluation on Monte-Carlo returns, then PPO fine-tuning constrained towards the best policy so far.
+
+Paper:  Luo, Xie, Wang, Huang, "Optimistic Critic Reconstruction and Constrained Fine-Tuning for General
+        Offline-to-Online RL", NeurIPS 2024, https://arxiv.org/abs/2412.18855.
+Official code: https://github.com/QinwenLuo/OCR-CFT @ 77c49819e0814eb06dccd7f60db06ba58165317c
+        (`finetune/O2PPO.py`, `finetune/online_agent/ppo/*`, themselves derived from Uni-O4,
+        https://github.com/Lei-Kun/Uni-O4; the offline IQL is `offline/iql.py` + `net.py`, derived from CORL).
+
+What is implemented (official semantics unless listed under "Deviations"):
+  Phase 1 "offline", IQL pre-training (CORL semantics, as algorithms/iql.py): V by expectile regression on
+    min_i Qbar_i(s,a) - V(s); Q_i by TD to r + gamma (1-d) V(s') with the pre-update V; Polyak target;
+    advantage-weighted regression of a Gaussian actor (tanh-squashed mean MLP, state-independent log-std);
+    the actor LR decays to 0 over `offline_updates` (cosine, CORL); networks initialised like OCR's `net.py`
+    (orthogonal weights, zero biases; `orthogonal_init: false` = PyTorch default, CORL). The actor has the same
+    parameter tree as algorithms/iql.py's, so `--offline_checkpoint` accepts this script's checkpoints/offline
+    AND algorithms/iql.py's (only the actor and the state normalisation are taken; clear errors otherwise).
+  Phase 2 "reevaluation" (`policy_reevaluation`): a tanh MLP V (3 x 256, PyTorch-default init) is regressed
+    on the dataset's discounted Monte-Carlo returns (MSE, Adam lr 1e-4, batch 512). The IQL critics are not
+    used any more (as in the official code).
+  Phase 3 "online", constrained PPO (on-policy, no offline data):
+    * rollouts of `rollout_length` env steps, a ~ clip(N(mu(s), sigma^2), -1, 1), log pi_old of the clipped action;
+    * GAE as a reverse lax.scan: delta = r + gamma (1 - terminal) V(s') - V(s), A = delta + gamma lambda (1 - done) A'
+      (time-limit truncations bootstrap but cut the trace); V target = A + V(s) (before any modification);
+    * reference advantage (`constrained_finetuning`):
+        A_ref(s,a) = alpha / d * [softplus(log pi_ref(a|s) + H(pi_ref(.|s)) + 4 d) - 4 d] * |std(A)|
+        A <- (A + w_t A_ref) / (1 + w_t),  w_t = max(1 - t / end_steps, 0)  (t = env steps so far)
+      then A <- (A - mean) / (std + 1e-5);
+    * `ppo_epochs` epochs of shuffled minibatches (nested lax.scan): loss = -mean(min(rho A, clip(rho, 1 +- eps) A))
+      - entropy_coef * entropy, value loss MSE(V target, V(s)); separate Adam optimisers (eps 1e-5), each with a
+      global grad-norm clip 0.5, and learning rates decayed linearly in env steps (lr (1 - t / online_steps));
+    * deterministic evaluation (mean action) every `evaluate_freq` env steps; the reference policy pi_ref becomes
+      the evaluated policy whenever its score beats the best so far (initially the offline policy's score);
+    * `dynamic_reward_scaling` (halfcheetah configs): rewards are divided by the running std of the discounted
+      return (the official RewardScaling); the scaler runs over the dataset first (the V targets use scaled
+      rewards) and its state carries into the online phase (its return is reset at each episode start);
+    * `std_cap` (hopper *expert* configs): actor and reference log-std capped at log(std_cap) when fine-tuning
+      starts (official `reset_std(log 0.05)`).
+  Switches (OCR-CFT's components): `policy_reevaluation: false` starts PPO from a freshly initialised V;
+  `constrained_finetuning: false` is plain PPO (no reference advantage); `value_alignment` exists only for a
+  uniform interface with the other OCR-CFT files (O2SAC, O2TD3) and HAS NO EFFECT: the official O2PPO has no
+  alignment step. All three off = the naive "load the IQL actor and run PPO" baseline.
+
+Deviations (and the switch that restores the official behaviour where one exists):
+  1. Per-sample reference advantage (ALGORITHMS.md decision 3). The official code adds A_ref of shape [N] to A of
+     shape [N, 1], which broadcasts to an [N, N] matrix: normalisation runs over N^2 entries, a minibatch takes
+     rows A[idx] of shape [M, N] and the loss averages the clipped objective over the N columns, so the
+     per-sample reference term is averaged away. `reference_advantage_broadcast_bug: true` reproduces exactly that.
+  2. Monte-Carlo returns of the value re-evaluation respect every episode end, time limits included (decision
+     3), and so do the resets of the reward scaler's discounted return. The official code cuts only at terminals
+     (it looks for a misspelled 'timesout' key), so its returns run across time-limit ends, the scaler is never
+     reset on halfcheetah, and rewards of terminal transitions are left unscaled. `mc_returns_across_timeouts:
+     true` reproduces all three.
+  3. Evaluation runs on a separate env seeded with `eval_seed` at every evaluation (official: a fresh env seeded
+     with the training seed), exactly every `evaluate_freq` env steps. Online checkpoints are written at the first
+     episode end after each evaluation (with the partial rollout, the reward scaler and the env RNG), so that a
+     resumed run reproduces an uninterrupted one bit for bit on CPU.
+  4. One state normalisation (dataset mean, std + 1e-3, as IQL was trained with) for actor and V; the official
+     O2PPO re-normalises with std + 1e-10 of `env.get_dataset()` while its IQL actor was trained with + 1e-3.
+  5. The run stops after exactly `online_steps` env steps (official: finishes the episode in progress); the
+     rollout length must be a multiple of the minibatch size (official: a smaller last minibatch).
+  6. Datasets are Minari's: AntMaze `D4RL/antmaze/*-v1` (official: D4RL antmaze-*-v2) with
+     `terminate_on_success` reproducing D4RL's done-at-goal; locomotion uses this project's local `o2o/...` suite.
+  7. Not implemented (off in every official config): `is_decay_pi`, `is_clip_value`, `use_reward_norm`, the
+     'normal'/'number' reward-scaling strategies, the unused TD(0) `PPO.ope`.
+
+Evaluation records (eval.jsonl, one per evaluation): seed, phase (offline | reevaluation | online), updates
+(gradient steps of that phase: IQL, re-evaluation, PPO minibatch steps), env_steps, return, normalized_score,
+discounted_return, w_t (reference weight at this env step), kl_to_ref (mean KL(pi || pi_ref) over the last
+rollout's states after the last PPO update: the evaluated policy vs the reference it was trained towards),
+value_start / value_mean (PPO V at the evaluation episodes' first states / along them; not in offline records),
+value_loss (reevaluation), best_score and reference_updated (online), wall_time.
+
+Usage:
+    python algorithms/o2ppo.py --config_path configs/o2ppo/quickstart.yaml
+    python algorithms/o2ppo.py --config_path configs/o2ppo/quickstart.yaml --resume        # continue a killed run
+    python algorithms/o2ppo.py --config_path ... --offline_checkpoint runs/iql/.../checkpoints/offline   # IQL actor
+    python algorithms/o2ppo.py --config_path ... --policy_reevaluation false --constrained_finetuning false
+Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation; phase offline/reevaluation/online),
+checkpoints/{latest,offline}, wandb/ (mode `wandb_mode`, or the WANDB_MODE environment variable when set).
+"""
+
+import json
+import math
+import os
+import pickle
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, List, NamedTuple, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data  # noqa: E402  (the project's shared dataset utility)
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pyrallis  # noqa: E402
+
+LOG_STD_MAX = 2.0
+IQL_LOG_STD_MIN = -20.0  # clamp of the log-std in the IQL phase (OCR net.py / CORL GaussianPolicy)
+PPO_LOG_STD_MIN = -10.0  # clamp of the log-std in the PPO phase (OCR ppo_net.py GaussianPolicy)
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    # experiment
+    dataset_id: str = "o2o/hopper/medium-v0"  # Minari dataset id (also gives the env), see algorithms/data.py
+    seed: int = 0  # seed of networks, sampling, exploration and the training env
+    eval_seed: int = 100  # seed of the evaluation env (re-seeded at the start of every evaluation)
+    run_dir: str = ""  # output directory; "" = runs/o2ppo/<dataset_id>/seed<seed>
+    project: str = "o2o-jax"  # wandb project
+    group: str = "o2ppo"  # wandb group
+    name: str = ""  # wandb run name; "" = o2ppo-<dataset_id>-seed<seed>
+    wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
+    resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
+    offline_checkpoint: str = ""  # skip IQL: start from this checkpoint dir (o2ppo's or iql.py's checkpoints/offline)
+    # OCR-CFT components
+    policy_reevaluation: bool = True  # fit V to the dataset's Monte-Carlo returns before PPO (false: fresh V)
+    value_alignment: bool = False  # NO EFFECT in O2PPO (official O2PPO has no alignment); uniform O2 interface
+    constrained_finetuning: bool = True  # reference-likelihood advantage bonus with decaying weight (false: PPO)
+    # schedule
+    offline_updates: int = 1_000_000  # IQL gradient steps of offline pre-training
+    reevaluation_updates: int = 1_000_000  # gradient steps fitting V to the Monte-Carlo returns
+    online_steps: int = 250_000  # env steps of PPO fine-tuning (official max_train_steps)
+    update_block: int = 1000  # IQL / re-evaluation updates per jitted lax.scan block
+    offline_eval_every: int = 50_000  # IQL updates between evaluations (+ checkpoint)
+    reevaluation_eval_every: int = 100_000  # re-evaluation updates between evaluations (+ checkpoint)
+    evaluate_freq: int = 2500  # online env steps between evaluations (+ reference update, checkpoint)
+    eval_episodes: int = 10  # deterministic evaluation episodes per evaluation
+    # data
+    discount: float = 0.99  # gamma (IQL, Monte-Carlo returns, GAE)
+    normalize: bool = True  # normalise states with the dataset mean / std (+1e-3)
+    terminate_on_success: bool = False  # end episodes as terminal when info['success'] (D4RL AntMaze eval=True)
+    # offline IQL
+    iql_batch_size: int = 256  # transitions per IQL gradient step
+    expectile: float = 0.7  # tau of the expectile value loss (CORL `iql_tau`)
+    beta: float = 3.0  # inverse temperature of the advantage weights
+    exp_adv_max: float = 100.0  # clip of exp(beta * adv)
+    tau: float = 0.005  # Polyak rate of the target Q networks
+    actor_lr: float = 3e-4  # IQL Adam LR of the actor (cosine decay to 0 over offline_updates)
+    critic_lr: float = 3e-4  # IQL Adam LR of the Q ensemble
+    value_lr: float = 3e-4  # IQL Adam LR of its V
+    offline_cosine: bool = True  # cosine decay of the IQL actor LR (CORL); false = constant
+    hidden_dims: List[int] = field(default_factory=lambda: [256, 256])  # hidden widths of actor and IQL Q / V MLPs
+    orthogonal_init: bool = True  # IQL nets: orthogonal weights, zero biases (OCR net.py); false: PyTorch default
+    iql_reward_scale: float = 1.0  # IQL rewards: iql_reward_scale * r + iql_reward_bias (AntMaze: r - 1)
+    iql_reward_bias: float = 0.0  # (PPO and the value re-evaluation use the raw rewards)
+    # value re-evaluation
+    reevaluation_batch_size: int = 512  # states per re-evaluation gradient step
+    reevaluation_lr: float = 1e-4  # Adam LR of the re-evaluation
+    value_hidden_dims: List[int] = field(default_factory=lambda: [256, 256, 256])  # tanh V MLP (official depth 3)
+    mc_returns_across_timeouts: bool = False  # official: returns and scaler resets only at terminals (see header)
+    dynamic_reward_scaling: bool = False  # divide rewards by the running std of the return (halfcheetah configs)
+    # PPO fine-tuning
+    rollout_length: int = 2048  # env steps per rollout (official batch_size)
+    minibatch_size: int = 128  # transitions per PPO gradient step
+    ppo_epochs: int = 10  # passes over each rollout (official K_epochs)
+    ppo_actor_lr: float = 3e-5  # Adam LR of the actor (official lr_a)
+    ppo_critic_lr: float = 2e-4  # Adam LR of V (official lr_c)
+    gae_lambda: float = 0.95  # GAE lambda
+    clip_ratio: float = 0.2  # PPO clip epsilon
+    entropy_coef: float = 0.01  # entropy bonus weight
+    max_grad_norm: float = 0.5  # global grad-norm clip of each optimiser
+    adam_eps: float = 1e-5  # Adam epsilon of the PPO optimisers
+    lr_decay: bool = True  # PPO LRs decay linearly to 0 over online_steps
+    adv_norm: bool = True  # normalise advantages per rollout
+    alpha: float = 2.0  # scale of the reference advantage
+    end_steps: int = 250_000  # env steps over which the reference weight w_t decays from 1 to 0
+    reference_advantage_broadcast_bug: bool = False  # reproduce the official [N,1] + [N] -> [N,N] advantage
+    refer_with_optimal_pi: bool = True  # reference := best evaluated policy (false: current one every update_n evals)
+    update_n: int = 1  # evaluations between reference updates when refer_with_optimal_pi is false
+    std_cap: float = 0.0  # > 0: cap actor / reference std at this value when fine-tuning starts (hopper expert: 0.05)
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"invalid config: {msg}")
+        for name in ("update_block", "offline_eval_every", "reevaluation_eval_every", "evaluate_freq",
+                     "eval_episodes", "iql_batch_size", "reevaluation_batch_size", "rollout_length", "minibatch_size",
+                     "ppo_epochs", "end_steps", "update_n"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("offline_updates", "reevaluation_updates", "online_steps"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("offline_updates", "offline_eval_every", "reevaluation_updates", "reevaluation_eval_every"):
+            need(getattr(self, name) % self.update_block == 0,
+                 f"{name}={getattr(self, name)} must be a multiple of update_block={self.update_block}")
+        need(self.rollout_length % self.minibatch_size == 0,
+             f"rollout_length={self.rollout_length} must be a multiple of minibatch_size={self.minibatch_size}")
+        need(not self.policy_reevaluation or self.reevaluation_updates > 0,
+             "policy_reevaluation needs reevaluation_updates > 0 (for a fresh V set policy_reevaluation: false)")
+        need(self.wandb_mode in ("online", "offline", "disabled"),
+             f"wandb_mode must be online|offline|disabled, got {self.wandb_mode!r}")
+        need(0.0 < self.expectile < 1.0, f"expectile must be in (0, 1), got {self.expectile}")
+        need(0.0 <= self.gae_lambda <= 1.0, f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        need(self.clip_ratio > 0, f"clip_ratio must be > 0, got {self.clip_ratio}")
+        need(self.std_cap >= 0, f"std_cap must be >= 0 (0 = no cap), got {self.std_cap}")
+        for name in ("hidden_dims", "value_hidden_dims"):
+            dims = getattr(self, name)
+            need(len(dims) > 0 and all(h > 0 for h in dims), f"{name} must be a non-empty list of positive widths")
+
+
+class Hyper(NamedTuple):
+    """Static (hashable) hyper-parameters the jitted functions are specialised on."""
+    obs_dim: int
+    act_dim: int
+    hidden: tuple
+    value_hidden: tuple
+    orthogonal: bool
+    block: int
+    discount: float
+    # IQL
+    iql_batch_size: int
+    tau: float
+    expectile: float
+    beta: float
+    exp_adv_max: float
+    actor_lr: float
+    critic_lr: float
+    value_lr: float
+    offline_updates: int
+    offline_cosine: bool
+    # re-evaluation
+    reeval_batch_size: int
+    reeval_lr: float
+    # PPO
+    rollout: int
+    minibatch: int
+    epochs: int
+    ppo_actor_lr: float
+    ppo_critic_lr: float
+    gae_lambda: float
+    clip_ratio: float
+    entropy_coef: float
+    max_grad_norm: float
+    adam_eps: float
+    lr_decay: bool
+    adv_norm: bool
+    online_steps: int
+    alpha: float
+    end_steps: int
+    constrained: bool
+    broadcast_bug: bool
+
+
+def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
+    return Hyper(obs_dim, act_dim, tuple(cfg.hidden_dims), tuple(cfg.value_hidden_dims), cfg.orthogonal_init,
+                 cfg.update_block, cfg.discount, cfg.iql_batch_size, cfg.tau, cfg.expectile, cfg.beta,
+                 cfg.exp_adv_max, cfg.actor_lr, cfg.critic_lr, cfg.value_lr, cfg.offline_updates, cfg.offline_cosine,
+                 cfg.reevaluation_batch_size, cfg.reevaluation_lr, cfg.rollout_length, cfg.minibatch_size,
+                 cfg.ppo_epochs, cfg.ppo_actor_lr, cfg.ppo_critic_lr, cfg.gae_lambda, cfg.clip_ratio,
+                 cfg.entropy_coef, cfg.max_grad_norm, cfg.adam_eps, cfg.lr_decay, cfg.adv_norm, cfg.online_steps,
+                 cfg.alpha, cfg.end_steps, cfg.constrained_finetuning, cfg.reference_advantage_broadcast_bug)
+
+
+# ---------------------------------------------------------------------------------------------- networks
+class TorchLinear(nn.Module):
+    """Dense layer; init = PyTorch's default U(+-1/sqrt(fan_in)) for weights and biases, or orthogonal weights
+    (gain 1) with zero biases (OCR `orthogonal_net`). Same parameter names as algorithms/iql.py's TorchLinear."""
+    features: int
+    orthogonal: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        fan_in = x.shape[-1]
+        if self.orthogonal:
+            kernel = self.param("kernel", nn.initializers.orthogonal(1.0), (fan_in, self.features))
+            bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        else:
+            bound = 1.0 / math.sqrt(fan_in)
+            init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa
+            kernel = self.param("kernel", init, (fan_in, self.features))
+            bias = self.param("bias", init, (self.features,))
+        return x @ kernel + bias
+
+
+class GaussianActor(nn.Module):
+    """Mean tanh(MLP(s)) and an (unclamped) state-independent log-std; parameter tree = iql.py's GaussianActor."""
+    act_dim: int
+    hidden: tuple
+    orthogonal: bool = False
+
+    @nn.compact
+    def __call__(self, obs):
+        x = obs
+        for h in self.hidden:
+            x = nn.relu(TorchLinear(h, self.orthogonal)(x))
+        mean = jnp.tanh(TorchLinear(self.act_dim, self.orthogonal)(x))
+        log_std = self.param("log_std", nn.initializers.zeros, (self.act_dim,))
+        return mean, log_std
+
+
+class QNet(nn.Module):
+    hidden: tuple
+    orthogonal: bool = False
+
+    @nn.compact
+    def __call__(self, obs, act):
+        x = jnp.concatenate([obs, act], -1)
+        for h in self.hidden:
+            x = nn.relu(TorchLinear(h, self.orthogonal)(x))
+        return TorchLinear(1, self.orthogonal)(x)[..., 0]
+
+
+class VNet(nn.Module):
+    """MLP value; ReLU for IQL's V, tanh for the PPO value (official ValueTanhMLP)."""
+    hidden: tuple
+    orthogonal: bool = False
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, obs):
+        act = nn.relu if self.activation == "relu" else jnp.tanh
+        x = obs
+        for h in self.hidden:
+            x = act(TorchLinear(h, self.orthogonal)(x))
+        return TorchLinear(1, self.orthogonal)(x)[..., 0]
+
+
+def critic_ensemble(hidden: tuple, orthogonal: bool, n: int = 2) -> nn.Module:
+    """`n` Q networks with independent parameters (IQL's twin Q), output [n, ...]."""
+    return nn.vmap(QNet, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
+                   axis_size=n)(hidden=hidden, orthogonal=orthogonal)
+
+
+def actor_net(h: Hyper) -> GaussianActor:
+    return GaussianActor(h.act_dim, h.hidden, h.orthogonal)
+
+
+def ppo_value_net(h: Hyper) -> VNet:
+    return VNet(h.value_hidden, False, "tanh")  # PyTorch-default init (official ppo_net.MLP)
+
+
+def iql_networks(h: Hyper):
+    return actor_net(h), critic_ensemble(h.hidden, h.orthogonal), VNet(h.hidden, h.orthogonal)
+
+
+# ---------------------------------------------------------------------------------------------- maths
+def expectile_loss(u, expectile):
+    """|expectile - 1[u < 0]| * u^2, elementwise (u = target - prediction)."""
+    return jnp.abs(expectile - (u < 0).astype(u.dtype)) * u ** 2
+
+
+def gaussian_log_prob(mean, log_std, x):
+    """log N(x; mean, exp(log_std)^2) summed over the last axis."""
+    z = (x - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi), -1)
+
+
+def gaussian_entropy(log_std):
+    """Entropy of a diagonal Gaussian, summed over the last axis."""
+    return jnp.sum(0.5 + 0.5 * jnp.log(2.0 * jnp.pi) + log_std, -1)
+
+
+def gaussian_kl(mean, log_std, ref_mean, ref_log_std):
+    """KL(N(mean, std) || N(ref_mean, ref_std)) of diagonal Gaussians, summed over the last axis."""
+    var, ref_var = jnp.exp(2 * log_std), jnp.exp(2 * ref_log_std)
+    return jnp.sum(ref_log_std - log_std + (var + (mean - ref_mean) ** 2) / (2 * ref_var) - 0.5, -1)
+
+
+def gae(rewards, values, next_values, terminals, dones, gamma, lam):
+    """Generalised advantage estimates of one rollout (time on axis 0), by a reverse lax.scan.
+
+    delta_t = r_t + gamma (1 - terminal_t) V(s'_t) - V(s_t);  A_t = delta_t + gamma lam (1 - done_t) A_{t+1};
+    `terminals` are true terminations (no bootstrap), `dones` every episode end (truncations too), and the
+    trace starts from 0 after the last step of the rollout (official)."""
+    deltas = rewards + gamma * (1.0 - terminals) * next_values - values
+
+    def step(next_adv, x):
+        delta, done = x
+        adv = delta + gamma * lam * (1.0 - done) * next_adv
+        return adv, adv
+    _, adv = jax.lax.scan(step, jnp.zeros((), deltas.dtype), (deltas, dones), reverse=True)
+    return adv
+
+
+def reference_advantage(ref_mean, ref_log_std, actions, alpha):
+    """alpha / d * [softplus(log pi_ref(a|s) + H(pi_ref(.|s)) + 4 d) - 4 d], per sample (official
+    `get_reference_advantage`, before the |std(A)| factor)."""
+    d = actions.shape[-1]
+    x = gaussian_log_prob(ref_mean, ref_log_std, actions) + gaussian_entropy(ref_log_std)
+    return alpha / d * (jax.nn.softplus(x + 4.0 * d) - 4.0 * d)
+
+
+def mix_advantages(adv, adv_ref, w, broadcast_bug: bool):
+    """(A + w A_ref) / (1 + w) as an [N, C] matrix whose rows belong to the N samples: C = 1 per sample
+    (intended), C = N for the official [N, 1] + [N] broadcast (every row holds all N reference terms)."""
+    if broadcast_bug:
+        return (adv[:, None] + w * adv_ref[None, :]) / (1.0 + w)
+    return ((adv + w * adv_ref) / (1.0 + w))[:, None]
+
+
+def normalize_advantages(adv):
+    """(A - mean) / (std + 1e-5) over all entries, std with Bessel's correction (torch.std)."""
+    return (adv - adv.mean()) / (jnp.std(adv, ddof=1) + 1e-5)
+
+
+def ppo_actor_loss(logp, logp_old, adv_rows, entropy, clip_ratio, entropy_coef):
+    """Clipped surrogate with entropy bonus; `adv_rows` [M, C] (C = 1, or N for the broadcast variant), the loss
+    averages over all M x C entries like the official code. Returns (loss, fraction of clipped ratios)."""
+    ratio = jnp.exp(logp - logp_old)[:, None]
+    surr1 = ratio * adv_rows
+    surr2 = jnp.clip(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio) * adv_rows
+    loss = jnp.mean(-jnp.minimum(surr1, surr2) - entropy_coef * entropy[:, None])
+    return loss, jnp.mean(jnp.abs(ratio - 1.0) > clip_ratio)
+
+
+def iql_actor_lr_schedule(h: Hyper):
+    """IQL actor LR by update count: PyTorch CosineAnnealingLR over offline_updates (CORL), or constant."""
+    period = max(h.offline_updates, 1)
+
+    def schedule(count):
+        if not h.offline_cosine:
+            return jnp.asarray(h.actor_lr, jnp.float32)
+        return h.actor_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(count, period) / period))
+    return schedule
+
+
+def iql_optimizers(h: Hyper):
+    return {"actor": optax.adam(iql_actor_lr_schedule(h)), "critic": optax.adam(h.critic_lr),
+            "value": optax.adam(h.value_lr)}
+
+
+def ppo_optimizer(h: Hyper):
+    """Global grad-norm clip then Adam (eps 1e-5) without the LR: the (decayed) LR is applied in `adam_step`."""
+    return optax.chain(optax.clip_by_global_norm(h.max_grad_norm), optax.scale_by_adam(eps=h.adam_eps))
+
+
+class RewardScaler:
+    """Official RewardScaling: r / (std + 1e-8), std = running std of R <- gamma R + r (RunningMeanStd with its
+    quirks: S starts at 1, std stays 1 after the first value). Plain floats on the host; state is a dict."""
+
+    def __init__(self, gamma: float, state: Optional[dict] = None):
+        self.gamma = gamma
+        self.n, self.mean, self.S, self.std, self.R = 0, 0.0, 1.0, 1.0, 0.0
+        if state is not None:
+            self.n, self.mean, self.S, self.std, self.R = (state[k] for k in ("n", "mean", "S", "std", "R"))
+
+    def __call__(self, r: float) -> float:
+        self.R = self.gamma * self.R + r
+        self.n += 1
+        if self.n == 1:
+            self.mean = self.R
+        else:
+            old = self.mean
+            self.mean = old + (self.R - old) / self.n
+            self.S = self.S + (self.R - old) * (self.R - self.mean)
+            self.std = math.sqrt(self.S / self.n)
+        return r / (self.std + 1e-8)
+
+    def reset(self):
+        self.R = 0.0
+
+    def state(self) -> dict:
+        return {"n": self.n, "mean": self.mean, "S": self.S, "std": self.std, "R": self.R}
+
+
+def reevaluation_targets(rewards, terminals, timeouts, gamma: float, across_timeouts: bool, dynamic_scaling: bool):
+    """(Monte-Carlo returns the value is re-evaluated on, reward scaler to continue online).
+
+    Default: episodes end at terminals and timeouts; with `dynamic_scaling` every reward is scaled and the
+    scaler's return is reset after each episode end. `across_timeouts` is the official processing: only
+    terminals end episodes, and a terminal transition resets the scaler and keeps its raw reward."""
+    rewards = np.asarray(rewards, np.float64).copy()
+    terminals, timeouts = np.asarray(terminals, bool), np.asarray(timeouts, bool)
+    ends = terminals if across_timeouts else terminals | timeouts
+    scaler = RewardScaler(gamma)
+    if dynamic_scaling:
+        for i in range(len(rewards)):
+            if across_timeouts and ends[i]:
+                scaler.reset()
+                continue
+            rewards[i] = scaler(float(rewards[i]))
+            if ends[i]:
+                scaler.reset()
+    return data.monte_carlo_returns(rewards, ends, gamma), scaler
+
+
+# ---------------------------------------------------------------------------------------------- state
+class Trainable(NamedTuple):
+    """Parameters and optimiser state (a TrainState without functions, so states stay plain pytrees)."""
+    params: Any
+    opt_state: Any
+
+
+class IQLState(NamedTuple):
+    """Phase 1 (same layout as algorithms/iql.py's IQLState)."""
+    actor: Trainable
+    critic: Trainable  # twin Q, leading axis 2
+    value: Trainable
+    critic_target: Any
+    key: jax.Array  # RNG of the updates (batch sampling)
+    updates: jax.Array
+    obs_mean: jax.Array
+    obs_std: jax.Array
+
+
+class ReevalState(NamedTuple):
+    """Phase 2: the actor is fixed (opt_state empty), V is regressed on Monte-Carlo returns."""
+    actor: Trainable
+    value: Trainable  # tanh V, Adam(reevaluation_lr)
+    key: jax.Array
+    obs_mean: jax.Array
+    obs_std: jax.Array
+
+
+class PPOState(NamedTuple):
+    """Phase 3."""
+    actor: Trainable  # Gaussian actor, clip + Adam(eps 1e-5)
+    value: Trainable  # tanh V, clip + Adam(eps 1e-5)
+    ref_actor: Any  # reference policy parameters (best evaluated policy so far)
+    key: jax.Array  # RNG of the minibatch permutations
+    obs_mean: jax.Array
+    obs_std: jax.Array
+
+
+class Buffer(NamedTuple):
+    obs: jax.Array
+    act: jax.Array
+    rew: jax.Array
+    next_obs: jax.Array
+    done: jax.Array  # 1.0 for true terminations only
+
+
+class Rollout(NamedTuple):
+    obs: jax.Array  # [N, obs_dim] raw states
+    act: jax.Array  # [N, act_dim] executed (clipped) actions
+    logp: jax.Array  # [N, act_dim] per-dimension log pi_old(a|s)
+    rew: jax.Array  # [N] (scaled) rewards
+    next_obs: jax.Array  # [N, obs_dim]
+    terminal: jax.Array  # [N] true termination (official dw)
+    done: jax.Array  # [N] episode end, truncation included
+
+
+def init_iql_state(h: Hyper, key, obs_mean, obs_std) -> IQLState:
+    actor, critic, value = iql_networks(h)
+    k_actor, k_critic, k_value, key = jax.random.split(key, 4)
+    o, a = jnp.zeros((1, h.obs_dim)), jnp.zeros((1, h.act_dim))
+    params = {"actor": actor.init(k_actor, o)["params"], "critic": critic.init(k_critic, o, a)["params"],
+              "value": value.init(k_value, o)["params"]}
+    txs = iql_optimizers(h)
+    tr = {k: Trainable(p, txs[k].init(p)) for k, p in params.items()}
+    return IQLState(tr["actor"], tr["critic"], tr["value"], params["critic"], key, jnp.zeros((), jnp.int32),
+                    jnp.asarray(obs_mean, jnp.float32), jnp.asarray(obs_std, jnp.float32))
+
+
+def init_ppo_value(h: Hyper, key):
+    return ppo_value_net(h).init(key, jnp.zeros((1, h.obs_dim)))["params"]
+
+
+def make_reeval_state(h: Hyper, actor_params, value_params, key, obs_mean, obs_std) -> ReevalState:
+    return ReevalState(Trainable(actor_params, ()), Trainable(value_params, optax.adam(h.reeval_lr).init(value_params)),
+                       key, jnp.asarray(obs_mean, jnp.float32), jnp.asarray(obs_std, jnp.float32))
+
+
+def cap_log_std(actor_params, std_cap: float):
+    """Official `reset_std`: log_std <- min(log_std, log(std_cap)) elementwise (std_cap 0 = unchanged)."""
+    if std_cap <= 0:
+        return actor_params
+    return {**actor_params, "log_std": jnp.minimum(actor_params["log_std"], math.log(std_cap))}
+
+
+def make_ppo_state(h: Hyper, actor_params, value_params, key, obs_mean, obs_std) -> PPOState:
+    tx = ppo_optimizer(h)
+    return PPOState(Trainable(actor_params, tx.init(actor_params)), Trainable(value_params, tx.init(value_params)),
+                    actor_params, key, jnp.asarray(obs_mean, jnp.float32), jnp.asarray(obs_std, jnp.float32))
+
+
+def _step(trainable: Trainable, grads, tx) -> Trainable:
+    updates, opt_state = tx.update(grads, trainable.opt_state, trainable.params)
+    return Trainable(optax.apply_updates(trainable.params, updates), opt_state)
+
+
+def adam_step(trainable: Trainable, grads, tx, lr) -> Trainable:
+    """One step of `tx` (clip + Adam direction) scaled by the (traced) learning rate `lr`."""
+    updates, opt_state = tx.update(grads, trainable.opt_state, trainable.params)
+    return Trainable(jax.tree.map(lambda p, u: p - lr * u, trainable.params, updates), opt_state)
+
+
+# ---------------------------------------------------------------------------------------------- phase 1: IQL
+def iql_update(state: IQLState, batch: Buffer, h: Hyper):
+    """One IQL step: V (expectile), Q (TD to pre-update V(s')), target EMA, actor (AWR). Pure."""
+    actor, critic, value = iql_networks(h)
+    txs = iql_optimizers(h)
+    obs = (batch.obs - state.obs_mean) / state.obs_std
+    next_obs = (batch.next_obs - state.obs_mean) / state.obs_std
+    n = obs.shape[0]
+
+    target_q = critic.apply({"params": state.critic_target}, obs, batch.act).min(0)
+
+    def value_loss(p):
+        v_all = value.apply({"params": p}, jnp.concatenate([obs, next_obs]))
+        adv = target_q - v_all[:n]
+        return expectile_loss(adv, h.expectile).mean(), (adv, v_all[:n], jax.lax.stop_gradient(v_all[n:]))
+
+    (v_loss, (adv, v, next_v)), v_grads = jax.value_and_grad(value_loss, has_aux=True)(state.value.params)
+    value_tr = _step(state.value, v_grads, txs["value"])
+
+    y = batch.rew + h.discount * (1.0 - batch.done) * next_v
+
+    def critic_loss(p):
+        q = critic.apply({"params": p}, obs, batch.act)
+        return ((q - y) ** 2).mean(1).mean(), q
+
+    (q_loss, q), q_grads = jax.value_and_grad(critic_loss, has_aux=True)(state.critic.params)
+    critic_tr = _step(state.critic, q_grads, txs["critic"])
+    critic_target = optax.incremental_update(critic_tr.params, state.critic_target, h.tau)
+
+    weights = jnp.minimum(jnp.exp(h.beta * jax.lax.stop_gradient(adv)), h.exp_adv_max)
+
+    def actor_loss(p):
+        mean, log_std = actor.apply({"params": p}, obs)
+        log_std = jnp.clip(log_std, IQL_LOG_STD_MIN, LOG_STD_MAX)
+        return (weights * -gaussian_log_prob(mean, log_std, batch.act)).mean()
+
+    a_loss, a_grads = jax.value_and_grad(actor_loss)(state.actor.params)
+    lr = iql_actor_lr_schedule(h)(state.actor.opt_state[0].count)
+    actor_tr = _step(state.actor, a_grads, txs["actor"])
+    metrics = {"value_loss": v_loss, "critic_loss": q_loss, "actor_loss": a_loss, "v": v.mean(), "q": q.mean(),
+               "adv": adv.mean(), "adv_weight": weights.mean(), "actor_lr": lr}
+    return state._replace(actor=actor_tr, critic=critic_tr, value=value_tr, critic_target=critic_target,
+                          updates=state.updates + 1), metrics
+
+
+@partial(jax.jit, static_argnames=("h",))
+def iql_block(state: IQLState, buffer: Buffer, h: Hyper):
+    """`h.block` IQL updates in one lax.scan, batches drawn inside the scan; metrics of shape [h.block]."""
+    size = buffer.rew.shape[0]
+
+    def one(state, _):
+        key, k_idx = jax.random.split(state.key)
+        idx = jax.random.randint(k_idx, (h.iql_batch_size,), 0, size)
+        return iql_update(state._replace(key=key), jax.tree.map(lambda x: x[idx], buffer), h)
+    return jax.lax.scan(one, state, None, length=h.block)
+
+
+# ---------------------------------------------------------------------------------------------- phase 2: V
+def reeval_update(state: ReevalState, obs, returns, h: Hyper):
+    """One regression step of V on Monte-Carlo returns: MSE(V(s), G) on a uniform batch."""
+    key, k_idx = jax.random.split(state.key)
+    idx = jax.random.randint(k_idx, (h.reeval_batch_size,), 0, returns.shape[0])
+    o = (obs[idx] - state.obs_mean) / state.obs_std
+    g = returns[idx]
+
+    def loss(p):
+        v = ppo_value_net(h).apply({"params": p}, o)
+        return ((v - g) ** 2).mean(), v
+
+    (v_loss, v), grads = jax.value_and_grad(loss, has_aux=True)(state.value.params)
+    value_tr = _step(state.value, grads, optax.adam(h.reeval_lr))
+    return state._replace(value=value_tr, key=key), {"value_loss": v_loss, "v": v.mean(), "mc_return": g.mean()}
+
+
+@partial(jax.jit, static_argnames=("h",))
+def reeval_block(state: ReevalState, obs, returns, h: Hyper):
+    return jax.lax.scan(lambda s, _: reeval_update(s, obs, returns, h), state, None, length=h.block)
+
+
+# ---------------------------------------------------------------------------------------------- phase 3: PPO
+def ppo_dist(actor_params, obs, h: Hyper):
+    mean, log_std = actor_net(h).apply({"params": actor_params}, obs)
+    return mean, jnp.clip(log_std, PPO_LOG_STD_MIN, LOG_STD_MAX)
+
+
+def rollout_advantages(state: PPOState, roll: Rollout, env_steps, h: Hyper):
+    """(advantage matrix [N, C] after the reference mixing and normalisation, V targets [N], diagnostics)."""
+    value = ppo_value_net(h)
+    obs = (roll.obs - state.obs_mean) / state.obs_std
+    next_obs = (roll.next_obs - state.obs_mean) / state.obs_std
+    v = value.apply({"params": state.value.params}, obs)
+    v_next = value.apply({"params": state.value.params}, next_obs)
+    adv = gae(roll.rew, v, v_next, roll.terminal, roll.done, h.discount, h.gae_lambda)
+    v_target = adv + v
+    t = jnp.asarray(env_steps, jnp.float32)
+    if h.constrained:
+        w = jnp.maximum(1.0 - t / h.end_steps, 0.0)
+        ref_mean, ref_log_std = ppo_dist(state.ref_actor, obs, h)
+        adv_ref = reference_advantage(ref_mean, ref_log_std, roll.act, h.alpha) * jnp.abs(jnp.std(adv, ddof=1))
+        mixed = mix_advantages(adv, adv_ref, w, h.broadcast_bug)
+    else:
+        w, adv_ref, mixed = jnp.zeros(()), jnp.zeros_like(adv), adv[:, None]
+    if h.adv_norm:
+        mixed = normalize_advantages(mixed)
+    info = {"w_t": w, "adv_ref": adv_ref.mean(), "adv_gae": adv.mean(), "adv_gae_std": jnp.std(adv, ddof=1),
+            "v": v.mean(), "v_target": v_target.mean()}
+    return mixed, v_target, obs, info
+
+
+@partial(jax.jit, static_argnames=("h",))
+def ppo_update(state: PPOState, roll: Rollout, env_steps, h: Hyper):
+    """One PPO update on a full rollout collected before env step `env_steps`: advantages, then `h.epochs`
+    epochs of shuffled minibatches (nested lax.scan), actor step then value step per minibatch."""
+    value = ppo_value_net(h)
+    tx = ppo_optimizer(h)
+    adv, v_target, obs, info = rollout_advantages(state, roll, env_steps, h)
+    t = jnp.asarray(env_steps, jnp.float32)
+    # official lr_decay(t) runs after each update: the update at env step t uses lr (1 - (t - N) / online_steps)
+    frac = jnp.maximum(1.0 - (t - h.rollout) / max(h.online_steps, 1), 0.0) if h.lr_decay else jnp.ones(())
+    logp_old = roll.logp.sum(-1)
+
+    def minibatch(carry, idx):
+        actor_tr, value_tr = carry
+        o, a, lo, rows, vt = obs[idx], roll.act[idx], logp_old[idx], adv[idx], v_target[idx]
+
+        def actor_loss(p):
+            mean, log_std = ppo_dist(p, o, h)
+            logp = gaussian_log_prob(mean, log_std, a)
+            entropy = jnp.broadcast_to(gaussian_entropy(log_std), logp.shape)
+            loss, clip_frac = ppo_actor_loss(logp, lo, rows, entropy, h.clip_ratio, h.entropy_coef)
+            return loss, {"clip_frac": clip_frac, "entropy": entropy.mean(), "approx_kl": (lo - logp).mean()}
+
+        (a_loss, a_info), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor_tr.params)
+        actor_tr = adam_step(actor_tr, a_grads, tx, h.ppo_actor_lr * frac)
+
+        def critic_loss(p):
+            return ((vt - value.apply({"params": p}, o)) ** 2).mean()
+
+        c_loss, c_grads = jax.value_and_grad(critic_loss)(value_tr.params)
+        value_tr = adam_step(value_tr, c_grads, tx, h.ppo_critic_lr * frac)
+        return (actor_tr, value_tr), {"actor_loss": a_loss, "critic_loss": c_loss, **a_info}
+
+    def epoch(carry, key):
+        perm = jax.random.permutation(key, h.rollout).reshape(-1, h.minibatch)
+        return jax.lax.scan(minibatch, carry, perm)
+
+    key, sub = jax.random.split(state.key)
+    (actor_tr, value_tr), metrics = jax.lax.scan(epoch, (state.actor, state.value), jax.random.split(sub, h.epochs))
+    mean, log_std = ppo_dist(actor_tr.params, obs, h)
+    ref_mean, ref_log_std = ppo_dist(state.ref_actor, obs, h)
+    metrics = {k: v.mean() for k, v in metrics.items()}
+    metrics.update(info, kl_to_ref=gaussian_kl(mean, log_std, ref_mean, ref_log_std).mean(),
+                   std=jnp.exp(log_std).mean(), lr_frac=frac)
+    return state._replace(actor=actor_tr, value=value_tr, key=key), metrics
+
+
+# ---------------------------------------------------------------------------------------------- acting
+@partial(jax.jit, static_argnames=("h",))
+def act_explore(actor_params, obs_mean, obs_std, obs, key, h: Hyper):
+    """a ~ N(mu(s), sigma^2) clipped to [-1, 1] and its per-dimension log-prob; one call per env step."""
+    key, sub = jax.random.split(key)
+    mean, log_std = ppo_dist(actor_params, (obs - obs_mean) / obs_std, h)
+    action = jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(sub, mean.shape), -1.0, 1.0)
+    logp = -0.5 * ((action - mean) * jnp.exp(-log_std)) ** 2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi)
+    return action, logp, key
+
+
+@partial(jax.jit, static_argnames=("h",))
+def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
+    mean, _ = actor_net(h).apply({"params": actor_params}, (obs - obs_mean) / obs_std)
+    return jnp.clip(mean, -1.0, 1.0)
+
+
+@partial(jax.jit, static_argnames=("h",))
+def act_deterministic_with_value(actor_params, value_params, obs_mean, obs_std, obs, h: Hyper):
+    o = (obs - obs_mean) / obs_std
+    mean, _ = actor_net(h).apply({"params": actor_params}, o)
+    return jnp.clip(mean, -1.0, 1.0), ppo_value_net(h).apply({"params": value_params}, o)
+
+
+def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, goal_task: bool, refs,
+             discount: float):
+    """Deterministic evaluation: `episodes` episodes, the first reset seeded with `seed` (reproducible).
+    `policy(obs) -> (action, V(obs) or None)`; with values, logs V at the start states and along the episodes."""
+    returns, disc_returns, lengths, successes, v_start, v_all = [], [], [], [], [], []
+    has_success = goal_task
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed if ep == 0 else None)
+        ret, disc, length, success, done = 0.0, 0.0, 0, False, False
+        while not done:
+            action, value = policy(np.asarray(obs, np.float32))
+            if value is not None:
+                v_all.append(float(value))
+                if length == 0:
+                    v_start.append(float(value))
+            obs, r, term, trunc, info = env.step(np.asarray(action))
+            ret, disc, length = ret + float(r), disc + discount ** length * float(r), length + 1
+            if "success" in info:
+                has_success = True
+                success = success or bool(info["success"])
+            if goal_task and r > 0:
+                success = True
+            done = term or trunc or (terminate_on_success and bool(info.get("success", False)))
+        returns.append(ret)
+        disc_returns.append(disc)
+        lengths.append(length)
+        successes.append(success)
+    out = {"return": float(np.mean(returns)), "return_std": float(np.std(returns)),
+           "discounted_return": float(np.mean(disc_returns)), "length": float(np.mean(lengths)), "episodes": episodes}
+    if refs is not None:
+        scores = data.normalized_score("", returns, refs)
+        out["normalized_score"] = float(np.mean(scores))
+        out["normalized_score_std"] = float(np.std(scores))
+    if has_success:
+        out["success_rate"] = float(np.mean(successes))
+    if v_all:
+        out["value_start"] = float(np.mean(v_start))
+        out["value_mean"] = float(np.mean(v_all))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- env RNG
+def _env_generators(env) -> dict:
+    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
+    import gymnasium as gym
+    found, seen = {}, set()
+
+    def walk(obj, path, depth):
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        gen = getattr(obj, "_np_random", None)
+        if isinstance(gen, np.random.Generator):
+            found[path] = gen
+        for k, v in vars(obj).items():
+            if isinstance(v, gym.Env):
+                walk(v, f"{path}.{k}", depth + 1)
+    walk(env.unwrapped, "unwrapped", 0)
+    return found
+
+
+def env_rng_snapshot(env) -> dict:
+    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
+    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
+
+
+def env_rng_restore(env, snapshot: dict, seed: int):
+    env.reset(seed=seed)  # initialises the wrappers and creates the generators
+    gens = _env_generators(env)
+    if set(gens) != set(snapshot):
+        raise RuntimeError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
+    for k, state in snapshot.items():
+        gens[k].bit_generator.state = state
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_tree(path: Path, tree):
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
+
+
+def load_tree(path: Path, template):
+    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    with np.load(path) as z:
+        names = sorted(z.files)
+        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
+        if names != sorted(expected):
+            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
+            raise ValueError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected}")
+        leaves = []
+        for name, (k, ref) in zip(expected, flat):
+            arr = z[name]
+            if arr.shape != np.shape(ref):
+                raise ValueError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
+                                 f"needs {np.shape(ref)} (different network sizes or dataset?)")
+            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def save_checkpoint(path: Path, state, meta: dict, cfg):
+    """Atomically write state + host meta + resolved config into directory `path`."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tree(tmp / "state.npz", state)
+    with open(tmp / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    with open(tmp / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path: Path) -> Optional[Path]:
+    for p in (path, path.with_name(path.name + ".old")):  # .old survives a kill between the two renames
+        if (p / "meta.pkl").exists() and (p / "state.npz").exists():
+            return p
+    return None
+
+
+def read_meta(path: Path) -> dict:
+    with open(path / "meta.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+def load_offline_actor(path: Path, h: Hyper, seed: int):
+    """(actor params, obs_mean, obs_std, IQL updates) from an offline checkpoint of this script or of
+    algorithms/iql.py (any state with `.actor.params` = a Gaussian actor tree, and `.obs_mean` / `.obs_std`).
+    A multi-seed iql.py checkpoint (--num_seeds N, leading seed axis) gives the actor of seed `seed`."""
+    with np.load(path / "state.npz") as z:
+        arrays = {name[4:]: z[name] for name in z.files}  # strip the 4-digit leaf index of save_tree
+    meta = read_meta(path) if (path / "meta.pkl").exists() else {}
+    n_src, index = int(meta.get("num_seeds", 1)), 0
+    if n_src > 1:
+        import yaml
+        src_cfg = path / "config.yaml"
+        first = int((yaml.safe_load(src_cfg.read_text()) or {}).get("seed", 0)) if src_cfg.exists() else 0
+        index = seed - first
+        if not 0 <= index < n_src:
+            raise ValueError(f"--offline_checkpoint {path} holds seeds {first}..{first + n_src - 1} (--num_seeds "
+                             f"{n_src}); run O2PPO with one of them as --seed")
+        arrays = {k: v[index] for k, v in arrays.items()}
+        print(f"using seed {seed} of the {n_src}-seed checkpoint {path}")
+    prefix = ".actor.params"
+    found = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    what = (f"--offline_checkpoint {path}: O2PPO needs a Gaussian actor with a tanh-mean MLP of hidden widths "
+            f"{list(h.hidden)} and a state-independent log_std (this script's or algorithms/iql.py's checkpoints)")
+    if not found:
+        raise ValueError(f"{what}, but the checkpoint holds no '.actor.params' (names: {sorted(arrays)[:6]} ...)")
+    template = jax.eval_shape(lambda: actor_net(h).init(jax.random.PRNGKey(0), jnp.zeros((1, h.obs_dim)))["params"])
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    expected = {jax.tree_util.keystr(k): ref for k, ref in flat}
+    if set(found) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        raise ValueError(f"{what}; its actor differs: missing {missing}, unexpected {unexpected} (a different actor "
+                         "type, e.g. a tanh-Gaussian SAC/CQL actor, or a different number of hidden layers: set "
+                         "hidden_dims to the checkpoint's)")
+    leaves = []
+    for k, ref in flat:
+        name = jax.tree_util.keystr(k)
+        arr = found[name]
+        if arr.shape != ref.shape:
+            raise ValueError(f"{what}; actor{name} has shape {arr.shape}, this config needs {ref.shape}: the "
+                             "checkpoint was trained on other observation/action sizes or other hidden_dims (this "
+                             f"dataset: obs {h.obs_dim}, action {h.act_dim}; hidden_dims {list(h.hidden)})")
+        leaves.append(jnp.asarray(arr, jnp.float32))
+    stats = []
+    for name in (".obs_mean", ".obs_std"):
+        if name not in arrays:
+            raise ValueError(f"{what}; the checkpoint has no '{name}' (the state normalisation the actor was "
+                             "trained with)")
+        if arrays[name].shape != (h.obs_dim,):
+            raise ValueError(f"{what}; its {name[1:]} has shape {arrays[name].shape}, this dataset has "
+                             f"{h.obs_dim}-dimensional observations")
+        stats.append(jnp.asarray(arrays[name], jnp.float32))
+    updates = np.ravel(meta.get("updates", 0))  # iql.py: one count per seed
+    updates = int(updates[index] if updates.size > 1 else updates[0])
+    return jax.tree_util.tree_unflatten(treedef, leaves), stats[0], stats[1], updates
+
+
+# ---------------------------------------------------------------------------------------------- logging
+class Logger:
+    """wandb + eval.jsonl + console. Metrics are namespaced offline/..., reevaluation/..., online/..., eval/...."""
+
+    def __init__(self, cfg, run_dir: Path, wandb_id: str, eval_lines: int):
+        self.eval_path = run_dir / "eval.jsonl"
+        if self.eval_path.exists():  # drop evaluations logged after the checkpoint we resume from
+            lines = self.eval_path.read_text().splitlines()[:eval_lines]
+            self.eval_path.write_text("".join(line + "\n" for line in lines))
+        self.eval_lines = eval_lines
+        mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
+        self.wandb = None
+        if mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(project=cfg.project, group=cfg.group, name=cfg.name, id=wandb_id,
+                                    resume="allow", mode=mode, dir=str(run_dir), config=asdict(cfg))
+
+    def log(self, metrics: dict):
+        if self.wandb is not None:
+            self.wandb.log(metrics)
+
+    def log_eval(self, record: dict):
+        with open(self.eval_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.eval_lines += 1
+        self.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        score = record.get("normalized_score", record["return"])
+        extra = f", success {record['success_rate']:.2f}" if "success_rate" in record else ""
+        if "value_start" in record:
+            extra += f", V(s0) {record['value_start']:.1f}"
+        print(f"[eval] {record['phase']} updates={record['updates']} env_steps={record['env_steps']}: "
+              f"{'normalized score' if 'normalized_score' in record else 'return'} {score:.2f}{extra}", flush=True)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def check_finite(host: dict, phase: str, what: str):
+    """A NaN/inf in a per-update metric stops the run naming the loss and the update."""
+    bad = {k: v for k, v in host.items() if not np.all(np.isfinite(v))}
+    if bad:
+        raise FloatingPointError(f"non-finite {', '.join(f'{phase}/{k}' for k in bad)} at {what}; stopping (the last "
+                                 "checkpoint is intact)")
+
+
+def block_metrics(metrics: dict, phase: str, updates_before: int) -> dict:
+    """Means of one block's per-update metrics; a NaN/inf names the loss and the first bad update."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}
+    bad = np.zeros(len(next(iter(host.values()))), bool)
+    for v in host.values():
+        bad |= ~np.isfinite(v)
+    if bad.any():
+        i = int(bad.argmax())
+        check_finite({f"{k} = {v[i]}": v[i] for k, v in host.items() if not np.isfinite(v[i])}, phase,
+                     f"update {updates_before + i + 1}")
+    return {f"{phase}/{k}": float(v.mean()) for k, v in host.items()}
+
+
+# ---------------------------------------------------------------------------------------------- training
+def default_run_dir(cfg) -> Path:
+    return Path("runs") / "o2ppo" / cfg.dataset_id.replace("/", "_") / f"seed{cfg.seed}"
+
+
+def _check_resume_config(saved: Path, cfg: TrainConfig):
+    with open(saved) as f:
+        old = pyrallis.load(TrainConfig, f)
+    free = {"resume", "offline_checkpoint", "wandb_mode", "run_dir"}
+    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in free
+            and getattr(old, k) != getattr(cfg, k)}
+    if diff:
+        raise ValueError(f"--resume with a config that differs from the checkpoint's ({saved}): "
+                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+
+
+def score_of(record: dict) -> float:
+    return record.get("normalized_score", record["return"])
+
+
+def train(cfg: TrainConfig) -> dict:
+    """IQL pre-training, value re-evaluation, constrained PPO; returns the last evaluation record and paths."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
+    cfg.name = cfg.name or f"o2ppo-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}"
+    goal_task = "antmaze" in cfg.dataset_id
+    if cfg.value_alignment:
+        print("note: value_alignment has no effect in O2PPO (the official O2PPO has no value-alignment step)")
+
+    # data and envs
+    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+    env, eval_env = data.make_env(cfg.dataset_id), data.make_env(cfg.dataset_id)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {env.observation_space.shape}/"
+                                f"{env.action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    try:
+        refs = data.reference_scores(cfg.dataset_id)
+    except data.DatasetError as e:
+        print(f"warning: {e}; logging raw returns only")
+        refs = None
+    h = make_hyper(cfg, obs_dim, act_dim)
+    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+    mc_targets, dataset_scaler = reevaluation_targets(ds.rewards, ds.terminals, ds.timeouts, cfg.discount,
+                                                      cfg.mc_returns_across_timeouts, cfg.dynamic_reward_scaling)
+    k_iql, k_reeval, k_ppo = (jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i) for i in range(3))
+    k_value_init, k_reeval_updates = jax.random.split(k_reeval)
+
+    def template(kind):
+        if kind == "iql":
+            return init_iql_state(h, k_iql, obs_mean, obs_std)
+        actor = actor_net(h).init(jax.random.PRNGKey(0), jnp.zeros((1, h.obs_dim)))["params"]
+        value = init_ppo_value(h, k_value_init)
+        if kind == "reeval":
+            return make_reeval_state(h, actor, value, k_reeval_updates, obs_mean, obs_std)
+        return make_ppo_state(h, actor, value, k_ppo, obs_mean, obs_std)
+
+    meta = {"phase": "offline", "kind": "iql", "updates": 0, "reeval_updates": 0, "ppo_updates": 0, "env_steps": 0,
+            "act_key": np.asarray(jax.random.PRNGKey(cfg.seed + 1)),
+            "env_rng": None, "eval_lines": 0, "episodes": 0, "wandb_id": None, "last_eval": None, "best_score": None,
+            "online_evals": 0, "kl_to_ref": 0.0, "scaler": None, "rollout": None, "last_eval_step": -1,
+            "wall_time": 0.0}
+    state, loaded = None, None
+    latest = find_checkpoint(ckpt_dir / "latest")
+    if cfg.resume and latest is not None:
+        _check_resume_config(latest / "config.yaml", cfg)
+        meta = read_meta(latest)
+        state = load_tree(latest / "state.npz", template(meta["kind"]))
+        print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} IQL updates, "
+              f"{meta['reeval_updates']} re-evaluation updates, {meta['env_steps']} online env steps")
+    else:
+        if cfg.resume:
+            print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        (run_dir / "eval.jsonl").unlink(missing_ok=True)
+        if cfg.offline_checkpoint:
+            src = find_checkpoint(Path(cfg.offline_checkpoint))
+            if src is None:
+                raise FileNotFoundError(f"--offline_checkpoint {cfg.offline_checkpoint}: no checkpoint there "
+                                        "(expected a directory with state.npz and meta.pkl, e.g. "
+                                        "<run_dir>/checkpoints/offline of o2ppo.py or iql.py)")
+            actor_params, om, osd, src_updates = load_offline_actor(src, h, cfg.seed)
+            src_cfg = src / "config.yaml"
+            if src_cfg.exists():
+                import yaml
+                src_ds = (yaml.safe_load(src_cfg.read_text()) or {}).get("dataset_id")
+                if src_ds and src_ds != cfg.dataset_id:
+                    print(f"warning: the offline checkpoint was trained on {src_ds}, fine-tuning on {cfg.dataset_id}")
+            loaded = (actor_params, om, osd)
+            meta.update(phase="load_offline", updates=src_updates)
+            print(f"loaded the offline actor from {src} ({meta['updates']} updates)")
+        else:
+            state = template("iql")
+    with open(run_dir / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if meta["wandb_id"] is None:
+        meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
+    logger = Logger(cfg, run_dir, meta["wandb_id"], meta["eval_lines"])
+    act_key = jnp.asarray(meta["act_key"])
+    wall_before = meta["wall_time"]
+    scaler = RewardScaler(cfg.discount, meta["scaler"]) if meta["scaler"] is not None else dataset_scaler
+
+    def weight(t):
+        return max(1.0 - t / cfg.end_steps, 0.0) if cfg.constrained_finetuning else 0.0
+
+    def eval_record(phase, updates):
+        """Deterministic evaluation of the current actor (+ the PPO V along the episodes after phase 1)."""
+        if phase == "offline":
+            def policy(o):
+                return act_deterministic(state.actor.params, state.obs_mean, state.obs_std, o, h), None
+        else:
+            def policy(o):
+                return act_deterministic_with_value(state.actor.params, state.value.params, state.obs_mean,
+                                                    state.obs_std, o, h)
+        record = {"seed": cfg.seed, "phase": phase, "updates": int(updates), "env_steps": int(meta["env_steps"])}
+        record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                               goal_task, refs, cfg.discount))
+        record.update(w_t=weight(meta["env_steps"]), kl_to_ref=float(meta["kl_to_ref"]))
+        return record
+
+    def log_record(record):
+        record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+        logger.log_eval(record)
+        meta["eval_lines"], meta["last_eval"] = logger.eval_lines, record
+
+    def checkpoint(name="latest"):
+        meta["act_key"] = np.asarray(act_key)
+        meta["scaler"] = scaler.state()
+        meta["wall_time"] = wall_before + time.time() - t_start
+        save_checkpoint(ckpt_dir / name, state, meta, cfg)
+
+    def start_finetuning(actor_params, om, osd):
+        """Hand-off after the offline phase: re-evaluation state, or directly the PPO state."""
+        nonlocal state
+        value_params = init_ppo_value(h, k_value_init)
+        if cfg.policy_reevaluation:
+            state = make_reeval_state(h, actor_params, value_params, k_reeval_updates, om, osd)
+            meta.update(phase="reevaluation", kind="reeval")
+        else:
+            start_online(actor_params, value_params, om, osd)
+
+    def start_online(actor_params, value_params, om, osd):
+        nonlocal state
+        actor_params = cap_log_std(actor_params, cfg.std_cap)
+        state = make_ppo_state(h, actor_params, value_params, k_ppo, om, osd)
+        meta.update(phase="online", kind="ppo", best_score=score_of(meta["last_eval"]))
+
+    # ---- phase 1: offline IQL pre-training
+    if meta["phase"] == "offline":
+        buffer = Buffer(*(jnp.asarray(x, jnp.float32) for x in (
+            ds.observations, ds.actions, ds.rewards * cfg.iql_reward_scale + cfg.iql_reward_bias,
+            ds.next_observations, ds.terminals)))
+        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"], desc="O2PPO offline IQL", mininterval=5)
+        while meta["updates"] < cfg.offline_updates:
+            state, metrics = iql_block(state, buffer, h)
+            logged = block_metrics(metrics, "offline", meta["updates"])
+            meta["updates"] += cfg.update_block
+            bar.update(cfg.update_block)
+            logger.log({**logged, "offline/updates": meta["updates"]})
+            if meta["updates"] % cfg.offline_eval_every == 0 or meta["updates"] == cfg.offline_updates:
+                log_record(eval_record("offline", meta["updates"]))
+                bar.set_postfix(score=score_of(meta["last_eval"]))
+                if meta["updates"] < cfg.offline_updates:
+                    checkpoint()
+        bar.close()
+        del buffer
+        if meta["last_eval"] is None:  # offline_updates == 0: still report the starting policy
+            log_record(eval_record("offline", meta["updates"]))
+        checkpoint("offline")
+        start_finetuning(state.actor.params, state.obs_mean, state.obs_std)
+        checkpoint()
+    elif meta["phase"] == "load_offline":
+        actor_params, om, osd = loaded
+        state = make_reeval_state(h, actor_params, init_ppo_value(h, k_value_init), k_reeval_updates, om, osd)
+        log_record(eval_record("offline", meta["updates"]))  # the score before fine-tuning (actor only)
+        start_finetuning(actor_params, om, osd)
+        checkpoint()
+
+    # ---- phase 2: value re-evaluation on the dataset's Monte-Carlo returns
+    if meta["phase"] == "reevaluation":
+        obs_dev, mc_dev = jnp.asarray(ds.observations, jnp.float32), jnp.asarray(mc_targets, jnp.float32)
+        bar = tqdm(total=cfg.reevaluation_updates, initial=meta["reeval_updates"], desc="O2PPO value re-evaluation",
+                   mininterval=5)
+        while meta["reeval_updates"] < cfg.reevaluation_updates:
+            state, metrics = reeval_block(state, obs_dev, mc_dev, h)
+            logged = block_metrics(metrics, "reevaluation", meta["reeval_updates"])
+            meta["reeval_updates"] += cfg.update_block
+            bar.update(cfg.update_block)
+            logger.log({**logged, "reevaluation/updates": meta["reeval_updates"]})
+            if (meta["reeval_updates"] % cfg.reevaluation_eval_every == 0
+                    or meta["reeval_updates"] == cfg.reevaluation_updates):
+                record = eval_record("reevaluation", meta["reeval_updates"])
+                record["value_loss"] = logged["reevaluation/value_loss"]
+                log_record(record)
+                bar.set_postfix(value_loss=logged["reevaluation/value_loss"], v_start=record.get("value_start"))
+                if meta["reeval_updates"] < cfg.reevaluation_updates:
+                    checkpoint()
+        bar.close()
+        del obs_dev, mc_dev
+        start_online(state.actor.params, state.value.params, state.obs_mean, state.obs_std)
+        checkpoint()
+
+    # ---- phase 3: constrained PPO fine-tuning
+    if meta["phase"] == "online":
+        if meta["env_rng"] is not None:
+            env_rng_restore(env, meta["env_rng"], cfg.seed)
+        first_reset = meta["env_rng"] is None
+        n = cfg.rollout_length
+        roll = {k: np.zeros((n,) + s, np.float32) for k, s in
+                (("obs", (obs_dim,)), ("act", (act_dim,)), ("logp", (act_dim,)), ("rew", ()),
+                 ("next_obs", (obs_dim,)), ("terminal", ()), ("done", ()))}
+        count = 0
+        if meta["rollout"] is not None:
+            count = meta["rollout"]["count"]
+            for k in roll:
+                roll[k][:count] = meta["rollout"][k]
+        recent, pending_checkpoint = [], False
+        bar = tqdm(total=cfg.online_steps, initial=meta["env_steps"], desc="O2PPO online", mininterval=5)
+        while meta["env_steps"] < cfg.online_steps:
+            obs, _ = env.reset(seed=cfg.seed if first_reset else None)
+            first_reset, ep_ret, ep_len, done = False, 0.0, 0, False
+            scaler.reset()
+            while not done and meta["env_steps"] < cfg.online_steps:
+                action, logp, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std,
+                                                    np.asarray(obs, np.float32), act_key, h)
+                action = np.asarray(action)
+                next_obs, r, term, trunc, info = env.step(action)
+                term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                done = term or trunc
+                r_train = scaler(float(r)) if cfg.dynamic_reward_scaling else float(r)
+                for k, v in (("obs", obs), ("act", action), ("logp", np.asarray(logp)), ("rew", r_train),
+                             ("next_obs", next_obs), ("terminal", float(term)), ("done", float(done))):
+                    roll[k][count] = v
+                count += 1
+                meta["env_steps"] += 1
+                ep_ret, ep_len, obs = ep_ret + float(r), ep_len + 1, next_obs
+                if count == n:
+                    batch = Rollout(**{k: jnp.asarray(v) for k, v in roll.items()})
+                    state, metrics = ppo_update(state, batch, jnp.asarray(meta["env_steps"], jnp.int32), h)
+                    host = {k: float(v) for k, v in metrics.items()}
+                    check_finite(host, "online", f"PPO update at env step {meta['env_steps']}")
+                    count = 0
+                    meta["ppo_updates"] += cfg.ppo_epochs * (n // cfg.minibatch_size)
+                    meta["kl_to_ref"] = host["kl_to_ref"]
+                    logger.log({**{f"online/{k}": v for k, v in host.items()}, "online/env_steps": meta["env_steps"],
+                                "online/updates": meta["ppo_updates"]})
+                if meta["env_steps"] % cfg.evaluate_freq == 0:
+                    record = eval_record("online", meta["ppo_updates"])
+                    meta["online_evals"] += 1
+                    score = score_of(record)
+                    # reference := the evaluated policy if it beats the best score so far (official default)
+                    updated = (score > meta["best_score"] if cfg.refer_with_optimal_pi
+                               else meta["online_evals"] % cfg.update_n == 0)
+                    meta["best_score"] = max(meta["best_score"], score)
+                    if updated:
+                        state = state._replace(ref_actor=state.actor.params)
+                    record.update(best_score=meta["best_score"], reference_updated=updated)
+                    log_record(record)
+                    meta["last_eval_step"] = meta["env_steps"]
+                    bar.set_postfix(score=score, train_return=np.mean(recent) if recent else 0.0)
+                    pending_checkpoint = True
+            bar.update(ep_len)
+            if done:
+                meta["episodes"] += 1
+                recent = (recent + [ep_ret])[-10:]
+                logger.log({"online/episode_return": ep_ret, "online/episode_length": ep_len,
+                            "online/env_steps": meta["env_steps"]})
+                if pending_checkpoint and meta["env_steps"] < cfg.online_steps:
+                    meta["env_rng"] = env_rng_snapshot(env)
+                    meta["rollout"] = {"count": count, **{k: v[:count].copy() for k, v in roll.items()}}
+                    checkpoint()
+                    pending_checkpoint = False
+        bar.close()
+        if meta["last_eval_step"] != meta["env_steps"]:
+            record = eval_record("online", meta["ppo_updates"])
+            record.update(best_score=max(meta["best_score"], score_of(record)), reference_updated=False)
+            log_record(record)
+        meta.update(phase="done", rollout=None)
+        checkpoint()
+    elif meta["phase"] == "done":
+        print(f"run in {run_dir} already finished")
+    logger.close()
+    env.close()
+    eval_env.close()
+    summary = summarize(run_dir / "eval.jsonl")
+    return {"last_eval": meta["last_eval"], "run_dir": str(run_dir), "updates": meta["updates"],
+            "reevaluation_updates": meta["reeval_updates"], "ppo_updates": meta["ppo_updates"],
+            "env_steps": meta["env_steps"], **summary}
+
+
+def summarize(eval_path: Path) -> dict:
+    """Score at the end of pre-training vs at the end of fine-tuning (normalised score, else return)."""
+    records = [json.loads(line) for line in eval_path.read_text().splitlines()] if eval_path.exists() else []
+    key = "normalized_score" if records and "normalized_score" in records[0] else "return"
+    offline = [r[key] for r in records if r["phase"] == "offline"]
+    online = [r[key] for r in records if r["phase"] == "online"]
+    out = {"before_finetuning": offline[-1] if offline else None, "after_finetuning": online[-1] if online else None,
+           "best_online": max(online) if online else None}
+    if offline and online:
+        print(f"{key.replace('_', ' ')}: {out['before_finetuning']:.2f} after pre-training -> "
+              f"{out['after_finetuning']:.2f} after fine-tuning (best {out['best_online']:.2f}; eval log: {eval_path})")
+    return out
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` means `--resume true`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "true")
+    return pyrallis.parse(config_class=TrainConfig, args=argv)
+
+
+if __name__ == "__main__":
+    train(parse_config())
