@@ -7,7 +7,8 @@
     python benchmarks/report.py reduced                # table, curves and README section from that CSV
 
 A protocol (benchmarks/protocols/*.yaml) names `algorithms` (each with overrides of its TrainConfig, e.g.
-budgets), `datasets`, `seeds`, optional `common` overrides for every algorithm, `env` variables, `output_root`
+budgets; an entry `o2td3-naive: {script: o2td3, ...}` runs a variant of algorithms/o2td3.py under its own
+label), `datasets`, `seeds`, optional `common` overrides for every algorithm, `env` variables, `output_root`
 and `command` (the command template; placeholders {python} {algo} {config} {seed} {run_dir} {dataset}). Each
 run is one subprocess, by default
 
@@ -192,7 +193,7 @@ class Run:
 
     def args(self, command) -> list:
         """The command line without --resume (also what done.json records)."""
-        fmt = dict(python=sys.executable, algo=self.algo, config=str(self.config), seed=self.seed,
+        fmt = dict(python=sys.executable, algo=self.script.stem, config=str(self.config), seed=self.seed,
                    run_dir=str(self.run_dir), dataset=self.dataset)
         out = [str(part).format(**fmt) for part in command]
         if self.multi_seed:
@@ -249,10 +250,12 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
     errors, plan = [], Plan(protocol, root)
     algos, datasets, seeds = protocol["algorithms"], list(protocol["datasets"]), list(protocol["seeds"])
     present = {p.stem for p in (root / "algorithms").glob("*.py") if p.stem != "data"}
+    # an entry's name is its label; `script: <algo>` runs a variant of another script (e.g. an ablation)
+    scripts = {a: str((o or {}).get("script", a)) for a, o in algos.items()}
     for a in algos:
-        if a not in KNOWN_ALGORITHMS and a not in present:
-            hint = _suggest(a, set(KNOWN_ALGORITHMS) | present)
-            errors.append(f"unknown algorithm '{a}' (no algorithms/{a}.py){hint}")
+        if scripts[a] not in KNOWN_ALGORITHMS and scripts[a] not in present:
+            hint = _suggest(scripts[a], set(KNOWN_ALGORITHMS) | present)
+            errors.append(f"unknown algorithm '{scripts[a]}' (no algorithms/{scripts[a]}.py){hint}")
     known = known_datasets(root)
     for d in datasets:
         if d not in known:
@@ -269,15 +272,16 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
     for a, overrides in algos.items():
         if filters and not any(a in f.get("algo", {a}) for f in filters):
             continue  # not selected by --only: neither checked nor run
-        script = Path("algorithms") / f"{a}.py"
-        cfg_dir = root / "configs" / a
+        script = Path("algorithms") / f"{scripts[a]}.py"
+        cfg_dir = root / "configs" / scripts[a]
         if not (root / script).exists() or not any(cfg_dir.rglob("*.yaml")):
             what = f"{script} does not exist" if not (root / script).exists() else f"configs/{a}/ has no YAML"
             msg = f"{a}: {what} yet; skipped"
             (errors if strict else plan.skipped).append(msg + (" (--strict)" if strict else ""))
             continue
         fields = config_fields(root / script) if check_overrides else None
-        merged = {**protocol["common"], **overrides}
+        merged = {**protocol["common"], **(overrides or {})}
+        merged.pop("script", None)
         num_seeds = merged.pop("num_seeds", None)
         if num_seeds is not None and (not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds < 1):
             errors.append(f"{a}: num_seeds must be a positive integer, got {num_seeds!r}")
@@ -293,7 +297,7 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
                 errors.append(f"{a}: override '{k}' (from `{where}`) is not a field of TrainConfig in "
                               f"{script}{_suggest(k, fields)}")
         for d in datasets:
-            config = Path("configs") / a / f"{d}.yaml"
+            config = Path("configs") / scripts[a] / f"{d}.yaml"
             if not (root / config).exists():
                 errors.append(f"{a}: no config {config} for dataset '{d}' (generate it with "
                               "configs/make_configs.py, or drop the dataset)")
