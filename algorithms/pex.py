@@ -1,0 +1,1103 @@
+"""PEX (single file, JAX): IQL pre-training on a Minari dataset, then online fine-tuning by Policy Expansion.
+
+Paper:  Zhang, Xu, Yu, "Policy Expansion for Bridging Offline-to-Online Reinforcement Learning", ICLR 2023,
+        https://arxiv.org/abs/2302.00935.
+Official code: https://github.com/Haichao-Zhang/PEX @ b0ae11e17e5fd9ae38840748ce043aff895e952b (PyTorch:
+        `main_offline.py`, `main_online.py --algorithm pex`, `pex/algorithms/{iql,pex}.py`, `pex/networks/*`,
+        `pex/utils/util.py`).
+
+What is implemented (official semantics unless listed below):
+  * offline: IQL. V(s) by expectile regression on min_i Qbar_i(s,a) - V(s); Q_i by TD towards
+    r + gamma (1-d) V(s') with the pre-update V; Polyak target Qbar; Gaussian actor (tanh mean, state-
+    independent log-std, not squashed) by advantage-weighted regression mean(min(exp(beta adv), 100) *
+    -log pi(a|s)) with the actor LR cosine-decayed to 0 over the offline updates. The offline state, its
+    networks and their parameter names are those of `algorithms/iql.py`, so an offline checkpoint of either
+    file starts the fine-tuning of the other (`--offline_checkpoint`, see "Reusing an IQL pre-training");
+  * online (policy expansion): the offline actor pi_off is frozen, a NEW Gaussian policy pi (randomly
+    initialised) is added beside it. Each action is chosen between the candidates
+        a1 = mean of pi_off(s)   (its mode),     a2 ~ pi(s),
+    with probabilities P(k) = softmax_k(inv_temperature * min_i Q_i(s, a_k)) (online critic, not the target);
+    w ~ P and the action is a_w;
+  * online update (1 per env step once `initial_collection_steps` online transitions exist): the IQL V and Q
+    steps and the target EMA on a batch of 50 % offline + 50 % online transitions (`offline_fraction`), then
+    pi by AWR on COMPOSITE actions re-drawn at the batch states with the updated critic:
+        a_c = composite(s),  adv = min_i Qbar_i(s, a_c) - V(s)  (updated V and target),
+        L_pi = mean(min(exp(beta adv), 100) * -log pi(a_c|s));
+    constant LR online; Q and V keep their weights (and the target its own) with fresh Adam states (the
+    official PEX object creates new optimisers and then loads the offline weights);
+  * evaluation online: epsilon-greedy with epsilon = `eval_epsilon` (0.1) for both the new policy's action
+    (mean, else a sample) and the gate (argmax, else a sample), as the official `select_action(evaluate=True)`;
+    offline: the mean action of the IQL actor (official `main_offline.py`). Each online evaluation also logs
+    the fraction of actions taken from the new policy, the mean gate probability of the new policy and the
+    mean Q of each candidate;
+  * data: rewards `reward_scale * r + reward_bias` (official: raw MuJoCo rewards, AntMaze r - 1) offline and
+    online, no state normalisation by default (official); only true terminations are terminal, time-limit
+    truncations bootstrap (official: `0 if episode_steps == _max_episode_steps else done`).
+
+Networks (ALGORITHMS.md 3.1 vs CORL's IQL 5.1): the structure is the same in both (MLP-ReLU -> Linear -> tanh
+mean, state-independent log-std; two Q MLPs; one V MLP; 256-256), here with the Q heads as a vmapped ensemble
+(`n_critics`). They differ in two details that do not change the parameters, so both are config switches:
+`actor_init: xavier` (official PEX: xavier-uniform actor weights, zero biases; `torch` = PyTorch-default
+init as in CORL/iql.py) and `log_std_min: -5` (official PEX; CORL/iql.py: -20). Q and V use PyTorch's
+default init in both.
+
+Deviations (and the switch that restores the reference behaviour where one exists):
+  1. Evaluation runs on a separate env seeded with `eval_seed` (official: the training env, mid-episode).
+     Its randomness (epsilon-greedy, gate samples) comes from a key derived from `eval_seed` and the online
+     env-step count, so evaluations are reproducible and a resumed run repeats them exactly.
+  2. Online updates run in jitted blocks: the agent collects up to `online_block` env steps with a fixed
+     policy (a block also ends at an episode end), appends them, then does one update per env step taken
+     after the initial collection (lax.scan blocks of `update_block`, a lax.fori_loop for the remainder).
+     The official loop updates once before every env step; `online_block: 1` is close to that.
+  3. Online evaluations and checkpoints happen at the first episode end after every `online_eval_every` env
+     steps (not mid-episode), so a resumed run reproduces an uninterrupted one bit for bit on CPU.
+  4. `clip_actions: true` clips the new policy's action to [-1, 1] before the gate, so the gated, stored,
+     executed and AWR-trained action is the same; the official code gates, stores and trains on the unclipped
+     Gaussian sample and MuJoCo clips the control (`clip_actions: false` does that; the env always receives
+     the clipped action).
+  5. The online replay is a device array without eviction, sampled with replacement (official: FIFO list of
+     1e6 transitions, `random.sample` without replacement within a batch; eviction only matters beyond 1e6).
+  6. `terminate_on_success` (AntMaze configs) ends an episode as terminal when info['success'] is True,
+     reproducing D4RL's AntMaze `eval=True` semantics on the continuing-task Minari environments.
+  7. Datasets are Minari's: AntMaze `D4RL/antmaze/*-v1` (official: D4RL antmaze-*-v0) and this project's
+     local `o2o/...` locomotion suite (official: D4RL *-v2). The locomotion expectile/beta (0.9 / 10) are the
+     official README's locomotion example; per-task values of the paper are unverified.
+  8. `reset_optimizers: false` keeps the offline Adam states of Q and V online (as iql.py does); `normalize`
+     and `normalize_reward_by_returns` (off by default, as in the official code) exist so that an iql.py
+     pre-training with its CORL settings can be reused.
+  9. AntMaze configs evaluate the offline phase every 50k updates with `eval_episodes` (100) episodes
+     (official: 10 episodes every 10k steps); online every 10k env steps with 100 episodes (official README).
+
+Reusing an IQL pre-training: `--offline_checkpoint <run>/checkpoints/offline` accepts the offline checkpoint
+of iql.py or pex.py. Its config must have the same dataset, `hidden_dims`, `n_critics`, `discount`, state
+normalisation and reward transformation as this run (else a clear error lists the overrides to pass); the
+expectile/beta of the pre-training may differ (they only matter for the updates that follow). E.g. with the
+iql.py AntMaze configs (which normalise states): `python algorithms/pex.py --config_path
+configs/pex/D4RL/antmaze/umaze-v1.yaml --normalize true --offline_checkpoint runs/iql/<...>/checkpoints/offline`.
+
+Not implemented: the official script's baselines (`scratch`, `buffer`, `direct`: iql.py covers `direct`-like
+fine-tuning), `--num_seeds` (one seed per process; the state is a pytree with the RNG key inside, ready for vmap).
+
+Usage:
+    python algorithms/pex.py --config_path configs/pex/quickstart.yaml
+    python algorithms/pex.py --config_path configs/pex/quickstart.yaml --resume          # continue a killed run
+    python algorithms/pex.py --config_path ... --offline_checkpoint runs/iql/.../checkpoints/offline
+Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation), checkpoints/{latest,offline},
+checkpoints/buffer/ (online transitions, appended at each checkpoint), wandb/ (mode `wandb_mode`, or the
+WANDB_MODE environment variable when set).
+"""
+
+import json
+import math
+import os
+import pickle
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, List, NamedTuple, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data  # noqa: E402  (the project's shared dataset utility)
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pyrallis  # noqa: E402
+
+LOG_STD_MAX = 2.0  # upper clamp of the state-independent log-std (official PEX and CORL)
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    # experiment
+    dataset_id: str = "D4RL/antmaze/umaze-v1"  # Minari dataset id (also gives the env), see algorithms/data.py
+    seed: int = 0  # seed of networks, sampling, exploration and the training env
+    eval_seed: int = 100  # seed of the evaluation env (re-seeded at the start of every evaluation)
+    run_dir: str = ""  # output directory; "" = runs/pex/<dataset_id>/seed<seed>
+    project: str = "o2o-jax"  # wandb project
+    group: str = "pex"  # wandb group
+    name: str = ""  # wandb run name; "" = pex-<dataset_id>-seed<seed>
+    wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
+    resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
+    offline_checkpoint: str = ""  # skip pre-training: start from this offline checkpoint dir (iql.py or pex.py)
+    # schedule
+    offline_updates: int = 1_000_000  # gradient steps of IQL pre-training (official --num_steps 1e6)
+    online_steps: int = 1_000_000  # env steps of online fine-tuning (official --total_env_steps 1e6)
+    initial_collection_steps: int = 5000  # online transitions collected before the first online update
+    update_block: int = 1000  # updates per jitted lax.scan block (a smaller remainder runs in one fori_loop)
+    online_block: int = 50  # max env steps collected with a fixed policy before their updates run
+    offline_eval_every: int = 50_000  # offline updates between evaluations (+ checkpoint)
+    online_eval_every: int = 10_000  # online env steps between evaluations (+ checkpoint), at episode ends
+    eval_episodes: int = 100  # evaluation episodes per evaluation (official README: 100 AntMaze, 10 MuJoCo)
+    # data
+    batch_size: int = 256  # transitions per gradient step
+    offline_fraction: float = 0.5  # online phase: fraction of each batch drawn from the offline data
+    discount: float = 0.99  # gamma
+    normalize: bool = False  # normalise states with the dataset mean / std (+1e-3) (official PEX: no)
+    reward_scale: float = 1.0  # r <- reward_scale * r + reward_bias, offline and online
+    reward_bias: float = -1.0  # AntMaze: r - 1 (official `get_env_and_dataset`); MuJoCo: 0
+    normalize_reward_by_returns: bool = False  # first scale r by 1000 / (max - min dataset episode return)
+    terminate_on_success: bool = True  # end episodes as terminal when info['success'] (D4RL AntMaze eval=True)
+    # IQL (offline and online)
+    expectile: float = 0.9  # tau of the expectile value loss (official --tau)
+    beta: float = 10.0  # inverse temperature of the advantage weights (official --beta)
+    exp_adv_max: float = 100.0  # clip of exp(beta * adv)
+    tau: float = 0.005  # Polyak rate of the target Q networks (official --target_update_rate)
+    actor_lr: float = 3e-4  # Adam LR of the actors (offline: cosine decay, see offline_cosine; online: constant)
+    critic_lr: float = 3e-4  # Adam LR of the Q ensemble
+    value_lr: float = 3e-4  # Adam LR of V
+    offline_cosine: bool = True  # offline actor LR: cosine decay to 0 over offline_updates (official)
+    hidden_dims: List[int] = field(default_factory=lambda: [256, 256])  # hidden widths of actor, Q and V MLPs
+    n_critics: int = 2  # Q ensemble size (min over members everywhere)
+    actor_init: str = "xavier"  # xavier (official PEX) | torch (PyTorch default, CORL / iql.py) actor init
+    log_std_min: float = -5.0  # lower clamp of the actors' log-std (official PEX -5; CORL / iql.py -20)
+    # PEX (online)
+    inv_temperature: float = 10.0  # gate: P(k) = softmax_k(inv_temperature * Q(s, a_k)) (official 10)
+    eval_epsilon: float = 0.1  # evaluation: epsilon-greedy policy sample and gate (official 0.1; 0 = greedy)
+    clip_actions: bool = True  # clip the new policy's action to [-1, 1] before the gate (deviation 4)
+    reset_optimizers: bool = True  # fresh Adam states for Q and V online (official); false keeps them
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"invalid config: {msg}")
+        for name in ("update_block", "online_block", "offline_eval_every", "online_eval_every", "eval_episodes",
+                     "batch_size", "n_critics"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        need(self.offline_updates >= 0 and self.online_steps >= 0, "offline_updates/online_steps must be >= 0")
+        need(self.initial_collection_steps >= 0,
+             f"initial_collection_steps must be >= 0, got {self.initial_collection_steps}")
+        need(self.offline_updates % self.update_block == 0,
+             f"offline_updates={self.offline_updates} must be a multiple of update_block={self.update_block}")
+        need(self.offline_eval_every % self.update_block == 0,
+             f"offline_eval_every={self.offline_eval_every} must be a multiple of update_block={self.update_block}")
+        need(self.wandb_mode in ("online", "offline", "disabled"),
+             f"wandb_mode must be online|offline|disabled, got {self.wandb_mode!r}")
+        need(0.0 < self.expectile < 1.0, f"expectile must be in (0, 1), got {self.expectile}")
+        need(0.0 < self.offline_fraction < 1.0, f"offline_fraction must be in (0, 1), got {self.offline_fraction}")
+        need(0 < int(self.batch_size * self.offline_fraction) < self.batch_size,
+             "batch_size * offline_fraction must leave rows for both offline and online data")
+        need(self.actor_init in ("xavier", "torch"), f"actor_init must be xavier|torch, got {self.actor_init!r}")
+        need(self.log_std_min < LOG_STD_MAX, f"log_std_min must be < {LOG_STD_MAX}, got {self.log_std_min}")
+        need(self.inv_temperature >= 0, f"inv_temperature must be >= 0, got {self.inv_temperature}")
+        need(0.0 <= self.eval_epsilon <= 1.0, f"eval_epsilon must be in [0, 1], got {self.eval_epsilon}")
+        need(len(self.hidden_dims) > 0 and all(h > 0 for h in self.hidden_dims), "hidden_dims must be positive")
+
+
+class Hyper(NamedTuple):
+    """Static (hashable) hyper-parameters the jitted functions are specialised on."""
+    obs_dim: int
+    act_dim: int
+    hidden: tuple
+    n_critics: int
+    xavier_actor: bool
+    log_std_min: float
+    batch_size: int
+    offline_rows: int  # rows of an online-phase batch drawn from the offline data
+    block: int
+    discount: float
+    tau: float
+    expectile: float
+    beta: float
+    exp_adv_max: float
+    actor_lr: float
+    critic_lr: float
+    value_lr: float
+    offline_updates: int
+    offline_cosine: bool
+    inv_temperature: float
+    clip_actions: bool
+
+
+def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
+    return Hyper(obs_dim, act_dim, tuple(cfg.hidden_dims), cfg.n_critics, cfg.actor_init == "xavier",
+                 float(cfg.log_std_min), cfg.batch_size, int(cfg.batch_size * cfg.offline_fraction),
+                 cfg.update_block, cfg.discount, cfg.tau, cfg.expectile, cfg.beta, cfg.exp_adv_max, cfg.actor_lr,
+                 cfg.critic_lr, cfg.value_lr, cfg.offline_updates, cfg.offline_cosine, float(cfg.inv_temperature),
+                 cfg.clip_actions)
+
+
+# ---------------------------------------------------------------------------------------------- networks
+class TorchLinear(nn.Module):
+    """Dense layer; PyTorch's default init (weights and biases ~ U(+-1/sqrt(fan_in))) or, with `xavier`,
+    xavier-uniform weights and zero biases (official PEX actor). Same parameter names as iql.py's."""
+    features: int
+    xavier: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        if self.xavier:
+            kernel_init, bias_init = nn.initializers.xavier_uniform(), nn.initializers.zeros
+        else:
+            bound = 1.0 / math.sqrt(x.shape[-1])
+            kernel_init = bias_init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(  # noqa: E731
+                key, shape, dtype, -bound, bound)
+        kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", bias_init, (self.features,))
+        return x @ kernel + bias
+
+
+class GaussianActor(nn.Module):
+    """N(tanh(MLP(s)), exp(log_std)^2) with a learnable state-independent log-std (PEX / CORL GaussianPolicy)."""
+    act_dim: int
+    hidden: tuple
+    log_std_min: float
+    xavier: bool
+
+    @nn.compact
+    def __call__(self, obs):
+        x = obs
+        for h in self.hidden:
+            x = nn.relu(TorchLinear(h, self.xavier)(x))
+        mean = jnp.tanh(TorchLinear(self.act_dim, self.xavier)(x))
+        log_std = self.param("log_std", nn.initializers.zeros, (self.act_dim,))
+        return mean, jnp.clip(log_std, self.log_std_min, LOG_STD_MAX)
+
+
+class QNet(nn.Module):
+    hidden: tuple
+
+    @nn.compact
+    def __call__(self, obs, act):
+        x = jnp.concatenate([obs, act], -1)
+        for h in self.hidden:
+            x = nn.relu(TorchLinear(h)(x))
+        return TorchLinear(1)(x)[..., 0]
+
+
+class VNet(nn.Module):
+    hidden: tuple
+
+    @nn.compact
+    def __call__(self, obs):
+        x = obs
+        for h in self.hidden:
+            x = nn.relu(TorchLinear(h)(x))
+        return TorchLinear(1)(x)[..., 0]
+
+
+def critic_ensemble(hidden: tuple, n: int) -> nn.Module:
+    """`n` Q networks with independent parameters, evaluated on the same inputs: output [n, ...]."""
+    return nn.vmap(QNet, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
+                   axis_size=n)(hidden=hidden)
+
+
+def networks(h: Hyper):
+    """(actor, Q ensemble, V); the offline and the new policy are two parameter sets of the same actor."""
+    actor = GaussianActor(h.act_dim, h.hidden, h.log_std_min, h.xavier_actor)
+    return actor, critic_ensemble(h.hidden, h.n_critics), VNet(h.hidden)
+
+
+# ---------------------------------------------------------------------------------------------- maths
+def expectile_loss(u, expectile):
+    """|expectile - 1[u < 0]| * u^2, elementwise (u = target - prediction)."""
+    return jnp.abs(expectile - (u < 0).astype(u.dtype)) * u ** 2
+
+
+def gaussian_log_prob(mean, log_std, x):
+    """log N(x; mean, exp(log_std)^2) summed over the last axis."""
+    z = (x - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi), -1)
+
+
+def awr_weights(adv, beta, exp_adv_max):
+    """Advantage weights min(exp(beta * adv), exp_adv_max) (no gradient through adv)."""
+    return jnp.minimum(jnp.exp(beta * jax.lax.stop_gradient(adv)), exp_adv_max)
+
+
+def gate_logits(q, inv_temperature):
+    """PEX gate: logits inv_temperature * Q over the candidate axis (last); probabilities = softmax(logits)."""
+    return inv_temperature * q
+
+
+def composite_action(offline_actor_params, actor_params, critic_params, obs, key, epsilon, h: Hyper):
+    """PEX action selection at (normalised) states `obs` [..., obs_dim].
+
+    a1 = mean of the frozen offline policy; a2 = the new policy's sample, or its mean with probability
+    1 - epsilon; P = softmax(inv_temperature * [min_i Q_i(s, a1), min_i Q_i(s, a2)]); w = a sample of P, or
+    argmax P with probability 1 - epsilon. epsilon = 1: training (always sample), epsilon = 0.1: official
+    evaluation. Returns (a_w, info) with info = w (1 = new policy), p_new = P(w = 1), q_offline, q_new."""
+    actor, critic, _ = networks(h)
+    k_sample, k_greedy_a, k_gate, k_greedy_w = jax.random.split(key, 4)
+    a1, _ = actor.apply({"params": offline_actor_params}, obs)
+    mean, log_std = actor.apply({"params": actor_params}, obs)
+    sample = mean + jnp.exp(log_std) * jax.random.normal(k_sample, mean.shape)
+    greedy = jax.random.uniform(k_greedy_a, mean.shape[:-1]) >= epsilon  # official: rand > eps -> mode
+    a2 = jnp.where(greedy[..., None], mean, sample)
+    if h.clip_actions:
+        a2 = jnp.clip(a2, -1.0, 1.0)
+    q = critic.apply({"params": critic_params}, jnp.stack([obs, obs]), jnp.stack([a1, a2])).min(0)  # [2, ...]
+    q = jnp.moveaxis(q, 0, -1)  # [..., 2]: (offline, new)
+    logits = gate_logits(q, h.inv_temperature)
+    w_sample = jax.random.categorical(k_gate, logits)
+    w = jnp.where(jax.random.uniform(k_greedy_w, w_sample.shape) >= epsilon, jnp.argmax(logits, -1), w_sample)
+    action = jnp.where((w == 1)[..., None], a2, a1)
+    p_new = jax.nn.softmax(logits, -1)[..., 1]
+    return action, {"w": w, "p_new": p_new, "q_offline": q[..., 0], "q_new": q[..., 1]}
+
+
+def actor_lr_schedule(h: Hyper):
+    """Offline actor LR as a function of its update count: PyTorch CosineAnnealingLR over offline_updates
+    (official `use_lr_scheduler` offline), constant afterwards. Same optimiser-state layout as iql.py."""
+    period = max(h.offline_updates, 1)
+
+    def schedule(count):
+        cosine = h.actor_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * count / period))
+        offline = cosine if h.offline_cosine else h.actor_lr
+        return jnp.where(count < h.offline_updates, offline, h.actor_lr)
+    return schedule
+
+
+def optimizers(h: Hyper):
+    return {"actor": optax.adam(actor_lr_schedule(h)), "new_actor": optax.adam(h.actor_lr),
+            "critic": optax.adam(h.critic_lr), "value": optax.adam(h.value_lr)}
+
+
+# ---------------------------------------------------------------------------------------------- state
+class Trainable(NamedTuple):
+    """Parameters and optimiser state (a TrainState without functions, so states stay plain pytrees)."""
+    params: Any
+    opt_state: Any
+
+
+class IQLState(NamedTuple):
+    """Offline phase; field for field the state of algorithms/iql.py (its checkpoints load here and back)."""
+    actor: Trainable
+    critic: Trainable  # ensemble, leading axis n_critics
+    value: Trainable
+    critic_target: Any
+    key: jax.Array  # RNG of the updates (batch sampling, composite actions)
+    updates: jax.Array  # gradient steps done
+    obs_mean: jax.Array
+    obs_std: jax.Array
+
+
+class PEXState(NamedTuple):
+    """Online phase: the new policy is trained; the offline policy's parameters are frozen."""
+    actor: Trainable  # the NEW policy pi
+    offline_actor: Any  # parameters of the frozen offline policy pi_off
+    critic: Trainable
+    value: Trainable
+    critic_target: Any
+    key: jax.Array
+    updates: jax.Array
+    obs_mean: jax.Array
+    obs_std: jax.Array
+
+
+class Buffer(NamedTuple):
+    obs: jax.Array
+    act: jax.Array
+    rew: jax.Array
+    next_obs: jax.Array
+    done: jax.Array  # 1.0 for true terminations only
+
+
+def init_state(h: Hyper, key, obs_mean, obs_std) -> IQLState:
+    actor, critic, value = networks(h)
+    k_actor, k_critic, k_value, key = jax.random.split(key, 4)
+    o, a = jnp.zeros((1, h.obs_dim)), jnp.zeros((1, h.act_dim))
+    params = {"actor": actor.init(k_actor, o)["params"], "critic": critic.init(k_critic, o, a)["params"],
+              "value": value.init(k_value, o)["params"]}
+    txs = optimizers(h)
+    tr = {k: Trainable(p, txs[k].init(p)) for k, p in params.items()}
+    return IQLState(tr["actor"], tr["critic"], tr["value"], params["critic"], key, jnp.zeros((), jnp.int32),
+                    jnp.asarray(obs_mean, jnp.float32), jnp.asarray(obs_std, jnp.float32))
+
+
+def expand(state: IQLState, h: Hyper, reset_optimizers: bool) -> PEXState:
+    """Policy expansion: freeze the offline actor, add a randomly initialised new policy (key from the state)."""
+    key, k_new = jax.random.split(state.key)
+    txs = optimizers(h)
+    new_params = networks(h)[0].init(k_new, jnp.zeros((1, h.obs_dim)))["params"]
+    critic, value = state.critic, state.value
+    if reset_optimizers:
+        critic = Trainable(critic.params, txs["critic"].init(critic.params))
+        value = Trainable(value.params, txs["value"].init(value.params))
+    return PEXState(Trainable(new_params, txs["new_actor"].init(new_params)), state.actor.params, critic, value,
+                    state.critic_target, key, state.updates, state.obs_mean, state.obs_std)
+
+
+def _step(trainable: Trainable, grads, tx) -> Trainable:
+    updates, opt_state = tx.update(grads, trainable.opt_state, trainable.params)
+    return Trainable(optax.apply_updates(trainable.params, updates), opt_state)
+
+
+# ---------------------------------------------------------------------------------------------- update
+def value_critic_step(state, obs, next_obs, batch: Buffer, h: Hyper):
+    """IQL V step (expectile), Q step (TD to the pre-update V(s')) and target EMA; works on either state.
+    Returns (value, critic, critic_target, adv of the V step, metrics)."""
+    _, critic, value = networks(h)
+    txs = optimizers(h)
+    n = obs.shape[0]
+    target_q = critic.apply({"params": state.critic_target}, obs, batch.act).min(0)
+
+    def value_loss(p):
+        v_all = value.apply({"params": p}, jnp.concatenate([obs, next_obs]))  # V(s) and V(s'), one forward
+        v = v_all[:n]
+        adv = target_q - v
+        return expectile_loss(adv, h.expectile).mean(), (adv, v, jax.lax.stop_gradient(v_all[n:]))
+
+    (v_loss, (adv, v, next_v)), v_grads = jax.value_and_grad(value_loss, has_aux=True)(state.value.params)
+    value_tr = _step(state.value, v_grads, txs["value"])
+    y = batch.rew + h.discount * (1.0 - batch.done) * next_v
+
+    def critic_loss(p):
+        q = critic.apply({"params": p}, obs, batch.act)  # [n_critics, B]
+        return ((q - y) ** 2).mean(1).mean(), q  # official: sum of member MSEs / n_critics
+
+    (q_loss, q), q_grads = jax.value_and_grad(critic_loss, has_aux=True)(state.critic.params)
+    critic_tr = _step(state.critic, q_grads, txs["critic"])
+    critic_target = optax.incremental_update(critic_tr.params, state.critic_target, h.tau)
+    metrics = {"value_loss": v_loss, "critic_loss": q_loss, "v": v.mean(), "q": q.mean(), "adv": adv.mean()}
+    return value_tr, critic_tr, critic_target, adv, metrics
+
+
+def awr_actor_step(actor_tr: Trainable, tx, obs, actions, weights, h: Hyper):
+    """One AWR step: mean(weights * -log pi(actions|s))."""
+    actor = networks(h)[0]
+
+    def actor_loss(p):
+        mean, log_std = actor.apply({"params": p}, obs)
+        return (weights * -gaussian_log_prob(mean, log_std, actions)).mean(), log_std
+
+    (loss, log_std), grads = jax.value_and_grad(actor_loss, has_aux=True)(actor_tr.params)
+    return _step(actor_tr, grads, tx), loss, log_std.mean()
+
+
+def iql_update(state: IQLState, batch: Buffer, key, h: Hyper):
+    """One offline IQL step: V, Q, target EMA, actor AWR on the data actions (adv from the V step)."""
+    del key  # no randomness inside an offline step (batch sampling happens outside)
+    obs = (batch.obs - state.obs_mean) / state.obs_std
+    next_obs = (batch.next_obs - state.obs_mean) / state.obs_std
+    value_tr, critic_tr, critic_target, adv, metrics = value_critic_step(state, obs, next_obs, batch, h)
+    weights = awr_weights(adv, h.beta, h.exp_adv_max)
+    lr = actor_lr_schedule(h)(state.actor.opt_state[0].count)
+    actor_tr, a_loss, log_std = awr_actor_step(state.actor, optimizers(h)["actor"], obs, batch.act, weights, h)
+    metrics.update(actor_loss=a_loss, adv_weight=weights.mean(), actor_lr=lr, log_std=log_std)
+    return state._replace(actor=actor_tr, critic=critic_tr, value=value_tr, critic_target=critic_target,
+                          updates=state.updates + 1), metrics
+
+
+def pex_update(state: PEXState, batch: Buffer, key, h: Hyper):
+    """One online PEX step: V, Q, target EMA on the batch; then the new policy by AWR on composite actions
+    drawn at the batch states (gate with the updated critic, adv with the updated target Q and V)."""
+    _, critic, value = networks(h)
+    obs = (batch.obs - state.obs_mean) / state.obs_std
+    next_obs = (batch.next_obs - state.obs_mean) / state.obs_std
+    value_tr, critic_tr, critic_target, _, metrics = value_critic_step(state, obs, next_obs, batch, h)
+    a_c, info = composite_action(state.offline_actor, state.actor.params, critic_tr.params, obs, key, 1.0, h)
+    a_c = jax.lax.stop_gradient(a_c)
+    adv_c = (critic.apply({"params": critic_target}, obs, a_c).min(0)
+             - value.apply({"params": value_tr.params}, obs))
+    weights = awr_weights(adv_c, h.beta, h.exp_adv_max)
+    actor_tr, a_loss, log_std = awr_actor_step(state.actor, optimizers(h)["new_actor"], obs, a_c, weights, h)
+    metrics.update(actor_loss=a_loss, adv_composite=adv_c.mean(), adv_weight=weights.mean(), log_std=log_std,
+                   new_policy_fraction=info["w"].mean(), gate_prob_new=info["p_new"].mean(),
+                   q_offline_action=info["q_offline"].mean(), q_new_action=info["q_new"].mean())
+    return state._replace(actor=actor_tr, critic=critic_tr, value=value_tr, critic_target=critic_target,
+                          updates=state.updates + 1), metrics
+
+
+def sampled_update(state, offline: Buffer, offline_size, online: Buffer, online_size, h: Hyper):
+    """Draw a batch on device, then one update: IQLState (offline phase) -> all rows from the offline data,
+    IQL step; PEXState (online phase) -> `h.offline_rows` offline + the rest online rows, PEX step."""
+    if isinstance(state, PEXState):
+        key, k_off, k_on, k_upd = jax.random.split(state.key, 4)
+        i_off = jax.random.randint(k_off, (h.offline_rows,), 0, offline_size)
+        i_on = jax.random.randint(k_on, (h.batch_size - h.offline_rows,), 0, jnp.maximum(online_size, 1))
+        batch = jax.tree.map(lambda off, on: jnp.concatenate([off[i_off], on[i_on]]), offline, online)
+        return pex_update(state._replace(key=key), batch, k_upd, h)
+    key, k_idx, k_upd = jax.random.split(state.key, 3)
+    idx = jax.random.randint(k_idx, (h.batch_size,), 0, offline_size)
+    return iql_update(state._replace(key=key), jax.tree.map(lambda x: x[idx], offline), k_upd, h)
+
+
+@partial(jax.jit, static_argnames=("h",))
+def update_block(state, offline: Buffer, offline_size, online: Buffer, online_size, h: Hyper):
+    """`h.block` updates in one lax.scan, batches sampled inside the scan; metrics of shape [h.block]."""
+    args = (offline, offline_size, online, online_size, h)
+    return jax.lax.scan(lambda s, _: sampled_update(s, *args), state, None, length=h.block)
+
+
+@partial(jax.jit, static_argnames=("h",))
+def update_few(state, offline: Buffer, offline_size, online: Buffer, online_size, n, h: Hyper):
+    """`n` < h.block updates (n traced: one compiled program for every remainder) in a lax.fori_loop;
+    metrics of shape [h.block], rows >= n are zero."""
+    args = (offline, offline_size, online, online_size, h)
+    shapes = jax.eval_shape(lambda s: sampled_update(s, *args)[1], state)
+
+    def body(i, carry):
+        state, metrics = sampled_update(carry[0], *args)
+        return state, jax.tree.map(lambda all_, m: all_.at[i].set(m), carry[1], metrics)
+    zeros = jax.tree.map(lambda x: jnp.zeros((h.block,) + x.shape, x.dtype), shapes)
+    return jax.lax.fori_loop(0, n, body, (state, zeros))
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def buffer_insert(buffer: Buffer, rows: Buffer, start):
+    """Write `rows` at `start` in place (the buffer is donated: no copy, no re-upload)."""
+    return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r, start, 0), buffer, rows)
+
+
+# ---------------------------------------------------------------------------------------------- acting
+@partial(jax.jit, static_argnames=("h",))
+def act_composite(offline_actor_params, actor_params, critic_params, obs_mean, obs_std, obs, key, epsilon,
+                  h: Hyper):
+    """One env step's PEX action (epsilon 1: training, eval_epsilon: evaluation); returns (action, stats,
+    next key) with stats = [w, p_new, q_offline, q_new]. One call per env step, key split inside."""
+    key, sub = jax.random.split(key)
+    action, info = composite_action(offline_actor_params, actor_params, critic_params, (obs - obs_mean) / obs_std,
+                                    sub, epsilon, h)
+    stats = jnp.stack([info["w"].astype(jnp.float32), info["p_new"], info["q_offline"], info["q_new"]])
+    return action, stats, key
+
+
+@partial(jax.jit, static_argnames=("h",))
+def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
+    """Mean action of one actor (offline-phase evaluation of the IQL policy)."""
+    mean, _ = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
+    return jnp.clip(mean, -1.0, 1.0)
+
+
+def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, goal_task: bool, refs):
+    """`episodes` episodes of `policy`, the first reset seeded with `seed` (reproducible)."""
+    returns, lengths, successes = [], [], []
+    has_success = goal_task
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed if ep == 0 else None)
+        ret, length, success, done = 0.0, 0, False, False
+        while not done:
+            obs, r, term, trunc, info = env.step(np.asarray(policy(np.asarray(obs, np.float32))))
+            ret, length = ret + float(r), length + 1
+            if "success" in info:
+                has_success = True
+                success = success or bool(info["success"])
+            if goal_task and r > 0:
+                success = True
+            done = term or trunc or (terminate_on_success and bool(info.get("success", False)))
+        returns.append(ret)
+        lengths.append(length)
+        successes.append(success)
+    out = {"return": float(np.mean(returns)), "return_std": float(np.std(returns)),
+           "length": float(np.mean(lengths)), "episodes": episodes}
+    if refs is not None:
+        scores = data.normalized_score("", returns, refs)
+        out["normalized_score"] = float(np.mean(scores))
+        out["normalized_score_std"] = float(np.std(scores))
+    if has_success:
+        out["success_rate"] = float(np.mean(successes))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- env RNG
+def _env_generators(env) -> dict:
+    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
+    import gymnasium as gym
+    found, seen = {}, set()
+
+    def walk(obj, path, depth):
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        gen = getattr(obj, "_np_random", None)
+        if isinstance(gen, np.random.Generator):
+            found[path] = gen
+        for k, v in vars(obj).items():
+            if isinstance(v, gym.Env):
+                walk(v, f"{path}.{k}", depth + 1)
+    walk(env.unwrapped, "unwrapped", 0)
+    return found
+
+
+def env_rng_snapshot(env) -> dict:
+    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
+    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
+
+
+def env_rng_restore(env, snapshot: dict, seed: int):
+    env.reset(seed=seed)  # initialises the wrappers and creates the generators
+    gens = _env_generators(env)
+    if set(gens) != set(snapshot):
+        raise RuntimeError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
+    for k, state in snapshot.items():
+        gens[k].bit_generator.state = state
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_tree(path: Path, tree):
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
+
+
+def load_tree(path: Path, template):
+    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    with np.load(path) as z:
+        names = sorted(z.files)
+        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
+        if names != sorted(expected):
+            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
+            raise ValueError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected}")
+        leaves = []
+        for name, (k, ref) in zip(expected, flat):
+            arr = z[name]
+            if arr.shape != np.shape(ref):
+                raise ValueError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
+                                 f"needs {np.shape(ref)} (different network sizes or dataset?)")
+            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def save_checkpoint(path: Path, state, meta: dict, cfg):
+    """Atomically write state + host meta + resolved config into directory `path`."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tree(tmp / "state.npz", state)
+    with open(tmp / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    with open(tmp / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path: Path) -> Optional[Path]:
+    for p in (path, path.with_name(path.name + ".old")):  # .old survives a kill between the two renames
+        if (p / "meta.pkl").exists() and (p / "state.npz").exists():
+            return p
+    return None
+
+
+def load_meta(path: Path) -> dict:
+    with open(path / "meta.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+def load_checkpoint(path: Path, template):
+    """(state, meta); `template` is a state or a function meta -> state (the state type depends on the phase)."""
+    meta = load_meta(path)
+    return load_tree(path / "state.npz", template(meta) if callable(template) else template), meta
+
+
+def save_buffer_rows(buffer_dir: Path, buffer: Buffer, start: int, end: int):
+    """Append online rows [start, end) as one file."""
+    if end <= start:
+        return
+    buffer_dir.mkdir(parents=True, exist_ok=True)
+    rows = {k: np.asarray(v[start:end]) for k, v in buffer._asdict().items()}
+    tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
+    np.savez(tmp, **rows)
+    os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
+
+
+def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
+    """Online rows [0, size) from the row files; files beyond `size` (written after the checkpoint) are removed."""
+    if size == 0:
+        if buffer_dir.exists():
+            shutil.rmtree(buffer_dir)
+        return None
+    parts, pos = [], 0
+    for f in sorted(buffer_dir.glob("rows_*.npz")):
+        start, end = (int(x) for x in f.stem.split("_")[1:3])
+        if start >= size:
+            f.unlink()
+            continue
+        if start != pos or end > size:
+            raise RuntimeError(f"online buffer files in {buffer_dir} are inconsistent at {f.name} (expected start "
+                               f"{pos}, checkpoint size {size})")
+        with np.load(f) as z:
+            parts.append({k: z[k] for k in z.files})
+        pos = end
+    if pos != size:
+        raise RuntimeError(f"online buffer files in {buffer_dir} hold {pos} rows, the checkpoint needs {size}")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# Fields an offline checkpoint must share with this run: networks and dataset, then what the critic's values mean.
+NETWORK_FIELDS = ("dataset_id", "hidden_dims", "n_critics")
+DATA_FIELDS = ("discount", "normalize", "reward_scale", "reward_bias", "normalize_reward_by_returns")
+
+
+def _cli_value(v) -> str:
+    """A config value as written on the command line."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f'"{json.dumps(v)}"' if isinstance(v, list) else str(v)
+
+
+def check_offline_source(src: Path, cfg: TrainConfig):
+    """Compare the config saved with an offline checkpoint (iql.py's or pex.py's) with this run's: raise a
+    ValueError naming every field that must match and the overrides that make it match."""
+    import yaml
+    cfg_path = src / "config.yaml"
+    if not cfg_path.exists():
+        print(f"warning: {src} has no config.yaml; only the parameter shapes can be checked")
+        return
+    saved = yaml.safe_load(cfg_path.read_text()) or {}
+    if "hidden_dims" not in saved or "expectile" not in saved:
+        raise ValueError(f"--offline_checkpoint {src}: not an IQL checkpoint (its config has no hidden_dims/expectile);"
+                         " pex.py starts from the offline checkpoints of algorithms/iql.py or algorithms/pex.py")
+    diff = {k: (saved.get(k), getattr(cfg, k)) for k in NETWORK_FIELDS + DATA_FIELDS if saved.get(k) != getattr(cfg, k)}
+    if diff:
+        kinds = [kind for kind, fields in (("network sizes/dataset", NETWORK_FIELDS),
+                                           ("state normalisation/reward transformation", DATA_FIELDS))
+                 if any(k in fields for k in diff)]
+        fix = " ".join(f"--{k} {_cli_value(a)}" for k, (a, _) in diff.items())
+        raise ValueError(f"--offline_checkpoint {src} was trained with a different {' and '.join(kinds)}: "
+                         + ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
+                         + f". Run with `{fix}` (or pre-train with this run's values).")
+    notes = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("expectile", "beta") if saved.get(k) != getattr(cfg, k)]
+    if notes:
+        print(f"note: the pre-training used other IQL hyper-parameters ({', '.join(notes)}); fine-tuning uses this "
+              "run's")
+    if saved.get("actor_dropout", 0.0):
+        print("note: the offline actor was trained with dropout; PEX uses its mean action without dropout")
+
+
+# ---------------------------------------------------------------------------------------------- logging
+class Logger:
+    """wandb + eval.jsonl + console. Metrics are namespaced offline/..., online/..., eval/...."""
+
+    def __init__(self, cfg, run_dir: Path, wandb_id: str, eval_lines: int):
+        self.eval_path = run_dir / "eval.jsonl"
+        if self.eval_path.exists():  # drop evaluations logged after the checkpoint we resume from
+            lines = self.eval_path.read_text().splitlines()[:eval_lines]
+            self.eval_path.write_text("".join(line + "\n" for line in lines))
+        self.eval_lines = eval_lines
+        mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
+        self.wandb = None
+        if mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(project=cfg.project, group=cfg.group, name=cfg.name, id=wandb_id,
+                                    resume="allow", mode=mode, dir=str(run_dir), config=asdict(cfg))
+
+    def log(self, metrics: dict):
+        if self.wandb is not None:
+            self.wandb.log(metrics)
+
+    def log_eval(self, record: dict):
+        with open(self.eval_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.eval_lines += 1
+        self.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        score = record.get("normalized_score", record["return"])
+        extra = f", success {record['success_rate']:.2f}" if "success_rate" in record else ""
+        if "new_policy_fraction" in record:
+            extra += f", new-policy actions {record['new_policy_fraction']:.2f}"
+        print(f"[eval] seed {record['seed']} {record['phase']} updates={record['updates']} "
+              f"env_steps={record['env_steps']}: "
+              f"{'normalized score' if 'normalized_score' in record else 'return'} {score:.2f}{extra}", flush=True)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def block_metrics(metrics: dict, n: int, phase: str, updates_before: int) -> dict:
+    """Mean of the first n per-update metrics; a NaN/inf stops the run naming the loss and update."""
+    host = {k: np.asarray(v)[:n] for k, v in metrics.items()}
+    bad = np.zeros(n, bool)
+    for v in host.values():
+        bad |= ~np.isfinite(v)
+    if bad.any():
+        i = int(bad.argmax())
+        names = ", ".join(f"{phase}/{k} = {v[i]}" for k, v in host.items() if not np.isfinite(v[i]))
+        raise FloatingPointError(f"non-finite {names} at update {updates_before + i + 1}; stopping (the last "
+                                 "checkpoint is intact)")
+    return {f"{phase}/{k}": float(v.mean()) for k, v in host.items()}
+
+
+# ---------------------------------------------------------------------------------------------- training
+def prepare_rewards(cfg: TrainConfig, ds: data.OfflineData):
+    """(offline rewards, return scale) with the reward transformation of the config applied."""
+    scale = 1.0
+    if cfg.normalize_reward_by_returns:
+        ends = np.flatnonzero(ds.episode_ends)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        returns = np.add.reduceat(ds.rewards.astype(np.float64), starts)
+        spread = returns.max() - returns.min()
+        if spread <= 0:
+            raise data.DatasetError(f"normalize_reward_by_returns: all episodes of {cfg.dataset_id} have the same "
+                                    "return")
+        scale = 1000.0 / spread
+    return (ds.rewards * scale * cfg.reward_scale + cfg.reward_bias).astype(np.float32), scale
+
+
+def updates_due(size_before: int, n: int, initial: int) -> int:
+    """Online updates owed for n env steps taken with `size_before` online transitions stored: one per step
+    whose replay size before the step exceeds `initial` (official: `if len(memory) > initial_collection_steps`)."""
+    return max(0, n - max(0, initial + 1 - size_before))
+
+
+def default_run_dir(cfg) -> Path:
+    return Path("runs") / "pex" / cfg.dataset_id.replace("/", "_") / f"seed{cfg.seed}"
+
+
+def _check_resume_config(saved: Path, cfg: TrainConfig):
+    with open(saved) as f:
+        old = pyrallis.load(TrainConfig, f)
+    free = {"resume", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}
+    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in free
+            and getattr(old, k) != getattr(cfg, k)}
+    if diff:
+        raise ValueError(f"--resume with a config that differs from the checkpoint's ({saved}): "
+                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """IQL pre-training then online policy expansion; returns the last evaluation record and paths."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
+    buffer_dir = ckpt_dir / "buffer" / f"seed{cfg.seed}"  # iql.py's layout (one directory per seed)
+    cfg.name = cfg.name or f"pex-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}"
+    goal_task = "antmaze" in cfg.dataset_id
+
+    # data and envs
+    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+    env, eval_env = data.make_env(cfg.dataset_id), data.make_env(cfg.dataset_id)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {env.observation_space.shape}/"
+                                f"{env.action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    try:
+        refs = data.reference_scores(cfg.dataset_id)
+    except data.DatasetError as e:
+        print(f"warning: {e}; logging raw returns only")
+        refs = None
+    rewards, return_scale = prepare_rewards(cfg, ds)
+    n_off = len(ds)
+    h = make_hyper(cfg, obs_dim, act_dim)
+    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+    offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
+                                                              ds.next_observations, ds.terminals)))
+    del rewards
+    capacity = cfg.online_steps + cfg.online_block
+    online = Buffer(*(jnp.zeros((capacity,) + s, jnp.float32) for s in ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
+
+    state = init_state(h, jax.random.PRNGKey(cfg.seed), obs_mean, obs_std)
+    iql_template, pex_template = state, expand(state, h, cfg.reset_optimizers)
+    template = lambda meta: pex_template if meta["phase"] in ("online", "done") else iql_template  # noqa: E731
+    meta = {"phase": "offline", "updates": 0, "env_steps": 0, "online_size": 0, "saved_rows": 0,
+            "next_eval": cfg.online_eval_every, "act_key": np.asarray(jax.random.PRNGKey(cfg.seed + 1)),
+            "env_rng": None, "eval_lines": 0, "episodes": 0, "wandb_id": None, "last_eval": None, "wall_time": 0.0}
+    latest = find_checkpoint(ckpt_dir / "latest")
+    if cfg.resume and latest is not None:
+        _check_resume_config(latest / "config.yaml", cfg)
+        state, meta = load_checkpoint(latest, template)
+        rows = load_buffer_rows(buffer_dir, meta["online_size"])
+        if rows is not None:
+            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in rows.items()}), 0)
+        print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} updates, "
+              f"{meta['env_steps']} online env steps")
+    else:
+        if cfg.resume:
+            print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        (run_dir / "eval.jsonl").unlink(missing_ok=True)
+        if cfg.offline_checkpoint:
+            src = find_checkpoint(Path(cfg.offline_checkpoint))
+            if src is None:
+                raise FileNotFoundError(f"--offline_checkpoint {cfg.offline_checkpoint}: no checkpoint there "
+                                        "(expected a directory with state.npz and meta.pkl, e.g. "
+                                        "<run_dir>/checkpoints/offline of iql.py or pex.py)")
+            check_offline_source(src, cfg)
+            src_seeds = load_meta(src).get("num_seeds", 1)
+            if src_seeds != 1:
+                raise ValueError(f"--offline_checkpoint {src} holds {src_seeds} seeds (iql.py --num_seeds); pex.py "
+                                 "starts from a one-seed checkpoint (pre-train with --num_seeds 1)")
+            try:
+                state, src_meta = load_checkpoint(src, iql_template)
+            except ValueError as e:
+                raise ValueError(f"--offline_checkpoint {src}: {e}. pex.py needs an IQL offline checkpoint "
+                                 "(<run_dir>/checkpoints/offline of iql.py or pex.py) with this run's network "
+                                 "sizes and dataset") from e
+            # iql.py keeps per-seed lists in its meta (one entry here)
+            meta.update(updates=int(np.ravel(src_meta["updates"])[0]), phase="load_offline",
+                        act_key=np.asarray(src_meta["act_key"]).reshape(-1))
+            print(f"loaded offline IQL state from {src} ({meta['updates']} updates)")
+    with open(run_dir / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if meta["wandb_id"] is None:
+        meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
+    logger = Logger(cfg, run_dir, meta["wandb_id"], meta["eval_lines"])
+    act_key = jnp.asarray(meta["act_key"])
+    wall_before = meta["wall_time"]
+
+    def run_eval(phase):
+        record = {"seed": cfg.seed, "phase": phase, "updates": int(meta["updates"]),
+                  "env_steps": int(meta["env_steps"])}
+        stats = []
+        if isinstance(state, IQLState):  # offline phase: the IQL actor's mean action
+            def policy(o):
+                return act_deterministic(state.actor.params, state.obs_mean, state.obs_std, o, h)
+        else:  # the composite PEX policy, epsilon-greedy; its key depends only on eval_seed and the env step
+            eval_key = jax.random.fold_in(jax.random.PRNGKey(cfg.eval_seed), meta["env_steps"])
+
+            def policy(o):
+                nonlocal eval_key
+                a, s, eval_key = act_composite(state.offline_actor, state.actor.params, state.critic.params,
+                                               state.obs_mean, state.obs_std, o, eval_key, cfg.eval_epsilon, h)
+                stats.append(np.asarray(s))
+                return np.clip(np.asarray(a), -1.0, 1.0)
+        record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                               goal_task, refs))
+        if stats:
+            s = np.mean(stats, 0)
+            record.update(new_policy_fraction=float(s[0]), gate_prob_new=float(s[1]), q_offline_action=float(s[2]),
+                          q_new_action=float(s[3]))
+        record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+        logger.log_eval(record)
+        meta["eval_lines"], meta["last_eval"] = logger.eval_lines, record
+
+    def checkpoint(name="latest"):
+        meta["act_key"] = np.asarray(act_key)
+        save_buffer_rows(buffer_dir, online, meta["saved_rows"], meta["online_size"])
+        meta["saved_rows"] = meta["online_size"]
+        meta["wall_time"] = wall_before + time.time() - t_start
+        save_checkpoint(ckpt_dir / name, state, meta, cfg)
+
+    def updates(n, phase):
+        """n updates: scans of update_block, then one call for the remainder; returns the mean metrics."""
+        nonlocal state
+        done, sums = 0, {}
+        while done < n:
+            m = min(cfg.update_block, n - done)
+            args = (offline, n_off, online, meta["online_size"])
+            if m == cfg.update_block:
+                state, metrics = update_block(state, *args, h)
+            else:
+                state, metrics = update_few(state, *args, m, h)
+            logged = block_metrics(metrics, m, phase, meta["updates"])
+            sums = {k: sums.get(k, 0.0) + v * m for k, v in logged.items()}
+            meta["updates"] += m
+            done += m
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    # ---- offline pre-training (IQL)
+    if meta["phase"] == "offline":
+        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"], desc="PEX offline (IQL)", mininterval=5)
+        while meta["updates"] < cfg.offline_updates:
+            logged = updates(cfg.update_block, "offline")
+            bar.update(cfg.update_block)
+            logger.log({**logged, "offline/updates": meta["updates"]})
+            if meta["updates"] % cfg.offline_eval_every == 0 or meta["updates"] == cfg.offline_updates:
+                run_eval("offline")
+                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]))
+                if meta["updates"] < cfg.offline_updates:
+                    checkpoint()
+        bar.close()
+        if meta["last_eval"] is None:  # offline_updates == 0: still report the starting policy
+            run_eval("offline")
+    elif meta["phase"] == "load_offline":
+        run_eval("offline")  # the score before fine-tuning
+    if meta["phase"] in ("offline", "load_offline"):
+        meta["phase"] = "online"
+        checkpoint("offline")  # an IQLState: loadable by iql.py and pex.py
+        state = expand(state, h, cfg.reset_optimizers)
+        checkpoint()
+
+    # ---- online fine-tuning (policy expansion)
+    if meta["phase"] == "online":
+        if meta["env_rng"] is not None:
+            env_rng_restore(env, meta["env_rng"], cfg.seed)
+        first_reset = meta["env_rng"] is None
+        chunk = {k: np.zeros((cfg.online_block,) + s, np.float32) for k, s in
+                 (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
+        obs, ep_ret, ep_len, recent = None, 0.0, 0, []
+        bar = tqdm(total=cfg.online_steps, initial=meta["env_steps"], desc="PEX online", mininterval=5)
+        while meta["env_steps"] < cfg.online_steps:
+            n, act_stats = 0, []
+            while n < cfg.online_block and meta["env_steps"] < cfg.online_steps:
+                if obs is None:
+                    obs, _ = env.reset(seed=cfg.seed if first_reset else None)
+                    first_reset, ep_ret, ep_len = False, 0.0, 0
+                action, stats, act_key = act_composite(state.offline_actor, state.actor.params, state.critic.params,
+                                                       state.obs_mean, state.obs_std, np.asarray(obs, np.float32),
+                                                       act_key, 1.0, h)
+                action = np.asarray(action)
+                act_stats.append(np.asarray(stats))
+                next_obs, r, term, trunc, info = env.step(np.clip(action, -1.0, 1.0))
+                term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                for k, v in (("obs", obs), ("act", action), ("next_obs", next_obs), ("done", float(term)),
+                             ("rew", r * return_scale * cfg.reward_scale + cfg.reward_bias)):
+                    chunk[k][n] = v
+                n, meta["env_steps"] = n + 1, meta["env_steps"] + 1
+                ep_ret, ep_len = ep_ret + float(r), ep_len + 1
+                obs = next_obs
+                if term or trunc:
+                    meta["episodes"] += 1
+                    recent = (recent + [ep_ret])[-10:]
+                    logger.log({"online/episode_return": ep_ret, "online/episode_length": ep_len,
+                                "online/env_steps": meta["env_steps"]})
+                    obs = None
+                    break
+            size_before = meta["online_size"]
+            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}), size_before)
+            meta["online_size"] += n
+            logged = updates(updates_due(size_before, n, cfg.initial_collection_steps), "online")
+            s = np.mean(act_stats, 0)
+            logger.log({**logged, "online/explore_new_policy_fraction": float(s[0]),
+                        "online/explore_gate_prob_new": float(s[1]), "online/env_steps": meta["env_steps"],
+                        "online/updates": meta["updates"]})
+            bar.update(n)
+            if obs is None and meta["env_steps"] >= meta["next_eval"] and meta["env_steps"] < cfg.online_steps:
+                while meta["next_eval"] <= meta["env_steps"]:
+                    meta["next_eval"] += cfg.online_eval_every
+                run_eval("online")
+                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]),
+                                train_return=np.mean(recent) if recent else 0.0)
+                meta["env_rng"] = env_rng_snapshot(env)
+                checkpoint()
+        bar.close()
+        run_eval("online")
+        meta["phase"] = "done"
+        checkpoint()
+    elif meta["phase"] == "done":
+        print(f"run in {run_dir} already finished")
+    logger.close()
+    env.close()
+    eval_env.close()
+    summary = summarize(run_dir / "eval.jsonl")
+    return {"last_eval": meta["last_eval"], "run_dir": str(run_dir), "updates": meta["updates"],
+            "env_steps": meta["env_steps"], **summary}
+
+
+def summarize(eval_path: Path) -> dict:
+    """Score at the end of pre-training vs at the end of fine-tuning (normalised score, else return)."""
+    records = [json.loads(line) for line in eval_path.read_text().splitlines()] if eval_path.exists() else []
+    key = "normalized_score" if records and "normalized_score" in records[0] else "return"
+    offline = [r[key] for r in records if r["phase"] == "offline"]
+    online = [r[key] for r in records if r["phase"] == "online"]
+    out = {"before_finetuning": offline[-1] if offline else None, "after_finetuning": online[-1] if online else None}
+    if offline and online:
+        print(f"{key.replace('_', ' ')}: {out['before_finetuning']:.2f} after pre-training -> "
+              f"{out['after_finetuning']:.2f} after fine-tuning (eval log: {eval_path})")
+    return out
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` means `--resume true`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "true")
+    return pyrallis.parse(config_class=TrainConfig, args=argv)
+
+
+if __name__ == "__main__":
+    train(parse_config())
