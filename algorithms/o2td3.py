@@ -70,6 +70,14 @@ Deviations (and the switch that restores the reference behaviour where one exist
   8. The official `refer_with_optimal_pi: false` variant (reference = pi every `update_n` evaluations, end
      threshold / 4, actor grad clip 0.25 for hopper/walker2d-expert) is not implemented.
 
+Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
+vmapped over a leading seed axis (offline rows shared on device, online rows per seed) and one training env
+per seed, acted for in one jitted call per env step. Every phase runs vmapped; each seed keeps its own
+reference policy, best score, lambda and eps_t schedule and follows exactly its single-seed schedule (blocks,
+warm-up, updates, evaluations, reference updates), so its numbers equal the single-seed run's up to float32
+round-off (XLA's batched matmuls sum in another order). A seed due for a checkpoint (at the first episode end
+after an evaluation) waits until every seed is due (or finished). Evaluations go to run_dir/seed<S>/eval.jsonl.
+
 Usage:
     python algorithms/o2td3.py --config_path configs/o2td3/quickstart.yaml
     python algorithms/o2td3.py --config_path configs/o2td3/quickstart.yaml --resume       # continue a killed run
@@ -77,8 +85,10 @@ Usage:
     python algorithms/o2td3.py --config_path ... --offline_checkpoint runs/iql/.../checkpoints/offline
     python algorithms/o2td3.py --config_path ... --policy_reevaluation false --value_alignment false \\
         --constrained_finetuning false                                                  # naive TD3 baseline
-Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation), checkpoints/{latest,offline},
-checkpoints/buffer/ (online transitions), wandb/ (mode `wandb_mode`, or the WANDB_MODE environment variable).
+    python algorithms/o2td3.py --config_path configs/o2td3/quickstart.yaml --num_seeds 4   # seeds 0..3 at once
+Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation; seed<S>/eval.jsonl for several seeds),
+checkpoints/{latest,offline}, checkpoints/buffer/seed<S>/ (online transitions), wandb/ (mode `wandb_mode`, or the
+WANDB_MODE environment variable).
 """
 import json
 import math
@@ -113,13 +123,14 @@ class TrainConfig:
     dataset_id: str = "o2o/hopper/medium-v0"  # Minari dataset id (also gives the env), see algorithms/data.py
     seed: int = 0  # seed of networks, sampling, exploration and the training env
     eval_seed: int = 100  # seed of the evaluation env (re-seeded at the start of every evaluation)
-    run_dir: str = ""  # output directory; "" = runs/o2td3/<dataset_id>/seed<seed>
+    run_dir: str = ""  # output directory; "" = runs/o2td3/<dataset_id>/seed<seed> (several: seeds<first>-<last>)
     project: str = "o2o-jax"  # wandb project
     group: str = "o2td3"  # wandb group
     name: str = ""  # wandb run name; "" = o2td3-<dataset_id>-seed<seed>
     wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
     resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
     offline_checkpoint: str = ""  # skip pre-training: o2td3.py checkpoints/offline or an iql.py checkpoint dir
+    num_seeds: int = 1  # train seeds seed..seed+num_seeds-1 together (vmapped); >1: evals in run_dir/seed<S>/
     # OCR-CFT phases (all false = naive TD3 fine-tuning of the offline actor and critics)
     policy_reevaluation: bool = True  # phase 1: fresh critics evaluate the offline actor (OPE)
     value_alignment: bool = True  # phase 2: align the critics with the offline actor, actor trained by DPG
@@ -176,8 +187,8 @@ class TrainConfig:
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"invalid config: {msg}")
-        for name in ("update_block", "online_block", "offline_eval_every", "online_eval_every", "eval_episodes",
-                     "probe_states", "batch_size", "n_critics", "policy_freq", "end_steps"):
+        for name in ("num_seeds", "update_block", "online_block", "offline_eval_every", "online_eval_every",
+                     "eval_episodes", "probe_states", "batch_size", "n_critics", "policy_freq", "end_steps"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("offline_updates", "ope_updates", "align_updates", "online_steps", "warmup_steps"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -579,35 +590,44 @@ def sampled_update(state, offline: Buffer, online: Buffer, online_size, t, phase
     return UPDATES[phase](state._replace(key=key), batch, k_upd, t, h)
 
 
+# Multi-seed: every state leaf, the online buffer and the per-seed counters carry a leading seed axis; the
+# offline rows are shared (in_axes None). One seed's numbers equal a single-seed run's up to float32
+# round-off (XLA sums batched matmuls in a different order).
 @partial(jax.jit, static_argnames=("phase", "h"))
-def update_block(state, offline: Buffer, online: Buffer, online_size, t_first, phase: str, h: Hyper):
-    """`h.block` updates of `phase` in one lax.scan, batches sampled inside; metrics of shape [h.block]."""
-    return jax.lax.scan(lambda s, i: sampled_update(s, offline, online, online_size, t_first + i, phase, h),
-                        state, jnp.arange(h.block))
+def update_block(state, offline: Buffer, phase: str, h: Hyper):
+    """`h.block` updates of an offline-data `phase` per seed in one lax.scan (vmapped over seeds), batches sampled
+    inside; metrics of shape [seeds, h.block]."""
+    def one_seed(state):
+        return jax.lax.scan(lambda s, i: sampled_update(s, offline, None, 0, i, phase, h), state, jnp.arange(h.block))
+    return jax.vmap(one_seed)(state)
 
 
 @partial(jax.jit, static_argnames=("h",))
 def update_online(state: O2TD3State, offline: Buffer, online: Buffer, online_size, t_first, n, h: Hyper):
-    """`n` <= h.online_block online updates for env steps t_first, t_first + 1, ... in one masked lax.scan of
-    h.online_block steps (steps >= n keep the state); metrics [h.online_block], zero where masked."""
-    def body(s, i):
-        new, metrics = sampled_update(s, offline, online, online_size, t_first + i, "online", h)
-        keep = i < n
-        new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, s)
-        return new, jax.tree.map(lambda m: jnp.where(keep, m, jnp.zeros_like(m)), metrics)
-    return jax.lax.scan(body, state, jnp.arange(h.online_block))
+    """`n[i]` <= h.online_block online updates of seed i for its env steps t_first[i], t_first[i] + 1, ... in one
+    masked lax.scan of h.online_block steps (vmapped over seeds; steps >= n[i] keep the state); metrics
+    [seeds, h.online_block], zero where masked."""
+    def one_seed(state, online, online_size, t_first, n):
+        def body(s, i):
+            new, metrics = sampled_update(s, offline, online, online_size, t_first + i, "online", h)
+            keep = i < n
+            new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, s)
+            return new, jax.tree.map(lambda m: jnp.where(keep, m, jnp.zeros_like(m)), metrics)
+        return jax.lax.scan(body, state, jnp.arange(h.online_block))
+    return jax.vmap(one_seed)(state, online, online_size, t_first, n)
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def buffer_insert(buffer: Buffer, rows: Buffer, start):
-    """Write `rows` at `start` in place (the buffer is donated: no copy, no re-upload)."""
-    return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r, start, 0), buffer, rows)
+def buffer_insert(online: Buffer, rows: Buffer, starts):
+    """Write each seed's `rows[i]` at `starts[i]` of its online rows, in place (the buffer is donated)."""
+    put = lambda b, r, s: jax.lax.dynamic_update_slice_in_dim(b, r, s, 0)  # noqa: E731
+    return jax.tree.map(lambda b, r: jax.vmap(put)(b, r, starts), online, rows)
 
 
 @partial(jax.jit, static_argnames=("h",))
 def probe(state, probe_obs, h: Hyper):
-    """Logged per evaluation, averaged over fixed dataset states: min_i Q_i(s, pi_offline(s)) (pre-training: the
-    actor being trained), lambda and MSE(pi(s), pi_ref(s)) (phases 1-3)."""
+    """Logged per evaluation of one seed, averaged over fixed dataset states: min_i Q_i(s, pi_offline(s))
+    (pre-training: the actor being trained), lambda and MSE(pi(s), pi_ref(s)) (phases 1-3)."""
     actor, critic = networks(h)
     obs = (probe_obs - state.obs_mean) / state.obs_std
     offline_params = state.offline_actor if isinstance(state, O2TD3State) else state.actor.params
@@ -622,15 +642,20 @@ def probe(state, probe_obs, h: Hyper):
 
 # ---------------------------------------------------------------------------------------------- acting
 @partial(jax.jit, static_argnames=("h",))
-def act_explore(actor_params, obs_mean, obs_std, obs, key, noise_std, h: Hyper):
-    """(executed action clip(pi(s) + N(0, noise_std^2), -1, 1), noise-free pi(s), next key); one call per step."""
-    key, sub = jax.random.split(key)
-    action = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
-    return jnp.clip(action + noise_std * jax.random.normal(sub, action.shape), -1.0, 1.0), action, key
+def act_explore(actor_params, obs_mean, obs_std, obs, keys, active, noise_std, h: Hyper):
+    """All seeds' (executed action clip(pi(s) + N(0, noise_std^2), -1, 1), noise-free pi(s), next key) in one call
+    per env step. A seed's key advances only when it is `active` (its actions do not depend on the other seeds)."""
+    def one(params, mean_, std_, o, key, act):
+        new_key, sub = jax.random.split(key)
+        action = networks(h)[0].apply({"params": params}, (o - mean_) / std_)
+        executed = jnp.clip(action + noise_std * jax.random.normal(sub, action.shape), -1.0, 1.0)
+        return executed, action, jnp.where(act, new_key, key)
+    return jax.vmap(one)(actor_params, obs_mean, obs_std, obs, keys, active)
 
 
 @partial(jax.jit, static_argnames=("h",))
 def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
+    """pi(s) of one seed's actor (evaluation)."""
     return networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
 
 
@@ -754,12 +779,38 @@ def load_checkpoint(path: Path, templates: dict):
     return load_tree(path / "state.npz", templates[meta["state_form"]]), meta
 
 
-def save_buffer_rows(buffer_dir: Path, buffer: Buffer, start: int, end: int):
-    """Append online rows [start, end) as one file."""
+def seed_slice(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def stack_seeds(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def where_seeds(mask, new, old):
+    """Per seed: `new` where mask[i], else `old` (trees with a leading seed axis)."""
+    mask = jnp.asarray(mask)
+    return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def save_state(path: Path, state, meta: dict, cfg):
+    """A one-seed run saves the state without the seed axis (the layout other scripts load)."""
+    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
+
+
+def load_state(path: Path, templates: dict, cfg):
+    if cfg.num_seeds == 1:
+        state, meta = load_checkpoint(path, {k: seed_slice(v, 0) for k, v in templates.items()})
+        return stack_seeds([state]), meta
+    return load_checkpoint(path, templates)
+
+
+def save_buffer_rows(buffer_dir: Path, online: Buffer, start: int, end: int):
+    """Append one seed's online rows [start, end) (`online`: that seed's rows) as one file."""
     if end <= start:
         return
     buffer_dir.mkdir(parents=True, exist_ok=True)
-    rows = {k: np.asarray(v[start:end]) for k, v in buffer._asdict().items()}
+    rows = {k: np.asarray(v[start:end]) for k, v in online._asdict().items()}
     tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
     np.savez(tmp, **rows)
     os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
@@ -802,9 +853,11 @@ def _check_normalisation(what: str, mean, std, run_mean, run_std, cfg: TrainConf
             "with the same `normalize` setting.")
 
 
-def load_offline_source(cfg: TrainConfig, template: TD3BCState, h_off: Hyper):
-    """Offline state from --offline_checkpoint: this script's offline checkpoint, or an iql.py checkpoint whose
-    Gaussian actor's tanh mean network becomes the deterministic actor. Returns (state, info)."""
+def load_offline_source(cfg: TrainConfig, template: TD3BCState, h_off: Hyper, seeds: list):
+    """Offline state of every seed (leading seed axis, as `template`) from --offline_checkpoint: this script's
+    offline checkpoint (with the same number of seeds), or an iql.py checkpoint whose Gaussian actor's tanh mean
+    network becomes the deterministic actor (a multi-seed iql.py run gives each seed its own actor; a one-seed
+    one is every seed's, as in the one-seed runs). Returns (state, info) with per-seed info lists."""
     where = f"--offline_checkpoint {cfg.offline_checkpoint}"
     src = find_checkpoint(Path(cfg.offline_checkpoint))
     if src is None:
@@ -816,19 +869,26 @@ def load_offline_source(cfg: TrainConfig, template: TD3BCState, h_off: Hyper):
     if (src / "config.yaml").exists():
         import yaml
         raw_cfg = yaml.safe_load((src / "config.yaml").read_text()) or {}
-    run_mean, run_std = np.asarray(template.obs_mean), np.asarray(template.obs_std)
+    N = len(seeds)
+    run_mean, run_std = np.asarray(template.obs_mean[0]), np.asarray(template.obs_std[0])
 
     if isinstance(meta, dict) and meta.get("algorithm") == "o2td3":
         if meta.get("state_form") != "offline":
             raise ValueError(f"{where} is a fine-tuning checkpoint of o2td3.py (phase {meta.get('phase')!r}); pass "
                              "the pre-training checkpoint <run_dir>/checkpoints/offline, or continue that run with "
                              "--resume --run_dir <run_dir>")
-        try:
-            state = load_tree(src / "state.npz", template)
+        src_n = meta.get("num_seeds", 1)
+        if src_n != N:
+            raise ValueError(f"{where} holds {src_n} seed(s) of o2td3.py, this run trains {N}; run it with "
+                             f"--num_seeds {src_n} (and the same --seed)")
+        try:  # a one-seed checkpoint has no seed axis
+            state = load_tree(src / "state.npz", seed_slice(template, 0) if N == 1 else template)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        _check_normalisation("the o2td3.py checkpoint", state.obs_mean, state.obs_std, run_mean, run_std, cfg)
-        return state, {"source": "o2td3.py", "updates": meta["updates"], "act_key": meta["act_key"]}
+        state = stack_seeds([state]) if N == 1 else state
+        _check_normalisation("the o2td3.py checkpoint", state.obs_mean[0], state.obs_std[0], run_mean, run_std, cfg)
+        return state, {"source": "o2td3.py", "updates": [int(u) for u in np.ravel(meta["updates"])],
+                       "act_key": np.asarray(meta["act_key"]).reshape(N, -1)}
 
     if {"expectile", "beta", "hidden_dims"} <= set(raw_cfg):  # iql.py
         if not cfg.policy_reevaluation:
@@ -846,16 +906,15 @@ def load_offline_source(cfg: TrainConfig, template: TD3BCState, h_off: Hyper):
             raise ValueError(f"{where}: its config.yaml is iql.py's but state.npz has no actor parameters "
                              f"('.actor.params['TorchLinear_<i>']') and observation statistics")
         depth = max(layers) + 1
-        kernels = [layers[i]["kernel"] for i in range(depth)]
-        if kernels[0].ndim == 3:  # a multi-seed iql.py run: take this run's seed
-            first = int(raw_cfg.get("seed", 0))
-            if not first <= cfg.seed < first + kernels[0].shape[0]:
-                raise ValueError(f"{where} holds iql.py seeds {first}..{first + kernels[0].shape[0] - 1}; set --seed "
-                                 "to one of them")
-            pick = cfg.seed - first
-            layers = {i: {k: v[pick] for k, v in layer.items()} for i, layer in layers.items()}
-            stats = {k: v[pick] for k, v in stats.items()}
-            kernels = [layers[i]["kernel"] for i in range(depth)]
+        per_seed = [(layers, stats)] * N  # a one-seed iql.py run: its actor for every seed
+        if layers[0]["kernel"].ndim == 3:  # a multi-seed iql.py run: each seed takes its own actor
+            first, count = int(raw_cfg.get("seed", 0)), layers[0]["kernel"].shape[0]
+            if not (first <= seeds[0] and seeds[-1] < first + count):
+                raise ValueError(f"{where} holds iql.py seeds {first}..{first + count - 1}; set --seed / --num_seeds "
+                                 f"to seeds among them (this run: {seeds[0]}..{seeds[-1]})")
+            per_seed = [({i: {k: v[s - first] for k, v in layer.items()} for i, layer in layers.items()},
+                         {k: v[s - first] for k, v in stats.items()}) for s in seeds]
+        kernels = [per_seed[0][0][i]["kernel"] for i in range(depth)]
         in_dim, out_dim = kernels[0].shape[0], kernels[-1].shape[1]
         hidden = [k.shape[1] for k in kernels[:-1]]
         if in_dim != h_off.obs_dim:
@@ -867,17 +926,22 @@ def load_offline_source(cfg: TrainConfig, template: TD3BCState, h_off: Hyper):
         if hidden != list(h_off.actor_hidden):
             raise ValueError(f"{where}: the iql.py actor's hidden sizes are {hidden}, this config's actor_hidden is "
                              f"{list(h_off.actor_hidden)}; set --actor_hidden '{hidden}' to load it")
-        _check_normalisation("the iql.py checkpoint", stats["obs_mean"], stats["obs_std"], run_mean, run_std, cfg)
         if raw_cfg.get("dataset_id") != cfg.dataset_id:
             print(f"note: the iql.py actor was trained on {raw_cfg.get('dataset_id')}, fine-tuning on {cfg.dataset_id}")
-        actor_params = {f"Dense_{i}": {"kernel": jnp.asarray(layers[i]["kernel"], jnp.float32),
-                                       "bias": jnp.asarray(layers[i]["bias"], jnp.float32)} for i in range(depth)}
-        if jax.tree.structure(actor_params) != jax.tree.structure(template.actor.params):
-            raise ValueError(f"{where}: cannot map the iql.py actor onto this actor")
-        state = template._replace(actor=Trainable(actor_params, optimizers(h_off)["actor"].init(actor_params)),
-                                  actor_target=actor_params)
+        states = []
+        for i, (seed_layers, seed_stats) in enumerate(per_seed):
+            _check_normalisation("the iql.py checkpoint", seed_stats["obs_mean"], seed_stats["obs_std"], run_mean,
+                                 run_std, cfg)
+            actor_params = {f"Dense_{j}": {"kernel": jnp.asarray(seed_layers[j]["kernel"], jnp.float32),
+                                           "bias": jnp.asarray(seed_layers[j]["bias"], jnp.float32)}
+                            for j in range(depth)}
+            one = seed_slice(template, i)
+            if jax.tree.structure(actor_params) != jax.tree.structure(one.actor.params):
+                raise ValueError(f"{where}: cannot map the iql.py actor onto this actor")
+            states.append(one._replace(actor=Trainable(actor_params, optimizers(h_off)["actor"].init(actor_params)),
+                                       actor_target=actor_params))
         updates = meta.get("updates", 0) if isinstance(meta, dict) else 0
-        return state, {"source": "iql.py", "updates": int(np.ravel(updates)[0]), "act_key": None}
+        return stack_seeds(states), {"source": "iql.py", "updates": [int(np.ravel(updates)[0])] * N, "act_key": None}
 
     raise ValueError(f"{where}: not a checkpoint o2td3.py can start from. Accepted: o2td3.py's "
                      "<run_dir>/checkpoints/offline, or an iql.py checkpoint (its Gaussian actor's tanh mean network "
@@ -886,15 +950,20 @@ def load_offline_source(cfg: TrainConfig, template: TD3BCState, h_off: Hyper):
 
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
-    """wandb + eval.jsonl + console. Metrics are namespaced offline/..., reevaluation/..., alignment/...,
-    online/..., eval/...."""
+    """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., reevaluation/...,
+    alignment/..., online/..., eval/...."""
 
-    def __init__(self, cfg, run_dir: Path, wandb_id: str, eval_lines: int):
-        self.eval_path = run_dir / "eval.jsonl"
-        if self.eval_path.exists():  # drop evaluations logged after the checkpoint we resume from
-            lines = self.eval_path.read_text().splitlines()[:eval_lines]
-            self.eval_path.write_text("".join(line + "\n" for line in lines))
-        self.eval_lines = eval_lines
+    def __init__(self, cfg, run_dir: Path, seeds: list, wandb_id: str, eval_lines: list):
+        # one seed: run_dir/eval.jsonl; several: run_dir/seed<S>/eval.jsonl
+        self.eval_paths = [run_dir / "eval.jsonl"] if len(seeds) == 1 else \
+            [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]
+        for path, keep in zip(self.eval_paths, eval_lines):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # drop evaluations logged after the checkpoint we resume from
+                lines = path.read_text().splitlines()[:keep]
+                path.write_text("".join(line + "\n" for line in lines))
+        self.eval_lines = list(eval_lines)
+        self.seeds = seeds
         mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
         self.wandb = None
         if mode != "disabled":
@@ -906,17 +975,18 @@ class Logger:
         if self.wandb is not None and metrics:
             self.wandb.log(metrics)
 
-    def log_eval(self, record: dict):
-        with open(self.eval_path, "a") as f:
+    def log_eval(self, i: int, record: dict):
+        with open(self.eval_paths[i], "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.eval_lines += 1
-        self.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        self.eval_lines[i] += 1
+        tag = "eval" if len(self.seeds) == 1 else f"eval/seed{self.seeds[i]}"
+        self.log({f"{tag}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
         score = record.get("normalized_score", record["return"])
         extra = f", success {record['success_rate']:.2f}" if "success_rate" in record else ""
         lam = f", lambda {record['lambda']:.3g}" if record.get("lambda") is not None else ""
-        print(f"[eval] {record['phase']} updates={record['updates']} env_steps={record['env_steps']}: "
-              f"{'normalized score' if 'normalized_score' in record else 'return'} {score:.2f}{extra}{lam}, "
-              f"Q(s, pi_off(s)) {record['q_offline_action']:.2f}", flush=True)
+        print(f"[eval] seed {record['seed']} {record['phase']} updates={record['updates']} "
+              f"env_steps={record['env_steps']}: {'normalized score' if 'normalized_score' in record else 'return'} "
+              f"{score:.2f}{extra}{lam}, Q(s, pi_off(s)) {record['q_offline_action']:.2f}", flush=True)
 
     def close(self):
         if self.wandb is not None:
@@ -924,23 +994,28 @@ class Logger:
 
 
 class Metrics:
-    """Host-side running means of per-update metrics; actor metrics average over the updates with an actor step.
-    A NaN/inf stops the run naming the loss and the update."""
+    """Host-side running means of per-update metrics over the seeds; actor metrics average over the updates with
+    an actor step. A NaN/inf stops the run naming the loss, the seed and the update."""
 
     def __init__(self):
         self.sums, self.counts = {}, {}
 
-    def add(self, metrics: dict, n: int, phase: str, updates_before: int, actor_keys=()):
-        host = {k: np.asarray(v)[:n] for k, v in metrics.items()}
-        bad = np.logical_or.reduce([~np.isfinite(v) for v in host.values()])
+    def add(self, metrics: dict, n, phase: str, seeds: list, updates_before, actor_keys=()):
+        """`metrics` of shape [seeds, steps]; the first n[i] steps of seed i are real updates."""
+        host = {k: np.asarray(v) for k, v in metrics.items()}
+        n = np.broadcast_to(np.asarray(n), (len(seeds),))
+        valid = np.arange(next(iter(host.values())).shape[1])[None, :] < n[:, None]
+        bad = valid & np.logical_or.reduce([~np.isfinite(v) for v in host.values()])
         if bad.any():
-            i = int(bad.argmax())
-            names = ", ".join(f"{phase}/{k} = {v[i]}" for k, v in host.items() if not np.isfinite(v[i]))
-            raise FloatingPointError(f"non-finite {names} at update {updates_before + i + 1} of phase {phase}; "
-                                     "stopping (the last checkpoint is intact)")
-        mask = host["actor_step"] > 0 if "actor_step" in host else np.ones(n, bool)
+            j = int(np.flatnonzero(bad.any(0))[0])  # the first update with a non-finite value, over all seeds
+            i = int(np.flatnonzero(bad[:, j])[0])
+            names = ", ".join(f"{phase}/{k} = {v[i, j]}" for k, v in host.items() if not np.isfinite(v[i, j]))
+            raise FloatingPointError(f"non-finite {names} (seed {seeds[i]}) at update "
+                                     f"{int(np.asarray(updates_before)[i]) + j + 1} of phase {phase}; stopping (the "
+                                     "last checkpoint is intact)")
+        actor_rows = valid & (host["actor_step"] > 0) if "actor_step" in host else valid
         for k, v in host.items():
-            rows = mask if k in actor_keys else np.ones(n, bool)
+            rows = actor_rows if k in actor_keys else valid
             key = f"{phase}/{k}"
             self.sums[key] = self.sums.get(key, 0.0) + float(v[rows].sum())
             self.counts[key] = self.counts.get(key, 0) + int(rows.sum())
@@ -953,7 +1028,8 @@ class Metrics:
 
 # ---------------------------------------------------------------------------------------------- training
 def default_run_dir(cfg) -> Path:
-    return Path("runs") / "o2td3" / cfg.dataset_id.replace("/", "_") / f"seed{cfg.seed}"
+    seeds = f"seed{cfg.seed}" if cfg.num_seeds == 1 else f"seeds{cfg.seed}-{cfg.seed + cfg.num_seeds - 1}"
+    return Path("runs") / "o2td3" / cfg.dataset_id.replace("/", "_") / seeds
 
 
 def _check_resume_config(saved: Path, cfg: TrainConfig):
@@ -972,24 +1048,26 @@ def score_of(record: dict) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """TD3+BC pre-training (or a loaded offline actor), re-evaluation, alignment, fine-tuning; returns the last
-    evaluation record, paths and the before/after scores."""
+    """TD3+BC pre-training (or a loaded offline actor), re-evaluation, alignment, fine-tuning of `num_seeds` seeds
+    at once; returns the last evaluation record(s), paths and the before/after scores."""
     from tqdm import tqdm
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
-    cfg.name = cfg.name or f"o2td3-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}"
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"o2td3-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
     goal_task = "antmaze" in cfg.dataset_id
 
-    # data and envs
+    # data and envs (one training env per seed, one evaluation env)
     ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-    env, eval_env = data.make_env(cfg.dataset_id), data.make_env(cfg.dataset_id)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
-        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {env.observation_space.shape}/"
-                                f"{env.action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
     try:
         refs = data.reference_scores(cfg.dataset_id)
     except data.DatasetError as e:
@@ -1000,48 +1078,55 @@ def train(cfg: TrainConfig) -> dict:
     obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
     obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
     rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
+    # offline rows on device, shared by the seeds; online rows per seed (+ slack for a full chunk of online_block)
     offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
                                                               ds.next_observations, ds.terminals)))
-    capacity = max(cfg.online_steps, 1)
-    online = Buffer(*(jnp.zeros((capacity,) + s, jnp.float32) for s in ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
-    rows = np.random.default_rng(cfg.seed).choice(n_off, min(n_off, cfg.probe_states), replace=False)
-    probe_obs = jnp.asarray(ds.observations[np.sort(rows)])
+    online_capacity = cfg.online_steps + cfg.online_block
+    online = Buffer(*(jnp.zeros((N, online_capacity) + s, jnp.float32) for s in
+                      ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
+    probe_rows = [np.sort(np.random.default_rng(s).choice(n_off, min(n_off, cfg.probe_states), replace=False))
+                  for s in seeds]  # each seed's probe states are those of its one-seed run
+    probe_obs = [jnp.asarray(ds.observations[rows]) for rows in probe_rows]
     del rewards
 
-    off_template = init_offline_state(h_off, jax.random.PRNGKey(cfg.seed), obs_mean, obs_std)
+    off_template = stack_seeds([init_offline_state(h_off, jax.random.PRNGKey(s), obs_mean, obs_std) for s in seeds])
     templates = {"offline": off_template,
-                 "finetune": start_finetuning(off_template, h, cfg.policy_reevaluation, cfg.lmbda)}
+                 "finetune": stack_seeds([start_finetuning(seed_slice(off_template, i), h, cfg.policy_reevaluation,
+                                                           cfg.lmbda) for i in range(N)])}
     state = off_template
-    meta = {"algorithm": "o2td3", "state_form": "offline", "phase": "offline", "updates": 0, "env_steps": 0,
-            "online_size": 0, "saved_rows": 0, "act_key": np.asarray(jax.random.PRNGKey(cfg.seed + 1)),
-            "env_rng": None, "eval_lines": 0, "episodes": 0, "wandb_id": None, "last_eval": None,
-            "offline_outcome": None, "offline_score": None, "best_score": None, "wall_time": 0.0}
+    meta = {"algorithm": "o2td3", "num_seeds": N, "state_form": "offline", "phase": "offline", "updates": [0] * N,
+            "env_steps": [0] * N, "online_size": [0] * N, "saved_rows": [0] * N,
+            "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), "env_rng": [None] * N,
+            "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None, "last_eval": [None] * N,
+            "offline_outcome": [None] * N, "offline_score": [None] * N, "best_score": [None] * N, "wall_time": 0.0}
     latest = find_checkpoint(ckpt_dir / "latest")
     if cfg.resume and latest is not None:
         _check_resume_config(latest / "config.yaml", cfg)
-        state, meta = load_checkpoint(latest, templates)
-        rows = load_buffer_rows(ckpt_dir / "buffer", meta["online_size"])
-        if rows is not None:
-            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in rows.items()}), 0)
+        state, meta = load_state(latest, templates, cfg)
+        for i, s in enumerate(seeds):
+            rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
+            if rows is not None:
+                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
         print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} updates, "
               f"{meta['env_steps']} online env steps")
     else:
         if cfg.resume:
             print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        (run_dir / "eval.jsonl").unlink(missing_ok=True)
+        for path in [run_dir / "eval.jsonl"] + [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]:
+            path.unlink(missing_ok=True)
         if cfg.offline_checkpoint:
-            state, info = load_offline_source(cfg, off_template, h_off)
+            state, info = load_offline_source(cfg, off_template, h_off, seeds)
             meta.update(updates=info["updates"], phase="load_offline")
             if info["act_key"] is not None:
                 meta["act_key"] = info["act_key"]
             print(f"loaded the offline actor from {cfg.offline_checkpoint} ({info['source']}, "
-                  f"{info['updates']} updates)")
+                  f"{info['updates'][0]} updates)")
     with open(run_dir / "config.yaml", "w") as f:
         pyrallis.dump(cfg, f)
     if meta["wandb_id"] is None:
         meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-    logger = Logger(cfg, run_dir, meta["wandb_id"], meta["eval_lines"])
+    logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
     act_key = jnp.asarray(meta["act_key"])
     wall_before = meta["wall_time"]
     acc = Metrics()
@@ -1049,50 +1134,59 @@ def train(cfg: TrainConfig) -> dict:
     def hyper():
         return h_off if isinstance(state, TD3BCState) else h
 
-    def run_eval(phase, outcome=None):
-        """Evaluate the current actor (or reuse `outcome`), add the probes, log, return the record."""
-        if outcome is None:
-            policy = lambda o: act_deterministic(state.actor.params, state.obs_mean, state.obs_std, o, hyper())  # noqa
-            outcome = evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
-                               goal_task, refs)
-        record = {"seed": cfg.seed, "phase": phase, "updates": int(meta["updates"]),
-                  "env_steps": int(meta["env_steps"]), **outcome}
-        probes = {k: float(v) for k, v in probe(state, probe_obs, hyper()).items()}
-        record.update(q_offline_action=probes["q_offline_action"], **{"lambda": probes.get("lambda")},
-                      mse_to_reference=probes.get("mse_to_reference"))
-        finetuning = isinstance(state, O2TD3State)
-        record["epsilon_t"] = float(epsilon_schedule(meta["env_steps"], cfg.threshold, cfg.end_threshold,
-                                                     cfg.end_steps)) if finetuning else None
-        record["reference_score"] = meta["best_score"]
-        record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-        logger.log_eval(record)
-        meta["eval_lines"], meta["last_eval"] = logger.eval_lines, record
-        return record
+    def run_eval(phase, which=None, reuse_outcome=False):
+        """Evaluate the current actor of each seed in `which` (default: all; `reuse_outcome`: reuse the seed's
+        offline outcome instead), add the probes, log."""
+        for i in range(N) if which is None else which:
+            one = seed_slice(state, i)
+            if reuse_outcome:
+                outcome = meta["offline_outcome"][i]
+            else:
+                policy = lambda o: act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o, hyper())  # noqa
+                outcome = evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                                   goal_task, refs)
+            record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
+                      "env_steps": int(meta["env_steps"][i]), **outcome}
+            probes = {k: float(v) for k, v in probe(one, probe_obs[i], hyper()).items()}
+            record.update(q_offline_action=probes["q_offline_action"], **{"lambda": probes.get("lambda")},
+                          mse_to_reference=probes.get("mse_to_reference"))
+            finetuning = isinstance(state, O2TD3State)
+            record["epsilon_t"] = float(epsilon_schedule(meta["env_steps"][i], cfg.threshold, cfg.end_threshold,
+                                                         cfg.end_steps)) if finetuning else None
+            record["reference_score"] = meta["best_score"][i]
+            record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+            logger.log_eval(i, record)
+            meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
 
     def checkpoint(name="latest"):
         meta["act_key"] = np.asarray(act_key)
         meta["state_form"] = "offline" if isinstance(state, TD3BCState) else "finetune"
-        save_buffer_rows(ckpt_dir / "buffer", online, meta["saved_rows"], meta["online_size"])
-        meta["saved_rows"] = meta["online_size"]
+        for i, s in enumerate(seeds):
+            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
+                             meta["online_size"][i])
+        meta["saved_rows"] = list(meta["online_size"])
         meta["wall_time"] = wall_before + time.time() - t_start
-        save_checkpoint(ckpt_dir / name, state, meta, cfg)
+        save_state(ckpt_dir / name, state, meta, cfg)
+
+    def mean_score():
+        return np.mean([score_of(r) for r in meta["last_eval"] if r is not None])
 
     def offline_phase(phase, total, desc, reuse_score=False):
-        """Blocks of `phase` updates on the offline data until `total`, evaluations (+ checkpoints) every
-        offline_eval_every updates and at the end."""
+        """Blocks of `phase` updates on the offline data until `total` (all seeds in one vmapped scan per block),
+        evaluations (+ checkpoints) every offline_eval_every updates and at the end."""
         nonlocal state
-        bar = tqdm(total=total, initial=meta["updates"], desc=desc, mininterval=5)
+        bar = tqdm(total=total, initial=meta["updates"][0], desc=desc, mininterval=5)
         keys = TD3BC_ACTOR_KEYS if phase == "offline" else ()
-        while meta["updates"] < total:
-            state, metrics = update_block(state, offline, online, 0, 0, phase, hyper())
-            acc.add(metrics, cfg.update_block, phase, meta["updates"], keys)
-            meta["updates"] += cfg.update_block
+        while meta["updates"][0] < total:
+            state, metrics = update_block(state, offline, phase, hyper())
+            acc.add(metrics, cfg.update_block, phase, seeds, meta["updates"], keys)
+            meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
             bar.update(cfg.update_block)
-            logger.log({**acc.flush(), f"{phase}/updates": meta["updates"]})
-            if meta["updates"] % cfg.offline_eval_every == 0 or meta["updates"] == total:
-                record = run_eval(phase, meta["offline_outcome"] if reuse_score else None)
-                bar.set_postfix(score=score_of(record))
-                if phase != "offline" or meta["updates"] < total:
+            logger.log({**acc.flush(), f"{phase}/updates": meta["updates"][0]})
+            if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == total:
+                run_eval(phase, reuse_outcome=reuse_score)
+                bar.set_postfix(score=mean_score())
+                if phase != "offline" or meta["updates"][0] < total:
                     checkpoint()
         bar.close()
 
@@ -1100,106 +1194,144 @@ def train(cfg: TrainConfig) -> dict:
     if meta["phase"] in ("offline", "load_offline"):
         if meta["phase"] == "offline":
             offline_phase("offline", cfg.offline_updates, "TD3+BC offline")
-            if meta["last_eval"] is None:  # offline_updates == 0: still report the starting policy
+            if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
                 run_eval("offline")
         else:
             run_eval("offline")  # the score of the loaded actor
-        meta["offline_outcome"] = {k: v for k, v in meta["last_eval"].items() if k in (
+        meta["offline_outcome"] = [{k: v for k, v in r.items() if k in (
             "return", "return_std", "length", "episodes", "normalized_score", "normalized_score_std", "success_rate")}
-        meta["offline_score"] = meta["best_score"] = score_of(meta["last_eval"])
+            for r in meta["last_eval"]]
+        meta["offline_score"] = [score_of(r) for r in meta["last_eval"]]
+        meta["best_score"] = list(meta["offline_score"])
         meta["phase"] = "to_finetune"
         checkpoint("offline")
-        state = start_finetuning(state, h, cfg.policy_reevaluation, cfg.lmbda)
-        meta.update(phase="reevaluation", updates=0)
+        state = stack_seeds([start_finetuning(seed_slice(state, i), h, cfg.policy_reevaluation, cfg.lmbda)
+                             for i in range(N)])
+        meta.update(phase="reevaluation", updates=[0] * N)
         checkpoint()
 
     # ---- 1. policy re-evaluation (actor fixed: its evaluation is reused)
     if meta["phase"] == "reevaluation":
         if cfg.policy_reevaluation:
             offline_phase("reevaluation", cfg.ope_updates, "O2TD3 re-evaluation", reuse_score=True)
-        meta.update(phase="alignment", updates=0)
+        meta.update(phase="alignment", updates=[0] * N)
 
-    # ---- 2. value alignment, then the transition to fine-tuning
+    # ---- 2. value alignment, then the transition to fine-tuning (per seed: the reference becomes the aligned
+    # actor if it evaluates better than the offline one)
     if meta["phase"] == "alignment":
         if cfg.value_alignment:
             offline_phase("alignment", cfg.align_updates, "O2TD3 alignment")
         state = state._replace(critic_target=state.critic.params, actor_target=state.actor.params)
-        aligned = score_of(meta["last_eval"])  # the aligned actor's score (the offline one without alignment)
-        if aligned > meta["offline_score"]:
-            state = state._replace(ref_actor=state.actor.params)
-        meta.update(best_score=max(aligned, meta["offline_score"]), phase="online", updates=0)
+        aligned = [score_of(r) for r in meta["last_eval"]]  # aligned actors' scores (offline ones without alignment)
+        better = [a > o for a, o in zip(aligned, meta["offline_score"])]
+        state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
+        meta.update(best_score=[max(a, o) for a, o in zip(aligned, meta["offline_score"])], phase="online",
+                    updates=[0] * N)
         checkpoint()
 
-    # ---- 3. online fine-tuning (constrained unless switched off)
+    # ---- 3. online fine-tuning (constrained unless switched off). Each seed follows exactly its single-seed
+    # schedule: blocks of up to online_block env steps with a fixed policy (ending at an episode end and at an
+    # evaluation step), then their updates (after warm-up), an evaluation every online_eval_every env steps (a better
+    # policy becomes that seed's reference). A seed at the first episode end after an evaluation is due for a
+    # checkpoint and waits until every seed is due (or finished), so checkpoints fall on episode ends of all seeds.
     if meta["phase"] == "online":
-        if meta["env_rng"] is not None:
-            env_rng_restore(env, meta["env_rng"], cfg.seed)
-        first_reset = meta["env_rng"] is None
-        chunk = {k: np.zeros((cfg.online_block,) + s, np.float32) for k, s in
+        for i, env in enumerate(envs):
+            if meta["env_rng"][i] is not None:
+                env_rng_restore(env, meta["env_rng"][i], seeds[i])
+        first_reset = [meta["env_rng"][i] is None for i in range(N)]
+        chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
                  (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
-        obs, ep_ret, ep_len, recent, evaluated = None, 0.0, 0, [], False
-        bar = tqdm(total=cfg.online_steps, initial=meta["env_steps"], desc="O2TD3 online", mininterval=5)
-        while meta["env_steps"] < cfg.online_steps:
-            t0 = meta["env_steps"]
-            next_eval = (t0 // cfg.online_eval_every + 1) * cfg.online_eval_every
-            limit = min(cfg.online_block, next_eval - t0, cfg.online_steps - t0)
-            n = 0
-            while n < limit:
-                if obs is None:
-                    obs, _ = env.reset(seed=cfg.seed if first_reset else None)
-                    first_reset, ep_ret, ep_len = False, 0.0, 0
-                executed, clean, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std,
-                                                       np.asarray(obs, np.float32), act_key, cfg.explore_noise, h)
-                executed = np.asarray(executed)
-                next_obs, r, term, trunc, info = env.step(executed)
-                term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                stored = executed if cfg.store_executed_action else np.asarray(clean)
-                for k, v in (("obs", obs), ("act", stored), ("next_obs", next_obs), ("done", float(term)),
-                             ("rew", r * cfg.reward_scale + cfg.reward_bias)):
-                    chunk[k][n] = v
-                n, meta["env_steps"] = n + 1, meta["env_steps"] + 1
-                ep_ret, ep_len, obs = ep_ret + float(r), ep_len + 1, next_obs
-                if term or trunc:
-                    meta["episodes"] += 1
-                    recent = (recent + [ep_ret])[-10:]
-                    logger.log({"online/episode_return": ep_ret, "online/episode_length": ep_len,
-                                "online/env_steps": meta["env_steps"]})
-                    obs = None
-                    break
+        obs = np.zeros((N, obs_dim), np.float32)
+        at_episode_start = [True] * N
+        ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
+        evaluated = [False] * N  # evaluated since the last checkpoint
+        due = [False] * N  # at an episode end after an evaluation: waiting for the synchronised checkpoint
+        bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2TD3 online", mininterval=5)
+        while min(meta["env_steps"]) < cfg.online_steps:
+            t0 = list(meta["env_steps"])
+            limit = np.zeros(N, np.int64)  # this block's env steps per seed (0: waiting or finished)
+            for i in range(N):
+                if not due[i] and t0[i] < cfg.online_steps:
+                    next_eval = (t0[i] // cfg.online_eval_every + 1) * cfg.online_eval_every
+                    limit[i] = min(cfg.online_block, next_eval - t0[i], cfg.online_steps - t0[i])
+            n = np.zeros(N, np.int32)
+            active = limit > 0
+            while active.any():
+                for i in np.flatnonzero(active):
+                    if at_episode_start[i]:
+                        obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
+                        first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
+                executed, clean, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs,
+                                                       act_key, jnp.asarray(active), cfg.explore_noise, h)
+                executed, clean = np.asarray(executed), np.asarray(clean)
+                for i in np.flatnonzero(active):
+                    next_obs, r, term, trunc, info = envs[i].step(executed[i])
+                    term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                    j = n[i]
+                    chunk["obs"][i, j], chunk["next_obs"][i, j] = obs[i], next_obs
+                    chunk["act"][i, j] = executed[i] if cfg.store_executed_action else clean[i]
+                    chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
+                    n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
+                    ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
+                    if term or trunc:
+                        meta["episodes"][i] += 1
+                        recent[i] = (recent[i] + [ep_ret[i]])[-10:]
+                        logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
+                                    "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
+                        at_episode_start[i] = True
+                    if at_episode_start[i] or n[i] == limit[i]:
+                        active[i] = False
             online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
-                                   meta["online_size"])
-            meta["online_size"] += n
-            first = max(t0, cfg.warmup_steps)  # updates run after env steps warmup_steps + 1, ...
-            n_upd = meta["env_steps"] - first
-            if n_upd > 0:
-                state, metrics = update_online(state, offline, online, meta["online_size"], first + 1, n_upd, h)
-                acc.add(metrics, n_upd, "online", meta["updates"], ONLINE_ACTOR_KEYS)
-                meta["updates"] += n_upd
-            bar.update(n)
-            if meta["env_steps"] % cfg.online_eval_every == 0 or meta["env_steps"] == cfg.online_steps:
-                logger.log({**acc.flush(), "online/env_steps": meta["env_steps"], "online/updates": meta["updates"]})
-                if score_of(run_eval("online")) > meta["best_score"]:  # the best policy becomes the reference
-                    meta["best_score"] = score_of(meta["last_eval"])
-                    state = state._replace(ref_actor=state.actor.params)
-                bar.set_postfix(score=score_of(meta["last_eval"]), train_return=np.mean(recent) if recent else 0.0)
-                evaluated = True
-            if evaluated and obs is None and meta["env_steps"] < cfg.online_steps:
-                meta["env_rng"] = env_rng_snapshot(env)
+                                   jnp.asarray(meta["online_size"], jnp.int32))
+            meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
+            first = [max(t, cfg.warmup_steps) for t in t0]  # updates run after env steps warmup_steps + 1, ...
+            n_upd = np.array([max(meta["env_steps"][i] - first[i], 0) for i in range(N)], np.int32)
+            if n_upd.any():
+                state, metrics = update_online(state, offline, online, jnp.asarray(meta["online_size"], jnp.int32),
+                                               jnp.asarray(first, jnp.int32) + 1, jnp.asarray(n_upd), h)
+                acc.add(metrics, n_upd, "online", seeds, meta["updates"], ONLINE_ACTOR_KEYS)
+                meta["updates"] = [u + int(k) for u, k in zip(meta["updates"], n_upd)]
+            bar.update(int(n.sum()))
+            which = [i for i in range(N) if n[i] > 0 and (meta["env_steps"][i] % cfg.online_eval_every == 0
+                                                           or meta["env_steps"][i] == cfg.online_steps)]
+            if which:
+                logger.log({**acc.flush(), "online/env_steps": sum(meta["env_steps"]),
+                            "online/updates": sum(meta["updates"])})
+                run_eval("online", which)
+                better = [i in which and score_of(meta["last_eval"][i]) > meta["best_score"][i] for i in range(N)]
+                for i in np.flatnonzero(better):  # the best policy so far becomes the seed's reference
+                    meta["best_score"][i] = score_of(meta["last_eval"][i])
+                if any(better):
+                    state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
+                bar.set_postfix(score=np.mean([score_of(meta["last_eval"][i]) for i in which]),
+                                train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
+                for i in which:
+                    evaluated[i] = True
+            for i in range(N):
+                if evaluated[i] and at_episode_start[i] and meta["env_steps"][i] < cfg.online_steps:
+                    due[i] = True
+            if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
+                meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
                 checkpoint()
-                evaluated = False
+                evaluated, due = [False] * N, [False] * N
         bar.close()
-        if meta["last_eval"] is None or meta["last_eval"]["phase"] != "online":  # online_steps == 0
-            run_eval("online")
+        for i in range(N):
+            if meta["last_eval"][i] is None or meta["last_eval"][i]["phase"] != "online":  # online_steps == 0
+                run_eval("online", [i])
         meta["phase"] = "done"
         checkpoint()
     elif meta["phase"] == "done":
         print(f"run in {run_dir} already finished")
     logger.close()
-    env.close()
-    eval_env.close()
-    summary = summarize(run_dir / "eval.jsonl")
-    return {"last_eval": meta["last_eval"], "run_dir": str(run_dir), "updates": meta["updates"],
-            "env_steps": meta["env_steps"], **summary}
+    for env in envs + [eval_env]:
+        env.close()
+    summaries = [summarize(path) for path in logger.eval_paths]
+    out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
+           "env_steps": meta["env_steps"][0], **summaries[0]}
+    if N > 1:
+        out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+                   per_seed=summaries)
+    return out
 
 
 def summarize(eval_path: Path) -> dict:

@@ -1,7 +1,7 @@
 """O2TD3: maths against NumPy (alignment target, multiplier loss, threshold schedule, target smoothing), the policy
 delay and multiplier direction of the online update, ensemble init, and tiny end-to-end runs (all phases, each
 phase switch off, the naive all-off baseline, resume after a kill, offline checkpoints of o2td3.py and iql.py,
-clear errors for wrong checkpoints)."""
+clear errors for wrong checkpoints), and --num_seeds 2 against the single-seed runs."""
 import math
 import pickle
 
@@ -141,6 +141,8 @@ def test_bad_config_fails_clearly():
         o2td3.TrainConfig(mixing_ratio=1.0)
     with pytest.raises(ValueError, match="lmbda"):
         o2td3.TrainConfig(lmbda=0.0)
+    with pytest.raises(ValueError, match="num_seeds must be > 0"):
+        o2td3.TrainConfig(num_seeds=0)
     assert o2td3.parse_config(["--resume"]).resume is True
     assert o2td3.parse_config(["--value_alignment", "false"]).value_alignment is False
     with pytest.raises(SystemExit):  # a typo on the command line is an error (pyrallis/argparse)
@@ -170,11 +172,14 @@ def test_end_to_end_all_phases(reference_run):
     assert [e["epsilon_t"] for e in online] == pytest.approx([0.0025 + t * 0.0375 / 1e5 for t in (100, 200, 300)])
     best = max(e["normalized_score"] for e in evals[1:])  # reference = best evaluated policy
     assert result["last_eval"] == {**evals[-1], "wall_time": result["last_eval"]["wall_time"]}
+    assert result["seeds"] == [0] and all(e["seed"] == 0 for e in evals)
+    times = [e["wall_time"] for e in read_evals(run_dir, timing=True)]
+    assert times == sorted(times) and times[0] > 0
     assert result["before_finetuning"] == evals[1]["normalized_score"] and best >= result["before_finetuning"]
     ckpt = run_dir / "checkpoints"
     for name in ("offline", "latest"):
         assert (ckpt / name / "state.npz").exists() and (ckpt / name / "config.yaml").exists()
-    rows = [np.load(f) for f in sorted((ckpt / "buffer").glob("rows_*.npz"))]
+    rows = [np.load(f) for f in sorted((ckpt / "buffer" / "seed0").glob("rows_*.npz"))]
     assert sum(r["rew"].shape[0] for r in rows) == 300
     acts = np.concatenate([r["act"] for r in rows])
     assert np.abs(acts).max() <= 1.0  # executed actions, clipped
@@ -279,3 +284,82 @@ def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
     with pytest.raises(FloatingPointError, match=r"offline/critic_loss = nan.* at update 1 of phase offline"):
         o2td3.train(tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")))
     assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+# ---- several seeds in one process
+@pytest.fixture(scope="module")
+def multi_run(reference_run, tmp_path_factory):
+    """The tiny run with --num_seeds 2 (seeds 0 and 1): (run dir, train() result)."""
+    run_dir = tmp_path_factory.mktemp("o2td3_multi")
+    return run_dir, o2td3.train(tiny_config(reference_run[0], run_dir, num_seeds=2))
+
+
+def test_num_seeds_matches_single_seed_runs(reference_run, multi_run, tmp_path):
+    """--num_seeds 2 trains seeds 0 and 1 together (every phase vmapped, per-seed reference / best score / lambda);
+    each seed equals its single-seed run up to float32 round-off."""
+    dataset_id, _, _, reference = reference_run
+    multi_dir, multi = multi_run
+    single1 = tmp_path / "single1"
+    o2td3.train(tiny_config(dataset_id, single1, seed=1))
+    assert multi["seeds"] == [0, 1] and multi["env_steps"] == [300, 300] and multi["updates"] == [250, 250]
+    assert not (multi_dir / "eval.jsonl").exists()
+    for seed, expected in ((0, reference), (1, read_evals(single1))):
+        got = read_evals(multi_dir / f"seed{seed}")
+        schedule = lambda evals: [(e["seed"], e["phase"], e["updates"], e["env_steps"], e["epsilon_t"])  # noqa
+                                  for e in evals]
+        assert schedule(got) == schedule(expected)
+        before = [e for e in got if e["phase"] != "online"]  # the update-only phases
+        for key in ("return", "q_offline_action"):
+            np.testing.assert_allclose([e[key] for e in before], [e[key] for e in expected[:len(before)]], rtol=1e-3)
+        np.testing.assert_allclose([e["mse_to_reference"] for e in before[2:]],
+                                   [e["mse_to_reference"] for e in expected[2:len(before)]], rtol=1e-3, atol=1e-6)
+        # online: the same schedule; returns and lambda agree closely (round-off can grow through the dynamics)
+        np.testing.assert_allclose([e["return"] for e in got], [e["return"] for e in expected], rtol=0.05)
+        np.testing.assert_allclose([e["lambda"] for e in got[2:]], [e["lambda"] for e in expected[2:]], rtol=1e-2)
+        rows = sum(np.load(f)["rew"].shape[0] for f in (multi_dir / "checkpoints" / "buffer" / f"seed{seed}").glob(
+            "rows_*.npz"))
+        assert rows == 300
+    assert read_evals(multi_dir / "seed0") != read_evals(multi_dir / "seed1")  # the seeds differ
+
+
+def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, multi_run, tmp_path, monkeypatch):
+    dataset_id = reference_run[0]
+    multi_dir = multi_run[0]
+    kill_after_checkpoints(o2td3, tiny_config(dataset_id, tmp_path, num_seeds=2), 7, monkeypatch)  # fine-tuning
+    o2td3.train(tiny_config(dataset_id, tmp_path, num_seeds=2, resume=True))
+    for seed in (0, 1):
+        assert read_evals(tmp_path / f"seed{seed}") == read_evals(multi_dir / f"seed{seed}")
+
+
+def test_num_seeds_offline_checkpoint(reference_run, multi_run, tmp_path):
+    """An N=2 offline checkpoint restarts both seeds exactly; a checkpoint of another seed count fails clearly."""
+    dataset_id, ref_dir, _, _ = reference_run
+    multi_dir = multi_run[0]
+    source = str(multi_dir / "checkpoints" / "offline")
+    o2td3.train(tiny_config(dataset_id, tmp_path / "ok", num_seeds=2, offline_checkpoint=source, online_steps=100))
+    for seed in (0, 1):
+        got, expected = read_evals(tmp_path / "ok" / f"seed{seed}"), read_evals(multi_dir / f"seed{seed}")
+        assert got[:4] == expected[1:5]  # the loaded actors, re-evaluation, alignment, first online evaluation
+    with pytest.raises(ValueError, match="holds 2 seed.*--num_seeds 2"):
+        o2td3.train(tiny_config(dataset_id, tmp_path / "x1", offline_checkpoint=source))
+    with pytest.raises(ValueError, match="holds 1 seed.*--num_seeds 1"):
+        o2td3.train(tiny_config(dataset_id, tmp_path / "x2", num_seeds=2,
+                                offline_checkpoint=str(ref_dir / "checkpoints" / "offline")))
+
+
+def test_num_seeds_start_from_multi_seed_iql_checkpoint(reference_run, tmp_path):
+    """A multi-seed iql.py checkpoint gives each o2td3 seed the iql.py actor of the same seed."""
+    dataset_id = reference_run[0]
+    iql_dir = tmp_path / "iql"
+    iql.train(iql.TrainConfig(dataset_id=dataset_id, run_dir=str(iql_dir), num_seeds=2, offline_updates=50,
+                              update_block=50, offline_eval_every=50, online_steps=0, eval_episodes=2,
+                              hidden_dims=[32, 32], reward_bias=0.0, terminate_on_success=False, wandb_mode="disabled"))
+    source = str(iql_dir / "checkpoints" / "offline")
+    o2td3.train(tiny_config(dataset_id, tmp_path / "o2td3", num_seeds=2, offline_checkpoint=source, online_steps=0,
+                            ope_updates=50, align_updates=50))
+    for seed in (0, 1):
+        iql_score = [e for e in read_evals(iql_dir / f"seed{seed}") if e["phase"] == "offline"][-1]["normalized_score"]
+        evals = read_evals(tmp_path / "o2td3" / f"seed{seed}")
+        assert evals[0]["phase"] == "offline" and evals[0]["normalized_score"] == pytest.approx(iql_score, rel=1e-6)
+    with pytest.raises(ValueError, match=r"holds iql.py seeds 0..1"):
+        o2td3.train(tiny_config(dataset_id, tmp_path / "x", seed=1, num_seeds=2, offline_checkpoint=source))
