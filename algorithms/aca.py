@@ -46,8 +46,8 @@ What is implemented (official semantics unless listed below):
 Deviations (and the switch that restores the reference behaviour where one exists):
   1. Online updates run in jitted blocks: the agent collects up to `online_block` env steps with a fixed policy
      (a block also ends at an episode end), appends them, then does the updates due for them (one per env step
-     after the buffer exceeds `batch_size`) in lax.scan blocks. The official loop updates after every env step
-     (`online_block: 1` is that, but slower).
+     after the buffer exceeds `batch_size`) in one jitted masked lax.fori_loop. The official loop updates after
+     every env step (`online_block: 1` is that, but slower).
   2. Online evaluation and checkpoints happen at the first episode end after every `online_eval_every` env steps
      (official: exactly every 1000 steps, mid-episode), so a resumed run reproduces an uninterrupted one exactly.
      Offline, evaluation runs every `offline_eval_every` updates (official: 10 episodes every 1000 updates, for
@@ -69,14 +69,22 @@ Deviations (and the switch that restores the reference behaviour where one exist
      the critic's, whose weights are replaced by Z's).
   9. torch's Softplus switches to the identity above 20; jax.nn.softplus is exact (difference < 1e-8).
 
+Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
+vmapped over a leading seed axis (offline rows shared on device; each seed has its own online buffer, seeded
+with the same top-n_trajs episodes, its own w schedule and counters) and one training env per seed, acted for in
+one jitted call per env step. SAC+ML, the switch and ACA are all vmapped; each seed follows exactly its
+single-seed schedule (blocks, evaluations, checkpoints), so its numbers equal the single-seed run's up to float32
+round-off (XLA's batched matmuls sum in another order). Evaluation records go to run_dir/seed<S>/eval.jsonl.
+
 Usage:
     python algorithms/aca.py --config_path configs/aca/quickstart.yaml
     python algorithms/aca.py --config_path configs/aca/quickstart.yaml --resume          # continue a killed run
     python algorithms/aca.py --config_path ... --offline_checkpoint runs/.../checkpoints/offline
+    python algorithms/aca.py --config_path configs/aca/quickstart.yaml --num_seeds 4     # seeds 0..3 at once
 `--offline_checkpoint` takes an offline checkpoint written by this script (it needs the Z baseline, which only
-SAC+ML trains). Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation),
-checkpoints/{latest,offline}, checkpoints/buffer/ (online transitions), wandb/ (mode `wandb_mode`, or the
-WANDB_MODE environment variable when set).
+SAC+ML trains) with the same number of seeds. Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per
+evaluation; seed<S>/eval.jsonl per seed when num_seeds > 1), checkpoints/{latest,offline}, checkpoints/buffer/seed<S>/
+(online transitions), wandb/ (mode `wandb_mode`, or the WANDB_MODE environment variable when set).
 """
 
 import json
@@ -114,17 +122,18 @@ class TrainConfig:
     dataset_id: str = "o2o/hopper/medium-v0"  # Minari dataset id (also gives the env), see algorithms/data.py
     seed: int = 0  # seed of networks, sampling, exploration and the training env
     eval_seed: int = 100  # seed of the evaluation env (re-seeded at the start of every evaluation)
-    run_dir: str = ""  # output directory; "" = runs/aca/<dataset_id>/seed<seed>
+    run_dir: str = ""  # output directory; "" = runs/aca/<dataset_id>/seed<seed> (seeds<S>-<S+N-1> for several)
     project: str = "o2o-jax"  # wandb project
     group: str = "aca"  # wandb group
     name: str = ""  # wandb run name; "" = aca-<dataset_id>-seed<seed>
     wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
     resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
     offline_checkpoint: str = ""  # skip pre-training: start from this script's saved offline checkpoint dir
+    num_seeds: int = 1  # train seeds seed..seed+num_seeds-1 together (vmapped); >1: evals in run_dir/seed<S>/
     # schedule
     offline_updates: int = 500_000  # SAC+ML gradient steps (official: 500k)
     online_steps: int = 100_000  # env steps of fine-tuning (official: 100k)
-    update_block: int = 1000  # updates per jitted lax.scan block (a smaller remainder runs in one fori_loop)
+    update_block: int = 1000  # offline updates per jitted lax.scan block
     online_block: int = 50  # max env steps collected with a fixed policy before their updates run (official: 1)
     offline_eval_every: int = 50_000  # offline updates between evaluations (+ checkpoint)
     online_eval_every: int = 1000  # online env steps between evaluations (+ checkpoint), at episode ends
@@ -163,7 +172,7 @@ class TrainConfig:
             if not cond:
                 raise ValueError(f"invalid config: {msg}")
         for name in ("update_block", "online_block", "offline_eval_every", "online_eval_every", "eval_episodes",
-                     "batch_size", "n_critics", "interpolation_unit"):
+                     "batch_size", "n_critics", "interpolation_unit", "num_seeds"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         need(self.offline_updates >= 0 and self.online_steps >= 0, "offline_updates/online_steps must be >= 0")
         need(self.offline_updates % self.update_block == 0,
@@ -192,6 +201,7 @@ class Hyper(NamedTuple):
     squashed: bool
     batch_size: int
     block: int
+    online_block: int
     discount: float
     tau: float
     actor_lr: float
@@ -210,9 +220,9 @@ class Hyper(NamedTuple):
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
     w0, k, w_min = (float(x) for x in cfg.interpolation)
     return Hyper(obs_dim, act_dim, tuple(cfg.hidden_dims), cfg.n_critics, cfg.squashed_policy, cfg.batch_size,
-                 cfg.update_block, cfg.discount, cfg.tau, cfg.actor_lr, cfg.critic_lr, cfg.temp_lr, cfg.baseline_lr,
-                 cfg.ml_alpha, cfg.target_entropy_coef * act_dim, cfg.beta, w0, w0 / (k * cfg.interpolation_unit),
-                 w_min, cfg.actor_grad_clip)
+                 cfg.update_block, cfg.online_block, cfg.discount, cfg.tau, cfg.actor_lr, cfg.critic_lr, cfg.temp_lr,
+                 cfg.baseline_lr, cfg.ml_alpha, cfg.target_entropy_coef * act_dim, cfg.beta, w0,
+                 w0 / (k * cfg.interpolation_unit), w_min, cfg.actor_grad_clip)
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -579,7 +589,8 @@ def online_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
 
 
 def sampled_update(state: ACAState, buffer: Buffer, size, h: Hyper, online: bool):
-    """Draw a batch from buffer rows [0, size) and the policy noise on device, then one offline/online update."""
+    """Draw a batch from buffer rows [0, size) and the policy noise on device, then one offline/online update
+    (one seed)."""
     key, k_idx, k_noise = jax.random.split(state.key, 3)
     idx = jax.random.randint(k_idx, (h.batch_size,), 0, size)
     batch = jax.tree.map(lambda x: x[idx], buffer)
@@ -590,43 +601,67 @@ def sampled_update(state: ACAState, buffer: Buffer, size, h: Hyper, online: bool
     return update(state._replace(key=key), batch, noise, h)
 
 
-@partial(jax.jit, static_argnames=("h", "online"))
-def update_block(state: ACAState, buffer: Buffer, size, h: Hyper, online: bool):
-    """`h.block` updates in one lax.scan, batches sampled inside the scan; metrics of shape [h.block]."""
-    return jax.lax.scan(lambda s, _: sampled_update(s, buffer, size, h, online), state, None, length=h.block)
+# Multi-seed: every state leaf, the online buffer and the per-seed counters carry a leading seed axis; the
+# offline rows are shared (closed over: in_axes None). One seed's numbers equal a single-seed run's up to float32
+# round-off (XLA sums batched matmuls in a different order).
+@partial(jax.jit, static_argnames=("h",))
+def update_block(state: ACAState, offline: Buffer, h: Hyper):
+    """`h.block` SAC+ML updates per seed in one lax.scan (vmapped over seeds), batches sampled inside the scan
+    from the shared offline rows; metrics of shape [seeds, h.block]."""
+    n_off = offline.rew.shape[0]
+
+    def one_seed(state):
+        return jax.lax.scan(lambda s, _: sampled_update(s, offline, n_off, h, False), state, None, length=h.block)
+    return jax.vmap(one_seed)(state)
 
 
-@partial(jax.jit, static_argnames=("h", "online"))
-def update_few(state: ACAState, buffer: Buffer, size, n, h: Hyper, online: bool):
-    """`n` < h.block updates (n traced: one compiled program for every remainder) in a lax.fori_loop;
-    metrics of shape [h.block], rows >= n are zero."""
-    shapes = jax.eval_shape(lambda s: sampled_update(s, buffer, size, h, online)[1], state)
+@partial(jax.jit, static_argnames=("h",))
+def update_online(state: ACAState, online: Buffer, online_size, n, h: Hyper):
+    """`n[i]` <= h.online_block ACA updates for seed i on its online rows [0, online_size[i]), in one lax.fori_loop
+    of max(n) steps (n traced: one compiled program for every count); a seed with fewer updates keeps its state
+    (and its w schedule) for the remaining steps; metrics [seeds, h.online_block], zero where unused."""
+    def one_seed(state, online, online_size, n_seed):
+        shapes = jax.eval_shape(lambda s: sampled_update(s, online, online_size, h, True)[1], state)
 
-    def body(i, carry):
-        state, metrics = sampled_update(carry[0], buffer, size, h, online)
-        return state, jax.tree.map(lambda all_, m: all_.at[i].set(m), carry[1], metrics)
-    zeros = jax.tree.map(lambda x: jnp.zeros((h.block,) + x.shape, x.dtype), shapes)
-    return jax.lax.fori_loop(0, n, body, (state, zeros))
+        def body(i, carry):
+            new, metrics = sampled_update(carry[0], online, online_size, h, True)
+            keep = i < n_seed
+            new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, carry[0])
+            return new, jax.tree.map(lambda all_, m: all_.at[i].set(jnp.where(keep, m, 0)), carry[1], metrics)
+        zeros = jax.tree.map(lambda x: jnp.zeros((h.online_block,) + x.shape, x.dtype), shapes)
+        return jax.lax.fori_loop(0, jnp.max(n), body, (state, zeros))
+    return jax.vmap(one_seed)(state, online, online_size, n)
+
+
+@partial(jax.jit, static_argnames=("h", "reset_optimizers"))
+def align_seeds(state: ACAState, h: Hyper, reset_optimizers: bool = False) -> ACAState:
+    """The switch for every seed at once (`align` vmapped over the seed axis)."""
+    return jax.vmap(lambda s: align(s, h, reset_optimizers))(state)
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def buffer_insert(buffer: Buffer, rows: Buffer, start):
-    """Write `rows` at `start` in place (the buffer is donated: no copy, no re-upload)."""
-    return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r, start, 0), buffer, rows)
+def buffer_insert(online: Buffer, rows: Buffer, starts):
+    """Write each seed's `rows[i]` at `starts[i]` of its online rows, in place (the buffer is donated)."""
+    put = lambda b, r, s: jax.lax.dynamic_update_slice_in_dim(b, r, s, 0)  # noqa: E731
+    return jax.tree.map(lambda b, r: jax.vmap(put)(b, r, starts), online, rows)
 
 
 # ---------------------------------------------------------------------------------------------- acting
 @partial(jax.jit, static_argnames=("h",))
-def act_explore(actor_params, obs_mean, obs_std, obs, key, h: Hyper):
-    """Sample a ~ pi(.|s) (squashed: tanh; not squashed: clipped); returns (action, next key). One call per step."""
-    key, sub = jax.random.split(key)
-    mean, log_std = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
-    action, _ = sample_action(mean, log_std, jax.random.normal(sub, mean.shape), h.squashed)
-    return action, key
+def act_explore(actor_params, obs_mean, obs_std, obs, keys, active, h: Hyper):
+    """All seeds' actions a ~ pi(.|s) (squashed: tanh; not squashed: clipped) in one call per env step. A seed's
+    key advances only when it is `active` (so its action sequence does not depend on the other seeds)."""
+    def one(params, mean_, std_, o, key, act):
+        new_key, sub = jax.random.split(key)
+        mean, log_std = networks(h)[0].apply({"params": params}, (o - mean_) / std_)
+        action, _ = sample_action(mean, log_std, jax.random.normal(sub, mean.shape), h.squashed)
+        return action, jnp.where(act, new_key, key)
+    return jax.vmap(one)(actor_params, obs_mean, obs_std, obs, keys, active)
 
 
 @partial(jax.jit, static_argnames=("h",))
 def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
+    """Deterministic action of one seed's actor (evaluation)."""
     mean, _ = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
     return deterministic_action(mean, h.squashed)
 
@@ -796,8 +831,9 @@ def load_checkpoint(path: Path, template):
     return load_tree(path / "state.npz", template), meta
 
 
-def load_offline_checkpoint(path: Path, template):
-    """An offline (pre-switch) checkpoint written by this script; a clear error for anything else."""
+def load_offline_checkpoint(path: Path, template, cfg):
+    """An offline (pre-switch) checkpoint written by this script with the same number of seeds; a clear error for
+    anything else. Returns (state with the seed axis, meta)."""
     src = find_checkpoint(path)
     if src is None:
         raise FileNotFoundError(f"--offline_checkpoint {path}: no checkpoint there (expected a directory with "
@@ -813,15 +849,20 @@ def load_offline_checkpoint(path: Path, template):
     if meta.get("phase") not in ("offline", "align"):
         raise ValueError(f"--offline_checkpoint {src} is an online-phase checkpoint (phase {meta.get('phase')!r}, "
                          "already aligned); pass <run_dir>/checkpoints/offline, or continue that run with --resume")
-    return load_checkpoint(src, template)
+    src_n = meta.get("num_seeds", 1)
+    if src_n != cfg.num_seeds:
+        raise ValueError(f"--offline_checkpoint {src} holds {src_n} seed(s) but num_seeds={cfg.num_seeds}; run it "
+                         f"with --num_seeds {src_n}")
+    return load_state(src, template, cfg)
 
 
-def save_buffer_rows(buffer_dir: Path, buffer: Buffer, offset: int, start: int, end: int):
-    """Append online rows [start, end) (online numbering; device rows offset+start...) as one file."""
+def save_buffer_rows(buffer_dir: Path, online: Buffer, offset: int, start: int, end: int):
+    """Append one seed's online rows [start, end) (`online`: that seed's rows; online numbering, device rows
+    offset+start..., after the seeded episodes) as one file."""
     if end <= start:
         return
     buffer_dir.mkdir(parents=True, exist_ok=True)
-    rows = {k: np.asarray(v[offset + start: offset + end]) for k, v in buffer._asdict().items()}
+    rows = {k: np.asarray(v[offset + start: offset + end]) for k, v in online._asdict().items()}
     tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
     np.savez(tmp, **rows)
     os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
@@ -852,14 +893,19 @@ def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
 
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
-    """wandb + eval.jsonl + console. Metrics are namespaced offline/..., online/..., eval/...."""
+    """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., online/..., eval/...."""
 
-    def __init__(self, cfg, run_dir: Path, wandb_id: str, eval_lines: int):
-        self.eval_path = run_dir / "eval.jsonl"
-        if self.eval_path.exists():  # drop evaluations logged after the checkpoint we resume from
-            lines = self.eval_path.read_text().splitlines()[:eval_lines]
-            self.eval_path.write_text("".join(line + "\n" for line in lines))
-        self.eval_lines = eval_lines
+    def __init__(self, cfg, run_dir: Path, seeds: list, wandb_id: str, eval_lines: list):
+        # one seed: run_dir/eval.jsonl; several: run_dir/seed<S>/eval.jsonl
+        self.eval_paths = [run_dir / "eval.jsonl"] if len(seeds) == 1 else \
+            [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]
+        for path, keep in zip(self.eval_paths, eval_lines):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # drop evaluations logged after the checkpoint we resume from
+                lines = path.read_text().splitlines()[:keep]
+                path.write_text("".join(line + "\n" for line in lines))
+        self.eval_lines = list(eval_lines)
+        self.seeds = seeds
         mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
         self.wandb = None
         if mode != "disabled":
@@ -871,15 +917,17 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(metrics)
 
-    def log_eval(self, record: dict):
-        with open(self.eval_path, "a") as f:
+    def log_eval(self, i: int, record: dict):
+        with open(self.eval_paths[i], "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.eval_lines += 1
-        self.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        self.eval_lines[i] += 1
+        tag = "eval" if len(self.seeds) == 1 else f"eval/seed{self.seeds[i]}"
+        self.log({f"{tag}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
         score = record.get("normalized_score", record["return"])
         extra = f", success {record['success_rate']:.2f}" if "success_rate" in record else ""
         extra += f", w {record['w']:.3f}" if "w" in record else ""
-        print(f"[eval] {record['phase']} updates={record['updates']} env_steps={record['env_steps']}: "
+        print(f"[eval] seed {record['seed']} {record['phase']} updates={record['updates']} "
+              f"env_steps={record['env_steps']}: "
               f"{'normalized score' if 'normalized_score' in record else 'return'} {score:.2f}{extra}, "
               f"alpha {record['alpha']:.3g}", flush=True)
 
@@ -888,18 +936,22 @@ class Logger:
             self.wandb.finish()
 
 
-def block_metrics(metrics: dict, n: int, phase: str, updates_before: int) -> dict:
-    """Mean of the first n per-update metrics; a NaN/inf stops the run naming the loss and update."""
-    host = {k: np.asarray(v)[:n] for k, v in metrics.items()}
-    bad = np.zeros(n, bool)
-    for v in host.values():
-        bad |= ~np.isfinite(v)
+def block_metrics(metrics: dict, n, phase: str, seeds: list, updates_before) -> dict:
+    """Means of the first n[i] per-update metrics of each seed (then over seeds); a NaN/inf stops the run
+    naming the loss, the seed and the update."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}  # [seeds, steps]
+    n = np.broadcast_to(np.asarray(n), (len(seeds),))
+    valid = np.arange(next(iter(host.values())).shape[1])[None, :] < n[:, None]
+    bad = valid & np.logical_or.reduce([~np.isfinite(v) for v in host.values()])
     if bad.any():
-        i = int(bad.argmax())
-        names = ", ".join(f"{phase}/{k} = {v[i]}" for k, v in host.items() if not np.isfinite(v[i]))
-        raise FloatingPointError(f"non-finite {names} at update {updates_before + i + 1}; stopping (the last "
-                                 "checkpoint is intact)")
-    return {f"{phase}/{k}": float(v.mean()) for k, v in host.items()}
+        j = int(np.flatnonzero(bad.any(0))[0])  # the first update with a non-finite value, over all seeds
+        i = int(np.flatnonzero(bad[:, j])[0])
+        names = ", ".join(f"{phase}/{k} = {v[i, j]}" for k, v in host.items() if not np.isfinite(v[i, j]))
+        raise FloatingPointError(f"non-finite {names} (seed {seeds[i]}) at update "
+                                 f"{int(np.asarray(updates_before)[i]) + j + 1}; stopping (the last checkpoint is "
+                                 "intact)")
+    count = max(int(valid.sum()), 1)
+    return {f"{phase}/{k}": float(np.where(valid, v, 0.0).sum() / count) for k, v in host.items()}
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -925,7 +977,8 @@ def top_episode_rows(rewards: np.ndarray, episode_ends: np.ndarray, n: int) -> n
 
 
 def default_run_dir(cfg) -> Path:
-    return Path("runs") / "aca" / cfg.dataset_id.replace("/", "_") / f"seed{cfg.seed}"
+    seeds = f"seed{cfg.seed}" if cfg.num_seeds == 1 else f"seeds{cfg.seed}-{cfg.seed + cfg.num_seeds - 1}"
+    return Path("runs") / "aca" / cfg.dataset_id.replace("/", "_") / seeds
 
 
 def _check_resume_config(saved: Path, cfg: TrainConfig):
@@ -939,24 +992,47 @@ def _check_resume_config(saved: Path, cfg: TrainConfig):
                          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
 
 
+def seed_slice(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def stack_seeds(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def save_state(path: Path, state, meta: dict, cfg):
+    """A one-seed run saves the state without the seed axis (the single-seed checkpoint layout)."""
+    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
+
+
+def load_state(path: Path, template, cfg):
+    if cfg.num_seeds == 1:
+        state, meta = load_checkpoint(path, seed_slice(template, 0))
+        return stack_seeds([state]), meta
+    return load_checkpoint(path, template)
+
+
 def train(cfg: TrainConfig) -> dict:
-    """SAC+ML pre-training, the switch, then ACA fine-tuning; returns the last evaluation record and paths."""
+    """SAC+ML pre-training, the switch, then ACA fine-tuning of `num_seeds` seeds at once; returns the last
+    evaluation record(s) and paths."""
     from tqdm import tqdm
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
-    cfg.name = cfg.name or f"aca-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}"
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"aca-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
     goal_task = "antmaze" in cfg.dataset_id
 
-    # data and envs
+    # data and envs (one training env per seed, one evaluation env)
     ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-    env, eval_env = data.make_env(cfg.dataset_id), data.make_env(cfg.dataset_id)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
-        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {env.observation_space.shape}/"
-                                f"{env.action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
     try:
         refs = data.reference_scores(cfg.dataset_id)
     except data.DatasetError as e:
@@ -965,169 +1041,197 @@ def train(cfg: TrainConfig) -> dict:
     h = make_hyper(cfg, obs_dim, act_dim)
     obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
     obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-    n_off = len(ds)
+    # offline rows on device, shared by the seeds (SAC+ML only)
     offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (
         ds.observations, ds.actions, ds.rewards * cfg.reward_scale + cfg.reward_bias, ds.next_observations,
         ds.terminals)))
 
-    # online buffer: [seeded top-n_trajs offline episodes | online transitions | slack for a full chunk]
+    # online buffer, one per seed: [seeded top-n_trajs offline episodes | online transitions | slack for a chunk]
     seed_rows = top_episode_rows(ds.rewards, ds.episode_ends, cfg.n_trajs)
     n_seed = len(seed_rows)
     capacity = n_seed + cfg.online_steps + cfg.online_block
 
     def column(x, shape):
-        out = np.zeros((capacity,) + shape, np.float32)
-        out[:n_seed] = x[seed_rows]
+        out = np.zeros((N, capacity) + shape, np.float32)
+        out[:, :n_seed] = x[seed_rows]
         return jnp.asarray(out)
     online = Buffer(column(ds.observations, (obs_dim,)), column(ds.actions, (act_dim,)),
                     column(ds.rewards * cfg.reward_scale + cfg.online_reward_bias, ()),
                     column(ds.next_observations, (obs_dim,)), column(ds.terminals.astype(np.float32), ()))
 
-    state = init_state(h, jax.random.PRNGKey(cfg.seed), obs_mean, obs_std, cfg.initial_temperature)
-    meta = {"algo": "aca", "phase": "offline", "updates": 0, "env_steps": 0, "online_size": 0, "saved_rows": 0,
-            "next_eval": cfg.online_eval_every, "act_key": np.asarray(jax.random.PRNGKey(cfg.seed + 1)),
-            "env_rng": None, "eval_lines": 0, "episodes": 0, "wandb_id": None, "last_eval": None, "wall_time": 0.0}
+    state = stack_seeds([init_state(h, jax.random.PRNGKey(s), obs_mean, obs_std, cfg.initial_temperature)
+                         for s in seeds])
+    meta = {"algo": "aca", "phase": "offline", "num_seeds": N, "updates": [0] * N, "env_steps": [0] * N,
+            "online_size": [0] * N, "saved_rows": [0] * N, "next_eval": [cfg.online_eval_every] * N,
+            "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
+            "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
+            "last_eval": [None] * N, "wall_time": 0.0}
     latest = find_checkpoint(ckpt_dir / "latest")
     if cfg.resume and latest is not None:
         _check_resume_config(latest / "config.yaml", cfg)
-        state, meta = load_checkpoint(latest, state)
-        rows = load_buffer_rows(ckpt_dir / "buffer", meta["online_size"])
-        if rows is not None:
-            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in rows.items()}), n_seed)
+        state, meta = load_state(latest, state, cfg)
+        for i, s in enumerate(seeds):
+            rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
+            if rows is not None:
+                online = online._replace(**{k: getattr(online, k).at[i, n_seed:n_seed + len(v)].set(v)
+                                            for k, v in rows.items()})
         print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} updates, "
               f"{meta['env_steps']} online env steps")
     else:
         if cfg.resume:
             print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        (run_dir / "eval.jsonl").unlink(missing_ok=True)
+        for path in [run_dir / "eval.jsonl"] + [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]:
+            path.unlink(missing_ok=True)
         if cfg.offline_checkpoint:
-            state, src_meta = load_offline_checkpoint(Path(cfg.offline_checkpoint), state)
-            meta.update(updates=src_meta["updates"], act_key=src_meta["act_key"], phase="load_offline")
+            state, src_meta = load_offline_checkpoint(Path(cfg.offline_checkpoint), state, cfg)
+            meta.update(updates=[int(u) for u in np.ravel(src_meta["updates"])],
+                        act_key=np.asarray(src_meta["act_key"]).reshape(N, -1), phase="load_offline")
             print(f"loaded SAC+ML state from {cfg.offline_checkpoint} ({src_meta['updates']} updates)")
     with open(run_dir / "config.yaml", "w") as f:
         pyrallis.dump(cfg, f)
     if meta["wandb_id"] is None:
         meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-    logger = Logger(cfg, run_dir, meta["wandb_id"], meta["eval_lines"])
+    logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
     act_key = jnp.asarray(meta["act_key"])
     wall_before = meta["wall_time"]
-    policy = lambda o: act_deterministic(state.actor.params, state.obs_mean, state.obs_std, o, h)  # noqa: E731
 
-    def run_eval(phase):
-        record = {"seed": cfg.seed, "phase": phase, "updates": int(meta["updates"]),
-                  "env_steps": int(meta["env_steps"])}
-        result, visited = evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
-                                   goal_task, refs)
-        record.update(result)
-        record["alpha"] = float(jnp.exp(state.log_temp.params))
-        if phase == "online":
-            record["w"] = float(interpolation_weight(state.online_updates, h))
-        record.update(state_statistics(state, visited, h, online=phase == "online"))
-        record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-        logger.log_eval(record)
-        meta["eval_lines"], meta["last_eval"] = logger.eval_lines, record
+    def run_eval(phase, which=None):
+        for i in range(N) if which is None else which:
+            one = seed_slice(state, i)
+            record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
+                      "env_steps": int(meta["env_steps"][i])}
+            policy = lambda o: act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o, h)  # noqa: E731
+            result, visited = evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                                       goal_task, refs)
+            record.update(result)
+            record["alpha"] = float(jnp.exp(one.log_temp.params))
+            if phase == "online":
+                record["w"] = float(interpolation_weight(one.online_updates, h))
+            record.update(state_statistics(one, visited, h, online=phase == "online"))
+            record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+            logger.log_eval(i, record)
+            meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
 
     def checkpoint(name="latest"):
         meta["act_key"] = np.asarray(act_key)
-        save_buffer_rows(ckpt_dir / "buffer", online, n_seed, meta["saved_rows"], meta["online_size"])
-        meta["saved_rows"] = meta["online_size"]
+        for i, s in enumerate(seeds):
+            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), n_seed, meta["saved_rows"][i],
+                             meta["online_size"][i])
+        meta["saved_rows"] = list(meta["online_size"])
         meta["wall_time"] = wall_before + time.time() - t_start
-        save_checkpoint(ckpt_dir / name, state, meta, cfg)
+        save_state(ckpt_dir / name, state, meta, cfg)
 
-    def updates(n, buffer, size, phase):
-        """n updates on buffer rows [0, size): scans of update_block, then one call for the remainder."""
-        nonlocal state
-        done, sums = 0, {}
-        while done < n:
-            m = min(cfg.update_block, n - done)
-            if m == cfg.update_block:
-                state, metrics = update_block(state, buffer, size, h, phase == "online")
-            else:
-                state, metrics = update_few(state, buffer, size, m, h, phase == "online")
-            logged = block_metrics(metrics, m, phase, meta["updates"])
-            sums = {k: sums.get(k, 0.0) + v * m for k, v in logged.items()}
-            meta["updates"] += m
-            done += m
-        return {k: v / max(n, 1) for k, v in sums.items()}
+    def score(i):
+        return meta["last_eval"][i].get("normalized_score", meta["last_eval"][i]["return"])
 
     def switch():
-        """End of pre-training: save the SAC+ML state as the offline checkpoint, then align (T, pi0, R <- Z)."""
+        """End of pre-training: save the SAC+ML state as the offline checkpoint, then align every seed
+        (T, pi0, R <- Z)."""
         nonlocal state
         meta["phase"] = "align"
         checkpoint("offline")
-        state = align(state, h, cfg.online_reset_optimizers)
+        state = align_seeds(state, h, cfg.online_reset_optimizers)
         meta["phase"] = "online"
         checkpoint()
 
-    # ---- offline pre-training (SAC+ML + baseline Z)
+    # ---- offline pre-training (SAC+ML + baseline Z; all seeds in one vmapped scan per block)
     if meta["phase"] == "offline":
-        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"], desc="ACA offline (SAC+ML)", mininterval=5)
-        while meta["updates"] < cfg.offline_updates:
-            logged = updates(cfg.update_block, offline, n_off, "offline")
+        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="ACA offline (SAC+ML)",
+                   mininterval=5)
+        while meta["updates"][0] < cfg.offline_updates:
+            state, metrics = update_block(state, offline, h)
+            logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
+            meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
             bar.update(cfg.update_block)
-            logger.log({**logged, "offline/updates": meta["updates"]})
-            if meta["updates"] % cfg.offline_eval_every == 0 or meta["updates"] == cfg.offline_updates:
+            logger.log({**logged, "offline/updates": meta["updates"][0]})
+            if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
                 run_eval("offline")
-                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]))
-                if meta["updates"] < cfg.offline_updates:
+                bar.set_postfix(score=np.mean([score(i) for i in range(N)]))
+                if meta["updates"][0] < cfg.offline_updates:
                     checkpoint()
         bar.close()
-        if meta["last_eval"] is None:  # offline_updates == 0: still report the starting policy
+        if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
             run_eval("offline")
         switch()
     elif meta["phase"] == "load_offline":
         run_eval("offline")  # the score before fine-tuning
         switch()
 
-    # ---- online fine-tuning (ACA)
+    # ---- online fine-tuning (ACA). Each seed follows exactly the single-seed schedule: collect up to
+    # online_block env steps (a block also ends at an episode end), append them, then the updates due for them
+    # (one per env step once its buffer holds more than batch_size rows; its own w schedule). Seeds whose block
+    # ended early wait for the others; a seed due for evaluation (first episode end after every
+    # online_eval_every steps) waits until every seed is due, so checkpoints fall on episode ends of all seeds.
     if meta["phase"] == "online":
-        if meta["env_rng"] is not None:
-            env_rng_restore(env, meta["env_rng"], cfg.seed)
-        first_reset = meta["env_rng"] is None
-        chunk = {k: np.zeros((cfg.online_block,) + s, np.float32) for k, s in
+        for i, env in enumerate(envs):
+            if meta["env_rng"][i] is not None:
+                env_rng_restore(env, meta["env_rng"][i], seeds[i])
+        first_reset = [meta["env_rng"][i] is None for i in range(N)]
+        chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
                  (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
-        obs, ep_ret, ep_len, recent = None, 0.0, 0, []
-        bar = tqdm(total=cfg.online_steps, initial=meta["env_steps"], desc="ACA online", mininterval=5)
-        while meta["env_steps"] < cfg.online_steps:
-            n = 0
-            while n < cfg.online_block and meta["env_steps"] < cfg.online_steps:
-                if obs is None:
-                    obs, _ = env.reset(seed=cfg.seed if first_reset else None)
-                    first_reset, ep_ret, ep_len = False, 0.0, 0
-                action, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std,
-                                              np.asarray(obs, np.float32), act_key, h)
-                action = np.asarray(action)
-                next_obs, r, term, trunc, info = env.step(action)
-                term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                for k, v in (("obs", obs), ("act", action), ("next_obs", next_obs), ("done", float(term)),
-                             ("rew", r * cfg.reward_scale + cfg.online_reward_bias)):
-                    chunk[k][n] = v
-                n, meta["env_steps"] = n + 1, meta["env_steps"] + 1
-                ep_ret, ep_len = ep_ret + float(r), ep_len + 1
-                obs = next_obs
-                if term or trunc:
-                    meta["episodes"] += 1
-                    recent = (recent + [ep_ret])[-10:]
-                    logger.log({"online/episode_return": ep_ret, "online/episode_length": ep_len,
-                                "online/env_steps": meta["env_steps"]})
-                    obs = None
-                    break
-            start = n_seed + meta["online_size"]
-            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}), start)
-            meta["online_size"] += n
+        obs = np.zeros((N, obs_dim), np.float32)
+        at_episode_start = [True] * N
+        ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
+        due = [False] * N  # waiting for the synchronised evaluation + checkpoint
+        bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="ACA online", mininterval=5)
+        while min(meta["env_steps"]) < cfg.online_steps:
+            n = np.zeros(N, np.int32)
+            active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
+            while active.any():
+                for i in np.flatnonzero(active):
+                    if at_episode_start[i]:
+                        obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
+                        first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
+                actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
+                                               jnp.asarray(active), h)
+                actions = np.asarray(actions)
+                for i in np.flatnonzero(active):
+                    next_obs, r, term, trunc, info = envs[i].step(actions[i])
+                    term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                    j = n[i]
+                    chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
+                    chunk["done"][i, j] = float(term)
+                    chunk["rew"][i, j] = r * cfg.reward_scale + cfg.online_reward_bias
+                    n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
+                    ep_ret[i], ep_len[i] = ep_ret[i] + float(r), ep_len[i] + 1
+                    obs[i] = next_obs
+                    if term or trunc:
+                        meta["episodes"][i] += 1
+                        recent[i] = (recent[i] + [ep_ret[i]])[-10:]
+                        logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
+                                    "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
+                        at_episode_start[i] = True
+                    if at_episode_start[i] or n[i] == cfg.online_block or meta["env_steps"][i] >= cfg.online_steps:
+                        active[i] = False
+            starts = np.asarray([n_seed + size for size in meta["online_size"]], np.int32)
+            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
+                                   jnp.asarray(starts))
+            meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
             # one update per env step whose transition made the buffer larger than batch_size (official rule)
-            due = n - min(n, max(0, cfg.batch_size - start))
-            logged = updates(due, online, start + n, "online")
-            logger.log({**logged, "online/env_steps": meta["env_steps"], "online/updates": meta["updates"]})
-            bar.update(n)
-            if obs is None and meta["env_steps"] >= meta["next_eval"] and meta["env_steps"] < cfg.online_steps:
-                while meta["next_eval"] <= meta["env_steps"]:
-                    meta["next_eval"] += cfg.online_eval_every
-                run_eval("online")
-                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]),
-                                train_return=np.mean(recent) if recent else 0.0)
-                meta["env_rng"] = env_rng_snapshot(env)
+            n_updates = n - np.minimum(n, np.maximum(0, cfg.batch_size - starts))
+            if n_updates.any():
+                state, metrics = update_online(state, online, jnp.asarray(starts + n), jnp.asarray(n_updates), h)
+                logged = block_metrics(metrics, n_updates, "online", seeds, meta["updates"])
+                meta["updates"] = [u + int(b) for u, b in zip(meta["updates"], n_updates)]
+            else:
+                logged = {}
+            logger.log({**logged, "online/env_steps": sum(meta["env_steps"]), "online/updates": sum(meta["updates"])})
+            bar.update(int(n.sum()))
+            for i in range(N):
+                if (n[i] > 0 and at_episode_start[i] and meta["env_steps"][i] >= meta["next_eval"][i]
+                        and meta["env_steps"][i] < cfg.online_steps):
+                    due[i] = True
+            if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
+                which = [i for i in range(N) if due[i]]
+                for i in which:
+                    while meta["next_eval"][i] <= meta["env_steps"][i]:
+                        meta["next_eval"][i] += cfg.online_eval_every
+                run_eval("online", which)
+                bar.set_postfix(score=np.mean([score(i) for i in which]),
+                                train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
+                meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
+                due = [False] * N
                 checkpoint()
         bar.close()
         run_eval("online")
@@ -1136,11 +1240,15 @@ def train(cfg: TrainConfig) -> dict:
     elif meta["phase"] == "done":
         print(f"run in {run_dir} already finished")
     logger.close()
-    env.close()
-    eval_env.close()
-    summary = summarize(run_dir / "eval.jsonl")
-    return {"last_eval": meta["last_eval"], "run_dir": str(run_dir), "updates": meta["updates"],
-            "env_steps": meta["env_steps"], "seeded_transitions": n_seed, **summary}
+    for env in envs + [eval_env]:
+        env.close()
+    summaries = [summarize(path) for path in logger.eval_paths]
+    out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
+           "env_steps": meta["env_steps"][0], "seeded_transitions": n_seed, **summaries[0]}
+    if N > 1:
+        out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+                   per_seed=summaries)
+    return out
 
 
 def summarize(eval_path: Path) -> dict:
