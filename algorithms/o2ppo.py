@@ -71,13 +71,25 @@ rollout's states after the last PPO update: the evaluated policy vs the referenc
 value_start / value_mean (PPO V at the evaluation episodes' first states / along them; not in offline records),
 value_loss (reevaluation), best_score and reference_updated (online), wall_time.
 
+Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
+vmapped over a leading seed axis (IQL and re-evaluation blocks: one vmapped lax.scan, dataset rows shared on
+device) and one training env per seed, acted for in one jitted call per env step. Each seed follows exactly its
+single-seed schedule (rollouts, PPO updates, evaluations exactly every `evaluate_freq` of its env steps, reference
+updates, w_t, reward scaler), so its numbers equal the single-seed run's up to float32 round-off (XLA's batched
+matmuls sum in another order). Seeds wait for each other only for the joint online checkpoint: a seed at its
+checkpoint episode end pauses until every seed is at its own (or finished); afterwards their rollouts end at
+different steps, so each PPO call updates just the seeds whose rollout is full. Evaluation records go to
+run_dir/seed<S>/eval.jsonl.
+
 Usage:
     python algorithms/o2ppo.py --config_path configs/o2ppo/quickstart.yaml
     python algorithms/o2ppo.py --config_path configs/o2ppo/quickstart.yaml --resume        # continue a killed run
+    python algorithms/o2ppo.py --config_path configs/o2ppo/quickstart.yaml --num_seeds 4   # seeds 0..3 at once
     python algorithms/o2ppo.py --config_path ... --offline_checkpoint runs/iql/.../checkpoints/offline   # IQL actor
     python algorithms/o2ppo.py --config_path ... --policy_reevaluation false --constrained_finetuning false
-Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation; phase offline/reevaluation/online),
-checkpoints/{latest,offline}, wandb/ (mode `wandb_mode`, or the WANDB_MODE environment variable when set).
+Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation; phase offline/reevaluation/online;
+seed<S>/eval.jsonl per seed when num_seeds > 1), checkpoints/{latest,offline}, wandb/ (mode `wandb_mode`, or the
+WANDB_MODE environment variable when set).
 """
 
 import json
@@ -114,13 +126,14 @@ class TrainConfig:
     dataset_id: str = "o2o/hopper/medium-v0"  # Minari dataset id (also gives the env), see algorithms/data.py
     seed: int = 0  # seed of networks, sampling, exploration and the training env
     eval_seed: int = 100  # seed of the evaluation env (re-seeded at the start of every evaluation)
-    run_dir: str = ""  # output directory; "" = runs/o2ppo/<dataset_id>/seed<seed>
+    run_dir: str = ""  # output directory; "" = runs/o2ppo/<dataset_id>/seed<seed> (seeds<a>-<b> for several)
     project: str = "o2o-jax"  # wandb project
     group: str = "o2ppo"  # wandb group
     name: str = ""  # wandb run name; "" = o2ppo-<dataset_id>-seed<seed>
     wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
     resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
     offline_checkpoint: str = ""  # skip IQL: start from this checkpoint dir (o2ppo's or iql.py's checkpoints/offline)
+    num_seeds: int = 1  # train seeds seed..seed+num_seeds-1 together (vmapped); >1: evals in run_dir/seed<S>/
     # OCR-CFT components
     policy_reevaluation: bool = True  # fit V to the dataset's Monte-Carlo returns before PPO (false: fresh V)
     value_alignment: bool = False  # NO EFFECT in O2PPO (official O2PPO has no alignment); uniform O2 interface
@@ -182,7 +195,7 @@ class TrainConfig:
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"invalid config: {msg}")
-        for name in ("update_block", "offline_eval_every", "reevaluation_eval_every", "evaluate_freq",
+        for name in ("num_seeds", "update_block", "offline_eval_every", "reevaluation_eval_every", "evaluate_freq",
                      "eval_episodes", "iql_batch_size", "reevaluation_batch_size", "rollout_length", "minibatch_size",
                      "ppo_epochs", "end_steps", "update_n"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
@@ -628,16 +641,22 @@ def iql_update(state: IQLState, batch: Buffer, h: Hyper):
                           updates=state.updates + 1), metrics
 
 
+# Multi-seed: every state leaf carries a leading seed axis; the dataset rows are shared (in_axes None). One
+# seed's numbers equal a single-seed run's up to float32 round-off (XLA sums batched matmuls in another order).
 @partial(jax.jit, static_argnames=("h",))
 def iql_block(state: IQLState, buffer: Buffer, h: Hyper):
-    """`h.block` IQL updates in one lax.scan, batches drawn inside the scan; metrics of shape [h.block]."""
+    """`h.block` IQL updates per seed in one lax.scan (vmapped over seeds), batches drawn inside the scan;
+    metrics of shape [seeds, h.block]."""
     size = buffer.rew.shape[0]
 
     def one(state, _):
         key, k_idx = jax.random.split(state.key)
         idx = jax.random.randint(k_idx, (h.iql_batch_size,), 0, size)
         return iql_update(state._replace(key=key), jax.tree.map(lambda x: x[idx], buffer), h)
-    return jax.lax.scan(one, state, None, length=h.block)
+
+    def one_seed(state):
+        return jax.lax.scan(one, state, None, length=h.block)
+    return jax.vmap(one_seed)(state)
 
 
 # ---------------------------------------------------------------------------------------------- phase 2: V
@@ -659,7 +678,11 @@ def reeval_update(state: ReevalState, obs, returns, h: Hyper):
 
 @partial(jax.jit, static_argnames=("h",))
 def reeval_block(state: ReevalState, obs, returns, h: Hyper):
-    return jax.lax.scan(lambda s, _: reeval_update(s, obs, returns, h), state, None, length=h.block)
+    """`h.block` re-evaluation steps per seed in one lax.scan (vmapped over seeds; the dataset's states and
+    Monte-Carlo returns shared); metrics of shape [seeds, h.block]."""
+    def one_seed(state):
+        return jax.lax.scan(lambda s, _: reeval_update(s, obs, returns, h), state, None, length=h.block)
+    return jax.vmap(one_seed)(state)
 
 
 # ---------------------------------------------------------------------------------------------- phase 3: PPO
@@ -692,10 +715,9 @@ def rollout_advantages(state: PPOState, roll: Rollout, env_steps, h: Hyper):
     return mixed, v_target, obs, info
 
 
-@partial(jax.jit, static_argnames=("h",))
-def ppo_update(state: PPOState, roll: Rollout, env_steps, h: Hyper):
-    """One PPO update on a full rollout collected before env step `env_steps`: advantages, then `h.epochs`
-    epochs of shuffled minibatches (nested lax.scan), actor step then value step per minibatch."""
+def ppo_update_one(state: PPOState, roll: Rollout, env_steps, h: Hyper):
+    """One PPO update of one seed on a full rollout collected before env step `env_steps`: advantages, then
+    `h.epochs` epochs of shuffled minibatches (nested lax.scan), actor step then value step per minibatch."""
     value = ppo_value_net(h)
     tx = ppo_optimizer(h)
     adv, v_target, obs, info = rollout_advantages(state, roll, env_steps, h)
@@ -739,25 +761,42 @@ def ppo_update(state: PPOState, roll: Rollout, env_steps, h: Hyper):
     return state._replace(actor=actor_tr, value=value_tr, key=key), metrics
 
 
+@partial(jax.jit, static_argnames=("h",))
+def ppo_update(state: PPOState, rolls: Rollout, env_steps, which, h: Hyper):
+    """PPO updates of the seeds `which` (indices into the seed axis; `rolls` and `env_steps` are theirs, in that
+    order), vmapped over them; the other seeds keep their state. Metrics of shape [len(which)]. Updating only
+    the seeds whose rollout is full (not a masked update of all) saves the compute of the others; the length
+    of `which` is static, so there is one compiled program per number of seeds updated together."""
+    sub = jax.tree.map(lambda x: x[which], state)
+    new, metrics = jax.vmap(lambda s, r, t: ppo_update_one(s, r, t, h))(sub, rolls, env_steps)
+    return jax.tree.map(lambda x, y: x.at[which].set(y), state, new), metrics
+
+
 # ---------------------------------------------------------------------------------------------- acting
 @partial(jax.jit, static_argnames=("h",))
-def act_explore(actor_params, obs_mean, obs_std, obs, key, h: Hyper):
-    """a ~ N(mu(s), sigma^2) clipped to [-1, 1] and its per-dimension log-prob; one call per env step."""
-    key, sub = jax.random.split(key)
-    mean, log_std = ppo_dist(actor_params, (obs - obs_mean) / obs_std, h)
-    action = jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(sub, mean.shape), -1.0, 1.0)
-    logp = -0.5 * ((action - mean) * jnp.exp(-log_std)) ** 2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi)
-    return action, logp, key
+def act_explore(actor_params, obs_mean, obs_std, obs, keys, active, h: Hyper):
+    """All seeds' actions in one call per env step: a ~ N(mu(s), sigma^2) clipped to [-1, 1] and its
+    per-dimension log-prob. A seed's key advances only when it is `active` (so its action sequence does not
+    depend on the other seeds)."""
+    def one(params, mean_, std_, o, key, act):
+        new_key, sub = jax.random.split(key)
+        mean, log_std = ppo_dist(params, (o - mean_) / std_, h)
+        action = jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(sub, mean.shape), -1.0, 1.0)
+        logp = -0.5 * ((action - mean) * jnp.exp(-log_std)) ** 2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi)
+        return action, logp, jnp.where(act, new_key, key)
+    return jax.vmap(one)(actor_params, obs_mean, obs_std, obs, keys, active)
 
 
 @partial(jax.jit, static_argnames=("h",))
 def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
+    """Mean action of one seed's actor (evaluation)."""
     mean, _ = actor_net(h).apply({"params": actor_params}, (obs - obs_mean) / obs_std)
     return jnp.clip(mean, -1.0, 1.0)
 
 
 @partial(jax.jit, static_argnames=("h",))
 def act_deterministic_with_value(actor_params, value_params, obs_mean, obs_std, obs, h: Hyper):
+    """Mean action and V(s) of one seed (evaluation)."""
     o = (obs - obs_mean) / obs_std
     mean, _ = actor_net(h).apply({"params": actor_params}, o)
     return jnp.clip(mean, -1.0, 1.0), ppo_value_net(h).apply({"params": value_params}, o)
@@ -891,10 +930,29 @@ def read_meta(path: Path) -> dict:
         return pickle.load(f)
 
 
+def seed_slice(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def stack_seeds(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def save_state(path: Path, state, meta: dict, cfg):
+    """A one-seed run saves the state without the seed axis (the layout other scripts load)."""
+    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
+
+
+def load_state(path: Path, template, cfg):
+    if cfg.num_seeds == 1:
+        return stack_seeds([load_tree(path / "state.npz", seed_slice(template, 0))])
+    return load_tree(path / "state.npz", template)
+
+
 def load_offline_actor(path: Path, h: Hyper, seed: int):
     """(actor params, obs_mean, obs_std, IQL updates) from an offline checkpoint of this script or of
     algorithms/iql.py (any state with `.actor.params` = a Gaussian actor tree, and `.obs_mean` / `.obs_std`).
-    A multi-seed iql.py checkpoint (--num_seeds N, leading seed axis) gives the actor of seed `seed`."""
+    A multi-seed checkpoint (--num_seeds N of either script, leading seed axis) gives the actor of seed `seed`."""
     with np.load(path / "state.npz") as z:
         arrays = {name[4:]: z[name] for name in z.files}  # strip the 4-digit leaf index of save_tree
     meta = read_meta(path) if (path / "meta.pkl").exists() else {}
@@ -906,7 +964,7 @@ def load_offline_actor(path: Path, h: Hyper, seed: int):
         index = seed - first
         if not 0 <= index < n_src:
             raise ValueError(f"--offline_checkpoint {path} holds seeds {first}..{first + n_src - 1} (--num_seeds "
-                             f"{n_src}); run O2PPO with one of them as --seed")
+                             f"{n_src}); run O2PPO with --seed (and --num_seeds) among them")
         arrays = {k: v[index] for k, v in arrays.items()}
         print(f"using seed {seed} of the {n_src}-seed checkpoint {path}")
     prefix = ".actor.params"
@@ -948,14 +1006,20 @@ def load_offline_actor(path: Path, h: Hyper, seed: int):
 
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
-    """wandb + eval.jsonl + console. Metrics are namespaced offline/..., reevaluation/..., online/..., eval/...."""
+    """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., reevaluation/...,
+    online/..., eval/...."""
 
-    def __init__(self, cfg, run_dir: Path, wandb_id: str, eval_lines: int):
-        self.eval_path = run_dir / "eval.jsonl"
-        if self.eval_path.exists():  # drop evaluations logged after the checkpoint we resume from
-            lines = self.eval_path.read_text().splitlines()[:eval_lines]
-            self.eval_path.write_text("".join(line + "\n" for line in lines))
-        self.eval_lines = eval_lines
+    def __init__(self, cfg, run_dir: Path, seeds: list, wandb_id: str, eval_lines: list):
+        # one seed: run_dir/eval.jsonl; several: run_dir/seed<S>/eval.jsonl
+        self.eval_paths = [run_dir / "eval.jsonl"] if len(seeds) == 1 else \
+            [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]
+        for path, keep in zip(self.eval_paths, eval_lines):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # drop evaluations logged after the checkpoint we resume from
+                lines = path.read_text().splitlines()[:keep]
+                path.write_text("".join(line + "\n" for line in lines))
+        self.eval_lines = list(eval_lines)
+        self.seeds = seeds
         mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
         self.wandb = None
         if mode != "disabled":
@@ -967,16 +1031,18 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(metrics)
 
-    def log_eval(self, record: dict):
-        with open(self.eval_path, "a") as f:
+    def log_eval(self, i: int, record: dict):
+        with open(self.eval_paths[i], "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.eval_lines += 1
-        self.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        self.eval_lines[i] += 1
+        tag = "eval" if len(self.seeds) == 1 else f"eval/seed{self.seeds[i]}"
+        self.log({f"{tag}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
         score = record.get("normalized_score", record["return"])
         extra = f", success {record['success_rate']:.2f}" if "success_rate" in record else ""
         if "value_start" in record:
             extra += f", V(s0) {record['value_start']:.1f}"
-        print(f"[eval] {record['phase']} updates={record['updates']} env_steps={record['env_steps']}: "
+        print(f"[eval] seed {record['seed']} {record['phase']} updates={record['updates']} "
+              f"env_steps={record['env_steps']}: "
               f"{'normalized score' if 'normalized_score' in record else 'return'} {score:.2f}{extra}", flush=True)
 
     def close(self):
@@ -984,30 +1050,40 @@ class Logger:
             self.wandb.finish()
 
 
-def check_finite(host: dict, phase: str, what: str):
-    """A NaN/inf in a per-update metric stops the run naming the loss and the update."""
-    bad = {k: v for k, v in host.items() if not np.all(np.isfinite(v))}
-    if bad:
-        raise FloatingPointError(f"non-finite {', '.join(f'{phase}/{k}' for k in bad)} at {what}; stopping (the last "
-                                 "checkpoint is intact)")
-
-
-def block_metrics(metrics: dict, phase: str, updates_before: int) -> dict:
-    """Means of one block's per-update metrics; a NaN/inf names the loss and the first bad update."""
-    host = {k: np.asarray(v) for k, v in metrics.items()}
-    bad = np.zeros(len(next(iter(host.values()))), bool)
-    for v in host.values():
-        bad |= ~np.isfinite(v)
+def block_metrics(metrics: dict, n, phase: str, seeds: list, updates_before) -> dict:
+    """Means of the first n[i] per-update metrics of each seed (then over seeds); a NaN/inf stops the run
+    naming the loss, the seed and the update."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}  # [seeds, steps]
+    n = np.broadcast_to(np.asarray(n), (len(seeds),))
+    valid = np.arange(next(iter(host.values())).shape[1])[None, :] < n[:, None]
+    bad = valid & np.logical_or.reduce([~np.isfinite(v) for v in host.values()])
     if bad.any():
-        i = int(bad.argmax())
-        check_finite({f"{k} = {v[i]}": v[i] for k, v in host.items() if not np.isfinite(v[i])}, phase,
-                     f"update {updates_before + i + 1}")
-    return {f"{phase}/{k}": float(v.mean()) for k, v in host.items()}
+        j = int(np.flatnonzero(bad.any(0))[0])  # the first update with a non-finite value, over all seeds
+        i = int(np.flatnonzero(bad[:, j])[0])
+        names = ", ".join(f"{phase}/{k} = {v[i, j]}" for k, v in host.items() if not np.isfinite(v[i, j]))
+        raise FloatingPointError(f"non-finite {names} (seed {seeds[i]}) at update "
+                                 f"{int(np.asarray(updates_before)[i]) + j + 1}; stopping (the last checkpoint is "
+                                 "intact)")
+    count = max(int(valid.sum()), 1)
+    return {f"{phase}/{k}": float(np.where(valid, v, 0.0).sum() / count) for k, v in host.items()}
+
+
+def ppo_metrics(metrics: dict, seeds: list, env_steps: list) -> dict:
+    """Means over the updated seeds of one PPO call's metrics ([updated seeds] each); a NaN/inf stops the run
+    naming the loss, the seed and the env step of the update."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}
+    for j, (seed, t) in enumerate(zip(seeds, env_steps)):
+        bad = [f"online/{k} = {v[j]}" for k, v in host.items() if not np.isfinite(v[j])]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)} (seed {seed}) at the PPO update at env step {t}; "
+                                     "stopping (the last checkpoint is intact)")
+    return {f"online/{k}": float(v.mean()) for k, v in host.items()}
 
 
 # ---------------------------------------------------------------------------------------------- training
 def default_run_dir(cfg) -> Path:
-    return Path("runs") / "o2ppo" / cfg.dataset_id.replace("/", "_") / f"seed{cfg.seed}"
+    seeds = f"seed{cfg.seed}" if cfg.num_seeds == 1 else f"seeds{cfg.seed}-{cfg.seed + cfg.num_seeds - 1}"
+    return Path("runs") / "o2ppo" / cfg.dataset_id.replace("/", "_") / seeds
 
 
 def _check_resume_config(saved: Path, cfg: TrainConfig):
@@ -1026,25 +1102,28 @@ def score_of(record: dict) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """IQL pre-training, value re-evaluation, constrained PPO; returns the last evaluation record and paths."""
+    """IQL pre-training, value re-evaluation, constrained PPO of `num_seeds` seeds at once; returns the last
+    evaluation record(s) and paths."""
     from tqdm import tqdm
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
-    cfg.name = cfg.name or f"o2ppo-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}"
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"o2ppo-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
     goal_task = "antmaze" in cfg.dataset_id
     if cfg.value_alignment:
         print("note: value_alignment has no effect in O2PPO (the official O2PPO has no value-alignment step)")
 
-    # data and envs
+    # data and envs (one training env per seed, one evaluation env)
     ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-    env, eval_env = data.make_env(cfg.dataset_id), data.make_env(cfg.dataset_id)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
-        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {env.observation_space.shape}/"
-                                f"{env.action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
     try:
         refs = data.reference_scores(cfg.dataset_id)
     except data.DatasetError as e:
@@ -1055,98 +1134,110 @@ def train(cfg: TrainConfig) -> dict:
     obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
     mc_targets, dataset_scaler = reevaluation_targets(ds.rewards, ds.terminals, ds.timeouts, cfg.discount,
                                                       cfg.mc_returns_across_timeouts, cfg.dynamic_reward_scaling)
-    k_iql, k_reeval, k_ppo = (jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i) for i in range(3))
-    k_value_init, k_reeval_updates = jax.random.split(k_reeval)
+    # each seed's RNG streams are those of its single-seed run
+    k_iql, k_reeval, k_ppo = zip(*[[jax.random.fold_in(jax.random.PRNGKey(s), i) for i in range(3)] for s in seeds])
+    k_value_init, k_reeval_updates = zip(*[jax.random.split(k) for k in k_reeval])
 
     def template(kind):
+        """A state of phase `kind` for every seed (leading seed axis)."""
         if kind == "iql":
-            return init_iql_state(h, k_iql, obs_mean, obs_std)
+            return stack_seeds([init_iql_state(h, k_iql[i], obs_mean, obs_std) for i in range(N)])
         actor = actor_net(h).init(jax.random.PRNGKey(0), jnp.zeros((1, h.obs_dim)))["params"]
-        value = init_ppo_value(h, k_value_init)
         if kind == "reeval":
-            return make_reeval_state(h, actor, value, k_reeval_updates, obs_mean, obs_std)
-        return make_ppo_state(h, actor, value, k_ppo, obs_mean, obs_std)
+            return stack_seeds([make_reeval_state(h, actor, init_ppo_value(h, k_value_init[i]), k_reeval_updates[i],
+                                                  obs_mean, obs_std) for i in range(N)])
+        return stack_seeds([make_ppo_state(h, actor, init_ppo_value(h, k_value_init[i]), k_ppo[i], obs_mean, obs_std)
+                            for i in range(N)])
 
-    meta = {"phase": "offline", "kind": "iql", "updates": 0, "reeval_updates": 0, "ppo_updates": 0, "env_steps": 0,
-            "act_key": np.asarray(jax.random.PRNGKey(cfg.seed + 1)),
-            "env_rng": None, "eval_lines": 0, "episodes": 0, "wandb_id": None, "last_eval": None, "best_score": None,
-            "online_evals": 0, "kl_to_ref": 0.0, "scaler": None, "rollout": None, "last_eval_step": -1,
-            "wall_time": 0.0}
+    meta = {"phase": "offline", "kind": "iql", "num_seeds": N, "updates": [0] * N, "reeval_updates": [0] * N,
+            "ppo_updates": [0] * N, "env_steps": [0] * N,
+            "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
+            "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
+            "last_eval": [None] * N, "best_score": [None] * N, "online_evals": [0] * N, "kl_to_ref": [0.0] * N,
+            "scaler": [None] * N, "rollout": [None] * N, "last_eval_step": [-1] * N, "wall_time": 0.0}
     state, loaded = None, None
     latest = find_checkpoint(ckpt_dir / "latest")
     if cfg.resume and latest is not None:
         _check_resume_config(latest / "config.yaml", cfg)
         meta = read_meta(latest)
-        state = load_tree(latest / "state.npz", template(meta["kind"]))
+        state = load_state(latest, template(meta["kind"]), cfg)
         print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} IQL updates, "
               f"{meta['reeval_updates']} re-evaluation updates, {meta['env_steps']} online env steps")
     else:
         if cfg.resume:
             print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        (run_dir / "eval.jsonl").unlink(missing_ok=True)
+        for path in [run_dir / "eval.jsonl"] + [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]:
+            path.unlink(missing_ok=True)
         if cfg.offline_checkpoint:
             src = find_checkpoint(Path(cfg.offline_checkpoint))
             if src is None:
                 raise FileNotFoundError(f"--offline_checkpoint {cfg.offline_checkpoint}: no checkpoint there "
                                         "(expected a directory with state.npz and meta.pkl, e.g. "
                                         "<run_dir>/checkpoints/offline of o2ppo.py or iql.py)")
-            actor_params, om, osd, src_updates = load_offline_actor(src, h, cfg.seed)
+            src_n = int(read_meta(src).get("num_seeds", 1))
+            if N > 1 and src_n != N:  # one seed may start from any seed of a multi-seed checkpoint (its --seed)
+                raise ValueError(f"--offline_checkpoint {src} holds {src_n} seed(s), this run trains {N}; run it with "
+                                 f"--num_seeds {src_n} (and the same --seed), or one seed with --num_seeds 1")
+            per_seed = [load_offline_actor(src, h, s) for s in seeds]
             src_cfg = src / "config.yaml"
             if src_cfg.exists():
                 import yaml
                 src_ds = (yaml.safe_load(src_cfg.read_text()) or {}).get("dataset_id")
                 if src_ds and src_ds != cfg.dataset_id:
                     print(f"warning: the offline checkpoint was trained on {src_ds}, fine-tuning on {cfg.dataset_id}")
-            loaded = (actor_params, om, osd)
-            meta.update(phase="load_offline", updates=src_updates)
-            print(f"loaded the offline actor from {src} ({meta['updates']} updates)")
+            loaded = stack_seeds([(actor_params, om, osd) for actor_params, om, osd, _ in per_seed])
+            meta.update(phase="load_offline", updates=[u for *_, u in per_seed])
+            print(f"loaded the offline actor(s) from {src} ({meta['updates']} updates)")
         else:
             state = template("iql")
     with open(run_dir / "config.yaml", "w") as f:
         pyrallis.dump(cfg, f)
     if meta["wandb_id"] is None:
         meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-    logger = Logger(cfg, run_dir, meta["wandb_id"], meta["eval_lines"])
+    logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
     act_key = jnp.asarray(meta["act_key"])
     wall_before = meta["wall_time"]
-    scaler = RewardScaler(cfg.discount, meta["scaler"]) if meta["scaler"] is not None else dataset_scaler
+    scalers = [RewardScaler(cfg.discount, st if st is not None else dataset_scaler.state()) for st in meta["scaler"]]
 
     def weight(t):
         return max(1.0 - t / cfg.end_steps, 0.0) if cfg.constrained_finetuning else 0.0
 
-    def eval_record(phase, updates):
-        """Deterministic evaluation of the current actor (+ the PPO V along the episodes after phase 1)."""
+    def eval_record(phase, i, updates):
+        """Deterministic evaluation of seed i's actor (+ its PPO V along the episodes after phase 1)."""
+        actor_params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
         if phase == "offline":
             def policy(o):
-                return act_deterministic(state.actor.params, state.obs_mean, state.obs_std, o, h), None
+                return act_deterministic(actor_params, mean_, std_, o, h), None
         else:
+            value_params = seed_slice(state.value.params, i)
+
             def policy(o):
-                return act_deterministic_with_value(state.actor.params, state.value.params, state.obs_mean,
-                                                    state.obs_std, o, h)
-        record = {"seed": cfg.seed, "phase": phase, "updates": int(updates), "env_steps": int(meta["env_steps"])}
+                return act_deterministic_with_value(actor_params, value_params, mean_, std_, o, h)
+        record = {"seed": seeds[i], "phase": phase, "updates": int(updates), "env_steps": int(meta["env_steps"][i])}
         record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
                                goal_task, refs, cfg.discount))
-        record.update(w_t=weight(meta["env_steps"]), kl_to_ref=float(meta["kl_to_ref"]))
+        record.update(w_t=weight(meta["env_steps"][i]), kl_to_ref=float(meta["kl_to_ref"][i]))
         return record
 
-    def log_record(record):
+    def log_record(i, record):
         record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-        logger.log_eval(record)
-        meta["eval_lines"], meta["last_eval"] = logger.eval_lines, record
+        logger.log_eval(i, record)
+        meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
 
     def checkpoint(name="latest"):
         meta["act_key"] = np.asarray(act_key)
-        meta["scaler"] = scaler.state()
+        meta["scaler"] = [scaler.state() for scaler in scalers]
         meta["wall_time"] = wall_before + time.time() - t_start
-        save_checkpoint(ckpt_dir / name, state, meta, cfg)
+        save_state(ckpt_dir / name, state, meta, cfg)
 
     def start_finetuning(actor_params, om, osd):
-        """Hand-off after the offline phase: re-evaluation state, or directly the PPO state."""
+        """Hand-off after the offline phase (per-seed arrays): re-evaluation state, or directly the PPO state."""
         nonlocal state
-        value_params = init_ppo_value(h, k_value_init)
+        value_params = stack_seeds([init_ppo_value(h, k_value_init[i]) for i in range(N)])
         if cfg.policy_reevaluation:
-            state = make_reeval_state(h, actor_params, value_params, k_reeval_updates, om, osd)
+            state = stack_seeds([make_reeval_state(h, *seed_slice((actor_params, value_params), i),
+                                                   k_reeval_updates[i], *seed_slice((om, osd), i)) for i in range(N)])
             meta.update(phase="reevaluation", kind="reeval")
         else:
             start_online(actor_params, value_params, om, osd)
@@ -1154,150 +1245,194 @@ def train(cfg: TrainConfig) -> dict:
     def start_online(actor_params, value_params, om, osd):
         nonlocal state
         actor_params = cap_log_std(actor_params, cfg.std_cap)
-        state = make_ppo_state(h, actor_params, value_params, k_ppo, om, osd)
-        meta.update(phase="online", kind="ppo", best_score=score_of(meta["last_eval"]))
+        state = stack_seeds([make_ppo_state(h, *seed_slice((actor_params, value_params), i), k_ppo[i],
+                                            *seed_slice((om, osd), i)) for i in range(N)])
+        meta.update(phase="online", kind="ppo", best_score=[score_of(meta["last_eval"][i]) for i in range(N)])
 
-    # ---- phase 1: offline IQL pre-training
+    # ---- phase 1: offline IQL pre-training (all seeds in one vmapped scan per block)
     if meta["phase"] == "offline":
         buffer = Buffer(*(jnp.asarray(x, jnp.float32) for x in (
             ds.observations, ds.actions, ds.rewards * cfg.iql_reward_scale + cfg.iql_reward_bias,
             ds.next_observations, ds.terminals)))
-        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"], desc="O2PPO offline IQL", mininterval=5)
-        while meta["updates"] < cfg.offline_updates:
+        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="O2PPO offline IQL", mininterval=5)
+        while meta["updates"][0] < cfg.offline_updates:
             state, metrics = iql_block(state, buffer, h)
-            logged = block_metrics(metrics, "offline", meta["updates"])
-            meta["updates"] += cfg.update_block
+            logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
+            meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
             bar.update(cfg.update_block)
-            logger.log({**logged, "offline/updates": meta["updates"]})
-            if meta["updates"] % cfg.offline_eval_every == 0 or meta["updates"] == cfg.offline_updates:
-                log_record(eval_record("offline", meta["updates"]))
-                bar.set_postfix(score=score_of(meta["last_eval"]))
-                if meta["updates"] < cfg.offline_updates:
+            logger.log({**logged, "offline/updates": meta["updates"][0]})
+            if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
+                for i in range(N):
+                    log_record(i, eval_record("offline", i, meta["updates"][i]))
+                bar.set_postfix(score=np.mean([score_of(r) for r in meta["last_eval"]]))
+                if meta["updates"][0] < cfg.offline_updates:
                     checkpoint()
         bar.close()
         del buffer
-        if meta["last_eval"] is None:  # offline_updates == 0: still report the starting policy
-            log_record(eval_record("offline", meta["updates"]))
+        if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
+            for i in range(N):
+                log_record(i, eval_record("offline", i, meta["updates"][i]))
         checkpoint("offline")
         start_finetuning(state.actor.params, state.obs_mean, state.obs_std)
         checkpoint()
     elif meta["phase"] == "load_offline":
         actor_params, om, osd = loaded
-        state = make_reeval_state(h, actor_params, init_ppo_value(h, k_value_init), k_reeval_updates, om, osd)
-        log_record(eval_record("offline", meta["updates"]))  # the score before fine-tuning (actor only)
+        state = stack_seeds([make_reeval_state(h, seed_slice(actor_params, i), init_ppo_value(h, k_value_init[i]),
+                                               k_reeval_updates[i], om[i], osd[i]) for i in range(N)])
+        for i in range(N):
+            log_record(i, eval_record("offline", i, meta["updates"][i]))  # the score before fine-tuning (actor only)
         start_finetuning(actor_params, om, osd)
         checkpoint()
 
-    # ---- phase 2: value re-evaluation on the dataset's Monte-Carlo returns
+    # ---- phase 2: value re-evaluation on the dataset's Monte-Carlo returns (all seeds in one vmapped scan)
     if meta["phase"] == "reevaluation":
         obs_dev, mc_dev = jnp.asarray(ds.observations, jnp.float32), jnp.asarray(mc_targets, jnp.float32)
-        bar = tqdm(total=cfg.reevaluation_updates, initial=meta["reeval_updates"], desc="O2PPO value re-evaluation",
-                   mininterval=5)
-        while meta["reeval_updates"] < cfg.reevaluation_updates:
+        bar = tqdm(total=cfg.reevaluation_updates, initial=meta["reeval_updates"][0],
+                   desc="O2PPO value re-evaluation", mininterval=5)
+        while meta["reeval_updates"][0] < cfg.reevaluation_updates:
             state, metrics = reeval_block(state, obs_dev, mc_dev, h)
-            logged = block_metrics(metrics, "reevaluation", meta["reeval_updates"])
-            meta["reeval_updates"] += cfg.update_block
+            logged = block_metrics(metrics, cfg.update_block, "reevaluation", seeds, meta["reeval_updates"])
+            meta["reeval_updates"] = [u + cfg.update_block for u in meta["reeval_updates"]]
             bar.update(cfg.update_block)
-            logger.log({**logged, "reevaluation/updates": meta["reeval_updates"]})
-            if (meta["reeval_updates"] % cfg.reevaluation_eval_every == 0
-                    or meta["reeval_updates"] == cfg.reevaluation_updates):
-                record = eval_record("reevaluation", meta["reeval_updates"])
-                record["value_loss"] = logged["reevaluation/value_loss"]
-                log_record(record)
-                bar.set_postfix(value_loss=logged["reevaluation/value_loss"], v_start=record.get("value_start"))
-                if meta["reeval_updates"] < cfg.reevaluation_updates:
+            logger.log({**logged, "reevaluation/updates": meta["reeval_updates"][0]})
+            done = meta["reeval_updates"][0]
+            if done % cfg.reevaluation_eval_every == 0 or done == cfg.reevaluation_updates:
+                value_loss = np.asarray(metrics["value_loss"]).mean(1)  # per seed, over the block
+                for i in range(N):
+                    record = eval_record("reevaluation", i, meta["reeval_updates"][i])
+                    record["value_loss"] = float(value_loss[i])
+                    log_record(i, record)
+                bar.set_postfix(value_loss=logged["reevaluation/value_loss"],
+                                v_start=np.mean([r.get("value_start", np.nan) for r in meta["last_eval"]]))
+                if done < cfg.reevaluation_updates:
                     checkpoint()
         bar.close()
         del obs_dev, mc_dev
         start_online(state.actor.params, state.value.params, state.obs_mean, state.obs_std)
         checkpoint()
 
-    # ---- phase 3: constrained PPO fine-tuning
+    # ---- phase 3: constrained PPO fine-tuning. Each seed follows exactly its single-seed schedule: its env
+    # steps, a PPO update whenever its rollout is full, an evaluation (+ reference update) exactly every
+    # evaluate_freq of its env steps, a checkpoint at its first episode end after an evaluation. The seeds step
+    # together (one acting call per env step for all); a seed due for its checkpoint waits at that episode end
+    # until every seed is due (or finished), then all are checkpointed together. Waiting never changes a seed's
+    # own trajectory, but afterwards the seeds' rollouts end at different steps: a PPO call updates just the
+    # seeds whose rollout is full.
     if meta["phase"] == "online":
-        if meta["env_rng"] is not None:
-            env_rng_restore(env, meta["env_rng"], cfg.seed)
-        first_reset = meta["env_rng"] is None
+        for i, env in enumerate(envs):
+            if meta["env_rng"][i] is not None:
+                env_rng_restore(env, meta["env_rng"][i], seeds[i])
+        first_reset = [meta["env_rng"][i] is None for i in range(N)]
         n = cfg.rollout_length
-        roll = {k: np.zeros((n,) + s, np.float32) for k, s in
+        roll = {k: np.zeros((N, n) + s, np.float32) for k, s in
                 (("obs", (obs_dim,)), ("act", (act_dim,)), ("logp", (act_dim,)), ("rew", ()),
                  ("next_obs", (obs_dim,)), ("terminal", ()), ("done", ()))}
-        count = 0
-        if meta["rollout"] is not None:
-            count = meta["rollout"]["count"]
-            for k in roll:
-                roll[k][:count] = meta["rollout"][k]
-        recent, pending_checkpoint = [], False
-        bar = tqdm(total=cfg.online_steps, initial=meta["env_steps"], desc="O2PPO online", mininterval=5)
-        while meta["env_steps"] < cfg.online_steps:
-            obs, _ = env.reset(seed=cfg.seed if first_reset else None)
-            first_reset, ep_ret, ep_len, done = False, 0.0, 0, False
-            scaler.reset()
-            while not done and meta["env_steps"] < cfg.online_steps:
-                action, logp, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std,
-                                                    np.asarray(obs, np.float32), act_key, h)
-                action = np.asarray(action)
-                next_obs, r, term, trunc, info = env.step(action)
+        count = [0] * N  # each seed's steps in its current rollout
+        for i, saved in enumerate(meta["rollout"]):
+            if saved is not None:
+                count[i] = saved["count"]
+                for k in roll:
+                    roll[k][i, :count[i]] = saved[k]
+        obs = np.zeros((N, obs_dim), np.float32)
+        at_episode_start = [True] * N
+        ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
+        pending = [False] * N  # evaluated since the last checkpoint: checkpoint at the next episode end
+        due = [False] * N  # at that episode end, waiting for the joint checkpoint
+        bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2PPO online", mininterval=5)
+        while min(meta["env_steps"]) < cfg.online_steps:
+            active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
+            for i in np.flatnonzero(active):
+                if at_episode_start[i]:
+                    obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
+                    first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
+                    scalers[i].reset()
+            actions, logps, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
+                                                  jnp.asarray(active), h)
+            actions, logps = np.asarray(actions), np.asarray(logps)
+            for i in np.flatnonzero(active):
+                next_obs, r, term, trunc, info = envs[i].step(actions[i])
                 term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
                 done = term or trunc
-                r_train = scaler(float(r)) if cfg.dynamic_reward_scaling else float(r)
-                for k, v in (("obs", obs), ("act", action), ("logp", np.asarray(logp)), ("rew", r_train),
-                             ("next_obs", next_obs), ("terminal", float(term)), ("done", float(done))):
-                    roll[k][count] = v
-                count += 1
-                meta["env_steps"] += 1
-                ep_ret, ep_len, obs = ep_ret + float(r), ep_len + 1, next_obs
-                if count == n:
-                    batch = Rollout(**{k: jnp.asarray(v) for k, v in roll.items()})
-                    state, metrics = ppo_update(state, batch, jnp.asarray(meta["env_steps"], jnp.int32), h)
-                    host = {k: float(v) for k, v in metrics.items()}
-                    check_finite(host, "online", f"PPO update at env step {meta['env_steps']}")
-                    count = 0
-                    meta["ppo_updates"] += cfg.ppo_epochs * (n // cfg.minibatch_size)
-                    meta["kl_to_ref"] = host["kl_to_ref"]
-                    logger.log({**{f"online/{k}": v for k, v in host.items()}, "online/env_steps": meta["env_steps"],
-                                "online/updates": meta["ppo_updates"]})
-                if meta["env_steps"] % cfg.evaluate_freq == 0:
-                    record = eval_record("online", meta["ppo_updates"])
-                    meta["online_evals"] += 1
+                r_train = scalers[i](float(r)) if cfg.dynamic_reward_scaling else float(r)
+                j = count[i]
+                roll["obs"][i, j], roll["act"][i, j], roll["logp"][i, j] = obs[i], actions[i], logps[i]
+                roll["rew"][i, j], roll["next_obs"][i, j] = r_train, next_obs
+                roll["terminal"][i, j], roll["done"][i, j] = float(term), float(done)
+                count[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
+                ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
+                if done:
+                    meta["episodes"][i] += 1
+                    recent[i] = (recent[i] + [ep_ret[i]])[-10:]
+                    logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
+                                "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
+                    at_episode_start[i] = True
+            bar.update(int(active.sum()))
+
+            # PPO updates of the seeds whose rollout is full (one vmapped call)
+            full = [i for i in np.flatnonzero(active) if count[i] == n]
+            if full:
+                steps = [meta["env_steps"][i] for i in full]
+                batch = Rollout(**{k: jnp.asarray(v[full]) for k, v in roll.items()})
+                state, metrics = ppo_update(state, batch, jnp.asarray(steps, jnp.int32), jnp.asarray(full), h)
+                logged = ppo_metrics(metrics, [seeds[i] for i in full], steps)
+                for j, i in enumerate(full):
+                    count[i] = 0
+                    meta["ppo_updates"][i] += cfg.ppo_epochs * (n // cfg.minibatch_size)
+                    meta["kl_to_ref"][i] = float(np.asarray(metrics["kl_to_ref"])[j])
+                logger.log({**logged, "online/env_steps": sum(meta["env_steps"]),
+                            "online/updates": sum(meta["ppo_updates"])})
+
+            # evaluations exactly every evaluate_freq env steps of each seed
+            for i in np.flatnonzero(active):
+                if meta["env_steps"][i] % cfg.evaluate_freq == 0:
+                    record = eval_record("online", i, meta["ppo_updates"][i])
+                    meta["online_evals"][i] += 1
                     score = score_of(record)
                     # reference := the evaluated policy if it beats the best score so far (official default)
-                    updated = (score > meta["best_score"] if cfg.refer_with_optimal_pi
-                               else meta["online_evals"] % cfg.update_n == 0)
-                    meta["best_score"] = max(meta["best_score"], score)
+                    updated = (score > meta["best_score"][i] if cfg.refer_with_optimal_pi
+                               else meta["online_evals"][i] % cfg.update_n == 0)
+                    meta["best_score"][i] = max(meta["best_score"][i], score)
                     if updated:
-                        state = state._replace(ref_actor=state.actor.params)
-                    record.update(best_score=meta["best_score"], reference_updated=updated)
-                    log_record(record)
-                    meta["last_eval_step"] = meta["env_steps"]
-                    bar.set_postfix(score=score, train_return=np.mean(recent) if recent else 0.0)
-                    pending_checkpoint = True
-            bar.update(ep_len)
-            if done:
-                meta["episodes"] += 1
-                recent = (recent + [ep_ret])[-10:]
-                logger.log({"online/episode_return": ep_ret, "online/episode_length": ep_len,
-                            "online/env_steps": meta["env_steps"]})
-                if pending_checkpoint and meta["env_steps"] < cfg.online_steps:
-                    meta["env_rng"] = env_rng_snapshot(env)
-                    meta["rollout"] = {"count": count, **{k: v[:count].copy() for k, v in roll.items()}}
-                    checkpoint()
-                    pending_checkpoint = False
+                        state = state._replace(ref_actor=jax.tree.map(lambda ref, a: ref.at[i].set(a[i]),
+                                                                      state.ref_actor, state.actor.params))
+                    record.update(best_score=meta["best_score"][i], reference_updated=updated)
+                    log_record(i, record)
+                    meta["last_eval_step"][i] = meta["env_steps"][i]
+                    bar.set_postfix(score=score, train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
+                    pending[i] = True
+
+            # checkpoint at the first episode end after an evaluation, jointly for all seeds
+            for i in np.flatnonzero(active):
+                if at_episode_start[i] and pending[i] and meta["env_steps"][i] < cfg.online_steps:
+                    due[i] = True
+            if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
+                meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
+                meta["rollout"] = [{"count": count[i], **{k: v[i, :count[i]].copy() for k, v in roll.items()}}
+                                   for i in range(N)]
+                checkpoint()
+                pending = [p and not d for p, d in zip(pending, due)]
+                due = [False] * N
         bar.close()
-        if meta["last_eval_step"] != meta["env_steps"]:
-            record = eval_record("online", meta["ppo_updates"])
-            record.update(best_score=max(meta["best_score"], score_of(record)), reference_updated=False)
-            log_record(record)
-        meta.update(phase="done", rollout=None)
+        for i in range(N):
+            if meta["last_eval_step"][i] != meta["env_steps"][i]:
+                record = eval_record("online", i, meta["ppo_updates"][i])
+                record.update(best_score=max(meta["best_score"][i], score_of(record)), reference_updated=False)
+                log_record(i, record)
+        meta.update(phase="done", rollout=[None] * N)
         checkpoint()
     elif meta["phase"] == "done":
         print(f"run in {run_dir} already finished")
     logger.close()
-    env.close()
-    eval_env.close()
-    summary = summarize(run_dir / "eval.jsonl")
-    return {"last_eval": meta["last_eval"], "run_dir": str(run_dir), "updates": meta["updates"],
-            "reevaluation_updates": meta["reeval_updates"], "ppo_updates": meta["ppo_updates"],
-            "env_steps": meta["env_steps"], **summary}
+    for env in envs + [eval_env]:
+        env.close()
+    summaries = [summarize(path) for path in logger.eval_paths]
+    out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
+           "reevaluation_updates": meta["reeval_updates"][0], "ppo_updates": meta["ppo_updates"][0],
+           "env_steps": meta["env_steps"][0], **summaries[0]}
+    if N > 1:
+        out.update(last_eval=meta["last_eval"], updates=meta["updates"], reevaluation_updates=meta["reeval_updates"],
+                   ppo_updates=meta["ppo_updates"], env_steps=meta["env_steps"], per_seed=summaries)
+    return out
 
 
 def summarize(eval_path: Path) -> dict:

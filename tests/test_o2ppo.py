@@ -200,13 +200,15 @@ def test_value_reevaluation_fits_mc_returns():
     returns = 3.0 * obs[:, 0] - obs[:, 1] + 5.0
     state = o2ppo.make_reeval_state(h, {}, o2ppo.init_ppo_value(h, jax.random.PRNGKey(0)), jax.random.PRNGKey(1),
                                     np.zeros(4), np.ones(4))
+    state = o2ppo.stack_seeds([state])  # the blocks are vmapped over a leading seed axis
 
     def mse(s):
-        return float(jnp.mean((o2ppo.ppo_value_net(h).apply({"params": s.value.params}, obs) - returns) ** 2))
+        params = o2ppo.seed_slice(s.value.params, 0)
+        return float(jnp.mean((o2ppo.ppo_value_net(h).apply({"params": params}, obs) - returns) ** 2))
     before = mse(state)
     for _ in range(5):
         state, metrics = o2ppo.reeval_block(state, obs, returns, h)
-    assert mse(state) < 0.1 * before and metrics["value_loss"].shape == (100,)
+    assert mse(state) < 0.1 * before and metrics["value_loss"].shape == (1, 100)
 
 
 def test_actor_is_parameter_compatible_with_iql():
@@ -270,7 +272,7 @@ def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkey
     meta = o2ppo.read_meta(tmp_path / "checkpoints" / "latest")
     assert meta["phase"] == ("reevaluation" if kill_after == 4 else "online")
     if kill_after == 6:
-        assert 0 < meta["rollout"]["count"] < 128  # a partial rollout is part of the checkpoint
+        assert 0 < meta["rollout"][0]["count"] < 128  # a partial rollout is part of the checkpoint
     assert len(read_evals(tmp_path)) < len(reference)
     o2ppo.train(tiny_config(dataset_id, tmp_path, resume=True))
     assert read_evals(tmp_path) == reference
@@ -366,3 +368,64 @@ def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
     with pytest.raises(FloatingPointError, match=r"offline/critic_loss .* at update 1\b"):
         o2ppo.train(tiny_config(reference_run[0], tmp_path, iql_reward_bias=float("nan")))
     assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+# ---- several seeds in one process
+@pytest.fixture(scope="module")
+def multi_seed_run(reference_run, tmp_path_factory):
+    """An uninterrupted tiny --num_seeds 2 run (seeds 0 and 1): (train() result, run dir)."""
+    run_dir = tmp_path_factory.mktemp("o2ppo_multi")
+    return o2ppo.train(tiny_config(reference_run[0], run_dir, num_seeds=2)), run_dir
+
+
+def test_num_seeds_matches_single_seed_runs(reference_run, multi_seed_run, tmp_path):
+    """--num_seeds 2 trains seeds 0 and 1 together; each equals its single-seed run up to float32 round-off."""
+    dataset_id, _, _, reference = reference_run
+    multi, run_dir = multi_seed_run
+    single1 = tmp_path / "single1"
+    o2ppo.train(tiny_config(dataset_id, single1, seed=1))
+    assert multi["seeds"] == [0, 1] and multi["env_steps"] == [600, 600] and multi["ppo_updates"] == [32, 32]
+    assert not (run_dir / "eval.jsonl").exists()
+    for seed, expected in ((0, reference), (1, read_evals(single1))):
+        got = read_evals(run_dir / f"seed{seed}")
+        # the schedule (evaluations exactly every evaluate_freq env steps) does not depend on the dynamics
+        assert [(e["seed"], e["phase"], e["updates"], e["env_steps"]) for e in got] == \
+            [(e["seed"], e["phase"], e["updates"], e["env_steps"]) for e in expected]
+        offline = [e for e in got if e["phase"] != "online"]  # IQL and re-evaluation: no env in the loop
+        for key in ("return", "value_start"):
+            np.testing.assert_allclose([e.get(key, 0.0) for e in offline],
+                                       [e.get(key, 0.0) for e in expected[:len(offline)]], rtol=1e-3)
+        np.testing.assert_allclose([e["value_loss"] for e in got if e["phase"] == "reevaluation"],
+                                   [e["value_loss"] for e in expected if e["phase"] == "reevaluation"], rtol=1e-3)
+        # online: the same schedule and w_t; returns agree closely (tiny round-off can grow through the dynamics)
+        assert [e["w_t"] for e in got] == [e["w_t"] for e in expected]
+        np.testing.assert_allclose([e["return"] for e in got], [e["return"] for e in expected], rtol=0.05)
+    meta = o2ppo.read_meta(run_dir / "checkpoints" / "latest")
+    assert meta["num_seeds"] == 2 and meta["phase"] == "done" and np.shape(meta["act_key"]) == (2, 2)
+    with np.load(run_dir / "checkpoints" / "latest" / "state.npz") as z:
+        assert all(z[k].shape[0] == 2 for k in z.files)  # every leaf has the seed axis
+
+
+def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, multi_seed_run, tmp_path, monkeypatch):
+    dataset_id = reference_run[0]
+    expected = [read_evals(multi_seed_run[1] / f"seed{s}") for s in (0, 1)]
+    config = tiny_config(dataset_id, tmp_path, num_seeds=2)
+    kill_after_checkpoints(o2ppo, config, 6, monkeypatch)  # the first joint online checkpoint
+    meta = o2ppo.read_meta(tmp_path / "checkpoints" / "latest")
+    assert meta["phase"] == "online" and len(meta["rollout"]) == 2
+    o2ppo.train(tiny_config(dataset_id, tmp_path, num_seeds=2, resume=True))
+    assert [read_evals(tmp_path / f"seed{s}") for s in (0, 1)] == expected
+
+
+def test_num_seeds_offline_checkpoint(reference_run, multi_seed_run, tmp_path):
+    dataset_id, ref_dir, _, reference = reference_run
+    multi_dir = multi_seed_run[1]
+    with pytest.raises(ValueError, match=r"holds 1 seed\(s\), this run trains 2"):
+        o2ppo.train(tiny_config(dataset_id, tmp_path / "a", num_seeds=2,
+                                offline_checkpoint=str(ref_dir / "checkpoints" / "offline")))
+    # one seed of the two-seed offline checkpoint: seed 1's actor, as in the two-seed run
+    o2ppo.train(tiny_config(dataset_id, tmp_path / "b", seed=1, online_steps=0, reevaluation_updates=50,
+                            offline_checkpoint=str(multi_dir / "checkpoints" / "offline")))
+    got, expected = read_evals(tmp_path / "b")[0], read_evals(multi_dir / "seed1")[1]
+    assert got["seed"] == 1 and got["updates"] == expected["updates"] == 200
+    np.testing.assert_allclose(got["return"], expected["return"], rtol=1e-4)
