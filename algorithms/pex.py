@@ -47,8 +47,8 @@ Deviations (and the switch that restores the reference behaviour where one exist
      env-step count, so evaluations are reproducible and a resumed run repeats them exactly.
   2. Online updates run in jitted blocks: the agent collects up to `online_block` env steps with a fixed
      policy (a block also ends at an episode end), appends them, then does one update per env step taken
-     after the initial collection (lax.scan blocks of `update_block`, a lax.fori_loop for the remainder).
-     The official loop updates once before every env step; `online_block: 1` is close to that.
+     after the initial collection (one jitted masked lax.scan of `online_block` steps). The official loop
+     updates once before every env step; `online_block: 1` is close to that.
   3. Online evaluations and checkpoints happen at the first episode end after every `online_eval_every` env
      steps (not mid-episode), so a resumed run reproduces an uninterrupted one bit for bit on CPU.
   4. `clip_actions: true` clips the new policy's action to [-1, 1] before the gate, so the gated, stored,
@@ -75,16 +75,25 @@ expectile/beta of the pre-training may differ (they only matter for the updates 
 iql.py AntMaze configs (which normalise states): `python algorithms/pex.py --config_path
 configs/pex/D4RL/antmaze/umaze-v1.yaml --normalize true --offline_checkpoint runs/iql/<...>/checkpoints/offline`.
 
+Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
+vmapped over a leading seed axis (offline rows shared on device, online rows per seed): the IQL pre-training
+is one vmapped scan per block; online, each seed has its own frozen offline policy, new policy, RNG (gate and
+exploration), online buffer and counters, and one training env per seed; the composite actions of all seeds
+come from one jitted call per env step. Each seed follows exactly its single-seed schedule (blocks, updates,
+evaluations, checkpoints), so its numbers equal the single-seed run's up to float32 round-off (XLA's batched
+matmuls sum in another order). Evaluation records go to run_dir/seed<S>/eval.jsonl. An N-seed offline
+checkpoint of iql.py or pex.py starts an N-seed fine-tuning (and back); the seed counts must match.
+
 Not implemented: the official script's baselines (`scratch`, `buffer`, `direct`: iql.py covers `direct`-like
-fine-tuning), `--num_seeds` (one seed per process; the state is a pytree with the RNG key inside, ready for vmap).
+fine-tuning).
 
 Usage:
     python algorithms/pex.py --config_path configs/pex/quickstart.yaml
     python algorithms/pex.py --config_path configs/pex/quickstart.yaml --resume          # continue a killed run
     python algorithms/pex.py --config_path ... --offline_checkpoint runs/iql/.../checkpoints/offline
-Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation), checkpoints/{latest,offline},
-checkpoints/buffer/ (online transitions, appended at each checkpoint), wandb/ (mode `wandb_mode`, or the
-WANDB_MODE environment variable when set).
+Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation; seed<S>/eval.jsonl with several
+seeds), checkpoints/{latest,offline}, checkpoints/buffer/seed<S>/ (online transitions, appended at each
+checkpoint), wandb/ (mode `wandb_mode`, or the WANDB_MODE environment variable when set).
 """
 
 import json
@@ -119,18 +128,19 @@ class TrainConfig:
     dataset_id: str = "D4RL/antmaze/umaze-v1"  # Minari dataset id (also gives the env), see algorithms/data.py
     seed: int = 0  # seed of networks, sampling, exploration and the training env
     eval_seed: int = 100  # seed of the evaluation env (re-seeded at the start of every evaluation)
-    run_dir: str = ""  # output directory; "" = runs/pex/<dataset_id>/seed<seed>
+    run_dir: str = ""  # output directory; "" = runs/pex/<dataset_id>/seed<seed> (several: seeds<first>-<last>)
     project: str = "o2o-jax"  # wandb project
     group: str = "pex"  # wandb group
     name: str = ""  # wandb run name; "" = pex-<dataset_id>-seed<seed>
     wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
     resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
     offline_checkpoint: str = ""  # skip pre-training: start from this offline checkpoint dir (iql.py or pex.py)
+    num_seeds: int = 1  # train seeds seed..seed+num_seeds-1 together (vmapped); >1: evals in run_dir/seed<S>/
     # schedule
     offline_updates: int = 1_000_000  # gradient steps of IQL pre-training (official --num_steps 1e6)
     online_steps: int = 1_000_000  # env steps of online fine-tuning (official --total_env_steps 1e6)
     initial_collection_steps: int = 5000  # online transitions collected before the first online update
-    update_block: int = 1000  # updates per jitted lax.scan block (a smaller remainder runs in one fori_loop)
+    update_block: int = 1000  # offline updates per jitted lax.scan block
     online_block: int = 50  # max env steps collected with a fixed policy before their updates run
     offline_eval_every: int = 50_000  # offline updates between evaluations (+ checkpoint)
     online_eval_every: int = 10_000  # online env steps between evaluations (+ checkpoint), at episode ends
@@ -168,7 +178,7 @@ class TrainConfig:
             if not cond:
                 raise ValueError(f"invalid config: {msg}")
         for name in ("update_block", "online_block", "offline_eval_every", "online_eval_every", "eval_episodes",
-                     "batch_size", "n_critics"):
+                     "batch_size", "n_critics", "num_seeds"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         need(self.offline_updates >= 0 and self.online_steps >= 0, "offline_updates/online_steps must be >= 0")
         need(self.initial_collection_steps >= 0,
@@ -201,6 +211,7 @@ class Hyper(NamedTuple):
     batch_size: int
     offline_rows: int  # rows of an online-phase batch drawn from the offline data
     block: int
+    online_block: int
     discount: float
     tau: float
     expectile: float
@@ -218,9 +229,9 @@ class Hyper(NamedTuple):
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
     return Hyper(obs_dim, act_dim, tuple(cfg.hidden_dims), cfg.n_critics, cfg.actor_init == "xavier",
                  float(cfg.log_std_min), cfg.batch_size, int(cfg.batch_size * cfg.offline_fraction),
-                 cfg.update_block, cfg.discount, cfg.tau, cfg.expectile, cfg.beta, cfg.exp_adv_max, cfg.actor_lr,
-                 cfg.critic_lr, cfg.value_lr, cfg.offline_updates, cfg.offline_cosine, float(cfg.inv_temperature),
-                 cfg.clip_actions)
+                 cfg.update_block, cfg.online_block, cfg.discount, cfg.tau, cfg.expectile, cfg.beta,
+                 cfg.exp_adv_max, cfg.actor_lr, cfg.critic_lr, cfg.value_lr, cfg.offline_updates, cfg.offline_cosine,
+                 float(cfg.inv_temperature), cfg.clip_actions)
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -519,39 +530,46 @@ def sampled_update(state, offline: Buffer, offline_size, online: Buffer, online_
     return iql_update(state._replace(key=key), jax.tree.map(lambda x: x[idx], offline), k_upd, h)
 
 
+# Multi-seed: every state leaf, the online buffer and the per-seed counters carry a leading seed axis; the
+# offline rows are shared (in_axes None). One seed's numbers equal a single-seed run's up to float32
+# round-off (XLA sums batched matmuls in a different order).
 @partial(jax.jit, static_argnames=("h",))
 def update_block(state, offline: Buffer, offline_size, online: Buffer, online_size, h: Hyper):
-    """`h.block` updates in one lax.scan, batches sampled inside the scan; metrics of shape [h.block]."""
-    args = (offline, offline_size, online, online_size, h)
-    return jax.lax.scan(lambda s, _: sampled_update(s, *args), state, None, length=h.block)
+    """`h.block` updates per seed in one lax.scan (vmapped over seeds), batches sampled inside the scan;
+    metrics of shape [seeds, h.block]."""
+    def one_seed(state, online, online_size):
+        args = (offline, offline_size, online, online_size, h)
+        return jax.lax.scan(lambda s, _: sampled_update(s, *args), state, None, length=h.block)
+    return jax.vmap(one_seed)(state, online, online_size)
 
 
 @partial(jax.jit, static_argnames=("h",))
-def update_few(state, offline: Buffer, offline_size, online: Buffer, online_size, n, h: Hyper):
-    """`n` < h.block updates (n traced: one compiled program for every remainder) in a lax.fori_loop;
-    metrics of shape [h.block], rows >= n are zero."""
-    args = (offline, offline_size, online, online_size, h)
-    shapes = jax.eval_shape(lambda s: sampled_update(s, *args)[1], state)
+def update_online(state, offline: Buffer, offline_size, online: Buffer, online_size, n, h: Hyper):
+    """`n[i]` <= h.online_block updates for seed i (a masked lax.scan of h.online_block steps: a seed with fewer
+    updates keeps its state for the remaining steps); metrics [seeds, h.online_block], zero where masked."""
+    def one_seed(state, online, online_size, n):
+        args = (offline, offline_size, online, online_size, h)
 
-    def body(i, carry):
-        state, metrics = sampled_update(carry[0], *args)
-        return state, jax.tree.map(lambda all_, m: all_.at[i].set(m), carry[1], metrics)
-    zeros = jax.tree.map(lambda x: jnp.zeros((h.block,) + x.shape, x.dtype), shapes)
-    return jax.lax.fori_loop(0, n, body, (state, zeros))
+        def body(s, i):
+            new, metrics = sampled_update(s, *args)
+            keep = i < n
+            new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, s)
+            return new, jax.tree.map(lambda m: jnp.where(keep, m, jnp.zeros_like(m)), metrics)
+        return jax.lax.scan(body, state, jnp.arange(h.online_block))
+    return jax.vmap(one_seed)(state, online, online_size, n)
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def buffer_insert(buffer: Buffer, rows: Buffer, start):
-    """Write `rows` at `start` in place (the buffer is donated: no copy, no re-upload)."""
-    return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r, start, 0), buffer, rows)
+def buffer_insert(online: Buffer, rows: Buffer, starts):
+    """Write each seed's `rows[i]` at `starts[i]` of its online rows, in place (the buffer is donated)."""
+    put = lambda b, r, s: jax.lax.dynamic_update_slice_in_dim(b, r, s, 0)  # noqa: E731
+    return jax.tree.map(lambda b, r: jax.vmap(put)(b, r, starts), online, rows)
 
 
 # ---------------------------------------------------------------------------------------------- acting
-@partial(jax.jit, static_argnames=("h",))
-def act_composite(offline_actor_params, actor_params, critic_params, obs_mean, obs_std, obs, key, epsilon,
-                  h: Hyper):
-    """One env step's PEX action (epsilon 1: training, eval_epsilon: evaluation); returns (action, stats,
-    next key) with stats = [w, p_new, q_offline, q_new]. One call per env step, key split inside."""
+def composite_step(offline_actor_params, actor_params, critic_params, obs_mean, obs_std, obs, key, epsilon,
+                   h: Hyper):
+    """One seed's PEX action at one state: (action, stats = [w, p_new, q_offline, q_new], next key)."""
     key, sub = jax.random.split(key)
     action, info = composite_action(offline_actor_params, actor_params, critic_params, (obs - obs_mean) / obs_std,
                                     sub, epsilon, h)
@@ -560,8 +578,25 @@ def act_composite(offline_actor_params, actor_params, critic_params, obs_mean, o
 
 
 @partial(jax.jit, static_argnames=("h",))
+def act_explore(offline_actor_params, actor_params, critic_params, obs_mean, obs_std, obs, keys, active, h: Hyper):
+    """All seeds' training actions (composite, epsilon 1: sampled policy action and sampled gate) in one call per
+    env step; a seed's key advances only when it is `active` (so its actions do not depend on the other seeds)."""
+    def one(off, params, critic, mean_, std_, o, key, act):
+        action, stats, new_key = composite_step(off, params, critic, mean_, std_, o, key, 1.0, h)
+        return action, stats, jnp.where(act, new_key, key)
+    return jax.vmap(one)(offline_actor_params, actor_params, critic_params, obs_mean, obs_std, obs, keys, active)
+
+
+@partial(jax.jit, static_argnames=("h",))
+def act_composite(offline_actor_params, actor_params, critic_params, obs_mean, obs_std, obs, key, epsilon,
+                  h: Hyper):
+    """One seed's PEX action (evaluation: epsilon = eval_epsilon); returns (action, stats, next key)."""
+    return composite_step(offline_actor_params, actor_params, critic_params, obs_mean, obs_std, obs, key, epsilon, h)
+
+
+@partial(jax.jit, static_argnames=("h",))
 def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
-    """Mean action of one actor (offline-phase evaluation of the IQL policy)."""
+    """Mean action of one seed's actor (offline-phase evaluation of the IQL policy)."""
     mean, _ = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
     return jnp.clip(mean, -1.0, 1.0)
 
@@ -689,12 +724,12 @@ def load_checkpoint(path: Path, template):
     return load_tree(path / "state.npz", template(meta) if callable(template) else template), meta
 
 
-def save_buffer_rows(buffer_dir: Path, buffer: Buffer, start: int, end: int):
-    """Append online rows [start, end) as one file."""
+def save_buffer_rows(buffer_dir: Path, online: Buffer, start: int, end: int):
+    """Append one seed's online rows [start, end) (`online`: that seed's rows) as one file."""
     if end <= start:
         return
     buffer_dir.mkdir(parents=True, exist_ok=True)
-    rows = {k: np.asarray(v[start:end]) for k, v in buffer._asdict().items()}
+    rows = {k: np.asarray(v[start:end]) for k, v in online._asdict().items()}
     tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
     np.savez(tmp, **rows)
     os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
@@ -760,20 +795,28 @@ def check_offline_source(src: Path, cfg: TrainConfig):
     if notes:
         print(f"note: the pre-training used other IQL hyper-parameters ({', '.join(notes)}); fine-tuning uses this "
               "run's")
+    if saved.get("seed", cfg.seed) != cfg.seed:
+        print(f"note: the pre-training ran from seed {saved['seed']}, this run's seeds start at {cfg.seed} (the "
+              "fine-tuning's env and exploration seeds; the checkpoint's states and keys are kept)")
     if saved.get("actor_dropout", 0.0):
         print("note: the offline actor was trained with dropout; PEX uses its mean action without dropout")
 
 
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
-    """wandb + eval.jsonl + console. Metrics are namespaced offline/..., online/..., eval/...."""
+    """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., online/..., eval/...."""
 
-    def __init__(self, cfg, run_dir: Path, wandb_id: str, eval_lines: int):
-        self.eval_path = run_dir / "eval.jsonl"
-        if self.eval_path.exists():  # drop evaluations logged after the checkpoint we resume from
-            lines = self.eval_path.read_text().splitlines()[:eval_lines]
-            self.eval_path.write_text("".join(line + "\n" for line in lines))
-        self.eval_lines = eval_lines
+    def __init__(self, cfg, run_dir: Path, seeds: list, wandb_id: str, eval_lines: list):
+        # one seed: run_dir/eval.jsonl; several: run_dir/seed<S>/eval.jsonl
+        self.eval_paths = [run_dir / "eval.jsonl"] if len(seeds) == 1 else \
+            [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]
+        for path, keep in zip(self.eval_paths, eval_lines):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # drop evaluations logged after the checkpoint we resume from
+                lines = path.read_text().splitlines()[:keep]
+                path.write_text("".join(line + "\n" for line in lines))
+        self.eval_lines = list(eval_lines)
+        self.seeds = seeds
         mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
         self.wandb = None
         if mode != "disabled":
@@ -785,11 +828,12 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(metrics)
 
-    def log_eval(self, record: dict):
-        with open(self.eval_path, "a") as f:
+    def log_eval(self, i: int, record: dict):
+        with open(self.eval_paths[i], "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.eval_lines += 1
-        self.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        self.eval_lines[i] += 1
+        tag = "eval" if len(self.seeds) == 1 else f"eval/seed{self.seeds[i]}"
+        self.log({f"{tag}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
         score = record.get("normalized_score", record["return"])
         extra = f", success {record['success_rate']:.2f}" if "success_rate" in record else ""
         if "new_policy_fraction" in record:
@@ -803,18 +847,22 @@ class Logger:
             self.wandb.finish()
 
 
-def block_metrics(metrics: dict, n: int, phase: str, updates_before: int) -> dict:
-    """Mean of the first n per-update metrics; a NaN/inf stops the run naming the loss and update."""
-    host = {k: np.asarray(v)[:n] for k, v in metrics.items()}
-    bad = np.zeros(n, bool)
-    for v in host.values():
-        bad |= ~np.isfinite(v)
+def block_metrics(metrics: dict, n, phase: str, seeds: list, updates_before) -> dict:
+    """Means of the first n[i] per-update metrics of each seed (then over seeds); a NaN/inf stops the run
+    naming the loss, the seed and the update."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}  # [seeds, steps]
+    n = np.broadcast_to(np.asarray(n), (len(seeds),))
+    valid = np.arange(next(iter(host.values())).shape[1])[None, :] < n[:, None]
+    bad = valid & np.logical_or.reduce([~np.isfinite(v) for v in host.values()])
     if bad.any():
-        i = int(bad.argmax())
-        names = ", ".join(f"{phase}/{k} = {v[i]}" for k, v in host.items() if not np.isfinite(v[i]))
-        raise FloatingPointError(f"non-finite {names} at update {updates_before + i + 1}; stopping (the last "
-                                 "checkpoint is intact)")
-    return {f"{phase}/{k}": float(v.mean()) for k, v in host.items()}
+        j = int(np.flatnonzero(bad.any(0))[0])  # the first update with a non-finite value, over all seeds
+        i = int(np.flatnonzero(bad[:, j])[0])
+        names = ", ".join(f"{phase}/{k} = {v[i, j]}" for k, v in host.items() if not np.isfinite(v[i, j]))
+        raise FloatingPointError(f"non-finite {names} (seed {seeds[i]}) at update "
+                                 f"{int(np.asarray(updates_before)[i]) + j + 1}; stopping (the last checkpoint is "
+                                 "intact)")
+    count = max(int(valid.sum()), 1)
+    return {f"{phase}/{k}": float(np.where(valid, v, 0.0).sum() / count) for k, v in host.items()}
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -840,7 +888,8 @@ def updates_due(size_before: int, n: int, initial: int) -> int:
 
 
 def default_run_dir(cfg) -> Path:
-    return Path("runs") / "pex" / cfg.dataset_id.replace("/", "_") / f"seed{cfg.seed}"
+    seeds = f"seed{cfg.seed}" if cfg.num_seeds == 1 else f"seeds{cfg.seed}-{cfg.seed + cfg.num_seeds - 1}"
+    return Path("runs") / "pex" / cfg.dataset_id.replace("/", "_") / seeds
 
 
 def _check_resume_config(saved: Path, cfg: TrainConfig):
@@ -854,25 +903,49 @@ def _check_resume_config(saved: Path, cfg: TrainConfig):
                          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
 
 
+def seed_slice(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def stack_seeds(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def save_state(path: Path, state, meta: dict, cfg):
+    """A one-seed run saves the state without the seed axis (the layout iql.py and other scripts load)."""
+    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
+
+
+def load_state(path: Path, template, cfg):
+    """(state with a leading seed axis, meta); `template`: a seed-stacked state or a function meta -> one."""
+    pick = lambda meta: template(meta) if callable(template) else template  # noqa: E731
+    if cfg.num_seeds == 1:
+        state, meta = load_checkpoint(path, lambda meta: seed_slice(pick(meta), 0))
+        return stack_seeds([state]), meta
+    return load_checkpoint(path, pick)
+
+
 def train(cfg: TrainConfig) -> dict:
-    """IQL pre-training then online policy expansion; returns the last evaluation record and paths."""
+    """IQL pre-training then online policy expansion of `num_seeds` seeds at once; returns the last evaluation
+    record(s) and paths."""
     from tqdm import tqdm
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
-    buffer_dir = ckpt_dir / "buffer" / f"seed{cfg.seed}"  # iql.py's layout (one directory per seed)
-    cfg.name = cfg.name or f"pex-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}"
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"pex-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
     goal_task = "antmaze" in cfg.dataset_id
 
-    # data and envs
+    # data and envs (one training env per seed, one evaluation env)
     ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-    env, eval_env = data.make_env(cfg.dataset_id), data.make_env(cfg.dataset_id)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
-        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {env.observation_space.shape}/"
-                                f"{env.action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
     try:
         refs = data.reference_scores(cfg.dataset_id)
     except data.DatasetError as e:
@@ -883,32 +956,40 @@ def train(cfg: TrainConfig) -> dict:
     h = make_hyper(cfg, obs_dim, act_dim)
     obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
     obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+
+    # offline rows on device, shared by the seeds; online rows per seed (+ slack for a full chunk)
     offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
                                                               ds.next_observations, ds.terminals)))
     del rewards
     capacity = cfg.online_steps + cfg.online_block
-    online = Buffer(*(jnp.zeros((capacity,) + s, jnp.float32) for s in ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
+    online = Buffer(*(jnp.zeros((N, capacity) + s, jnp.float32) for s in
+                      ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
 
-    state = init_state(h, jax.random.PRNGKey(cfg.seed), obs_mean, obs_std)
-    iql_template, pex_template = state, expand(state, h, cfg.reset_optimizers)
+    state = stack_seeds([init_state(h, jax.random.PRNGKey(s), obs_mean, obs_std) for s in seeds])
+    iql_template = state
+    pex_template = jax.vmap(lambda s: expand(s, h, cfg.reset_optimizers))(state)
     template = lambda meta: pex_template if meta["phase"] in ("online", "done") else iql_template  # noqa: E731
-    meta = {"phase": "offline", "updates": 0, "env_steps": 0, "online_size": 0, "saved_rows": 0,
-            "next_eval": cfg.online_eval_every, "act_key": np.asarray(jax.random.PRNGKey(cfg.seed + 1)),
-            "env_rng": None, "eval_lines": 0, "episodes": 0, "wandb_id": None, "last_eval": None, "wall_time": 0.0}
+    meta = {"phase": "offline", "num_seeds": N, "updates": [0] * N, "env_steps": [0] * N, "online_size": [0] * N,
+            "saved_rows": [0] * N, "next_eval": [cfg.online_eval_every] * N,
+            "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
+            "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
+            "last_eval": [None] * N, "wall_time": 0.0}
     latest = find_checkpoint(ckpt_dir / "latest")
     if cfg.resume and latest is not None:
         _check_resume_config(latest / "config.yaml", cfg)
-        state, meta = load_checkpoint(latest, template)
-        rows = load_buffer_rows(buffer_dir, meta["online_size"])
-        if rows is not None:
-            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in rows.items()}), 0)
+        state, meta = load_state(latest, template, cfg)
+        for i, s in enumerate(seeds):
+            rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
+            if rows is not None:
+                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
         print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} updates, "
               f"{meta['env_steps']} online env steps")
     else:
         if cfg.resume:
             print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        (run_dir / "eval.jsonl").unlink(missing_ok=True)
+        for path in [run_dir / "eval.jsonl"] + [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]:
+            path.unlink(missing_ok=True)
         if cfg.offline_checkpoint:
             src = find_checkpoint(Path(cfg.offline_checkpoint))
             if src is None:
@@ -916,152 +997,176 @@ def train(cfg: TrainConfig) -> dict:
                                         "(expected a directory with state.npz and meta.pkl, e.g. "
                                         "<run_dir>/checkpoints/offline of iql.py or pex.py)")
             check_offline_source(src, cfg)
-            src_seeds = load_meta(src).get("num_seeds", 1)
-            if src_seeds != 1:
-                raise ValueError(f"--offline_checkpoint {src} holds {src_seeds} seeds (iql.py --num_seeds); pex.py "
-                                 "starts from a one-seed checkpoint (pre-train with --num_seeds 1)")
+            src_n = load_meta(src).get("num_seeds", 1)
+            if src_n != N:
+                raise ValueError(f"--offline_checkpoint {src} holds {src_n} seed(s); run it with --num_seeds {src_n} "
+                                 "(or pre-train with this run's --num_seeds)")
             try:
-                state, src_meta = load_checkpoint(src, iql_template)
+                state, src_meta = load_state(src, iql_template, cfg)
             except ValueError as e:
                 raise ValueError(f"--offline_checkpoint {src}: {e}. pex.py needs an IQL offline checkpoint "
                                  "(<run_dir>/checkpoints/offline of iql.py or pex.py) with this run's network "
                                  "sizes and dataset") from e
-            # iql.py keeps per-seed lists in its meta (one entry here)
-            meta.update(updates=int(np.ravel(src_meta["updates"])[0]), phase="load_offline",
-                        act_key=np.asarray(src_meta["act_key"]).reshape(-1))
+            # per-seed lists (iql.py/pex.py; older one-seed checkpoints hold an int and a single key)
+            meta.update(updates=[int(u) for u in np.ravel(src_meta["updates"])], phase="load_offline",
+                        act_key=np.asarray(src_meta["act_key"]).reshape(N, -1))
             print(f"loaded offline IQL state from {src} ({meta['updates']} updates)")
     with open(run_dir / "config.yaml", "w") as f:
         pyrallis.dump(cfg, f)
     if meta["wandb_id"] is None:
         meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-    logger = Logger(cfg, run_dir, meta["wandb_id"], meta["eval_lines"])
+    logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
     act_key = jnp.asarray(meta["act_key"])
     wall_before = meta["wall_time"]
 
-    def run_eval(phase):
-        record = {"seed": cfg.seed, "phase": phase, "updates": int(meta["updates"]),
-                  "env_steps": int(meta["env_steps"])}
-        stats = []
-        if isinstance(state, IQLState):  # offline phase: the IQL actor's mean action
-            def policy(o):
-                return act_deterministic(state.actor.params, state.obs_mean, state.obs_std, o, h)
-        else:  # the composite PEX policy, epsilon-greedy; its key depends only on eval_seed and the env step
-            eval_key = jax.random.fold_in(jax.random.PRNGKey(cfg.eval_seed), meta["env_steps"])
+    def eval_policy(i, stats):
+        """Seed i's evaluation policy: offline phase the IQL actor's mean action; online the composite PEX
+        policy, epsilon-greedy, its key depending only on eval_seed and the seed's env step (stats appended)."""
+        if isinstance(state, IQLState):
+            params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
+            return lambda o: act_deterministic(params, mean_, std_, o, h)
+        one = seed_slice(state, i)
+        key = [jax.random.fold_in(jax.random.PRNGKey(cfg.eval_seed), meta["env_steps"][i])]
 
-            def policy(o):
-                nonlocal eval_key
-                a, s, eval_key = act_composite(state.offline_actor, state.actor.params, state.critic.params,
-                                               state.obs_mean, state.obs_std, o, eval_key, cfg.eval_epsilon, h)
-                stats.append(np.asarray(s))
-                return np.clip(np.asarray(a), -1.0, 1.0)
-        record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
-                               goal_task, refs))
-        if stats:
-            s = np.mean(stats, 0)
-            record.update(new_policy_fraction=float(s[0]), gate_prob_new=float(s[1]), q_offline_action=float(s[2]),
-                          q_new_action=float(s[3]))
-        record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-        logger.log_eval(record)
-        meta["eval_lines"], meta["last_eval"] = logger.eval_lines, record
+        def policy(o):
+            a, s, key[0] = act_composite(one.offline_actor, one.actor.params, one.critic.params, one.obs_mean,
+                                         one.obs_std, o, key[0], cfg.eval_epsilon, h)
+            stats.append(np.asarray(s))
+            return np.clip(np.asarray(a), -1.0, 1.0)
+        return policy
+
+    def run_eval(phase, which=None):
+        for i in range(N) if which is None else which:
+            record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
+                      "env_steps": int(meta["env_steps"][i])}
+            stats = []
+            record.update(evaluate(eval_env, eval_policy(i, stats), cfg.eval_episodes, cfg.eval_seed,
+                                   cfg.terminate_on_success, goal_task, refs))
+            if stats:
+                s = np.mean(stats, 0)
+                record.update(new_policy_fraction=float(s[0]), gate_prob_new=float(s[1]),
+                              q_offline_action=float(s[2]), q_new_action=float(s[3]))
+            record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+            logger.log_eval(i, record)
+            meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
 
     def checkpoint(name="latest"):
         meta["act_key"] = np.asarray(act_key)
-        save_buffer_rows(buffer_dir, online, meta["saved_rows"], meta["online_size"])
-        meta["saved_rows"] = meta["online_size"]
+        for i, s in enumerate(seeds):
+            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
+                             meta["online_size"][i])
+        meta["saved_rows"] = list(meta["online_size"])
         meta["wall_time"] = wall_before + time.time() - t_start
-        save_checkpoint(ckpt_dir / name, state, meta, cfg)
+        save_state(ckpt_dir / name, state, meta, cfg)
 
-    def updates(n, phase):
-        """n updates: scans of update_block, then one call for the remainder; returns the mean metrics."""
-        nonlocal state
-        done, sums = 0, {}
-        while done < n:
-            m = min(cfg.update_block, n - done)
-            args = (offline, n_off, online, meta["online_size"])
-            if m == cfg.update_block:
-                state, metrics = update_block(state, *args, h)
-            else:
-                state, metrics = update_few(state, *args, m, h)
-            logged = block_metrics(metrics, m, phase, meta["updates"])
-            sums = {k: sums.get(k, 0.0) + v * m for k, v in logged.items()}
-            meta["updates"] += m
-            done += m
-        return {k: v / max(n, 1) for k, v in sums.items()}
+    def score(i):
+        return meta["last_eval"][i].get("normalized_score", meta["last_eval"][i]["return"])
 
-    # ---- offline pre-training (IQL)
+    # ---- offline pre-training (IQL; all seeds in one vmapped scan per block)
     if meta["phase"] == "offline":
-        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"], desc="PEX offline (IQL)", mininterval=5)
-        while meta["updates"] < cfg.offline_updates:
-            logged = updates(cfg.update_block, "offline")
+        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="PEX offline (IQL)", mininterval=5)
+        sizes = jnp.zeros((N,), jnp.int32)
+        while meta["updates"][0] < cfg.offline_updates:
+            state, metrics = update_block(state, offline, n_off, online, sizes, h)
+            logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
+            meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
             bar.update(cfg.update_block)
-            logger.log({**logged, "offline/updates": meta["updates"]})
-            if meta["updates"] % cfg.offline_eval_every == 0 or meta["updates"] == cfg.offline_updates:
+            logger.log({**logged, "offline/updates": meta["updates"][0]})
+            if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
                 run_eval("offline")
-                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]))
-                if meta["updates"] < cfg.offline_updates:
+                bar.set_postfix(score=np.mean([score(i) for i in range(N)]))
+                if meta["updates"][0] < cfg.offline_updates:
                     checkpoint()
         bar.close()
-        if meta["last_eval"] is None:  # offline_updates == 0: still report the starting policy
+        if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
             run_eval("offline")
     elif meta["phase"] == "load_offline":
         run_eval("offline")  # the score before fine-tuning
     if meta["phase"] in ("offline", "load_offline"):
         meta["phase"] = "online"
         checkpoint("offline")  # an IQLState: loadable by iql.py and pex.py
-        state = expand(state, h, cfg.reset_optimizers)
+        state = jax.vmap(lambda s: expand(s, h, cfg.reset_optimizers))(state)
         checkpoint()
 
-    # ---- online fine-tuning (policy expansion)
+    # ---- online fine-tuning (policy expansion). Each seed follows exactly the single-seed schedule: collect up
+    # to online_block env steps (a block also ends at an episode end), append them, then one update per step
+    # taken after the initial collection. Seeds whose block ended early wait for the others; a seed due for
+    # evaluation (first episode end after every online_eval_every steps) waits until every seed is due, so
+    # checkpoints fall on episode ends of all seeds.
     if meta["phase"] == "online":
-        if meta["env_rng"] is not None:
-            env_rng_restore(env, meta["env_rng"], cfg.seed)
-        first_reset = meta["env_rng"] is None
-        chunk = {k: np.zeros((cfg.online_block,) + s, np.float32) for k, s in
+        for i, env in enumerate(envs):
+            if meta["env_rng"][i] is not None:
+                env_rng_restore(env, meta["env_rng"][i], seeds[i])
+        first_reset = [meta["env_rng"][i] is None for i in range(N)]
+        chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
                  (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
-        obs, ep_ret, ep_len, recent = None, 0.0, 0, []
-        bar = tqdm(total=cfg.online_steps, initial=meta["env_steps"], desc="PEX online", mininterval=5)
-        while meta["env_steps"] < cfg.online_steps:
-            n, act_stats = 0, []
-            while n < cfg.online_block and meta["env_steps"] < cfg.online_steps:
-                if obs is None:
-                    obs, _ = env.reset(seed=cfg.seed if first_reset else None)
-                    first_reset, ep_ret, ep_len = False, 0.0, 0
-                action, stats, act_key = act_composite(state.offline_actor, state.actor.params, state.critic.params,
-                                                       state.obs_mean, state.obs_std, np.asarray(obs, np.float32),
-                                                       act_key, 1.0, h)
-                action = np.asarray(action)
-                act_stats.append(np.asarray(stats))
-                next_obs, r, term, trunc, info = env.step(np.clip(action, -1.0, 1.0))
-                term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                for k, v in (("obs", obs), ("act", action), ("next_obs", next_obs), ("done", float(term)),
-                             ("rew", r * return_scale * cfg.reward_scale + cfg.reward_bias)):
-                    chunk[k][n] = v
-                n, meta["env_steps"] = n + 1, meta["env_steps"] + 1
-                ep_ret, ep_len = ep_ret + float(r), ep_len + 1
-                obs = next_obs
-                if term or trunc:
-                    meta["episodes"] += 1
-                    recent = (recent + [ep_ret])[-10:]
-                    logger.log({"online/episode_return": ep_ret, "online/episode_length": ep_len,
-                                "online/env_steps": meta["env_steps"]})
-                    obs = None
-                    break
-            size_before = meta["online_size"]
-            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}), size_before)
-            meta["online_size"] += n
-            logged = updates(updates_due(size_before, n, cfg.initial_collection_steps), "online")
+        obs = np.zeros((N, obs_dim), np.float32)
+        at_episode_start = [True] * N
+        ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
+        due = [False] * N  # waiting for the synchronised evaluation + checkpoint
+        bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="PEX online", mininterval=5)
+        while min(meta["env_steps"]) < cfg.online_steps:
+            n, act_stats = np.zeros(N, np.int32), []
+            active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
+            while active.any():
+                for i in np.flatnonzero(active):
+                    if at_episode_start[i]:
+                        obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
+                        first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
+                actions, stats, act_key = act_explore(state.offline_actor, state.actor.params, state.critic.params,
+                                                      state.obs_mean, state.obs_std, obs, act_key,
+                                                      jnp.asarray(active), h)
+                actions, stats = np.asarray(actions), np.asarray(stats)
+                for i in np.flatnonzero(active):
+                    act_stats.append(stats[i])
+                    next_obs, r, term, trunc, info = envs[i].step(np.clip(actions[i], -1.0, 1.0))
+                    term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                    j = n[i]
+                    chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
+                    chunk["done"][i, j] = float(term)
+                    chunk["rew"][i, j] = r * return_scale * cfg.reward_scale + cfg.reward_bias
+                    n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
+                    ep_ret[i], ep_len[i] = ep_ret[i] + float(r), ep_len[i] + 1
+                    obs[i] = next_obs
+                    if term or trunc:
+                        meta["episodes"][i] += 1
+                        recent[i] = (recent[i] + [ep_ret[i]])[-10:]
+                        logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
+                                    "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
+                        at_episode_start[i] = True
+                    if at_episode_start[i] or n[i] == cfg.online_block or meta["env_steps"][i] >= cfg.online_steps:
+                        active[i] = False
+            size_before = list(meta["online_size"])
+            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
+                                   jnp.asarray(size_before, jnp.int32))
+            meta["online_size"] = [a + int(b) for a, b in zip(size_before, n)]
+            n_upd = np.array([updates_due(size_before[i], int(n[i]), cfg.initial_collection_steps) for i in range(N)],
+                             np.int32)
+            logged = {}
+            if n_upd.any():  # nothing to do during the initial collection
+                state, metrics = update_online(state, offline, n_off, online,
+                                               jnp.asarray(meta["online_size"], jnp.int32), jnp.asarray(n_upd), h)
+                logged = block_metrics(metrics, n_upd, "online", seeds, meta["updates"])
+                meta["updates"] = [u + int(b) for u, b in zip(meta["updates"], n_upd)]
             s = np.mean(act_stats, 0)
             logger.log({**logged, "online/explore_new_policy_fraction": float(s[0]),
-                        "online/explore_gate_prob_new": float(s[1]), "online/env_steps": meta["env_steps"],
-                        "online/updates": meta["updates"]})
-            bar.update(n)
-            if obs is None and meta["env_steps"] >= meta["next_eval"] and meta["env_steps"] < cfg.online_steps:
-                while meta["next_eval"] <= meta["env_steps"]:
-                    meta["next_eval"] += cfg.online_eval_every
-                run_eval("online")
-                bar.set_postfix(score=meta["last_eval"].get("normalized_score", meta["last_eval"]["return"]),
-                                train_return=np.mean(recent) if recent else 0.0)
-                meta["env_rng"] = env_rng_snapshot(env)
+                        "online/explore_gate_prob_new": float(s[1]), "online/env_steps": sum(meta["env_steps"]),
+                        "online/updates": sum(meta["updates"])})
+            bar.update(int(n.sum()))
+            for i in range(N):
+                if (n[i] > 0 and at_episode_start[i] and meta["env_steps"][i] >= meta["next_eval"][i]
+                        and meta["env_steps"][i] < cfg.online_steps):
+                    due[i] = True
+            if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
+                which = [i for i in range(N) if due[i]]
+                for i in which:
+                    while meta["next_eval"][i] <= meta["env_steps"][i]:
+                        meta["next_eval"][i] += cfg.online_eval_every
+                run_eval("online", which)
+                bar.set_postfix(score=np.mean([score(i) for i in which]),
+                                train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
+                meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
+                due = [False] * N
                 checkpoint()
         bar.close()
         run_eval("online")
@@ -1070,11 +1175,15 @@ def train(cfg: TrainConfig) -> dict:
     elif meta["phase"] == "done":
         print(f"run in {run_dir} already finished")
     logger.close()
-    env.close()
-    eval_env.close()
-    summary = summarize(run_dir / "eval.jsonl")
-    return {"last_eval": meta["last_eval"], "run_dir": str(run_dir), "updates": meta["updates"],
-            "env_steps": meta["env_steps"], **summary}
+    for env in envs + [eval_env]:
+        env.close()
+    summaries = [summarize(path) for path in logger.eval_paths]
+    out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
+           "env_steps": meta["env_steps"][0], **summaries[0]}
+    if N > 1:
+        out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+                   per_seed=summaries)
+    return out
 
 
 def summarize(eval_path: Path) -> dict:

@@ -1,5 +1,6 @@
 """PEX: maths against NumPy (gate softmax and choice frequencies, expectile loss, AWR weights), ensemble init,
-iql.py checkpoint compatibility, and tiny end-to-end runs (offline -> online, frozen offline policy, resume)."""
+iql.py checkpoint compatibility, and tiny end-to-end runs (offline -> online, frozen offline policy, resume,
+--num_seeds)."""
 import os
 import subprocess
 import sys
@@ -48,6 +49,23 @@ def iql_run(reference_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("iql_source")
     iql.train(iql.TrainConfig(dataset_id=reference_run[0], run_dir=str(run_dir), **IQL_TINY))
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def multi_run(reference_run, tmp_path_factory):
+    """The tiny run with --num_seeds 2 (seeds 0 and 1 together): its run dir."""
+    run_dir = tmp_path_factory.mktemp("pex_multi")
+    result = pex.train(tiny_config(reference_run[0], run_dir, num_seeds=2))
+    assert result["seeds"] == [0, 1] and result["env_steps"] == [300, 300]
+    return run_dir
+
+
+def multi_evals(run_dir, seed):
+    return read_evals(Path(run_dir) / f"seed{seed}")
+
+
+def schedule(evals):
+    return [(e["seed"], e["phase"], e["updates"], e["env_steps"]) for e in evals]
 
 
 def tiny_hyper(**overrides):
@@ -267,3 +285,58 @@ def test_command_line(reference_run, tmp_path):
     out = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert [e["phase"] for e in read_evals(tmp_path)] == ["offline", "online"]
+
+
+# ---- several seeds in one process
+def test_num_seeds_matches_single_seed_runs(reference_run, multi_run, tmp_path):
+    """--num_seeds 2 trains seeds 0 and 1 together; each equals its single-seed run up to float32 round-off."""
+    dataset_id, _, _, reference = reference_run
+    pex.train(tiny_config(dataset_id, tmp_path, seed=1))
+    for seed, expected in ((0, reference), (1, read_evals(tmp_path))):
+        got = multi_evals(multi_run, seed)
+        assert schedule(got) == schedule(expected)
+        offline = [e for e in got if e["phase"] == "offline"]
+        np.testing.assert_allclose([e["return"] for e in offline],
+                                   [e["return"] for e in expected[:len(offline)]], rtol=1e-3)
+        # online: the same schedule; returns agree closely (tiny round-off can grow through the dynamics)
+        np.testing.assert_allclose([e["return"] for e in got], [e["return"] for e in expected], rtol=0.05)
+    # one joint checkpoint (seed axis first) and one online buffer per seed
+    ckpt = multi_run / "checkpoints"
+    with np.load(ckpt / "latest" / "state.npz") as z, np.load(reference_run[1] / "checkpoints" / "latest" /
+                                                              "state.npz") as one:
+        assert sorted(z.files) == sorted(one.files)
+        assert all(z[k].shape == (2,) + one[k].shape for k in z.files)
+    for seed in (0, 1):
+        assert sum(np.load(f)["rew"].shape[0] for f in (ckpt / "buffer" / f"seed{seed}").glob("rows_*.npz")) == 300
+
+
+def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, multi_run, tmp_path, monkeypatch):
+    cfg = tiny_config(reference_run[0], tmp_path, num_seeds=2)
+    kill_after_checkpoints(pex, cfg, 5, monkeypatch)  # during fine-tuning
+    assert len(multi_evals(tmp_path, 1)) < len(multi_evals(multi_run, 1))
+    pex.train(tiny_config(reference_run[0], tmp_path, num_seeds=2, resume=True))
+    for seed in (0, 1):
+        assert multi_evals(tmp_path, seed) == multi_evals(multi_run, seed)
+
+
+def test_num_seeds_offline_checkpoints_with_iql(reference_run, multi_run, tmp_path):
+    """An N-seed iql.py offline checkpoint starts an N-seed pex.py fine-tuning, a pex.py one an iql.py
+    fine-tuning; a different seed count is a clear error."""
+    dataset_id = reference_run[0]
+    iql_dir = tmp_path / "iql"
+    iql.train(iql.TrainConfig(dataset_id=dataset_id, run_dir=str(iql_dir), num_seeds=2, **IQL_TINY))
+    source = iql_dir / "checkpoints" / "offline"
+    pex.train(tiny_config(dataset_id, tmp_path / "pex", num_seeds=2, offline_checkpoint=str(source)))
+    for seed in (0, 1):
+        got, expected = multi_evals(tmp_path / "pex", seed), multi_evals(multi_run, seed)
+        assert got[0] == multi_evals(iql_dir, seed)[1]  # pex scores iql's final offline actor exactly as iql.py did
+        assert schedule(got) == schedule(expected[1:])
+        np.testing.assert_allclose([e["return"] for e in got], [e["return"] for e in expected[1:]], rtol=0.05)
+    iql.train(iql.TrainConfig(dataset_id=dataset_id, run_dir=str(tmp_path / "back"), num_seeds=2, **IQL_TINY,
+                              offline_checkpoint=str(multi_run / "checkpoints" / "offline")))
+    for seed in (0, 1):
+        assert multi_evals(tmp_path / "back", seed)[0] == multi_evals(multi_run, seed)[1]
+    with pytest.raises(ValueError, match=r"holds 2 seed\(s\); run it with --num_seeds 2"):
+        pex.train(tiny_config(dataset_id, tmp_path / "one", offline_checkpoint=str(source)))
+    with pytest.raises(ValueError, match=r"num_seeds must be > 0"):
+        pex.TrainConfig(num_seeds=0)
