@@ -60,7 +60,9 @@ full CQL state: actor, critics, temperatures), or (b) a checkpoint of `algorithm
 hidden sizes must equal `policy_hidden` (else a clear error). Cal-QL critics are not used, so (b) needs
 `policy_reevaluation: true`. Both checks: observation / action dims and the normalisation stats stored in the
 checkpoint must equal this run's (same dataset and `normalize`). IQL-style Gaussian actors (tanh mean,
-state-independent log-std) are a different distribution and are rejected with a message saying so.
+state-independent log-std) are a different distribution and are rejected with a message saying so. Seeds: an
+o2sac checkpoint must hold this run's number of seeds; a cal_ql.py checkpoint of N seeds starts an N-seed run seed
+by seed (its i-th actor for this run's i-th seed), a one-seed one gives its actor to every seed.
 
 Deviations (and the switch that restores the reference behaviour where one exists):
   1. Evaluation runs on a separate env seeded with `eval_seed` (decision 1; the official code evaluates on the
@@ -87,15 +89,27 @@ Logged per evaluation (eval.jsonl + wandb eval/...): phase (offline | reevaluati
 phase_updates, env_steps, return, normalized_score (+ success_rate on goal tasks), lambda, alpha, epsilon (eps_t),
 kl_to_reference / kl_to_offline (mean single-sample KL(pi || pi_ref) estimate, as in the lambda loss, over
 `eval_batch_size` fixed dataset states), q_offline_mode (min_i Q_i at the loaded offline actor's most likely action,
-same states), q_policy_mode, best_score, reference_updated (online). The score before fine-tuning is the last
-'offline' record; a dip at the start of fine-tuning shows as 'alignment' / first 'online' records below it.
+same states), q_policy_mode, best_score, reference_updated (online), seed, wall_time (seconds since the run
+started, accumulated over resumes). The score before fine-tuning is the last 'offline' record; a dip at the start
+of fine-tuning shows as 'alignment' / first 'online' records below it.
+
+Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
+vmapped over a leading seed axis (offline rows shared on device, online rows per seed) and one training env
+per seed, acted for in one jitted call per env step. Every phase runs vmapped (CQL, re-evaluation, alignment:
+update-only blocks; fine-tuning: each seed's utd updates per env step in one masked loop); each seed keeps its own
+reference policy, best score, lambda, alpha and eps_t and follows exactly its single-seed schedule (blocks,
+warm-up, updates, evaluations, reference updates), so its numbers equal the single-seed run's up to float32
+round-off (XLA's batched matmuls sum in another order). A seed due for a checkpoint (at the first episode end
+after an evaluation) waits until every seed is due (or finished). Evaluations go to run_dir/seed<S>/eval.jsonl.
 
 Usage:
     python algorithms/o2sac.py --config_path configs/o2sac/quickstart.yaml
     python algorithms/o2sac.py --config_path configs/o2sac/quickstart.yaml --resume     # continue a killed run
     python algorithms/o2sac.py --config_path ... --offline_checkpoint runs/.../checkpoints/offline
     python algorithms/o2sac.py --config_path ... --value_alignment false                # an ablation
-Writes to `run_dir`: config.yaml, eval.jsonl, checkpoints/{latest,offline}, checkpoints/buffer/, wandb/.
+    python algorithms/o2sac.py --config_path configs/o2sac/quickstart.yaml --num_seeds 4   # seeds 0..3 at once
+Writes to `run_dir`: config.yaml, eval.jsonl (seed<S>/eval.jsonl for several seeds), checkpoints/{latest,offline},
+checkpoints/buffer/seed<S>/ (online transitions), wandb/.
 """
 import json
 import math
@@ -131,13 +145,14 @@ class TrainConfig:
     dataset_id: str = "o2o/hopper/medium-v0"  # Minari dataset id (also gives the env), see algorithms/data.py
     seed: int = 0  # seed of networks, sampling, exploration and the training env
     eval_seed: int = 100  # seed of the evaluation env (re-seeded at the start of every evaluation)
-    run_dir: str = ""  # output directory; "" = runs/o2sac/<dataset_id>/seed<seed>
+    run_dir: str = ""  # output directory; "" = runs/o2sac/<dataset_id>/seed<seed> (several: seeds<first>-<last>)
     project: str = "o2o-jax"  # wandb project
     group: str = "o2sac"  # wandb group
     name: str = ""  # wandb run name; "" = o2sac-<dataset_id>-seed<seed>
     wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
     resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
     offline_checkpoint: str = ""  # skip CQL: start from an o2sac `checkpoints/offline` or a cal_ql.py checkpoint dir
+    num_seeds: int = 1  # train seeds seed..seed+num_seeds-1 together (vmapped); >1: evals in run_dir/seed<S>/
     # ablation switches (paper ablations; all true = O2SAC)
     policy_reevaluation: bool = True  # PR phase with fresh critics; false = keep the offline CQL critics, no PR
     value_alignment: bool = True  # VA phase; false = go from PR (or the offline critics) straight to fine-tuning
@@ -206,9 +221,9 @@ class TrainConfig:
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"invalid config: {msg}")
-        for name in ("update_block", "online_block", "utd", "offline_eval_every", "reconstruct_eval_every",
-                     "online_eval_every", "eval_episodes", "eval_batch_size", "batch_size", "n_critics",
-                     "cql_n_critics", "cql_n_actions", "end_steps"):
+        for name in ("num_seeds", "update_block", "online_block", "utd", "offline_eval_every",
+                     "reconstruct_eval_every", "online_eval_every", "eval_episodes", "eval_batch_size", "batch_size",
+                     "n_critics", "cql_n_critics", "cql_n_actions", "end_steps"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("offline_updates", "ope_steps", "align_steps", "online_steps", "warmup_steps"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -625,14 +640,20 @@ def cql_update(state: CQLState, batch: Buffer, key, h: CQLHyper):
     return state._replace(critic_target=target, updates=state.updates + 1, **new), metrics
 
 
+# Multi-seed: every state leaf, the online buffer and the per-seed counters carry a leading seed axis; the
+# offline rows are shared (in_axes None). One seed's numbers equal a single-seed run's up to float32
+# round-off (XLA sums batched matmuls in a different order).
 @partial(jax.jit, static_argnames=("h",))
 def cql_block(state: CQLState, offline: Buffer, offline_size, h: CQLHyper):
-    """`h.block` CQL updates in one lax.scan, batches sampled on device inside the scan."""
-    def body(state, _):
-        key, k_batch, k_upd = jax.random.split(state.key, 3)
-        batch = sample_batch(k_batch, offline, offline_size, h.batch_size)
-        return cql_update(state._replace(key=key), batch, k_upd, h)
-    return jax.lax.scan(body, state, None, length=h.block)
+    """`h.block` CQL updates per seed in one lax.scan (vmapped over seeds), batches sampled on device inside the
+    scan; metrics of shape [seeds, h.block]."""
+    def one_seed(state):
+        def body(state, _):
+            key, k_batch, k_upd = jax.random.split(state.key, 3)
+            batch = sample_batch(k_batch, offline, offline_size, h.batch_size)
+            return cql_update(state._replace(key=key), batch, k_upd, h)
+        return jax.lax.scan(body, state, None, length=h.block)
+    return jax.vmap(one_seed)(state)
 
 
 # ---------------------------------------------------------------------------------------------- reconstruction
@@ -707,27 +728,34 @@ def va_update(state: O2State, batch: Buffer, key, h: Hyper):
 
 @partial(jax.jit, static_argnames=("kind", "h"))
 def reconstruct_block(state: O2State, offline: Buffer, offline_size, kind: str, h: Hyper):
-    """`h.block` PR (kind 'reevaluation') or VA (kind 'alignment') updates in one lax.scan on offline batches."""
+    """`h.block` PR (kind 'reevaluation') or VA (kind 'alignment') updates per seed in one lax.scan on offline
+    batches (vmapped over seeds); metrics of shape [seeds, h.block]."""
     update = pr_update if kind == "reevaluation" else va_update
 
-    def body(state, _):
-        key, k_batch, k_upd = jax.random.split(state.key, 3)
-        batch = sample_batch(k_batch, offline, offline_size, h.batch_size)
-        return update(state._replace(key=key), batch, k_upd, h)
-    return jax.lax.scan(body, state, None, length=h.block)
+    def one_seed(state):
+        def body(state, _):
+            key, k_batch, k_upd = jax.random.split(state.key, 3)
+            batch = sample_batch(k_batch, offline, offline_size, h.batch_size)
+            return update(state._replace(key=key), batch, k_upd, h)
+        return jax.lax.scan(body, state, None, length=h.block)
+    return jax.vmap(one_seed)(state)
 
 
 @jax.jit
 def hard_copy_targets(state: O2State) -> O2State:
+    """Qbar := Q (every seed)."""
     return state._replace(critic_target=state.critic.params)
 
 
 @jax.jit
-def update_reference(state: O2State, score):
-    """pi_ref := pi and best := score if score > best (the official refer_with_optimal_pi rule)."""
-    better = score > state.best_score
-    ref = jax.tree.map(lambda new, old: jnp.where(better, new, old), state.actor.params, state.ref_actor)
-    return state._replace(ref_actor=ref, best_score=jnp.where(better, score, state.best_score)), better
+def update_reference(state: O2State, scores):
+    """Per seed i: pi_ref := pi and best := scores[i] if scores[i] > best (the official refer_with_optimal_pi
+    rule); a seed that was not evaluated passes -inf. Returns (state, better [seeds])."""
+    def one_seed(state, score):
+        better = score > state.best_score
+        ref = jax.tree.map(lambda new, old: jnp.where(better, new, old), state.actor.params, state.ref_actor)
+        return state._replace(ref_actor=ref, best_score=jnp.where(better, score, state.best_score)), better
+    return jax.vmap(one_seed)(state, scores)
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
@@ -800,48 +828,56 @@ def cf_sampled_update(state: O2State, offline: Buffer, offline_size, online: Buf
 
 @partial(jax.jit, static_argnames=("h",))
 def online_updates(state: O2State, offline: Buffer, offline_size, online: Buffer, first_t, k, h: Hyper):
-    """Updates of env steps t = first_t, ..., first_t + k - 1 (k <= h.online_block, traced): for each, h.utd
-    updates (inner lax.scan) sampling online rows [0, t) with lambda stepped on the first; metrics
-    [h.online_block, h.utd], rows >= k are zero."""
-    def env_step(i, carry):
-        state, metrics = carry
-        t = first_t + i
+    """Per seed i, the updates of its env steps t = first_t[i], ..., first_t[i] + k[i] - 1 (k[i] <= h.online_block,
+    traced): for each, h.utd updates (inner lax.scan) sampling the seed's online rows [0, t) with lambda stepped on
+    the first. One lax.fori_loop of max(k) env steps, vmapped over seeds; a seed with fewer env steps keeps its
+    state (masked). Metrics [seeds, h.online_block, h.utd], rows >= k[i] are zero."""
+    def one_seed(state, online, first_t, k_seed):
+        def utd_updates(state, t):
+            return jax.lax.scan(lambda s, j: cf_sampled_update(s, offline, offline_size, online, t, t, j == 0, h),
+                                state, jnp.arange(h.utd))
 
-        def one(s, j):
-            return cf_sampled_update(s, offline, offline_size, online, t, t, j == 0, h)
-        state, m = jax.lax.scan(one, state, jnp.arange(h.utd))
-        return state, jax.tree.map(lambda all_, x: all_.at[i].set(x), metrics, m)
-    shapes = jax.eval_shape(
-        lambda s: jax.lax.scan(lambda c, j: cf_sampled_update(c, offline, offline_size, online, first_t, first_t,
-                                                              j == 0, h), s, jnp.arange(h.utd))[1], state)
-    zeros = jax.tree.map(lambda x: jnp.zeros((h.online_block,) + x.shape, x.dtype), shapes)
-    return jax.lax.fori_loop(0, k, env_step, (state, zeros))
+        def env_step(i, carry):
+            state, metrics = carry
+            new, m = utd_updates(state, first_t + i)
+            keep = i < k_seed
+            new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, state)
+            return new, jax.tree.map(lambda all_, x: all_.at[i].set(jnp.where(keep, x, 0)), metrics, m)
+        shapes = jax.eval_shape(lambda s: utd_updates(s, first_t)[1], state)
+        zeros = jax.tree.map(lambda x: jnp.zeros((h.online_block,) + x.shape, x.dtype), shapes)
+        return jax.lax.fori_loop(0, jnp.max(k), env_step, (state, zeros))
+    return jax.vmap(one_seed)(state, online, first_t, k)
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def buffer_insert(buffer: Buffer, rows: Buffer, start):
-    """Write `rows` at `start` in place (the buffer is donated: no copy, no re-upload)."""
-    return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r, start, 0), buffer, rows)
+def buffer_insert(online: Buffer, rows: Buffer, starts):
+    """Write each seed's `rows[i]` at `starts[i]` of its online rows, in place (the buffer is donated)."""
+    put = lambda b, r, s: jax.lax.dynamic_update_slice_in_dim(b, r, s, 0)  # noqa: E731
+    return jax.tree.map(lambda b, r: jax.vmap(put)(b, r, starts), online, rows)
 
 
 # ---------------------------------------------------------------------------------------------- acting, diagnostics
 @partial(jax.jit, static_argnames=("h",))
-def act_explore(actor_params, obs_mean, obs_std, obs, key, h):
-    """a ~ pi(.|s) (tanh-Gaussian sample); returns (action, next key). One call per env step, key split inside."""
-    key, sub = jax.random.split(key)
-    mean, log_std = actor_net(h).apply({"params": actor_params}, (obs - obs_mean) / obs_std)
-    return jnp.clip(tanh_gaussian_sample(mean, log_std, sub)[0], -1.0, 1.0), key
+def act_explore(actor_params, obs_mean, obs_std, obs, keys, active, h):
+    """All seeds' actions a ~ pi(.|s) (tanh-Gaussian samples) in one call per env step, keys split inside; a seed's
+    key advances only when it is `active` (so its action sequence does not depend on the other seeds)."""
+    def one(params, mean_, std_, o, key, act):
+        new_key, sub = jax.random.split(key)
+        mean, log_std = actor_net(h).apply({"params": params}, (o - mean_) / std_)
+        return jnp.clip(tanh_gaussian_sample(mean, log_std, sub)[0], -1.0, 1.0), jnp.where(act, new_key, key)
+    return jax.vmap(one)(actor_params, obs_mean, obs_std, obs, keys, active)
 
 
 @partial(jax.jit, static_argnames=("h",))
 def act_deterministic(actor_params, obs_mean, obs_std, obs, h):
+    """clip(tanh(mean), +-0.9999) of one seed's actor (evaluation)."""
     mean, _ = actor_net(h).apply({"params": actor_params}, (obs - obs_mean) / obs_std)
     return deterministic_action(mean)
 
 
 @partial(jax.jit, static_argnames=("h",))
 def cql_diagnostics(state: CQLState, raw_obs, h: CQLHyper):
-    """Offline phase: Q of the CQL critics at the current actor's most likely action, alpha."""
+    """Offline phase (one seed): Q of the CQL critics at the current actor's most likely action, alpha."""
     obs = _norm(state, raw_obs)
     mean, _ = actor_net(h).apply({"params": state.actor.params}, obs)
     q = cql_critic_net(h).apply({"params": state.critic.params}, obs, deterministic_action(mean)).min(0)
@@ -850,8 +886,9 @@ def cql_diagnostics(state: CQLState, raw_obs, h: CQLHyper):
 
 @partial(jax.jit, static_argnames=("h",))
 def o2_diagnostics(state: O2State, raw_obs, key, env_steps, h: Hyper):
-    """KL(pi || pi_ref) and KL(pi || offline actor) estimates (one sample per state, fixed key), Q at the offline
-    policy's and at pi's most likely actions (min over the critics), lambda, alpha, eps at this env step."""
+    """One seed's KL(pi || pi_ref) and KL(pi || offline actor) estimates (one sample per state, fixed key), Q at
+    the offline policy's and at pi's most likely actions (min over the critics), lambda, alpha, eps at this env
+    step."""
     actor, critic = actor_net(h), critic_net(h)
     obs = _norm(state, raw_obs)
     mean, log_std = actor.apply({"params": state.actor.params}, obs)
@@ -990,12 +1027,32 @@ def load_checkpoint(path: Path, template):
     return load_tree(path / "state.npz", template), meta
 
 
-def save_buffer_rows(buffer_dir: Path, buffer: Buffer, start: int, end: int):
-    """Append online rows [start, end) as one file."""
+def seed_slice(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def stack_seeds(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def save_state(path: Path, state, meta: dict, cfg):
+    """A one-seed run saves the state without the seed axis (the layout other scripts load)."""
+    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
+
+
+def load_state(path: Path, template, cfg):
+    if cfg.num_seeds == 1:
+        state, meta = load_checkpoint(path, seed_slice(template, 0))
+        return stack_seeds([state]), meta
+    return load_checkpoint(path, template)
+
+
+def save_buffer_rows(buffer_dir: Path, online: Buffer, start: int, end: int):
+    """Append one seed's online rows [start, end) (`online`: that seed's rows) as one file."""
     if end <= start:
         return
     buffer_dir.mkdir(parents=True, exist_ok=True)
-    rows = {k: np.asarray(v[start:end]) for k, v in buffer._asdict().items()}
+    rows = {k: np.asarray(v[start:end]) for k, v in online._asdict().items()}
     tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
     np.savez(tmp, **rows)
     os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
@@ -1026,6 +1083,7 @@ def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
 
 # ---------------------------------------------------------------------------------------------- offline hand-off
 class OfflineStart(NamedTuple):
+    """Every seed's offline start; array leaves carry a leading seed axis."""
     actor: Any  # actor params in this file's TanhGaussianActor layout
     critic: Any  # offline critic params (None when the source has no usable critics)
     critic_target: Any
@@ -1058,24 +1116,32 @@ def _check_obs_stats(src: Path, mean, std, obs_mean, obs_std, cfg: TrainConfig):
 
 
 def load_offline_start(path: str, cfg: TrainConfig, cql_h: CQLHyper, obs_mean, obs_std) -> OfflineStart:
-    """Read an offline checkpoint of this script or of cal_ql.py into (actor, critics); clear errors otherwise."""
+    """Read an offline checkpoint of this script or of cal_ql.py into every seed's (actor, critics) (leading seed
+    axis, cfg.num_seeds seeds); clear errors otherwise. An o2sac checkpoint must hold cfg.num_seeds seeds; a
+    cal_ql.py checkpoint of N seeds gives its i-th actor to the i-th seed, a one-seed one its actor to every seed."""
+    n_seeds = cfg.num_seeds
     src = find_checkpoint(Path(path))
     if src is None:
         raise FileNotFoundError(f"--offline_checkpoint {path}: no checkpoint there (expected a directory with "
                                 "state.npz and meta.pkl, e.g. <run_dir>/checkpoints/offline)")
     with open(src / "meta.pkl", "rb") as f:
         meta = pickle.load(f)
+    src_n = meta.get("num_seeds", 1)
     if meta.get("algorithm") == "o2sac":
         if meta.get("state_kind") != "cql":
             raise ValueError(f"--offline_checkpoint {src} is an o2sac checkpoint of phase {meta.get('phase')!r}, not "
                              "an offline one: pass <run_dir>/checkpoints/offline, or continue that run with --resume")
-        template = init_cql_state(cql_h, jax.random.PRNGKey(0), obs_mean, obs_std)
-        try:
-            state = load_tree(src / "state.npz", template)
+        if src_n != n_seeds:
+            raise ValueError(f"--offline_checkpoint {src} holds {src_n} seed(s) of o2sac.py, this run trains "
+                             f"{n_seeds}; run it with --num_seeds {src_n} (and the same --seed)")
+        one = init_cql_state(cql_h, jax.random.PRNGKey(0), obs_mean, obs_std)
+        try:  # a one-seed checkpoint has no seed axis
+            state = load_tree(src / "state.npz", one if n_seeds == 1 else stack_seeds([one] * n_seeds))
         except ValueError as e:
             raise ValueError(f"--offline_checkpoint {src}: {e}. Set policy_hidden / cql_critic_hidden / cql_n_critics "
                              f"as in {src / 'config.yaml'}") from e
-        _check_obs_stats(src, np.asarray(state.obs_mean), np.asarray(state.obs_std), obs_mean, obs_std, cfg)
+        state = stack_seeds([state]) if n_seeds == 1 else state
+        _check_obs_stats(src, np.asarray(state.obs_mean[0]), np.asarray(state.obs_std[0]), obs_mean, obs_std, cfg)
         return OfflineStart(state.actor.params, state.critic.params, state.critic_target, "o2sac", meta, state)
 
     names = _npz_names(src / "state.npz")
@@ -1090,18 +1156,21 @@ def load_offline_start(path: str, cfg: TrainConfig, cql_h: CQLHyper, obs_mean, o
             if "['log_std']" in actor_keys else f"arrays {sorted(names)[:6]}..."
         raise ValueError(f"--offline_checkpoint {src}: unsupported checkpoint form ({what}). O2SAC needs "
                          f"{REQUIRED_FORM}.")
-    if meta.get("num_seeds", 1) != 1:
-        raise ValueError(f"--offline_checkpoint {src} holds {meta['num_seeds']} seeds (a cal_ql.py --num_seeds run); "
-                         "O2SAC starts from one actor: pass the checkpoint of a single-seed run")
+    if src_n not in (1, n_seeds):
+        raise ValueError(f"--offline_checkpoint {src} holds {src_n} seeds (a cal_ql.py --num_seeds {src_n} run), this "
+                         f"run trains {n_seeds}: run it with --num_seeds {src_n} (seed by seed), or pass the "
+                         "checkpoint of a one-seed cal_ql.py run (its actor for every seed)")
     if not cfg.policy_reevaluation:
         raise ValueError(f"--offline_checkpoint {src} is a cal_ql.py checkpoint: only its actor is used (its critics "
                          "have another form), so O2SAC needs fresh critics: set policy_reevaluation: true")
     template = actor_net(cql_h).init(jax.random.PRNGKey(0), jnp.zeros((1, cql_h.obs_dim)))["params"]
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     wanted = [jax.tree_util.keystr(k) for k, _ in flat]
-    with np.load(src / "state.npz") as z:
-        arrays = {k: z[v] for k, v in actor_keys.items()}
-        stats = {k: z[names[k]] for k in (".obs_mean", ".obs_std") if k in names}
+    with np.load(src / "state.npz") as z:  # per seed: a cal_ql.py checkpoint of several seeds has a seed axis
+        per_seed = [({k: z[v] if src_n == 1 else z[v][i] for k, v in actor_keys.items()},
+                     {k: z[names[k]] if src_n == 1 else z[names[k]][i] for k in (".obs_mean", ".obs_std")
+                      if k in names}) for i in range(src_n)]
+    arrays, stats = per_seed[0]
     if set(arrays) != set(wanted) or any(arrays[k].shape != np.shape(r) for k, (_, r) in zip(wanted, flat)):
         got = [arrays[k].shape for k in sorted(arrays) if k.endswith("['kernel']")]
         need = [np.shape(r) for k, (_, r) in zip(wanted, flat) if k.endswith("['kernel']")]
@@ -1115,24 +1184,32 @@ def load_offline_start(path: str, cfg: TrainConfig, cql_h: CQLHyper, obs_mean, o
                          f"{got[0][0]} vs {cql_h.obs_dim}, action dim {got[-1][1] // 2} vs {cql_h.act_dim})")
     if set(stats) != {".obs_mean", ".obs_std"}:
         raise ValueError(f"--offline_checkpoint {src}: no obs_mean / obs_std in the checkpoint")
-    _check_obs_stats(src, stats[".obs_mean"], stats[".obs_std"], obs_mean, obs_std, cfg)
+    for _, seed_stats in per_seed:
+        _check_obs_stats(src, seed_stats[".obs_mean"], seed_stats[".obs_std"], obs_mean, obs_std, cfg)
     if src_cfg.get("dataset_id") not in (None, cfg.dataset_id):
         print(f"note: --offline_checkpoint {src} was trained on {src_cfg['dataset_id']}, fine-tuning on "
               f"{cfg.dataset_id}")
-    actor = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[k], jnp.float32) for k in wanted])
-    return OfflineStart(actor, None, None, "cal_ql", meta)
+    actors = [jax.tree_util.tree_unflatten(treedef, [jnp.asarray(seed_arrays[k], jnp.float32) for k in wanted])
+              for seed_arrays, _ in per_seed]
+    return OfflineStart(stack_seeds(actors * n_seeds if src_n == 1 else actors), None, None, "cal_ql", meta)
 
 
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
-    """wandb + eval.jsonl + console. Metrics are namespaced offline/..., reevaluation/..., online/..., eval/...."""
+    """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., reevaluation/...,
+    online/..., eval/...."""
 
-    def __init__(self, cfg, run_dir: Path, wandb_id: str, eval_lines: int):
-        self.eval_path = run_dir / "eval.jsonl"
-        if self.eval_path.exists():  # drop evaluations logged after the checkpoint we resume from
-            lines = self.eval_path.read_text().splitlines()[:eval_lines]
-            self.eval_path.write_text("".join(line + "\n" for line in lines))
-        self.eval_lines = eval_lines
+    def __init__(self, cfg, run_dir: Path, seeds: list, wandb_id: str, eval_lines: list):
+        # one seed: run_dir/eval.jsonl; several: run_dir/seed<S>/eval.jsonl
+        self.eval_paths = [run_dir / "eval.jsonl"] if len(seeds) == 1 else \
+            [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]
+        for path, keep in zip(self.eval_paths, eval_lines):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # drop evaluations logged after the checkpoint we resume from
+                lines = path.read_text().splitlines()[:keep]
+                path.write_text("".join(line + "\n" for line in lines))
+        self.eval_lines = list(eval_lines)
+        self.seeds = seeds
         mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
         self.wandb = None
         if mode != "disabled":
@@ -1144,40 +1221,51 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(metrics)
 
-    def log_eval(self, record: dict):
-        with open(self.eval_path, "a") as f:
+    def log_eval(self, i: int, record: dict):
+        with open(self.eval_paths[i], "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.eval_lines += 1
-        self.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        self.eval_lines[i] += 1
+        tag = "eval" if len(self.seeds) == 1 else f"eval/seed{self.seeds[i]}"
+        self.log({f"{tag}/{k}": v for k, v in record.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
         score = record.get("normalized_score", record["return"])
         extra = "".join(f", {k} {record[k]:.3g}" for k in ("lambda", "kl_to_reference", "q_offline_mode")
                         if record.get(k) is not None)
-        print(f"[eval] {record['phase']} updates={record['updates']} env_steps={record['env_steps']}: "
-              f"{'normalized score' if 'normalized_score' in record else 'return'} {score:.2f}{extra}", flush=True)
+        print(f"[eval] seed {record['seed']} {record['phase']} updates={record['updates']} "
+              f"env_steps={record['env_steps']}: {'normalized score' if 'normalized_score' in record else 'return'} "
+              f"{score:.2f}{extra}", flush=True)
 
     def close(self):
         if self.wandb is not None:
             self.wandb.finish()
 
 
-def block_metrics(metrics: dict, n: int, phase: str, updates_before: int) -> dict:
-    """Mean of the first n rows of per-update metrics ([n, ...]); a NaN/inf stops the run naming the loss and
-    the update (counted over all phases)."""
-    host = {k: np.asarray(v)[:n].reshape(-1) for k, v in metrics.items()}
-    bad = np.zeros(next(iter(host.values())).shape[0], bool)
-    for v in host.values():
-        bad |= ~np.isfinite(v)
+def block_metrics(metrics: dict, n, phase: str, seeds: list, updates_before) -> dict:
+    """Mean over the seeds of the first n[i] rows of seed i's per-update metrics ([seeds, steps, ...]; trailing
+    axes, e.g. the utd updates of an env step, are flattened in update order); a NaN/inf stops the run naming the
+    loss, the seed and the update (counted over all phases)."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}
+    first = next(iter(host.values()))
+    per_row = int(np.prod(first.shape[2:], dtype=np.int64))  # updates per row (utd online, else 1)
+    host = {k: v.reshape(len(seeds), -1) for k, v in host.items()}
+    n = np.broadcast_to(np.asarray(n), (len(seeds),)) * per_row
+    valid = np.arange(first.shape[1] * per_row)[None, :] < n[:, None]
+    bad = valid & np.logical_or.reduce([~np.isfinite(v) for v in host.values()])
     if bad.any():
-        i = int(bad.argmax())
-        names = ", ".join(f"{phase}/{k} = {v[i]}" for k, v in host.items() if not np.isfinite(v[i]))
-        raise FloatingPointError(f"non-finite {names} at update {updates_before + i + 1}; stopping (the last "
-                                 "checkpoint is intact)")
-    return {f"{phase}/{k}": float(v.mean()) for k, v in host.items()}
+        j = int(np.flatnonzero(bad.any(0))[0])  # the first update with a non-finite value, over all seeds
+        i = int(np.flatnonzero(bad[:, j])[0])
+        names = ", ".join(f"{phase}/{k} = {v[i, j]}" for k, v in host.items() if not np.isfinite(v[i, j]))
+        raise FloatingPointError(f"non-finite {names} (seed {seeds[i]}) at update "
+                                 f"{int(np.asarray(updates_before)[i]) + j + 1}; stopping (the last checkpoint is "
+                                 "intact)")
+    count = max(int(valid.sum()), 1)
+    return {f"{phase}/{k}": float(np.where(valid, v, 0.0).sum() / count) for k, v in host.items()}
 
 
 # ---------------------------------------------------------------------------------------------- training
 def default_run_dir(cfg) -> Path:
-    return Path("runs") / "o2sac" / cfg.dataset_id.replace("/", "_") / f"seed{cfg.seed}"
+    seeds = f"seed{cfg.seed}" if cfg.num_seeds == 1 else f"seeds{cfg.seed}-{cfg.seed + cfg.num_seeds - 1}"
+    return Path("runs") / "o2sac" / cfg.dataset_id.replace("/", "_") / seeds
 
 
 def _check_resume_config(saved: Path, cfg: TrainConfig):
@@ -1203,22 +1291,26 @@ def score_of(record: dict) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Offline CQL, re-evaluation, alignment and constrained fine-tuning; returns the last evaluation and paths."""
+    """Offline CQL, re-evaluation, alignment and constrained fine-tuning of `num_seeds` seeds at once; returns the
+    last evaluation record(s), paths and the before/after scores."""
     from tqdm import tqdm
 
+    t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
-    cfg.name = cfg.name or f"o2sac-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}"
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"o2sac-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
     goal_task = "antmaze" in cfg.dataset_id
 
-    # data and envs
+    # data and envs (one training env per seed, one evaluation env)
     ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-    env, eval_env = data.make_env(cfg.dataset_id), data.make_env(cfg.dataset_id)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
-        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {env.observation_space.shape}/"
-                                f"{env.action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
     try:
         refs = data.reference_scores(cfg.dataset_id)
     except data.DatasetError as e:
@@ -1229,50 +1321,59 @@ def train(cfg: TrainConfig) -> dict:
     obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
     obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
     rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
+    # offline rows on device, shared by the seeds; online rows per seed (+ slack for a full chunk of online_block)
     offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
                                                               ds.next_observations, ds.terminals)))
     capacity = cfg.online_steps + cfg.online_block
-    online = Buffer(*(jnp.zeros((capacity,) + s, jnp.float32) for s in ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
+    online = Buffer(*(jnp.zeros((N, capacity) + s, jnp.float32) for s in
+                      ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
     pick = np.random.default_rng(cfg.eval_seed).choice(n_off, min(n_off, cfg.eval_batch_size), replace=False)
-    eval_obs = jnp.asarray(ds.observations[np.sort(pick)], jnp.float32)
+    eval_obs = jnp.asarray(ds.observations[np.sort(pick)], jnp.float32)  # the same states for every seed
     diag_key = jax.random.PRNGKey(cfg.eval_seed)  # fixed: diagnostics never touch the training RNG
     del rewards
 
-    cql_state = init_cql_state(cql_h, jax.random.PRNGKey(cfg.seed), obs_mean, obs_std)
-    state = None  # O2State once the reconstruction starts
+    cql_state = stack_seeds([init_cql_state(cql_h, jax.random.PRNGKey(s), obs_mean, obs_std) for s in seeds])
+    state = None  # O2State (leading seed axis) once the reconstruction starts
 
-    def o2_from(start: OfflineStart, offline_score: float) -> O2State:
+    def o2_from(start: OfflineStart, offline_scores: list) -> O2State:
         keep_critics = not cfg.policy_reevaluation
-        return init_o2_state(h, cfg.seed, start.actor, obs_mean, obs_std, cfg.alpha, cfg.lmbda, offline_score,
-                             start.critic if keep_critics else None, start.critic_target if keep_critics else None)
+        return stack_seeds([
+            init_o2_state(h, s, seed_slice(start.actor, i), obs_mean, obs_std, cfg.alpha, cfg.lmbda, offline_scores[i],
+                          seed_slice(start.critic, i) if keep_critics else None,
+                          seed_slice(start.critic_target, i) if keep_critics else None)
+            for i, s in enumerate(seeds)])
 
-    meta = {"algorithm": "o2sac", "phase": "offline", "state_kind": "cql", "updates": 0, "phase_updates": 0,
-            "env_steps": 0, "online_size": 0, "saved_rows": 0, "act_key": np.asarray(jax.random.PRNGKey(cfg.seed + 1)),
-            "env_rng": None, "eval_lines": 0, "episodes": 0, "wandb_id": None, "last_eval": None,
-            "offline_eval": None, "wall_time": 0.0}
+    meta = {"algorithm": "o2sac", "num_seeds": N, "phase": "offline", "state_kind": "cql", "updates": [0] * N,
+            "phase_updates": [0] * N, "env_steps": [0] * N, "online_size": [0] * N, "saved_rows": [0] * N,
+            "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), "env_rng": [None] * N,
+            "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None, "last_eval": [None] * N,
+            "offline_eval": [None] * N, "wall_time": 0.0}
     latest = find_checkpoint(ckpt_dir / "latest")
-    if cfg.resume and latest is not None:
+    resumed = cfg.resume and latest is not None
+    if resumed:
         _check_resume_config(latest / "config.yaml", cfg)
         with open(latest / "meta.pkl", "rb") as f:
             kind = pickle.load(f)["state_kind"]
         if kind == "cql":
-            cql_state, meta = load_checkpoint(latest, cql_state)
+            cql_state, meta = load_state(latest, cql_state, cfg)
         else:
             template = o2_from(OfflineStart(cql_state.actor.params, cql_state.critic.params,
-                                            cql_state.critic_target, "o2sac", {}), 0.0)
-            state, meta = load_checkpoint(latest, template)
-        rows = load_buffer_rows(ckpt_dir / "buffer", meta["online_size"])
-        if rows is not None:
-            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in rows.items()}), 0)
+                                            cql_state.critic_target, "o2sac", {}), [0.0] * N)
+            state, meta = load_state(latest, template, cfg)
+        for i, s in enumerate(seeds):
+            rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
+            if rows is not None:
+                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
         print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} updates, "
               f"{meta['env_steps']} online env steps")
     else:
         if cfg.resume:
             print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        (run_dir / "eval.jsonl").unlink(missing_ok=True)
+        for path in [run_dir / "eval.jsonl"] + [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]:
+            path.unlink(missing_ok=True)
     start = None
-    if meta["phase"] == "offline" and cfg.offline_checkpoint and not (cfg.resume and latest is not None):
+    if meta["phase"] == "offline" and cfg.offline_checkpoint and not resumed:
         start = load_offline_start(cfg.offline_checkpoint, cfg, cql_h, obs_mean, obs_std)
         meta["phase"] = "load_offline"
         print(f"loaded the offline actor{' and critics' if start.critic is not None else ''} from "
@@ -1281,128 +1382,146 @@ def train(cfg: TrainConfig) -> dict:
         pyrallis.dump(cfg, f)
     if meta["wandb_id"] is None:
         meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-    logger = Logger(cfg, run_dir, meta["wandb_id"], meta["eval_lines"])
+    logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
     act_key = jnp.asarray(meta["act_key"])
-    t_start, wall_before = time.time(), meta["wall_time"]
+    wall_before = meta["wall_time"]
 
-    def record_base(phase):
-        return {"phase": phase, "seed": cfg.seed, "updates": int(meta["updates"]),
-                "phase_updates": int(meta["phase_updates"]), "env_steps": int(meta["env_steps"])}
+    def record_base(phase, i):
+        return {"phase": phase, "seed": seeds[i], "updates": int(meta["updates"][i]),
+                "phase_updates": int(meta["phase_updates"][i]), "env_steps": int(meta["env_steps"][i])}
 
-    def finish_record(record):
-        record["wall_time"] = round(wall_before + time.time() - t_start, 2)
-        logger.log_eval(record)
-        meta["eval_lines"], meta["last_eval"] = logger.eval_lines, record
+    def finish_record(i, record):
+        record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+        logger.log_eval(i, record)
+        meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
         return record
 
-    def diagnostics():
+    def diagnostics(one, i):
+        """The logged Q / KL / temperatures of seed i (`one`: its slice of the current state)."""
         if state is None:
-            d = cql_diagnostics(cql_state, eval_obs, cql_h)
+            d = cql_diagnostics(one, eval_obs, cql_h)
             out = {k: float(v) for k, v in d.items()}
             out.update({"lambda": None, "epsilon": None, "kl_to_reference": None, "kl_to_offline": None})
             return out
-        return {k: float(v) for k, v in o2_diagnostics(state, eval_obs, diag_key, meta["env_steps"], h).items()}
+        return {k: float(v) for k, v in o2_diagnostics(one, eval_obs, diag_key, meta["env_steps"][i], h).items()}
 
-    def run_eval(phase, rollout=True):
-        params = (state or cql_state).actor.params
-        policy = lambda o: act_deterministic(params, obs_mean_d, obs_std_d, o, h)  # noqa: E731
-        record = record_base(phase)
+    def run_eval(phase, i, rollout=True):
+        """Seed i's evaluation record (not yet logged): a rollout of its deterministic actor, or (re-evaluation)
+        its offline evaluation reused, plus the diagnostics."""
+        one = seed_slice(cql_state if state is None else state, i)
+        policy = lambda o: act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o, h)  # noqa: E731
+        record = record_base(phase, i)
         if rollout:
             record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
                                    goal_task, refs))
         else:  # re-evaluation: the actor is the offline one, whose evaluation is reused
-            record.update({k: v for k, v in meta["offline_eval"].items() if k in
+            record.update({k: v for k, v in meta["offline_eval"][i].items() if k in
                            ("return", "return_std", "length", "episodes", "normalized_score", "normalized_score_std",
                             "success_rate")})
             record["score_reused"] = True
-        record.update(diagnostics())
+        record.update(diagnostics(one, i))
         return record
 
-    obs_mean_d, obs_std_d = jnp.asarray(obs_mean, jnp.float32), jnp.asarray(obs_std, jnp.float32)
+    def eval_all(phase, rollout=True):
+        for i in range(N):
+            finish_record(i, run_eval(phase, i, rollout))
+
+    def mean_score():
+        return float(np.mean([score_of(r) for r in meta["last_eval"] if r is not None]))
 
     def checkpoint(name="latest"):
         meta["act_key"] = np.asarray(act_key)
         meta["wall_time"] = wall_before + time.time() - t_start
-        save_buffer_rows(ckpt_dir / "buffer", online, meta["saved_rows"], meta["online_size"])
-        meta["saved_rows"] = meta["online_size"]
+        for i, s in enumerate(seeds):
+            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
+                             meta["online_size"][i])
+        meta["saved_rows"] = list(meta["online_size"])
         meta["state_kind"] = "cql" if state is None else "o2"
-        save_checkpoint(ckpt_dir / name, cql_state if state is None else state, meta, cfg)
+        save_state(ckpt_dir / name, cql_state if state is None else state, meta, cfg)
+
+    def count_updates(k: list):
+        meta["updates"] = [u + int(x) for u, x in zip(meta["updates"], k)]
+        meta["phase_updates"] = [u + int(x) for u, x in zip(meta["phase_updates"], k)]
 
     def enter(phase):
-        meta["phase"], meta["phase_updates"] = phase, 0
+        meta["phase"], meta["phase_updates"] = phase, [0] * N
 
     def start_reconstruction(start_: OfflineStart):
-        """The offline score is in meta['offline_eval']: build the fine-tuning state, go to the next phase."""
+        """The offline scores are in meta['offline_eval']: build the fine-tuning states, go to the next phase."""
         nonlocal state
-        state = o2_from(start_, score_of(meta["offline_eval"]))
+        state = o2_from(start_, [score_of(r) for r in meta["offline_eval"]])
         enter(next_phase(cfg, "offline"))
         if meta["phase"] == "online":
             transition()
         checkpoint()
 
     def transition():
-        """After the reconstruction: Qbar := Q; pi_ref := pi if the aligned actor evaluated better."""
+        """After the reconstruction, per seed: Qbar := Q; pi_ref := pi if the aligned actor evaluated better."""
         nonlocal state
         state = hard_copy_targets(state)
         last = meta["last_eval"]
-        if cfg.value_alignment and last is not None and last["phase"] == "alignment":
-            state, better = update_reference(state, jnp.asarray(score_of(last), jnp.float32))
-            print(f"transition: aligned actor {score_of(last):.2f} vs offline {score_of(meta['offline_eval']):.2f}: "
-                  f"{'pi_ref := aligned actor' if bool(better) else 'pi_ref stays the offline actor'}")
+        if cfg.value_alignment and all(r is not None and r["phase"] == "alignment" for r in last):
+            state, better = update_reference(state, jnp.asarray([score_of(r) for r in last], jnp.float32))
+            for i, b in enumerate(np.asarray(better)):
+                print(f"transition (seed {seeds[i]}): aligned actor {score_of(last[i]):.2f} vs offline "
+                      f"{score_of(meta['offline_eval'][i]):.2f}: "
+                      f"{'pi_ref := aligned actor' if b else 'pi_ref stays the offline actor'}")
         enter("online")
 
-    # ---- offline CQL pre-training
+    # ---- offline CQL pre-training (all seeds in one vmapped scan per block)
     if meta["phase"] == "offline":
-        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"], desc="O2SAC offline CQL", mininterval=5)
-        while meta["phase_updates"] < cfg.offline_updates:
+        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="O2SAC offline CQL", mininterval=5)
+        while meta["phase_updates"][0] < cfg.offline_updates:
             cql_state, metrics = cql_block(cql_state, offline, n_off, cql_h)
-            logged = block_metrics(metrics, cfg.update_block, "offline", meta["updates"])
-            meta["updates"] += cfg.update_block
-            meta["phase_updates"] += cfg.update_block
+            logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
+            count_updates([cfg.update_block] * N)
             bar.update(cfg.update_block)
-            logger.log({**logged, "offline/updates": meta["updates"]})
-            if meta["phase_updates"] % cfg.offline_eval_every == 0 or meta["phase_updates"] == cfg.offline_updates:
-                finish_record(run_eval("offline"))
-                bar.set_postfix(score=score_of(meta["last_eval"]))
-                if meta["phase_updates"] < cfg.offline_updates:
+            logger.log({**logged, "offline/updates": meta["updates"][0]})
+            if meta["phase_updates"][0] % cfg.offline_eval_every == 0 or \
+                    meta["phase_updates"][0] == cfg.offline_updates:
+                eval_all("offline")
+                bar.set_postfix(score=mean_score())
+                if meta["phase_updates"][0] < cfg.offline_updates:
                     checkpoint()
         bar.close()
-        if meta["last_eval"] is None:  # offline_updates == 0: still report the starting policy
-            finish_record(run_eval("offline"))
-        meta["offline_eval"] = meta["last_eval"]
+        if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policies
+            eval_all("offline")
+        meta["offline_eval"] = list(meta["last_eval"])
         meta["phase"] = "offline_done"
-        checkpoint("offline")  # the CQL state: reusable with --offline_checkpoint
+        checkpoint("offline")  # the CQL states: reusable with --offline_checkpoint
         start_reconstruction(OfflineStart(cql_state.actor.params, cql_state.critic.params, cql_state.critic_target,
                                           "o2sac", {}))
     elif meta["phase"] == "load_offline":
-        src_updates = start.meta.get("updates", 0)  # cal_ql.py stores one count per seed
-        meta["updates"] = meta["phase_updates"] = int(np.ravel(src_updates)[0])
+        src_updates = np.ravel(start.meta.get("updates", 0)).astype(int)  # one count per source seed
+        meta["updates"] = [int(u) for u in np.broadcast_to(src_updates, (N,))]
+        meta["phase_updates"] = list(meta["updates"])
         if start.cql_state is not None:
             cql_state = start.cql_state
-            meta["offline_eval"] = finish_record(run_eval("offline"))  # the score before fine-tuning
-        else:  # cal_ql actor: no CQL critics of this file's form, so no offline Q diagnostic
+            eval_all("offline")  # the scores before fine-tuning
+        else:  # cal_ql actors: no CQL critics of this file's form, so no offline Q diagnostic
             cql_state = cql_state._replace(actor=cql_state.actor._replace(params=start.actor))
-            record = run_eval("offline")
-            record["q_offline_mode"] = None
-            meta["offline_eval"] = finish_record(record)
+            for i in range(N):
+                record = run_eval("offline", i)
+                record["q_offline_mode"] = None
+                finish_record(i, record)
+        meta["offline_eval"] = list(meta["last_eval"])
         start_reconstruction(start)
 
-    # ---- policy re-evaluation and value alignment (offline data only)
+    # ---- policy re-evaluation and value alignment (offline data only; all seeds in one vmapped scan per block)
     for phase, steps, rollout in (("reevaluation", cfg.ope_steps, False), ("alignment", cfg.align_steps, True)):
         if meta["phase"] != phase:
             continue
-        bar = tqdm(total=steps, initial=meta["phase_updates"], desc=f"O2SAC {phase}", mininterval=5)
-        while meta["phase_updates"] < steps:
+        bar = tqdm(total=steps, initial=meta["phase_updates"][0], desc=f"O2SAC {phase}", mininterval=5)
+        while meta["phase_updates"][0] < steps:
             state, metrics = reconstruct_block(state, offline, n_off, phase, h)
-            logged = block_metrics(metrics, cfg.update_block, phase, meta["updates"])
-            meta["updates"] += cfg.update_block
-            meta["phase_updates"] += cfg.update_block
+            logged = block_metrics(metrics, cfg.update_block, phase, seeds, meta["updates"])
+            count_updates([cfg.update_block] * N)
             bar.update(cfg.update_block)
-            logger.log({**logged, f"{phase}/updates": meta["updates"]})
-            if meta["phase_updates"] % cfg.reconstruct_eval_every == 0 or meta["phase_updates"] == steps:
-                finish_record(run_eval(phase, rollout))
-                bar.set_postfix(score=score_of(meta["last_eval"]))
-                if meta["phase_updates"] < steps:
+            logger.log({**logged, f"{phase}/updates": meta["updates"][0]})
+            if meta["phase_updates"][0] % cfg.reconstruct_eval_every == 0 or meta["phase_updates"][0] == steps:
+                eval_all(phase, rollout)
+                bar.set_postfix(score=mean_score())
+                if meta["phase_updates"][0] < steps:
                     checkpoint()
         bar.close()
         enter(next_phase(cfg, phase))
@@ -1410,85 +1529,116 @@ def train(cfg: TrainConfig) -> dict:
             transition()
         checkpoint()
 
-    # ---- online constrained fine-tuning
+    # ---- online constrained fine-tuning. Each seed follows exactly its single-seed schedule: blocks of up to
+    # online_block env steps with a fixed policy (ending at an episode end and at an evaluation step), then their
+    # updates (after warm-up), an evaluation every online_eval_every env steps (a better policy becomes that seed's
+    # reference). A seed at the first episode end after an evaluation is due for a checkpoint and waits until every
+    # seed is due (or finished), so checkpoints fall on episode ends of all seeds.
+    def online_eval(which):
+        """Evaluate the seeds in `which`, then each one's reference rule (diagnostics before the update)."""
+        nonlocal state
+        records = {i: run_eval("online", i) for i in which}
+        scores = [score_of(records[i]) if i in records else -np.inf for i in range(N)]
+        state, better = update_reference(state, jnp.asarray(scores, jnp.float32))
+        better, best = np.asarray(better), np.asarray(state.best_score)
+        for i in which:
+            records[i]["reference_updated"] = bool(better[i])
+            records[i]["best_score"] = float(best[i])
+            finish_record(i, records[i])
+
     if meta["phase"] == "online":
-        if meta["env_rng"] is not None:
-            env_rng_restore(env, meta["env_rng"], cfg.seed)
-        first_reset = meta["env_rng"] is None
-        chunk = {k: np.zeros((cfg.online_block,) + s, np.float32) for k, s in
+        for i, env in enumerate(envs):
+            if meta["env_rng"][i] is not None:
+                env_rng_restore(env, meta["env_rng"][i], seeds[i])
+        first_reset = [meta["env_rng"][i] is None for i in range(N)]
+        chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
                  (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
-        obs, ep_ret, ep_len, recent, pending, sums, n_sums = None, 0.0, 0, [], False, {}, 0
-        bar = tqdm(total=cfg.online_steps, initial=meta["env_steps"], desc="O2SAC online", mininterval=5)
-        while meta["env_steps"] < cfg.online_steps:
-            n = 0
-            while n < cfg.online_block and meta["env_steps"] < cfg.online_steps:
-                if obs is None:
-                    obs, _ = env.reset(seed=cfg.seed if first_reset else None)
-                    first_reset, ep_ret, ep_len = False, 0.0, 0
-                action, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std,
-                                              np.asarray(obs, np.float32), act_key, h)
-                action = np.asarray(action)
-                next_obs, r, term, trunc, info = env.step(action)
-                term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                for k, v in (("obs", obs), ("act", action), ("next_obs", next_obs), ("done", float(term)),
-                             ("rew", r * cfg.reward_scale + cfg.reward_bias)):
-                    chunk[k][n] = v
-                n, meta["env_steps"] = n + 1, meta["env_steps"] + 1
-                ep_ret, ep_len, obs = ep_ret + float(r), ep_len + 1, next_obs
-                if term or trunc:
-                    meta["episodes"] += 1
-                    recent = (recent + [ep_ret])[-10:]
-                    logger.log({"online/episode_return": ep_ret, "online/episode_length": ep_len,
-                                "online/env_steps": meta["env_steps"]})
-                    obs = None
-                    break
-                if meta["env_steps"] % cfg.online_eval_every == 0:
-                    break
+        obs = np.zeros((N, obs_dim), np.float32)
+        at_episode_start = [True] * N
+        ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
+        pending = [False] * N  # evaluated since the last checkpoint
+        due = [False] * N  # at an episode end after an evaluation: waiting for the synchronised checkpoint
+        sums, n_sums = {}, 0
+        bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2SAC online", mininterval=5)
+        while min(meta["env_steps"]) < cfg.online_steps:
+            active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
+            n = np.zeros(N, np.int64)  # this block's env steps per seed (0: waiting or finished)
+            while active.any():
+                for i in np.flatnonzero(active):
+                    if at_episode_start[i]:
+                        obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
+                        first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
+                actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
+                                               jnp.asarray(active), h)
+                actions = np.asarray(actions)
+                for i in np.flatnonzero(active):
+                    next_obs, r, term, trunc, info = envs[i].step(actions[i])
+                    term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                    j = n[i]
+                    chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
+                    chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
+                    n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
+                    ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
+                    if term or trunc:
+                        meta["episodes"][i] += 1
+                        recent[i] = (recent[i] + [ep_ret[i]])[-10:]
+                        logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
+                                    "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
+                        at_episode_start[i] = True
+                    if at_episode_start[i] or meta["env_steps"][i] % cfg.online_eval_every == 0 or \
+                            n[i] == cfg.online_block or meta["env_steps"][i] >= cfg.online_steps:
+                        active[i] = False
             online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
-                                   meta["online_size"])
-            meta["online_size"] += n
-            first_t = max(meta["env_steps"] - n + 1, cfg.warmup_steps + 1)  # updates once t > warmup_steps
-            k = meta["env_steps"] - first_t + 1
-            if k > 0:
-                state, metrics = online_updates(state, offline, n_off, online, first_t, k, h)
-                logged = block_metrics(metrics, k, "online", meta["updates"])
-                sums = {key: sums.get(key, 0.0) + v * k for key, v in logged.items()}
-                n_sums += k
-                meta["updates"] += k * cfg.utd
-                meta["phase_updates"] += k * cfg.utd
-            bar.update(n)
-            if meta["env_steps"] % cfg.online_eval_every == 0:
-                record = run_eval("online")
-                state, better = update_reference(state, jnp.asarray(score_of(record), jnp.float32))
-                record["reference_updated"] = bool(better)
-                record["best_score"] = float(state.best_score)
-                finish_record(record)
+                                   jnp.asarray(meta["online_size"], jnp.int32))
+            meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
+            # updates of env steps t = first_t .. env_steps once t > warmup_steps (none for a seed that waited)
+            first_t = np.array([max(meta["env_steps"][i] - n[i] + 1, cfg.warmup_steps + 1) for i in range(N)])
+            k = np.array([max(meta["env_steps"][i] - first_t[i] + 1, 0) if n[i] > 0 else 0 for i in range(N)])
+            if k.any():
+                state, metrics = online_updates(state, offline, n_off, online, jnp.asarray(first_t, jnp.int32),
+                                                jnp.asarray(k, jnp.int32), h)
+                logged = block_metrics(metrics, k, "online", seeds, meta["updates"])
+                sums = {key: sums.get(key, 0.0) + v * int(k.sum()) for key, v in logged.items()}
+                n_sums += int(k.sum())
+                count_updates(k * cfg.utd)
+            bar.update(int(n.sum()))
+            which = [i for i in range(N) if n[i] > 0 and meta["env_steps"][i] % cfg.online_eval_every == 0]
+            if which:
+                online_eval(which)
                 logger.log({**{key: v / max(n_sums, 1) for key, v in sums.items()},
-                            "online/env_steps": meta["env_steps"], "online/updates": meta["updates"]})
-                sums, n_sums, pending = {}, 0, True
-                bar.set_postfix(score=score_of(record), train_return=np.mean(recent) if recent else 0.0)
-            if obs is None and pending and meta["env_steps"] < cfg.online_steps:
-                meta["env_rng"] = env_rng_snapshot(env)
+                            "online/env_steps": sum(meta["env_steps"]), "online/updates": sum(meta["updates"])})
+                sums, n_sums = {}, 0
+                bar.set_postfix(score=np.mean([score_of(meta["last_eval"][i]) for i in which]),
+                                train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
+                for i in which:
+                    pending[i] = True
+            for i in range(N):
+                if pending[i] and at_episode_start[i] and meta["env_steps"][i] < cfg.online_steps:
+                    due[i] = True
+            if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
+                meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
                 checkpoint()
-                pending = False
+                pending = [p and not d for p, d in zip(pending, due)]
+                due = [False] * N
         bar.close()
-        if meta["last_eval"] is None or meta["last_eval"]["phase"] != "online" or \
-                meta["last_eval"]["env_steps"] != meta["env_steps"]:
-            record = run_eval("online")
-            state, better = update_reference(state, jnp.asarray(score_of(record), jnp.float32))
-            record["reference_updated"] = bool(better)
-            record["best_score"] = float(state.best_score)
-            finish_record(record)
+        final = [i for i in range(N) if meta["last_eval"][i] is None or meta["last_eval"][i]["phase"] != "online"
+                 or meta["last_eval"][i]["env_steps"] != meta["env_steps"][i]]
+        if final:  # online_steps not a multiple of online_eval_every (or 0)
+            online_eval(final)
         meta["phase"] = "done"
         checkpoint()
     elif meta["phase"] == "done":
         print(f"run in {run_dir} already finished")
     logger.close()
-    env.close()
-    eval_env.close()
-    summary = summarize(run_dir / "eval.jsonl")
-    return {"last_eval": meta["last_eval"], "run_dir": str(run_dir), "updates": meta["updates"],
-            "env_steps": meta["env_steps"], **summary}
+    for env in envs + [eval_env]:
+        env.close()
+    summaries = [summarize(path) for path in logger.eval_paths]
+    out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
+           "env_steps": meta["env_steps"][0], **summaries[0]}
+    if N > 1:
+        out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+                   per_seed=summaries)
+    return out
 
 
 def summarize(eval_path: Path) -> dict:

@@ -1,6 +1,7 @@
 """O2SAC: maths against NumPy (tanh-Gaussian log-prob with clamps, value-alignment targets and anchors, lambda loss,
 eps schedule, KL estimate), ensemble init, the lambda-on-first-update rule, tiny end-to-end runs (all phases, each
-ablation switch, resume after a kill, offline checkpoint reuse from this script and from cal_ql.py, bad inputs)."""
+ablation switch, resume after a kill, offline checkpoint reuse from this script and from cal_ql.py, bad inputs), and
+--num_seeds 2 against the single-seed runs (resume, offline checkpoints, the cal_ql.py hand-off seed by seed)."""
 import math
 import pickle
 from typing import Any, NamedTuple
@@ -189,6 +190,19 @@ def test_lambda_steps_only_on_the_first_update_and_not_when_unconstrained():
         assert not np.array_equal(jax.tree.leaves(first.actor.params)[0], jax.tree.leaves(state.actor.params)[0])
 
 
+def test_reference_update_is_per_seed():
+    """pi_ref := pi and best := score only for the seeds whose score beats their own best (-inf: not evaluated)."""
+    h, _ = tiny_hyper()
+    state = o2sac.stack_seeds([tiny_state(h, seed=s, ref_seed=s + 10) for s in (0, 1, 2)])
+    state = state._replace(best_score=jnp.asarray([1.0, 5.0, 2.0]))
+    new, better = o2sac.update_reference(state, jnp.asarray([3.0, 4.0, -np.inf]))
+    assert np.asarray(better).tolist() == [True, False, False]
+    np.testing.assert_array_equal(np.asarray(new.best_score), [3.0, 5.0, 2.0])
+    for i, source in ((0, new.actor.params), (1, state.ref_actor), (2, state.ref_actor)):
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(o2sac.seed_slice(new.ref_actor, i)),
+                                                        jax.tree.leaves(o2sac.seed_slice(source, i))))
+
+
 def test_ensemble_members_differ_at_init_and_actor_layout_matches_cal_ql():
     h, cql_h = tiny_hyper(n_critics=3)
     state = tiny_state(h)
@@ -214,6 +228,8 @@ def test_bad_inputs_fail_clearly():
         o2sac.TrainConfig(mixing_ratio=1.0)
     with pytest.raises(ValueError, match="offline critics"):
         o2sac.TrainConfig(policy_reevaluation=False, n_critics=3)
+    with pytest.raises(ValueError, match="num_seeds must be > 0"):
+        o2sac.TrainConfig(num_seeds=0)
     assert o2sac.parse_config(["--resume"]).resume is True
     with pytest.raises(SystemExit):  # a typo on the command line is an error (pyrallis/argparse)
         o2sac.parse_config(["--value_alignmnt", "false"])
@@ -237,10 +253,13 @@ def test_end_to_end_all_phases(reference_run):
     assert online[-1]["lambda"] != 1.0 and online[-1]["epsilon"] == pytest.approx(2.0)  # end_steps = 300
     assert all(isinstance(e["reference_updated"], bool) for e in online)
     assert result["updates"] == 300 + 200 * 2  # offline + PR + VA, then utd 2 for env steps 101..300
+    assert result["seeds"] == [0] and all(e["seed"] == 0 for e in evals)
+    times = [e["wall_time"] for e in read_evals(run_dir, timing=True)]
+    assert times == sorted(times) and times[0] > 0
     ckpt = run_dir / "checkpoints"
     for name in ("offline", "latest"):
         assert (ckpt / name / "state.npz").exists() and (ckpt / name / "config.yaml").exists()
-    assert sum(np.load(f)["rew"].shape[0] for f in (ckpt / "buffer").glob("rows_*.npz")) == 300
+    assert sum(np.load(f)["rew"].shape[0] for f in (ckpt / "buffer" / "seed0").glob("rows_*.npz")) == 300
 
 
 @pytest.mark.parametrize("kill_after", [4, 9])  # 4: during re-evaluation, 9: during fine-tuning
@@ -306,7 +325,8 @@ def test_offline_checkpoint_from_cal_ql_and_wrong_forms(reference_run, tmp_path)
     obs = ds.observations[:20]
     theirs = cal_ql.act_deterministic(cal_state.actor.params, cal_state.obs_mean, cal_state.obs_std, obs,
                                       cal_ql.make_hyper(cal_cfg, *h_cql[:2]))
-    mine = o2sac.act_deterministic(start.actor, jnp.asarray(ds.obs_mean), jnp.asarray(ds.obs_std), obs, h_cql)
+    mine = o2sac.act_deterministic(o2sac.seed_slice(start.actor, 0), jnp.asarray(ds.obs_mean),
+                                   jnp.asarray(ds.obs_std), obs, h_cql)
     np.testing.assert_allclose(np.asarray(mine), np.clip(np.asarray(theirs), -0.9999, 0.9999), rtol=1e-5, atol=1e-6)
     assert start.critic is None and start.source == "cal_ql"
     o2sac.train(cfg)  # fine-tunes the cal_ql actor: fresh critics, all phases
@@ -342,3 +362,105 @@ def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
     with pytest.raises(FloatingPointError, match=r"offline/.*critic_loss = nan.* at update 1\b"):
         o2sac.train(tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")))
     assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+# ---- several seeds in one process
+@pytest.fixture(scope="module")
+def multi_run(reference_run, tmp_path_factory):
+    """The tiny run with --num_seeds 2 (seeds 0 and 1): (run dir, train() result)."""
+    run_dir = tmp_path_factory.mktemp("o2sac_multi")
+    return run_dir, o2sac.train(tiny_config(reference_run[0], run_dir, num_seeds=2))
+
+
+def test_num_seeds_matches_single_seed_runs(reference_run, multi_run, tmp_path):
+    """--num_seeds 2 trains seeds 0 and 1 together (every phase vmapped; per-seed reference, best score, lambda,
+    alpha, eps_t); each seed equals its single-seed run up to float32 round-off."""
+    dataset_id, _, _, reference = reference_run
+    multi_dir, multi = multi_run
+    single1 = tmp_path / "single1"
+    o2sac.train(tiny_config(dataset_id, single1, seed=1))
+    assert multi["seeds"] == [0, 1] and multi["env_steps"] == [300, 300] and multi["updates"] == [700, 700]
+    assert not (multi_dir / "eval.jsonl").exists()
+    for seed, expected in ((0, reference), (1, read_evals(single1))):
+        got = read_evals(multi_dir / f"seed{seed}")
+        schedule = lambda evals: [(e["seed"], e["phase"], e["updates"], e["phase_updates"], e["env_steps"],  # noqa
+                                   e["epsilon"]) for e in evals]
+        assert schedule(got) == schedule(expected)
+        before = [e for e in got if e["phase"] != "online"]  # the update-only phases
+        for key in ("return", "q_offline_mode", "alpha"):
+            np.testing.assert_allclose([e[key] for e in before], [e[key] for e in expected[:len(before)]], rtol=1e-3)
+        aligned = [i for i, e in enumerate(before) if e["phase"] == "alignment"]  # (PR: pi == pi_ref, KL ~ 0)
+        np.testing.assert_allclose([before[i]["kl_to_reference"] for i in aligned],
+                                   [expected[i]["kl_to_reference"] for i in aligned], rtol=1e-2, atol=1e-3)
+        # online: the same schedule; returns, lambda and alpha agree closely (round-off can grow through the dynamics)
+        np.testing.assert_allclose([e["return"] for e in got], [e["return"] for e in expected], rtol=0.05)
+        for key in ("lambda", "alpha"):
+            np.testing.assert_allclose([e[key] for e in got[2:]], [e[key] for e in expected[2:]], rtol=1e-2)
+        rows = sum(np.load(f)["rew"].shape[0] for f in (multi_dir / "checkpoints" / "buffer" / f"seed{seed}").glob(
+            "rows_*.npz"))
+        assert rows == 300
+    assert read_evals(multi_dir / "seed0") != read_evals(multi_dir / "seed1")  # the seeds differ
+
+
+def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, multi_run, tmp_path, monkeypatch):
+    dataset_id = reference_run[0]
+    multi_dir = multi_run[0]
+    kill_after_checkpoints(o2sac, tiny_config(dataset_id, tmp_path, num_seeds=2), 9, monkeypatch)  # fine-tuning
+    assert len(read_evals(tmp_path / "seed0")) < len(read_evals(multi_dir / "seed0"))
+    o2sac.train(tiny_config(dataset_id, tmp_path, num_seeds=2, resume=True))
+    for seed in (0, 1):
+        assert read_evals(tmp_path / f"seed{seed}") == read_evals(multi_dir / f"seed{seed}")
+
+
+def test_num_seeds_offline_checkpoint(reference_run, multi_run, tmp_path):
+    """An N=2 offline checkpoint restarts both seeds exactly; a checkpoint of another seed count fails clearly."""
+    dataset_id, ref_dir, _, _ = reference_run
+    multi_dir = multi_run[0]
+    source = str(multi_dir / "checkpoints" / "offline")
+    o2sac.train(tiny_config(dataset_id, tmp_path / "ok", num_seeds=2, offline_checkpoint=source, online_steps=100))
+    for seed in (0, 1):
+        got, expected = read_evals(tmp_path / "ok" / f"seed{seed}"), read_evals(multi_dir / f"seed{seed}")
+        assert got == expected[1:7]  # the loaded CQL actors, re-evaluation, alignment, first online evaluation
+    with pytest.raises(ValueError, match="holds 2 seed.*--num_seeds 2"):
+        o2sac.train(tiny_config(dataset_id, tmp_path / "x1", offline_checkpoint=source))
+    with pytest.raises(ValueError, match="holds 1 seed.*--num_seeds 1"):
+        o2sac.train(tiny_config(dataset_id, tmp_path / "x2", num_seeds=2,
+                                offline_checkpoint=str(ref_dir / "checkpoints" / "offline")))
+
+
+def test_num_seeds_start_from_cal_ql_checkpoints(reference_run, multi_run, tmp_path):
+    """An N-seed cal_ql.py checkpoint starts an N-seed run seed by seed; a one-seed one gives every seed its actor;
+    other seed counts fail clearly."""
+    dataset_id = reference_run[0]
+    common = dict(dataset_id=dataset_id, offline_updates=0, online_steps=0, update_block=50, offline_eval_every=50,
+                  eval_episodes=2, policy_hidden=[32, 32], critic_hidden=[16], normalize=True, reward_bias=0.0,
+                  terminate_on_success=False, wandb_mode="disabled")
+    cal_ql.train(cal_ql.TrainConfig(run_dir=str(tmp_path / "cal2"), num_seeds=2, **common))
+    cal_ql.train(cal_ql.TrainConfig(run_dir=str(tmp_path / "cal1"), seed=5, **common))
+    two, one = tmp_path / "cal2" / "checkpoints" / "offline", tmp_path / "cal1" / "checkpoints" / "offline"
+    ds = o2sac.data.load_dataset(dataset_id)
+    h_cql = o2sac.make_cql_hyper(tiny_config(dataset_id, tmp_path), ds.observations.shape[1], ds.actions.shape[1])
+    cal_h = cal_ql.make_hyper(cal_ql.TrainConfig(**common), *h_cql[:2])
+    template = cal_ql.stack_seeds([cal_ql.init_state(cal_h, jax.random.PRNGKey(s), ds.obs_mean, ds.obs_std, 1.0)
+                                   for s in (0, 1)])
+    cal_state = cal_ql.load_checkpoint(two, template)[0]
+    start = o2sac.load_offline_start(str(two), tiny_config(dataset_id, tmp_path, num_seeds=2), h_cql, ds.obs_mean,
+                                     ds.obs_std)
+    for i in (0, 1):  # seed by seed: this run's i-th seed gets cal_ql's i-th actor
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(o2sac.seed_slice(start.actor, i)),
+                                                        jax.tree.leaves(o2sac.seed_slice(cal_state.actor.params, i))))
+    kernel = start.actor["MLP_0"]["Dense_0"]["kernel"]
+    assert not np.array_equal(kernel[0], kernel[1])  # two different actors
+    start = o2sac.load_offline_start(str(one), tiny_config(dataset_id, tmp_path, num_seeds=2), h_cql, ds.obs_mean,
+                                     ds.obs_std)
+    assert all(np.array_equal(x[0], x[1]) for x in jax.tree.leaves(start.actor))  # the one actor for both seeds
+    with pytest.raises(ValueError, match="holds 2 seeds.*this run trains 3: run it with --num_seeds 2"):
+        o2sac.load_offline_start(str(two), tiny_config(dataset_id, tmp_path, num_seeds=3), h_cql, ds.obs_mean,
+                                 ds.obs_std)
+    # end to end: fine-tune both cal_ql actors (fresh critics); each seed's first record is its cal_ql actor's score
+    o2sac.train(tiny_config(dataset_id, tmp_path / "o2sac", num_seeds=2, offline_checkpoint=str(two), online_steps=0))
+    for seed in (0, 1):
+        evals = read_evals(tmp_path / "o2sac" / f"seed{seed}")
+        assert [e["phase"] for e in evals] == PHASES[1:6] + ["online"] and evals[0]["q_offline_mode"] is None
+        cal_score = read_evals(tmp_path / "cal2" / f"seed{seed}")[0]["normalized_score"]
+        assert evals[0]["normalized_score"] == pytest.approx(cal_score, rel=1e-3)  # tanh(mean) vs its 0.9999 clip
