@@ -281,13 +281,19 @@ def test_shipped_protocols_check_against_the_real_scripts():
     """reduced/smoke: the seven algorithms, their datasets; overrides valid for the scripts that exist."""
     for name, n_datasets, n_seeds in (("reduced", 3, 3), ("smoke", 1, 2)):
         proto = sweep.load_protocol(name)
-        assert list(proto["algorithms"]) == ["iql", "cal_ql", "o2sac", "o2td3", "o2ppo", "aca", "pex"]
+        scripts = {a: (o or {}).get("script", a) for a, o in proto["algorithms"].items()}
+        assert list(proto["algorithms"])[:7] == ["iql", "cal_ql", "o2sac", "o2td3", "o2ppo", "aca", "pex"]
+        assert set(scripts.values()) == set(sweep.KNOWN_ALGORITHMS)  # variants run one of the seven scripts
         assert len(proto["datasets"]) == n_datasets and len(proto["seeds"]) == n_seeds
-        ready = [a for a in proto["algorithms"] if (ROOT / "algorithms" / f"{a}.py").exists()
-                 and any((ROOT / "configs" / a).rglob("*.yaml"))]  # the others are skipped until they land
+        ready = [a for a, s in scripts.items() if (ROOT / "algorithms" / f"{s}.py").exists()
+                 and any((ROOT / "configs" / s).rglob("*.yaml"))]  # the others are skipped until they land
         plan = sweep.build_plan(proto, ROOT)
         assert sorted({r.algo for r in plan.runs}) == sorted(ready)
         assert sum(len(r.seeds) for r in plan.runs) == len(ready) * n_datasets * n_seeds
+        for run in plan.runs:  # a variant runs its script with that script's config, under its own label
+            args = run.args(proto["command"])
+            assert f"algorithms/{scripts[run.algo]}.py" in args and str(run.config).startswith(
+                f"configs/{scripts[run.algo]}/") and f"/{run.algo}/" in str(run.run_dir)
     assert sweep.cli_value([128, 128]) == "[128, 128]" and sweep.cli_value(False) == "false"
 
 
