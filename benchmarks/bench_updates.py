@@ -147,14 +147,17 @@ def bench_cal_ql(args):
     cfg.update_block = args.block
     h = cal_ql.make_hyper(cfg, OBS_DIM, ACT_DIM)
     offline = cal_ql.Buffer(*synthetic(args.rows, with_mc=True))
-    online = jax.tree.map(lambda x: x[:1000], offline)
-    state = cal_ql.init_state(h, jax.random.PRNGKey(0), np.zeros(OBS_DIM), np.ones(OBS_DIM), cfg.log_alpha_prime_init)
+    # one seed, as cal_ql.py --num_seeds 1 runs it: a leading seed axis of 1 on the state and the online rows
+    online = jax.tree.map(lambda x: x[None, :1000], offline)
+    sizes = jnp.zeros((1,), jnp.int32)
+    single = cal_ql.init_state(h, jax.random.PRNGKey(0), np.zeros(OBS_DIM), np.ones(OBS_DIM), cfg.log_alpha_prime_init)
+    state = cal_ql.stack_seeds([single])
     batch = jax.tree.map(lambda x: x[:h.batch_size], offline)
     one = jax.jit(cal_ql.calql_update, static_argnames=("h",)).lower(
-        state, batch, jax.random.PRNGKey(1), True, cfg.cql_weight, h=h).compile()
-    block = cal_ql.update_block.lower(state, offline, args.rows, online, 0, True, cfg.cql_weight, h=h).compile()
+        single, batch, jax.random.PRNGKey(1), True, cfg.cql_weight, h=h).compile()
+    block = cal_ql.update_block.lower(state, offline, args.rows, online, sizes, True, cfg.cql_weight, h=h).compile()
     rate, blocks = time_blocks(
-        lambda s: cal_ql.update_block(s, offline, args.rows, online, 0, True, cfg.cql_weight, h),
+        lambda s: cal_ql.update_block(s, offline, args.rows, online, sizes, True, cfg.cql_weight, h),
         state, args.block, args.seconds)
     return {"config": source, "policy_hidden": list(h.policy_hidden), "critic_hidden": list(h.critic_hidden),
             "n_critics": h.n_critics, "cql_n_actions": h.n_actions, "batch_size": h.batch_size,

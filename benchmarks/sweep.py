@@ -8,7 +8,9 @@
 
 A protocol (benchmarks/protocols/*.yaml) names `algorithms` (each with overrides of its TrainConfig, e.g.
 budgets; an entry `o2td3-naive: {script: o2td3, ...}` runs a variant of algorithms/o2td3.py under its own
-label), `datasets`, `seeds`, optional `common` overrides for every algorithm, `env` variables, `output_root`
+label; `offline_from: <entry>` starts each of its runs from that earlier entry's offline checkpoint of the
+same dataset and seeds, `--offline_checkpoint <its run dir>/checkpoints/offline`, so variants that differ
+only online share one pre-training and start from the same offline policy), `datasets`, `seeds`, optional `common` overrides for every algorithm, `env` variables, `output_root`
 and `command` (the command template; placeholders {python} {algo} {config} {seed} {run_dir} {dataset}). Each
 run is one subprocess, by default
 
@@ -176,6 +178,7 @@ class Run:
     overrides: dict
     status: str = "new"  # new | resume | done
     multi_seed: bool = False  # the protocol sets num_seeds: pass --num_seeds len(seeds)
+    source: Path = None  # offline_from: the run dir whose checkpoints/offline this run starts from
 
     @property
     def seed(self) -> int:
@@ -198,6 +201,8 @@ class Run:
         out = [str(part).format(**fmt) for part in command]
         if self.multi_seed:
             out += ["--num_seeds", str(len(self.seeds))]
+        if self.source is not None:
+            out += ["--offline_checkpoint", str(self.source / "checkpoints" / "offline")]
         for k, v in self.overrides.items():
             out += [f"--{k}", cli_value(v)]
         return out
@@ -283,6 +288,18 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
         merged = {**protocol["common"], **(overrides or {})}
         merged.pop("script", None)
         num_seeds = merged.pop("num_seeds", None)
+        source = merged.pop("offline_from", None)
+        if source is not None:
+            order = list(algos)
+            src_seeds = {**protocol["common"], **(algos.get(source) or {})}.get("num_seeds")
+            if source not in algos or order.index(source) >= order.index(a):
+                errors.append(f"{a}: offline_from '{source}' must name an entry listed before it"
+                              f"{_suggest(str(source), order[:order.index(a)])}")
+            elif src_seeds != num_seeds:
+                errors.append(f"{a}: offline_from '{source}' trains num_seeds {src_seeds} per run and {a} "
+                              f"{num_seeds}: give both the same num_seeds (their runs pair up seed by seed)")
+            if "offline_checkpoint" in merged:
+                errors.append(f"{a}: set offline_from or offline_checkpoint, not both")
         if num_seeds is not None and (not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds < 1):
             errors.append(f"{a}: num_seeds must be a positive integer, got {num_seeds!r}")
             num_seeds = 1
@@ -308,7 +325,9 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
                     continue
                 name = f"seed{group[0]}" if len(group) == 1 else f"seeds{group[0]}-{group[-1]}"
                 run_dir = Path(protocol["output_root"]) / a / d / name
-                plan.runs.append(Run(a, d, group, script, config, run_dir, merged, multi_seed=num_seeds is not None))
+                plan.runs.append(Run(a, d, group, script, config, run_dir, merged, multi_seed=num_seeds is not None,
+                                     source=None if source is None else
+                                     Path(protocol["output_root"]) / source / d / name))
     if errors:
         raise SweepError("\n  ".join(["protocol " + protocol["path"] + ":"] + errors))
 
@@ -468,14 +487,25 @@ def execute(plan: Plan, jobs: int = 1, wrap=(), poll_s: float = 1.0) -> list:
     if jobs > 1 and todo:
         prepare_datasets(plan, env)
     results = []
+    finished = {r.run_dir: threading.Event() for r in todo}  # set when a run of this sweep ends (ok or not)
 
     def one(i_run):
         i, run = i_run
         tag = f"[{i + 1}/{len(todo)}] {run.label}"
-        print(f"{tag}: {'resuming' if run.status == 'resume' else 'starting'}", flush=True)
-        res = run_one(plan, run, env, wrap, poll_s)
-        print(f"{tag}: {'ok, ' if res[1] else 'FAILED: '}{res[2]}", flush=True)
-        return res
+        try:
+            if run.source is not None:
+                if run.source in finished:
+                    finished[run.source].wait()  # submitted earlier, so already running or done: no deadlock
+                if not (plan.root / run.source / "done.json").exists():
+                    res = (run, False, f"needs {run.source} finished first (offline_from); it is not")
+                    print(f"{tag}: FAILED: {res[2]}", flush=True)
+                    return res
+            print(f"{tag}: {'resuming' if run.status == 'resume' else 'starting'}", flush=True)
+            res = run_one(plan, run, env, wrap, poll_s)
+            print(f"{tag}: {'ok, ' if res[1] else 'FAILED: '}{res[2]}", flush=True)
+            return res
+        finally:
+            finished[run.run_dir].set()
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
         results = list(pool.map(one, enumerate(todo)))

@@ -33,16 +33,19 @@ class TrainConfig:
     offline_updates: int = 2  # offline evaluations
     online_steps: int = 3  # online evaluations, 100 env steps apart
     num_seeds: int = 1  # seeds seed..seed+num_seeds-1 in one process
+    offline_checkpoint: str = ""  # must exist when given (exit 4 otherwise)
 
 
 p = argparse.ArgumentParser()
-for name in ("--config_path", "--run_dir"):
+for name in ("--config_path", "--run_dir", "--offline_checkpoint"):
     p.add_argument(name)
 for name in ("--seed", "--offline_updates", "--online_steps", "--num_seeds"):
     p.add_argument(name, type=int, default=TrainConfig.__dict__.get(name[2:], 0))
 p.add_argument("--resume", action="store_true")
 a = p.parse_args()
 rd, start = Path(a.run_dir), 0
+if a.offline_checkpoint and not Path(a.offline_checkpoint).exists():
+    sys.exit(4)
 rd.mkdir(parents=True, exist_ok=True)
 with open(rd / "calls.log", "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\\n")
@@ -67,6 +70,8 @@ for i in range(start, len(plan)):
                                 "normalized_score": 10.0 * i + seed, "return": 100.0 * i}) + "\\n")
     ck.parent.mkdir(exist_ok=True)
     ck.write_text(str(i + 1))
+    if i + 1 == a.offline_updates:
+        (ck.parent / "offline").write_text("offline state")
     if i + 1 - start == crash:
         sys.exit(3)
 '''
@@ -226,6 +231,39 @@ def test_num_seeds_groups_consecutive_seeds(fake_root, tmp_path):
     write_protocol(proto, algorithms={"fake": {"num_seeds": 0}})
     with pytest.raises(sweep.SweepError, match="num_seeds must be a positive integer"):
         sweep.build_plan(sweep.load_protocol(proto), root)
+
+
+def test_offline_from_starts_a_variant_from_its_sources_offline_checkpoint(fake_root, tmp_path, capsys):
+    root, proto = fake_root
+    write_protocol(proto, seeds=[0, 1, 2], algorithms={
+        "fake": {"num_seeds": 2},
+        "fake-variant": {"script": "fake", "num_seeds": 2, "offline_from": "fake", "online_steps": 2}})
+    plan = sweep.build_plan(sweep.load_protocol(proto), root)
+    variant = [r for r in plan.runs if r.algo == "fake-variant"]
+    assert [r.source for r in variant] == [Path("out/fake") / DATASET / n for n in ("seeds0-1", "seed2")]
+    src2 = root / "out" / "fake" / DATASET / "seed2"
+    src2.mkdir(parents=True)
+    (src2 / "crash_after").write_text("1")  # the source of seed 2 fails before its offline checkpoint
+    assert sweep.main([str(proto)], root=root, results_dir=tmp_path) == 1
+    out = capsys.readouterr().out
+    assert f"fake-variant {DATASET} seed 2: FAILED: needs out/fake/{DATASET}/seed2 finished first" in out
+    group = root / "out" / "fake-variant" / DATASET / "seeds0-1"
+    call = (group / "calls.log").read_text()
+    assert f"--offline_checkpoint out/fake/{DATASET}/seeds0-1/checkpoints/offline" in call
+    assert (group / "done.json").exists() and not (root / "out" / "fake-variant" / DATASET / "seed2").exists()
+    assert sweep.main([str(proto)], root=root, results_dir=tmp_path) == 0  # source resumed, then its variant
+    assert (root / "out" / "fake-variant" / DATASET / "seed2" / "done.json").exists()
+    bad = [({"a-variant": {"script": "fake", "offline_from": "fake"}, "fake": {}}, "must name an entry listed "
+             "before it"),  # (write_protocol sorts the keys)
+           ({"fake": {}, "v": {"script": "fake", "offline_from": "fak"}}, "must name an entry.*did you mean fake"),
+           ({"fake": {"num_seeds": 2}, "v": {"script": "fake", "offline_from": "fake"}},
+            "num_seeds 2 per run and v None"),
+           ({"fake": {}, "v": {"script": "fake", "offline_from": "fake", "offline_checkpoint": "x"}},
+            "offline_from or offline_checkpoint, not both")]
+    for algorithms, message in bad:
+        write_protocol(proto, algorithms=algorithms)
+        with pytest.raises(sweep.SweepError, match=message):
+            sweep.build_plan(sweep.load_protocol(proto), root)
 
 
 def test_changed_protocol_does_not_reuse_finished_runs(fake_root, tmp_path):
