@@ -1,29 +1,52 @@
-"""Time pure offline updates of IQL and Cal-QL on synthetic Hopper-shaped data, next to the CPU's matmul rate.
+"""Time the offline updates of the seven algorithms on synthetic Hopper-shaped data, next to the CPU's matmul rate,
+and the online loop's per-env-step overhead (act + env.step) against the update time.
 
-    python benchmarks/bench_updates.py                     # ~1-2 min on 2 CPU cores
+    python benchmarks/bench_updates.py                     # ~3-5 min on 2 CPU cores
     python benchmarks/bench_updates.py --seconds 20 --out benchmarks/results/bench_updates.json
+    python benchmarks/bench_updates.py --algos iql,o2sac --seconds 5
 
-Data: `--rows` (1M) random transitions with obs 11, act 3 (Hopper), device resident; batch 256; updates run
-exactly as in training (jitted lax.scan blocks of `--block` updates, batches sampled inside the scan).
-Networks: each algorithm's Hopper config (configs/<algo>/o2o/hopper/medium-v0.yaml if present, else the
-dataclass defaults with the locomotion overrides below).
+Offline updates. Data: `--rows` (1M) random transitions with obs 11, act 3 (Hopper), device resident; batch 256;
+networks and hyper-parameters from configs/<algo>/o2o/hopper/medium-v0.yaml (`--block` replaces update_block).
+Each algorithm's offline pre-training update runs exactly as its script's train() runs it, with one seed (a
+leading seed axis of 1, the state from the module's `stack_seeds`): jitted lax.scan blocks of `--block` updates,
+batches sampled inside the scan. The updates timed: iql `update_block`, cal_ql `update_block` (CQL + calibration,
+the offline cql_weight), o2sac `cql_block` (CQL pre-training), o2td3 `update_block` in phase "offline" (TD3+BC),
+o2ppo `iql_block` (its IQL pre-training), aca `update_block` (SAC + ML), pex `update_block` with an IQLState (its
+IQL pre-training); the online buffers these take are empty (size 0: every row offline, as in the offline phase).
+IQL is also timed with N seeds vmapped in one process (`--num_seeds 1,2,4`, as `iql.py --num_seeds N`): the
+aggregate updates/s over all seeds and its ratio to one seed.
 
-IQL is also timed with N seeds vmapped in one process (`--num_seeds 1,2,4`, as `iql.py --num_seeds N`):
-the aggregate updates/s over all seeds and its ratio to one seed.
+Reported per algorithm: updates/s (one seed), FLOPs per update (XLA cost analysis of ONE compiled update on one
+batch, without the batch sampling; XLA counts a loop body once, so the compiled block's own count, also reported,
+is about one update too), achieved GFLOP/s and that rate as a fraction of the float32 matmul rate measured in the
+same run for 256x256x256 and 2560x256x256 (the shapes of a batch-256 layer and of a 10-action CQL evaluation).
 
-Reported per algorithm: updates/s, FLOPs per update (XLA cost analysis of one compiled update; XLA counts a
-loop body once, so the compiled block's own count, also reported, is about one update), achieved GFLOP/s,
-and that rate as a fraction of the float32 matmul rate measured in the same run for 256x256x256 and
-2560x256x256 (the shapes of a batch-256 layer and of Cal-QL's 10-action CQL evaluations).
+Online loop. A real gymnasium Hopper-v5 env (the env of the o2o/hopper datasets; no dataset needed) and the
+algorithm's jitted exploration act function (`act_explore`: o2td3 with its explore_noise, o2ppo with its Gaussian
+actor, pex with its composite action from the offline actor, the new actor and the critic) on the freshly
+initialised one-seed state: `--env_steps` steps of act (incl. the host->device transfer of obs and the active
+mask and the device->host copy of the action) + env.step (+ env.reset at an episode end), i.e. what each script
+does per online env step. Reported: act_ms, env_ms, step_ms (per env step); online_overhead_fraction = step_ms /
+update_ms, where update_ms = 1000 / updates_per_s: the time of one OFFLINE update stands in for one online update
+(same networks and batch size; the online update of o2sac/o2td3 (fine-tuning critics), aca and pex (composite
+actions) differs somewhat), at one update per env step (the issue's target: <= 10%); and env_steps_per_s =
+1000 / (step_ms + utd * update_ms) with utd the config's updates per env step (o2sac utd, cal_ql online_utd, else
+1). o2ppo fine-tunes on-policy (PPO epochs over each rollout_length rollout), so its update cost is amortised over
+rollouts and not a per-step cost: its env_steps_per_s is env + act only. Not counted: each script's per-block
+buffer_insert and update dispatch (per env step for o2sac and o2td3, whose online_block is 1) and its logging.
+Caveat: a random-initialised actor ends Hopper episodes early, so there are more resets than with a trained one.
+
 Other processes on the machine slow every number here: the JSON records the load average.
 """
 import argparse
+import functools
 import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "algorithms"))
@@ -33,6 +56,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 OBS_DIM, ACT_DIM = 11, 3
+ENV_ID = "Hopper-v5"
+ALGOS = ("iql", "cal_ql", "o2sac", "o2td3", "o2ppo", "aca", "pex")
+NORM = (np.zeros(OBS_DIM, np.float32), np.ones(OBS_DIM, np.float32))  # obs mean / std of the states
+KEY = jax.random.PRNGKey(1)  # the update key of the single-update cost analysis
 
 
 def parse_args(argv=None):
@@ -40,11 +67,16 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=int, default=1_000_000, help="synthetic dataset size")
     p.add_argument("--block", type=int, default=1000, help="updates per jitted block")
     p.add_argument("--seconds", type=float, default=10.0, help="timing budget per algorithm (after compile)")
-    p.add_argument("--algos", default="iql,cal_ql", help="comma-separated subset of iql,cal_ql")
+    p.add_argument("--algos", default=",".join(ALGOS), help=f"comma-separated subset of {','.join(ALGOS)}")
     p.add_argument("--num_seeds", default="1,2,4", type=lambda s: [int(x) for x in s.split(",")],
                    help="IQL: seeds trained together (vmapped), aggregate updates/s for each count")
+    p.add_argument("--env_steps", type=int, default=2000, help="online loop: env steps timed per algorithm")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_updates.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.algos.split(",")) - set(ALGOS)
+    if unknown:
+        p.error(f"--algos: unknown {sorted(unknown)}; choose from {','.join(ALGOS)}")
+    return args
 
 
 def matmul_rate(m, k=256, n=256, seconds=2.0):
@@ -53,7 +85,7 @@ def matmul_rate(m, k=256, n=256, seconds=2.0):
     f = jax.jit(lambda a, b: a @ b)
     f(a, b).block_until_ready()
     reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while reps == 0 or time.perf_counter() - t0 < seconds:
         for _ in range(20):
             out = f(a, b)
         out.block_until_ready()
@@ -69,27 +101,183 @@ def flops_of(compiled):
     return float(cost.get("flops", float("nan")))
 
 
-def synthetic(rows, with_mc):
+# ---------------------------------------------------------------------------------------------- inputs
+@functools.lru_cache(maxsize=None)
+def synthetic(rows):
+    """obs, act, rew, next_obs, done, mc_return columns of `rows` random transitions (device arrays)."""
     rng = np.random.default_rng(0)
     cols = [rng.standard_normal((rows, OBS_DIM), np.float32), rng.uniform(-1, 1, (rows, ACT_DIM)).astype(np.float32),
             rng.standard_normal(rows).astype(np.float32), rng.standard_normal((rows, OBS_DIM), np.float32),
-            (rng.random(rows) < 0.001).astype(np.float32)]
-    if with_mc:
-        cols.append(rng.standard_normal(rows).astype(np.float32) * 10)
-    return [jnp.asarray(c) for c in cols]
+            (rng.random(rows) < 0.001).astype(np.float32), rng.standard_normal(rows).astype(np.float32) * 10]
+    return tuple(jnp.asarray(c) for c in cols)
 
 
-def load_config(module, name):
-    path = ROOT / "configs" / name / "o2o" / "hopper" / "medium-v0.yaml"
+def offline_buffer(module, rows):
+    """The synthetic rows as `module.Buffer` (its first fields: obs, act, rew, next_obs, done[, mc])."""
+    return module.Buffer(*synthetic(rows)[:len(module.Buffer._fields)])
+
+
+def empty_online(offline, n_seeds):
+    """An online buffer of one zero row per seed and online sizes 0 (offline phase: every batch row offline)."""
+    return jax.tree.map(lambda x: jnp.zeros((n_seeds, 1) + x.shape[1:], x.dtype), offline), \
+        jnp.zeros((n_seeds,), jnp.int32)
+
+
+def first_rows(buffer, n):
+    return jax.tree.map(lambda x: x[:n], buffer)
+
+
+def load_config(module, name, block):
     import pyrallis
-    if path.exists():
-        cfg = pyrallis.parse(config_class=module.TrainConfig, config_path=str(path), args=[])
-        return cfg, str(path.relative_to(ROOT))
-    return None, None
+    path = ROOT / "configs" / name / "o2o" / "hopper" / "medium-v0.yaml"
+    cfg = pyrallis.parse(config_class=module.TrainConfig, config_path=str(path), args=[])
+    cfg.update_block = block
+    return cfg, str(path.relative_to(ROOT))
 
 
+HYPER_FIELDS = {"hidden": "hidden", "policy_hidden": "policy_hidden", "actor_hidden": "actor_hidden",
+                "critic_hidden": "critic_hidden", "value_hidden": "value_hidden", "n_critics": "n_critics",
+                "n_actions": "cql_n_actions", "batch_size": "batch_size", "iql_batch_size": "batch_size"}
+
+
+def describe(source, h):
+    """The JSON's description of a setup: its config file and the network sizes of its Hyper `h`."""
+    fields = {key: getattr(h, f) for f, key in HYPER_FIELDS.items() if hasattr(h, f)}
+    return {"config": source, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+
+
+class Call(NamedTuple):
+    """A jitted function applied to a state and fixed further arguments (`static`: its static keyword ones)."""
+    fn: Any
+    args: tuple = ()
+    static: dict = {}
+
+    def compile(self, state):
+        """(the compiled program, state -> fn(state, *args) run by that program: no second compilation)."""
+        compiled = self.fn.lower(state, *self.args, **self.static).compile()
+        return compiled, lambda s: compiled(s, *self.args)
+
+
+def one_update(update, *args, h):
+    """Call of one (pure, not jitted) update function `update(state, *args, h=h)` jitted on its own."""
+    return Call(jax.jit(update, static_argnames=("h",)), args, {"h": h})
+
+
+class Setup(NamedTuple):
+    """What an algorithm's adapter builds; `bench` does the rest."""
+    info: dict  # config file and network sizes
+    module: Any  # the algorithm's module (its stack_seeds makes the seed axis)
+    init: Callable  # PRNG key -> one seed's state (jitted by `bench`: one compilation instead of ~70 eager ops)
+    block: Callable  # n_seeds -> Call of the offline update block on states with a leading seed axis n_seeds
+    one: Call  # one offline update of one seed's state on one batch
+    act: Callable  # one-seed state -> act(obs [1, obs_dim], keys [1, 2], active [1]) -> (actions, keys)
+    utd: Optional[int] = 1  # online updates per env step (None: on-policy, updates amortised over rollouts)
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+def setup_iql(args):
+    import iql
+    cfg, source = load_config(iql, "iql", args.block)
+    h = iql.make_hyper(cfg, OBS_DIM, ACT_DIM)
+    offline = offline_buffer(iql, args.rows)
+    return Setup(
+        describe(source, h), iql, lambda key: iql.init_state(h, key, *NORM),
+        lambda n: Call(iql.update_block, (offline, *empty_online(offline, n)), {"h": h}),
+        one_update(iql.iql_update, first_rows(offline, h.batch_size), KEY, h=h),
+        lambda s: lambda o, k, a: iql.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a, h))
+
+
+def setup_cal_ql(args):
+    import cal_ql
+    cfg, source = load_config(cal_ql, "cal_ql", args.block)
+    h = cal_ql.make_hyper(cfg, OBS_DIM, ACT_DIM)
+    offline = offline_buffer(cal_ql, args.rows)
+    flags = (cfg.calibration, cfg.cql_weight)  # the offline phase's
+    return Setup(
+        describe(source, h), cal_ql, lambda key: cal_ql.init_state(h, key, *NORM, cfg.log_alpha_prime_init),
+        lambda n: Call(cal_ql.update_block, (offline, args.rows, *empty_online(offline, n), *flags), {"h": h}),
+        one_update(cal_ql.calql_update, first_rows(offline, h.batch_size), KEY, *flags, h=h),
+        lambda s: lambda o, k, a: cal_ql.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a, h),
+        cfg.online_utd)
+
+
+def setup_o2sac(args):
+    import o2sac
+    cfg, source = load_config(o2sac, "o2sac", args.block)
+    h = o2sac.make_cql_hyper(cfg, OBS_DIM, ACT_DIM)  # the fine-tuning actor is the CQL one (same network)
+    offline = offline_buffer(o2sac, args.rows)
+    return Setup(
+        describe(source, h), o2sac, lambda key: o2sac.init_cql_state(h, key, *NORM),
+        lambda n: Call(o2sac.cql_block, (offline, args.rows), {"h": h}),
+        one_update(o2sac.cql_update, first_rows(offline, h.batch_size), KEY, h=h),
+        lambda s: lambda o, k, a: o2sac.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a, h),
+        cfg.utd)
+
+
+def setup_o2td3(args):
+    import o2td3
+    cfg, source = load_config(o2td3, "o2td3", args.block)
+    h = o2td3.make_hyper(cfg, OBS_DIM, ACT_DIM, offline=True)  # fine-tuning keeps the actor network
+    offline = offline_buffer(o2td3, args.rows)
+    return Setup(
+        describe(source, h), o2td3, lambda key: o2td3.init_offline_state(h, key, *NORM),
+        lambda n: Call(o2td3.update_block, (offline,), {"phase": "offline", "h": h}),
+        one_update(o2td3.td3bc_update, first_rows(offline, h.batch_size), KEY, 0, h=h),
+        lambda s: lambda o, k, a: o2td3.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a,
+                                                    cfg.explore_noise, h)[::2])  # (executed action, key)
+
+
+def setup_o2ppo(args):
+    import o2ppo
+    cfg, source = load_config(o2ppo, "o2ppo", args.block)
+    h = o2ppo.make_hyper(cfg, OBS_DIM, ACT_DIM)
+    offline = offline_buffer(o2ppo, args.rows)
+    return Setup(
+        describe(source, h), o2ppo, lambda key: o2ppo.init_iql_state(h, key, *NORM),
+        lambda n: Call(o2ppo.iql_block, (offline,), {"h": h}),
+        one_update(o2ppo.iql_update, first_rows(offline, h.iql_batch_size), h=h),
+        # PPO acts with the IQL actor's network and parameters (PPO starts from them): (action, key)
+        lambda s: lambda o, k, a: o2ppo.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a, h)[::2],
+        None)
+
+
+def setup_aca(args):
+    import aca
+    cfg, source = load_config(aca, "aca", args.block)
+    h = aca.make_hyper(cfg, OBS_DIM, ACT_DIM)
+    offline = offline_buffer(aca, args.rows)
+    noise = {k: jnp.zeros((h.batch_size, ACT_DIM)) for k in ("temp", "next", "z_next", "pi")}
+    return Setup(
+        describe(source, h), aca, lambda key: aca.init_state(h, key, *NORM, cfg.initial_temperature),
+        lambda n: Call(aca.update_block, (offline,), {"h": h}),
+        one_update(aca.offline_update, first_rows(offline, h.batch_size), noise, h=h),
+        lambda s: lambda o, k, a: aca.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a, h))
+
+
+def setup_pex(args):
+    import pex
+    cfg, source = load_config(pex, "pex", args.block)
+    h = pex.make_hyper(cfg, OBS_DIM, ACT_DIM)
+    offline = offline_buffer(pex, args.rows)
+
+    def act(state):  # online: the expanded state (frozen offline actor + new actor), composite actions
+        s = jax.jit(jax.vmap(lambda one: pex.expand(one, h, cfg.reset_optimizers)))(state)
+        return lambda o, k, a: pex.act_explore(s.offline_actor, s.actor.params, s.critic.params, s.obs_mean,
+                                               s.obs_std, o, k, a, h)[::2]  # (action, key)
+    return Setup(
+        describe(source, h), pex, lambda key: pex.init_state(h, key, *NORM),
+        lambda n: Call(pex.update_block, (offline, args.rows, *empty_online(offline, n)), {"h": h}),
+        one_update(pex.iql_update, first_rows(offline, h.batch_size), KEY, h=h), act)
+
+
+SETUPS = {"iql": setup_iql, "cal_ql": setup_cal_ql, "o2sac": setup_o2sac, "o2td3": setup_o2td3,
+          "o2ppo": setup_o2ppo, "aca": setup_aca, "pex": setup_pex}
+
+
+# ---------------------------------------------------------------------------------------------- measuring
 def time_blocks(run_block, state, block, seconds):
-    state, metrics = run_block(state)  # compile + warm up
+    """(updates/s, blocks timed): blocks of `block` updates for `seconds` (at least 2), after one warm-up block."""
+    state, metrics = run_block(state)
     jax.block_until_ready(metrics)
     blocks, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or blocks < 2:
@@ -100,92 +288,95 @@ def time_blocks(run_block, state, block, seconds):
     return blocks * block / dt, blocks
 
 
-def bench_iql(args):
-    import iql
-    cfg, source = load_config(iql, "iql")
-    if cfg is None:
-        cfg, source = iql.TrainConfig(expectile=0.7, beta=3.0, reward_bias=0.0), "TrainConfig defaults (locomotion)"
-    cfg.update_block = args.block
-    h = iql.make_hyper(cfg, OBS_DIM, ACT_DIM)
-    offline = iql.Buffer(*synthetic(args.rows, with_mc=False))
+def time_online(act, env_steps, seed=0):
+    """Per env step: act (one seed, as the scripts call it) then env.step, env.reset at an episode end."""
+    import gymnasium as gym
+    env = gym.make(ENV_ID)
+    assert env.observation_space.shape == (OBS_DIM,) and env.action_space.shape == (ACT_DIM,)
+    obs = np.zeros((1, OBS_DIM), np.float32)
+    obs[0] = env.reset(seed=seed)[0]
+    keys, active = jnp.asarray(jax.random.PRNGKey(seed))[None], np.ones(1, bool)
+    np.asarray(act(obs, keys, jnp.asarray(active))[0])  # compile
+    t_act = t_env = 0.0
+    episodes = 0
+    for _ in range(env_steps):
+        t0 = time.perf_counter()
+        actions, keys = act(obs, keys, jnp.asarray(active))
+        actions = np.asarray(actions)
+        t1 = time.perf_counter()
+        next_obs, _, term, trunc, _ = env.step(np.clip(actions[0], -1.0, 1.0))
+        if term or trunc:
+            next_obs, episodes = env.reset()[0], episodes + 1
+        obs[0] = next_obs
+        t_act, t_env = t_act + t1 - t0, t_env + time.perf_counter() - t1
+    env.close()
+    n = max(env_steps, 1)
+    return {"act_ms": 1000 * t_act / n, "env_ms": 1000 * t_env / n, "step_ms": 1000 * (t_act + t_env) / n,
+            "env_steps_timed": env_steps, "episodes_ended": episodes}
 
-    def setup(n_seeds):
-        state = iql.stack_seeds([iql.init_state(h, jax.random.PRNGKey(s), np.zeros(OBS_DIM), np.ones(OBS_DIM))
-                                 for s in range(n_seeds)])
-        online = jax.tree.map(lambda x: jnp.zeros((n_seeds, 1) + x.shape[1:], x.dtype), offline)
-        return state, online, jnp.zeros((n_seeds,), jnp.int32)
 
-    state, online, sizes = setup(1)
-    single = iql.seed_slice(state, 0)
-    batch = jax.tree.map(lambda x: x[:h.batch_size], offline)
-    one = jax.jit(iql.iql_update, static_argnames=("h",)).lower(single, batch, jax.random.PRNGKey(1), h=h).compile()
-    block = iql.update_block.lower(state, offline, online, sizes, h=h).compile()
-    out = {"config": source, "hidden": list(h.hidden), "n_critics": h.n_critics, "batch_size": h.batch_size,
-           "flops_per_update": flops_of(one), "flops_compiled_block": flops_of(block), "num_seeds": {}}
-    for n_seeds in args.num_seeds:
-        state, online, sizes = setup(n_seeds)
-        rate, blocks = time_blocks(lambda s: iql.update_block(s, offline, online, sizes, h), state, args.block,
-                                   args.seconds)
-        out["num_seeds"][n_seeds] = {"aggregate_updates_per_s": rate * n_seeds, "blocks_timed": blocks}
-        print(f"iql --num_seeds {n_seeds}: {rate * n_seeds:.1f} aggregate updates/s")
-    out["updates_per_s"] = out["num_seeds"][args.num_seeds[0]]["aggregate_updates_per_s"] / args.num_seeds[0]
-    out["blocks_timed"] = out["num_seeds"][args.num_seeds[0]]["blocks_timed"]
-    if 1 in out["num_seeds"]:
-        base = out["num_seeds"][1]["aggregate_updates_per_s"]
-        for v in out["num_seeds"].values():
-            v["speedup_vs_1_seed"] = v["aggregate_updates_per_s"] / base
+def bench(args, setup: Setup, peak_gflops, seed_counts=()):
+    """One algorithm: its single update's FLOPs, its block's updates/s with one seed (and with each of
+    `seed_counts` seeds vmapped), the online loop's step time against the update time."""
+    init = jax.jit(setup.init)
+
+    def timed(n_seeds):  # (compiled block, updates/s per seed, blocks timed, the state before the blocks)
+        state = setup.module.stack_seeds([init(jax.random.PRNGKey(s)) for s in range(n_seeds)])
+        compiled, run = setup.block(n_seeds).compile(state)
+        return (compiled, *time_blocks(run, state, args.block, args.seconds), state)
+
+    out = {**setup.info, "flops_per_update": flops_of(setup.one.compile(init(KEY))[0])}
+    compiled, rate, out["blocks_timed"], state = timed(1)
+    out["flops_compiled_block"] = flops_of(compiled)
+    out["updates_per_s"] = rate
+    out["achieved_gflops"] = rate * out["flops_per_update"] / 1e9
+    out["fraction_of_matmul_gflops"] = out["achieved_gflops"] / peak_gflops
+    if seed_counts:
+        out["num_seeds"] = {}
+        for n in seed_counts:
+            rate_n, blocks = (rate, out["blocks_timed"]) if n == 1 else timed(n)[1:3]
+            out["num_seeds"][n] = {"aggregate_updates_per_s": rate_n * n, "blocks_timed": blocks,
+                                   "speedup_vs_1_seed": rate_n * n / rate}
+    online = time_online(setup.act(state), args.env_steps)
+    update_ms = 1000.0 / rate
+    steps_per_s = 1000.0 / (online["step_ms"] + (setup.utd or 0) * update_ms)
+    out.update(online, update_ms=update_ms, online_overhead_fraction=online["step_ms"] / update_ms,
+               updates_per_env_step=setup.utd, env_steps_per_s=steps_per_s,
+               online_note="update_ms: one offline update (stands in for one online update); "
+                           "online_overhead_fraction = step_ms / update_ms (one update per env step); "
+                           + ("env_steps_per_s = 1000 / (step_ms + updates_per_env_step * update_ms)"
+                              if setup.utd else "on-policy PPO: updates amortised over rollouts, env_steps_per_s "
+                                                "= 1000 / step_ms (env + act only)"))
     return out
-
-
-def bench_cal_ql(args):
-    import cal_ql
-    cfg, source = load_config(cal_ql, "cal_ql")
-    if cfg is None:
-        cfg = cal_ql.TrainConfig(critic_hidden=[256, 256], cql_lagrange=False, normalize=True, reward_scale=1.0,
-                                 reward_bias=0.0, mc_failure_rule="none")
-        source = "TrainConfig defaults (locomotion overrides)"
-    cfg.update_block = args.block
-    h = cal_ql.make_hyper(cfg, OBS_DIM, ACT_DIM)
-    offline = cal_ql.Buffer(*synthetic(args.rows, with_mc=True))
-    # one seed, as cal_ql.py --num_seeds 1 runs it: a leading seed axis of 1 on the state and the online rows
-    online = jax.tree.map(lambda x: x[None, :1000], offline)
-    sizes = jnp.zeros((1,), jnp.int32)
-    single = cal_ql.init_state(h, jax.random.PRNGKey(0), np.zeros(OBS_DIM), np.ones(OBS_DIM), cfg.log_alpha_prime_init)
-    state = cal_ql.stack_seeds([single])
-    batch = jax.tree.map(lambda x: x[:h.batch_size], offline)
-    one = jax.jit(cal_ql.calql_update, static_argnames=("h",)).lower(
-        single, batch, jax.random.PRNGKey(1), True, cfg.cql_weight, h=h).compile()
-    block = cal_ql.update_block.lower(state, offline, args.rows, online, sizes, True, cfg.cql_weight, h=h).compile()
-    rate, blocks = time_blocks(
-        lambda s: cal_ql.update_block(s, offline, args.rows, online, sizes, True, cfg.cql_weight, h),
-        state, args.block, args.seconds)
-    return {"config": source, "policy_hidden": list(h.policy_hidden), "critic_hidden": list(h.critic_hidden),
-            "n_critics": h.n_critics, "cql_n_actions": h.n_actions, "batch_size": h.batch_size,
-            "updates_per_s": rate, "blocks_timed": blocks, "flops_per_update": flops_of(one),
-            "flops_compiled_block": flops_of(block)}
 
 
 def main(args):
     result = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "jax": jax.__version__, "backend": jax.default_backend(),
               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "load_average_before": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "rows": args.rows, "block": args.block}
+              "rows": args.rows, "block": args.block, "env": ENV_ID, "env_steps": args.env_steps}
     try:
         with open("/proc/cpuinfo") as f:
             result["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    result["matmul"] = [matmul_rate(256), matmul_rate(2560)]
+    result["matmul"] = [matmul_rate(256, seconds=min(2.0, args.seconds)),
+                        matmul_rate(2560, seconds=min(2.0, args.seconds))]
     peak = max(m["gflops"] for m in result["matmul"])
     for m in result["matmul"]:
         print(f"matmul {m['shape']}: {m['gflops']:.1f} GFLOP/s")
     for name in args.algos.split(","):
-        r = {"iql": bench_iql, "cal_ql": bench_cal_ql}[name](args)
-        r["achieved_gflops"] = r["updates_per_s"] * r["flops_per_update"] / 1e9
-        r["fraction_of_matmul_gflops"] = r["achieved_gflops"] / peak
+        r = bench(args, SETUPS[name](args), peak, args.num_seeds if name == "iql" else ())
         result[name] = r
+        for n, v in r.get("num_seeds", {}).items():
+            print(f"{name} --num_seeds {n}: {v['aggregate_updates_per_s']:.1f} aggregate updates/s "
+                  f"({v['speedup_vs_1_seed']:.2f}x one seed)")
+        utd = f"{r['updates_per_env_step']} update(s)/step" if r["updates_per_env_step"] else "env + act only"
         print(f"{name}: {r['updates_per_s']:.1f} updates/s, {r['flops_per_update'] / 1e6:.1f} MFLOP/update, "
-              f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['fraction_of_matmul_gflops']:.0f}% of the matmul rate")
+              f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['fraction_of_matmul_gflops']:.0f}% of the matmul rate; "
+              f"online step {r['step_ms']:.2f} ms (act {r['act_ms']:.2f} + env {r['env_ms']:.2f}) = "
+              f"{100 * r['online_overhead_fraction']:.0f}% of an update, {r['env_steps_per_s']:.0f} env steps/s "
+              f"({utd})")
     result["load_average_after"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,9 @@
 
 The CSV comes from `python benchmarks/sweep.py <protocol>` (or `--collect`). Per algorithm x dataset, over the
 seeds whose runs finished (mean ± sample std, ddof 1), in normalised score:
-  offline end   the last evaluation before the online phase;
+  pre-training  the last evaluation of the offline phase (`phase: offline`: the pre-trained or loaded policy);
+  before online the last evaluation before the online phase (after any transition phase, e.g. OCR-CFT's
+                re-evaluation and alignment; equal to pre-training for the others);
   online last   the last online evaluation;
   online best   each seed's best online evaluation (optimistic: chosen on the evaluations themselves);
   early dip     each seed's lowest online evaluation in the first 10% of its online steps, i.e. up to and
@@ -53,9 +55,11 @@ def read_rows(path: Path) -> list:
 def seed_summary(rows: list) -> dict:
     """One seed's numbers from its CSV rows (in eval.jsonl order)."""
     offline = [r["normalized_score"] for r in rows if r["phase"] != "online"]
+    pretrain = [r["normalized_score"] for r in rows if r["phase"] == "offline"]
     online = sorted(((r["online_step"], r["normalized_score"]) for r in rows if r["phase"] == "online"),
                     key=lambda t: t[0])
-    out = {"offline": offline[-1] if offline else math.nan, "last": math.nan, "best": math.nan,
+    out = {"offline": offline[-1] if offline else math.nan, "pretrain": pretrain[-1] if pretrain else math.nan,
+           "last": math.nan, "best": math.nan,
            "dip": math.nan, "steps": math.nan,
            "wall": max((r["wall_time"] for r in rows if not math.isnan(r["wall_time"])), default=math.nan)}
     if online:
@@ -109,18 +113,19 @@ def ordered(keys, preferred):
 
 
 def table(summary: dict, algos: list, datasets: list) -> str:
-    lines = ["| algorithm | dataset | seeds | offline end | online last | online best | early dip (first 10%) "
-             "| online steps | wall time (min) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| algorithm | dataset | seeds | pre-training | before online | online last | online best "
+             "| early dip (first 10%) | online steps | wall time (min) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for d in datasets:
         for a in algos:
             seeds = summary.get((a, d))
             if not seeds:
                 continue
-            col = {k: mean_std([s[k] for s in seeds.values()]) for k in ("offline", "last", "best", "dip", "steps",
-                                                                        "wall")}
+            col = {k: mean_std([s[k] for s in seeds.values()]) for k in ("pretrain", "offline", "last", "best",
+                                                                        "dip", "steps", "wall")}
             steps = "–" if math.isnan(col["steps"][0]) else f"{col['steps'][0]:,.0f}"
             wall = col["wall"]
-            lines.append(f"| {a} | `{d}` | {len(seeds)} | {fmt(*col['offline'][:2])} | {fmt(*col['last'][:2])} | "
+            lines.append(f"| {a} | `{d}` | {len(seeds)} | {fmt(*col['pretrain'][:2])} | {fmt(*col['offline'][:2])} | "
+                         f"{fmt(*col['last'][:2])} | "
                          f"{fmt(*col['best'][:2])} | {fmt(*col['dip'][:2])} | {steps} | "
                          f"{fmt(wall[0] / 60, wall[1] / 60, 0)} |")
     return "\n".join(lines)
@@ -157,8 +162,12 @@ def markdown(protocol: dict, summary: dict, rows: list, algos: list, datasets: l
     runs = {(r["algorithm"], r["dataset"], r["seed"]) for r in rows}
     finished = {(r["algorithm"], r["dataset"], r["seed"]) for r in rows if r["finished"]}
     missing = [a for a in protocol["algorithms"] if not any(k[0] == a for k in summary)]
+    algo_overrides = {a: o or {} for a, o in protocol["algorithms"].items()}
     budgets = "; ".join(f"`{a}` " + (", ".join(f"{k} {_short(v)}" for k, v in o.items() if k not in NOT_BUDGET)
-                                     or "config defaults") for a, o in protocol["algorithms"].items())
+                                     or "config defaults") for a, o in algo_overrides.items())
+    common = ", ".join(f"{k} {_short(v)}" for k, v in protocol.get("common", {}).items() if k not in NOT_BUDGET)
+    if common:
+        budgets = f"every algorithm: {common}; " + budgets
     sources = {r["wall_time_source"] for r in rows if r.get("wall_time_source")}
     out = [f"Protocol `{protocol['name']}` (`{protocol['path']}`): seeds {', '.join(map(str, protocol['seeds']))}; "
            f"datasets {', '.join(f'`{d}`' for d in protocol['datasets'])}; {len(finished)} of {planned} planned "
@@ -167,7 +176,9 @@ def markdown(protocol: dict, summary: dict, rows: list, algos: list, datasets: l
            f"Budgets (overrides of `configs/<algo>/<dataset>.yaml`): {budgets}.", "",
            table(summary, algos, datasets), "",
            "D4RL-normalised scores (0 = random, 100 = expert reference of the dataset), deterministic evaluation; "
-           "mean ± sample std over seeds. *offline end*: last evaluation before fine-tuning; *online last*: the "
+           "mean ± sample std over seeds. *pre-training*: last evaluation of the offline phase (for an entry with "
+           "`offline_from`, the policy loaded from that entry's offline checkpoint); *before online*: last "
+           "evaluation before fine-tuning (after OCR-CFT's re-evaluation / alignment); *online last*: the "
            "final evaluation (the headline number); *online best*: each seed's best online evaluation "
            "(optimistic); *early dip*: each seed's lowest evaluation in the first 10% of its online steps. "
            "Budgets differ between algorithms (see above), so compare at equal *online steps* on the curves."]
@@ -175,8 +186,8 @@ def markdown(protocol: dict, summary: dict, rows: list, algos: list, datasets: l
         out[-1] += " Wall time is measured by the sweep runner (eval records carry no time), on a shared 2-core CPU."
     elif sources:
         out[-1] += " Wall time on a shared 2-core CPU."
-    shared = [f"`{a}` ({o['num_seeds']} seeds)" for a, o in protocol["algorithms"].items()
-              if isinstance(o.get("num_seeds"), int) and o["num_seeds"] > 1]
+    seeds_per_run = {a: {**protocol.get("common", {}), **o}.get("num_seeds") for a, o in algo_overrides.items()}
+    shared = [f"`{a}` ({n} seeds)" for a, n in seeds_per_run.items() if isinstance(n, int) and n > 1]
     if shared:
         out[-1] += (" Seeds trained together in one process (num_seeds) share that process's wall time: "
                     + ", ".join(shared) + ".")

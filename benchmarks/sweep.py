@@ -10,9 +10,9 @@ A protocol (benchmarks/protocols/*.yaml) names `algorithms` (each with overrides
 budgets; an entry `o2td3-naive: {script: o2td3, ...}` runs a variant of algorithms/o2td3.py under its own
 label; `offline_from: <entry>` starts each of its runs from that earlier entry's offline checkpoint of the
 same dataset and seeds, `--offline_checkpoint <its run dir>/checkpoints/offline`, so variants that differ
-only online share one pre-training and start from the same offline policy), `datasets`, `seeds`, optional `common` overrides for every algorithm, `env` variables, `output_root`
-and `command` (the command template; placeholders {python} {algo} {config} {seed} {run_dir} {dataset}). Each
-run is one subprocess, by default
+only online share one pre-training and start from the same offline policy), `datasets`, `seeds`, optional
+`common` overrides for every algorithm, `env` variables, `output_root` and `command` (the command template;
+placeholders {python} {algo} {config} {seed} {run_dir} {dataset}). Each run is one subprocess, by default
 
     python algorithms/<algo>.py --config_path configs/<algo>/<dataset>.yaml --seed S \
         --run_dir <output_root>/<algo>/<dataset>/seed<S> [--key value ...] [--resume]
@@ -349,6 +349,40 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
     return plan
 
 
+CHECK_CODE = """
+import json, sys, importlib
+sys.path.insert(0, "algorithms")
+failures = []
+for script, args in json.loads(sys.argv[1]):
+    try:
+        importlib.import_module(script).parse_config(args)
+    except BaseException as e:  # pyrallis exits (SystemExit) on an unknown field; __post_init__ raises ValueError
+        failures.append([script, args, f"{type(e).__name__}: {e}"])
+print(json.dumps(failures))
+"""
+
+
+def check_configs(plan: Plan, env: dict):
+    """Parse every unfinished run's command line with its script's own `parse_config` (config file + overrides +
+    the dataclass's validation), in one subprocess, before anything runs: a value the script rejects (e.g. an
+    evaluation interval that is not a multiple of its update block) fails the sweep now, not hours later.
+    Scripts without a top-level `parse_config` are not checked."""
+    todo = [(r.script.stem, r.args(plan.protocol["command"])) for r in plan.runs if r.status != "done"]
+    todo = [(script, args[args.index(f"algorithms/{script}.py") + 1:]) for script, args in todo
+            if f"algorithms/{script}.py" in args and "def parse_config(" in (plan.root / "algorithms" /
+                                                                              f"{script}.py").read_text()]
+    if not todo:
+        return
+    out = subprocess.run([sys.executable, "-c", CHECK_CODE, json.dumps(todo)], cwd=plan.root, env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SweepError(f"checking the runs' configs failed:\n{out.stderr[-2000:]}")
+    failures = json.loads(out.stdout.strip().splitlines()[-1])
+    if failures:
+        raise SweepError("\n  ".join(["these runs' configs are rejected by their scripts (fix the protocol):"] + [
+            f"algorithms/{script}.py {shlex.join(args)}\n    -> {msg}" for script, args, msg in failures]))
+
+
 def describe(plan: Plan, commands: bool = True) -> str:
     lines = [f"protocol {plan.protocol['name']} ({plan.protocol['path']}): {len(plan.runs)} runs, output "
              f"{plan.protocol['output_root']}"]
@@ -616,6 +650,11 @@ def main(argv=None, root: Path = ROOT, results_dir: Path = RESULTS) -> int:
     if args.collect:
         collect(build_plan(protocol, root, check_overrides=False), results_dir)  # all runs, whatever --only says
         return 0
+    try:
+        check_configs(plan, run_env(protocol))
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)  # a killed sweep stops its runs too (they resume later)
     results = execute(plan, args.jobs, shlex.split(args.wrap))
     failed = [(r, m) for r, ok, m in results if not ok]

@@ -59,3 +59,38 @@ def kill_after_checkpoints(module, config, kill_after, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         module.train(config)
     monkeypatch.setattr(module, "save_checkpoint", save)
+
+
+def seed_dirs(run_dir, seeds=None):
+    """Where a run's eval.jsonl files are: the run dir (one seed) or its seed<S>/ sub-directories (--num_seeds N)."""
+    return [Path(run_dir)] if seeds is None else [Path(run_dir) / f"seed{s}" for s in seeds]
+
+
+def buffer_rows(run_dir, seed=0):
+    """How many online transitions a run's checkpoint holds for one seed (its checkpoints/buffer/seed<S>/rows_*.npz)."""
+    import numpy as np
+    files = (Path(run_dir) / "checkpoints" / "buffer" / f"seed{seed}").glob("rows_*.npz")
+    return sum(np.load(f)["rew"].shape[0] for f in files)
+
+
+def assert_resume_matches(module, make_config, kill_after, monkeypatch, expected_dir, seeds=None, after_kill=None):
+    """Kill `module.train(make_config())` right after its `kill_after`-th checkpoint, check that it stopped early,
+    resume it with `make_config(resume=True)` and check that it ends with exactly the evaluation records of the
+    uninterrupted run in `expected_dir` (per seed<S>/ sub-directory for `seeds`). `after_kill(run_dir)` may
+    inspect the killed run's checkpoint first."""
+    config = make_config()
+    kill_after_checkpoints(module, config, kill_after, monkeypatch)
+    got, expected = seed_dirs(config.run_dir, seeds), seed_dirs(expected_dir, seeds)
+    if after_kill is not None:
+        after_kill(Path(config.run_dir))
+    assert len(read_evals(got[-1])) < len(read_evals(expected[-1]))
+    module.train(make_config(resume=True))
+    assert [read_evals(d) for d in got] == [read_evals(d) for d in expected]
+
+
+def assert_nan_loss_stops(module, config, match):
+    """A NaN loss stops `module.train(config)` with a FloatingPointError naming the loss and the update (`match`),
+    before any checkpoint is written over a good one."""
+    with pytest.raises(FloatingPointError, match=match):
+        module.train(config)
+    assert not (Path(config.run_dir) / "checkpoints" / "latest").exists()

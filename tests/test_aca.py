@@ -15,7 +15,7 @@ import pytest
 
 import aca
 import data
-from conftest import kill_after_checkpoints, read_evals
+from conftest import assert_nan_loss_stops, assert_resume_matches, buffer_rows, read_evals
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -361,8 +361,7 @@ def test_end_to_end_empty_buffer(reference_run):
     ckpt = run_dir / "checkpoints"
     for name in ("offline", "latest"):
         assert (ckpt / name / "state.npz").exists() and (ckpt / name / "config.yaml").exists()
-    rows = sum(np.load(f)["rew"].shape[0] for f in (ckpt / "buffer" / "seed0").glob("rows_*.npz"))
-    assert rows == 300  # every online transition is in the checkpointed buffer
+    assert buffer_rows(ckpt.parent) == 300  # every online transition is in the checkpointed buffer
 
 
 def test_switch_initialises_r_from_z_in_a_run(reference_run):
@@ -394,17 +393,13 @@ def test_top_n_seeding_run(reference_run, tmp_path):
     assert result["seeded_transitions"] == seeded and result["updates"] == 200 + 300
     assert evals[0] == reference[1]  # same SAC+ML start
     assert [e for e in evals if e["phase"] == "online"] != [e for e in reference if e["phase"] == "online"]
-    rows = sum(np.load(f)["rew"].shape[0] for f in (tmp_path / "checkpoints" / "buffer" / "seed0").glob("rows_*.npz"))
-    assert rows == 300  # only online transitions are saved; the seeded rows are rebuilt from the dataset
+    assert buffer_rows(tmp_path) == 300  # only online transitions are saved; seeded rows are rebuilt from the dataset
 
 
 @pytest.mark.parametrize("kill_after", [2, 5])  # 2: at the switch, 5: during fine-tuning
 def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch, kill_after):
-    dataset_id, _, _, reference = reference_run
-    kill_after_checkpoints(aca, tiny_config(dataset_id, tmp_path), kill_after, monkeypatch)
-    assert len(read_evals(tmp_path)) < len(reference)
-    aca.train(tiny_config(dataset_id, tmp_path, resume=True))
-    assert read_evals(tmp_path) == reference
+    assert_resume_matches(aca, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), kill_after, monkeypatch,
+                          reference_run[1])
 
 
 def test_offline_checkpoint_reuse_and_wrong_checkpoints(reference_run, tmp_path):
@@ -429,9 +424,8 @@ def test_offline_checkpoint_reuse_and_wrong_checkpoints(reference_run, tmp_path)
 
 
 def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"offline/critic_loss = nan.* at update 1\b"):
-        aca.train(tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")))
-    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert_nan_loss_stops(aca, tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")),
+                          r"offline/critic_loss = nan.* at update 1\b")
 
 
 def test_command_line(reference_run, tmp_path):
@@ -482,13 +476,8 @@ def test_num_seeds_matches_single_seed_runs(reference_run, multi_run, tmp_path):
 
 def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, multi_run, tmp_path, monkeypatch):
     """A --num_seeds 2 run killed during fine-tuning and resumed reproduces the uninterrupted 2-seed run."""
-    multi_dir, _ = multi_run
-    config = tiny_config(reference_run[0], tmp_path, num_seeds=2)
-    kill_after_checkpoints(aca, config, 5, monkeypatch)
-    assert len(read_evals(tmp_path / "seed1")) < len(read_evals(multi_dir / "seed1"))
-    aca.train(tiny_config(reference_run[0], tmp_path, num_seeds=2, resume=True))
-    for seed in (0, 1):
-        assert read_evals(tmp_path / f"seed{seed}") == read_evals(multi_dir / f"seed{seed}")
+    assert_resume_matches(aca, lambda **kw: tiny_config(reference_run[0], tmp_path, num_seeds=2, **kw), 5,
+                          monkeypatch, multi_run[0], seeds=(0, 1))
 
 
 def test_num_seeds_top_n_seeding_from_offline_checkpoint(reference_run, multi_run, tmp_path):
@@ -509,5 +498,4 @@ def test_num_seeds_top_n_seeding_from_offline_checkpoint(reference_run, multi_ru
     seed1 = read_evals(tmp_path / "multi" / "seed1")
     assert seed1[0] == [e for e in read_evals(multi_dir / "seed1") if e["phase"] == "offline"][-1]
     for s in (0, 1):
-        buffer_dir = tmp_path / "multi" / "checkpoints" / "buffer" / f"seed{s}"
-        assert sum(np.load(f)["rew"].shape[0] for f in buffer_dir.glob("rows_*.npz")) == 300
+        assert buffer_rows(tmp_path / "multi", s) == 300

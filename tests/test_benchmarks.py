@@ -113,6 +113,7 @@ def fake_csv(path):
     for seed, scores in online.items():
         rows.append(dict(algorithm="A", seed=seed, phase="offline", step=1000, normalized_score=10))
         rows.append(dict(algorithm="A", seed=seed, phase="offline", step=2000, normalized_score=50 + 10 * seed))
+        rows.append(dict(algorithm="A", seed=seed, phase="alignment", step=2500, normalized_score=70 + seed))
         for i, (step, score) in enumerate(zip([600, 1100, 3000, 5000, 10000], scores)):
             rows.append(dict(algorithm="A", seed=seed, phase="online", step=step, online_step=step,
                              normalized_score=score, wall_time=60 * (10 + seed) * (i + 1) / 5))
@@ -138,10 +139,11 @@ def test_report_numbers_curves_and_readme(tmp_path):
     md = (tmp_path / "sweep_fake.md").read_text()
     row_a = next(line for line in md.splitlines() if line.startswith("| A |"))
     cells = [c.strip() for c in row_a.strip("|").split("|")]
-    # seeds, offline end, online last, online best (85/100/90), dip over evals <= 1100 (20/25/30), steps, wall
-    assert cells[2:] == ["3", "60.0 ± 10.0", "80.0 ± 10.0", "91.7 ± 7.6", "25.0 ± 5.0", "10,000", "11 ± 1"]
+    # seeds, pre-training, before online, online last, best (85/100/90), dip over evals <= 1100 (20/25/30), steps, wall
+    assert cells[2:] == ["3", "60.0 ± 10.0", "71.0 ± 1.0", "80.0 ± 10.0", "91.7 ± 7.6", "25.0 ± 5.0", "10,000",
+                         "11 ± 1"]
     row_b = next(line for line in md.splitlines() if line.startswith("| B |"))
-    assert [c.strip() for c in row_b.strip("|").split("|")][2:7] == ["1", "40.0", "60.0", "60.0", "10.0"]
+    assert [c.strip() for c in row_b.strip("|").split("|")][2:8] == ["1", "40.0", "40.0", "60.0", "60.0", "10.0"]
     assert "seeds 0, 1, 2" in md and "online_steps 10k" in md and "offline_updates 50k" in md
     assert "wandb_mode" not in md and "No results yet: C." in md and "last" in md and "best" in md
     png = tmp_path / "sweep_fake_curves.png"
@@ -313,6 +315,19 @@ def test_bad_inputs_fail_before_anything_runs(fake_root, capsys):
         sweep.build_plan(sweep.load_protocol(proto), root, strict=True)
     with pytest.raises(sweep.SweepError, match="unknown protocol keys"):
         sweep.build_plan(sweep.load_protocol(write_protocol(proto, seed=[0])), root)
+
+
+def test_values_the_script_rejects_fail_before_anything_runs(tmp_path, capsys):
+    """Each run's command line is parsed by its script's own parse_config (config + overrides + validation) first."""
+    proto = tmp_path / "smoke.yaml"
+    proto.write_text((ROOT / "benchmarks" / "protocols" / "smoke.yaml").read_text())
+    protocol = yaml.safe_load(proto.read_text())
+    protocol["algorithms"]["iql"]["offline_eval_every"] = 30  # not a multiple of update_block 50
+    write_protocol(proto, output_root=str(tmp_path / "runs"), algorithms={"iql": protocol["algorithms"]["iql"]})
+    assert sweep.main([str(proto)], results_dir=tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "rejected by their scripts" in err and "offline_eval_every=30 must be a multiple of update_block=50" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_shipped_protocols_check_against_the_real_scripts():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cal_ql
-from conftest import kill_after_checkpoints, read_evals
+from conftest import assert_nan_loss_stops, assert_resume_matches, read_evals
 
 # Tiny budgets; every run in this file shares these static shapes, so the update block compiles once.
 TINY = dict(offline_updates=200, online_steps=300, update_block=50, offline_eval_every=100, online_eval_every=100,
@@ -157,11 +157,9 @@ def test_end_to_end_writes_evals_and_checkpoints(reference_run):
 
 
 def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch):
-    dataset_id, _, _, reference = reference_run
-    kill_after_checkpoints(cal_ql, tiny_config(dataset_id, tmp_path), 4, monkeypatch)  # after the first online evaluation
-    assert len(read_evals(tmp_path)) < len(reference)
-    cal_ql.train(tiny_config(dataset_id, tmp_path, resume=True))
-    assert read_evals(tmp_path) == reference
+    # killed after the first online evaluation
+    assert_resume_matches(cal_ql, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), 4, monkeypatch,
+                          reference_run[1])
 
 
 def test_offline_checkpoint_round_trip_and_corl_variant(reference_run, tmp_path):
@@ -176,9 +174,8 @@ def test_offline_checkpoint_round_trip_and_corl_variant(reference_run, tmp_path)
 
 
 def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"offline/.*critic_loss = nan.* at update 1\b"):
-        cal_ql.train(tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")))
-    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert_nan_loss_stops(cal_ql, tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")),
+                          r"offline/.*critic_loss = nan.* at update 1\b")
 
 
 def test_num_seeds_matches_single_seed_runs(reference_run, tmp_path):
@@ -196,3 +193,11 @@ def test_num_seeds_matches_single_seed_runs(reference_run, tmp_path):
         # online: same schedule while trajectories agree; round-off may change an episode's length later
         assert got[len(offline)]["env_steps"] == expected[len(offline)]["env_steps"]
         np.testing.assert_allclose(got[-1]["return"], expected[-1]["return"], rtol=0.1)
+
+
+
+def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch):
+    """A --num_seeds 2 run killed during fine-tuning and resumed reproduces the uninterrupted 2-seed run."""
+    cal_ql.train(tiny_config(reference_run[0], tmp_path / "full", num_seeds=2))
+    assert_resume_matches(cal_ql, lambda **kw: tiny_config(reference_run[0], tmp_path / "killed", num_seeds=2, **kw), 4,
+                          monkeypatch, tmp_path / "full", seeds=(0, 1))

@@ -12,7 +12,7 @@ import pytest
 
 import data
 import iql
-from conftest import kill_after_checkpoints, read_evals
+from conftest import assert_nan_loss_stops, assert_resume_matches, buffer_rows, read_evals
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny budgets; every run in this file shares these static shapes, so the update block compiles once.
@@ -103,17 +103,13 @@ def test_end_to_end_writes_evals_and_checkpoints(reference_run):
     ckpt = run_dir / "checkpoints"
     for name in ("offline", "latest"):
         assert (ckpt / name / "state.npz").exists() and (ckpt / name / "config.yaml").exists()
-    rows = sum(np.load(f)["rew"].shape[0] for f in (ckpt / "buffer" / "seed0").glob("rows_*.npz"))
-    assert rows == 300  # every online transition is in the checkpointed buffer
+    assert buffer_rows(ckpt.parent) == 300  # every online transition is in the checkpointed buffer
 
 
 @pytest.mark.parametrize("kill_after", [2, 5])  # 2: during pre-training, 5: during fine-tuning
 def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch, kill_after):
-    dataset_id, _, _, reference = reference_run
-    kill_after_checkpoints(iql, tiny_config(dataset_id, tmp_path), kill_after, monkeypatch)
-    assert len(read_evals(tmp_path)) < len(reference)
-    iql.train(tiny_config(dataset_id, tmp_path, resume=True))
-    assert read_evals(tmp_path) == reference
+    assert_resume_matches(iql, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), kill_after, monkeypatch,
+                          reference_run[1])
 
 
 def test_offline_checkpoint_round_trip(reference_run, tmp_path):
@@ -125,10 +121,8 @@ def test_offline_checkpoint_round_trip(reference_run, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
-    dataset_id = reference_run[0]
-    with pytest.raises(FloatingPointError, match=r"offline/critic_loss .* at update 1\b"):
-        iql.train(tiny_config(dataset_id, tmp_path, reward_bias=float("nan")))
-    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert_nan_loss_stops(iql, tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")),
+                          r"offline/critic_loss .* at update 1\b")
 
 
 def test_command_line(reference_run, tmp_path):
@@ -159,3 +153,11 @@ def test_num_seeds_matches_single_seed_runs(reference_run, tmp_path):
                                    [e["return"] for e in expected[:len(offline)]], rtol=1e-3)
         # online: the same schedule; returns agree closely (tiny round-off can grow through the dynamics)
         np.testing.assert_allclose([e["return"] for e in got], [e["return"] for e in expected], rtol=0.05)
+
+
+
+def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch):
+    """A --num_seeds 2 run killed during fine-tuning and resumed reproduces the uninterrupted 2-seed run."""
+    iql.train(tiny_config(reference_run[0], tmp_path / "full", num_seeds=2))
+    assert_resume_matches(iql, lambda **kw: tiny_config(reference_run[0], tmp_path / "killed", num_seeds=2, **kw), 5,
+                          monkeypatch, tmp_path / "full", seeds=(0, 1))

@@ -13,7 +13,7 @@ import pytest
 import data
 import iql
 import o2ppo
-from conftest import kill_after_checkpoints, read_evals
+from conftest import assert_nan_loss_stops, assert_resume_matches, read_evals
 
 # Tiny budgets; every run in this file shares these static shapes, so each jitted function compiles once per variant.
 TINY = dict(offline_updates=200, reevaluation_updates=100, online_steps=600, update_block=50, offline_eval_every=100,
@@ -267,15 +267,13 @@ def test_end_to_end_three_phases(reference_run):
 
 @pytest.mark.parametrize("kill_after", [4, 6])  # 4: during re-evaluation, 6: online, mid-rollout
 def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch, kill_after):
-    dataset_id, _, _, reference = reference_run
-    kill_after_checkpoints(o2ppo, tiny_config(dataset_id, tmp_path), kill_after, monkeypatch)
-    meta = o2ppo.read_meta(tmp_path / "checkpoints" / "latest")
-    assert meta["phase"] == ("reevaluation" if kill_after == 4 else "online")
-    if kill_after == 6:
-        assert 0 < meta["rollout"][0]["count"] < 128  # a partial rollout is part of the checkpoint
-    assert len(read_evals(tmp_path)) < len(reference)
-    o2ppo.train(tiny_config(dataset_id, tmp_path, resume=True))
-    assert read_evals(tmp_path) == reference
+    def after_kill(run_dir):
+        meta = o2ppo.read_meta(run_dir / "checkpoints" / "latest")
+        assert meta["phase"] == ("reevaluation" if kill_after == 4 else "online")
+        if kill_after == 6:
+            assert 0 < meta["rollout"][0]["count"] < 128  # a partial rollout is part of the checkpoint
+    assert_resume_matches(o2ppo, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), kill_after, monkeypatch,
+                          reference_run[1], after_kill=after_kill)
 
 
 def test_own_offline_checkpoint_round_trip(reference_run, tmp_path):
@@ -365,9 +363,8 @@ def test_wrong_offline_checkpoint_fails_clearly(reference_run, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"offline/critic_loss .* at update 1\b"):
-        o2ppo.train(tiny_config(reference_run[0], tmp_path, iql_reward_bias=float("nan")))
-    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert_nan_loss_stops(o2ppo, tiny_config(reference_run[0], tmp_path, iql_reward_bias=float("nan")),
+                          r"offline/critic_loss .* at update 1\b")
 
 
 # ---- several seeds in one process
@@ -407,14 +404,11 @@ def test_num_seeds_matches_single_seed_runs(reference_run, multi_seed_run, tmp_p
 
 
 def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, multi_seed_run, tmp_path, monkeypatch):
-    dataset_id = reference_run[0]
-    expected = [read_evals(multi_seed_run[1] / f"seed{s}") for s in (0, 1)]
-    config = tiny_config(dataset_id, tmp_path, num_seeds=2)
-    kill_after_checkpoints(o2ppo, config, 6, monkeypatch)  # the first joint online checkpoint
-    meta = o2ppo.read_meta(tmp_path / "checkpoints" / "latest")
-    assert meta["phase"] == "online" and len(meta["rollout"]) == 2
-    o2ppo.train(tiny_config(dataset_id, tmp_path, num_seeds=2, resume=True))
-    assert [read_evals(tmp_path / f"seed{s}") for s in (0, 1)] == expected
+    def after_kill(run_dir):  # killed at the first joint online checkpoint
+        meta = o2ppo.read_meta(run_dir / "checkpoints" / "latest")
+        assert meta["phase"] == "online" and len(meta["rollout"]) == 2
+    assert_resume_matches(o2ppo, lambda **kw: tiny_config(reference_run[0], tmp_path, num_seeds=2, **kw), 6,
+                          monkeypatch, multi_seed_run[1], seeds=(0, 1), after_kill=after_kill)
 
 
 def test_num_seeds_offline_checkpoint(reference_run, multi_seed_run, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 import cal_ql
 import o2sac
-from conftest import kill_after_checkpoints, read_evals
+from conftest import assert_nan_loss_stops, assert_resume_matches, buffer_rows, read_evals
 
 # Tiny budgets; every run in this file shares these static shapes, so each jitted block compiles once per Hyper.
 TINY = dict(offline_updates=100, ope_steps=100, align_steps=100, online_steps=300, update_block=50, online_block=10,
@@ -259,16 +259,13 @@ def test_end_to_end_all_phases(reference_run):
     ckpt = run_dir / "checkpoints"
     for name in ("offline", "latest"):
         assert (ckpt / name / "state.npz").exists() and (ckpt / name / "config.yaml").exists()
-    assert sum(np.load(f)["rew"].shape[0] for f in (ckpt / "buffer" / "seed0").glob("rows_*.npz")) == 300
+    assert buffer_rows(ckpt.parent) == 300
 
 
 @pytest.mark.parametrize("kill_after", [4, 9])  # 4: during re-evaluation, 9: during fine-tuning
 def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch, kill_after):
-    dataset_id, _, _, reference = reference_run
-    kill_after_checkpoints(o2sac, tiny_config(dataset_id, tmp_path), kill_after, monkeypatch)
-    assert len(read_evals(tmp_path)) < len(reference)
-    o2sac.train(tiny_config(dataset_id, tmp_path, resume=True))
-    assert read_evals(tmp_path) == reference
+    assert_resume_matches(o2sac, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), kill_after, monkeypatch,
+                          reference_run[1])
 
 
 def test_offline_checkpoint_reuse_equals_the_full_run(reference_run, tmp_path):
@@ -359,9 +356,8 @@ def test_offline_checkpoint_from_cal_ql_and_wrong_forms(reference_run, tmp_path)
 
 
 def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"offline/.*critic_loss = nan.* at update 1\b"):
-        o2sac.train(tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")))
-    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert_nan_loss_stops(o2sac, tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")),
+                          r"offline/.*critic_loss = nan.* at update 1\b")
 
 
 # ---- several seeds in one process
@@ -396,20 +392,15 @@ def test_num_seeds_matches_single_seed_runs(reference_run, multi_run, tmp_path):
         np.testing.assert_allclose([e["return"] for e in got], [e["return"] for e in expected], rtol=0.05)
         for key in ("lambda", "alpha"):
             np.testing.assert_allclose([e[key] for e in got[2:]], [e[key] for e in expected[2:]], rtol=1e-2)
-        rows = sum(np.load(f)["rew"].shape[0] for f in (multi_dir / "checkpoints" / "buffer" / f"seed{seed}").glob(
-            "rows_*.npz"))
-        assert rows == 300
+        assert buffer_rows(multi_dir, seed) == 300
     assert read_evals(multi_dir / "seed0") != read_evals(multi_dir / "seed1")  # the seeds differ
 
 
 def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, multi_run, tmp_path, monkeypatch):
     dataset_id = reference_run[0]
     multi_dir = multi_run[0]
-    kill_after_checkpoints(o2sac, tiny_config(dataset_id, tmp_path, num_seeds=2), 9, monkeypatch)  # fine-tuning
-    assert len(read_evals(tmp_path / "seed0")) < len(read_evals(multi_dir / "seed0"))
-    o2sac.train(tiny_config(dataset_id, tmp_path, num_seeds=2, resume=True))
-    for seed in (0, 1):
-        assert read_evals(tmp_path / f"seed{seed}") == read_evals(multi_dir / f"seed{seed}")
+    assert_resume_matches(o2sac, lambda **kw: tiny_config(dataset_id, tmp_path, num_seeds=2, **kw), 9, monkeypatch,
+                          multi_dir, seeds=(0, 1))  # killed during fine-tuning
 
 
 def test_num_seeds_offline_checkpoint(reference_run, multi_run, tmp_path):

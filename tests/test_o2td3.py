@@ -12,7 +12,7 @@ import pytest
 
 import iql
 import o2td3
-from conftest import kill_after_checkpoints, read_evals
+from conftest import assert_nan_loss_stops, assert_resume_matches, buffer_rows, read_evals
 
 # Tiny budgets; the runs share these static shapes, so each phase's update block compiles once per Hyper.
 TINY = dict(offline_updates=200, ope_updates=100, align_updates=100, online_steps=300, warmup_steps=50,
@@ -187,11 +187,8 @@ def test_end_to_end_all_phases(reference_run):
 
 @pytest.mark.parametrize("kill_after", [1, 5, 7])  # during pre-training, after re-evaluation, during fine-tuning
 def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch, kill_after):
-    dataset_id, _, _, reference = reference_run
-    kill_after_checkpoints(o2td3, tiny_config(dataset_id, tmp_path), kill_after, monkeypatch)
-    assert len(read_evals(tmp_path)) < len(reference)
-    o2td3.train(tiny_config(dataset_id, tmp_path, resume=True))
-    assert read_evals(tmp_path) == reference
+    assert_resume_matches(o2td3, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), kill_after, monkeypatch,
+                          reference_run[1])
 
 
 def test_offline_checkpoint_round_trip(reference_run, tmp_path):
@@ -281,9 +278,8 @@ def test_wrong_checkpoint_forms_fail_clearly(reference_run, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"offline/critic_loss = nan.* at update 1 of phase offline"):
-        o2td3.train(tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")))
-    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert_nan_loss_stops(o2td3, tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")),
+                          r"offline/critic_loss = nan.* at update 1 of phase offline")
 
 
 # ---- several seeds in one process
@@ -316,19 +312,15 @@ def test_num_seeds_matches_single_seed_runs(reference_run, multi_run, tmp_path):
         # online: the same schedule; returns and lambda agree closely (round-off can grow through the dynamics)
         np.testing.assert_allclose([e["return"] for e in got], [e["return"] for e in expected], rtol=0.05)
         np.testing.assert_allclose([e["lambda"] for e in got[2:]], [e["lambda"] for e in expected[2:]], rtol=1e-2)
-        rows = sum(np.load(f)["rew"].shape[0] for f in (multi_dir / "checkpoints" / "buffer" / f"seed{seed}").glob(
-            "rows_*.npz"))
-        assert rows == 300
+        assert buffer_rows(multi_dir, seed) == 300
     assert read_evals(multi_dir / "seed0") != read_evals(multi_dir / "seed1")  # the seeds differ
 
 
 def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, multi_run, tmp_path, monkeypatch):
     dataset_id = reference_run[0]
     multi_dir = multi_run[0]
-    kill_after_checkpoints(o2td3, tiny_config(dataset_id, tmp_path, num_seeds=2), 7, monkeypatch)  # fine-tuning
-    o2td3.train(tiny_config(dataset_id, tmp_path, num_seeds=2, resume=True))
-    for seed in (0, 1):
-        assert read_evals(tmp_path / f"seed{seed}") == read_evals(multi_dir / f"seed{seed}")
+    assert_resume_matches(o2td3, lambda **kw: tiny_config(dataset_id, tmp_path, num_seeds=2, **kw), 7, monkeypatch,
+                          multi_dir, seeds=(0, 1))  # killed during fine-tuning
 
 
 def test_num_seeds_offline_checkpoint(reference_run, multi_run, tmp_path):

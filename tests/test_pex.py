@@ -14,7 +14,7 @@ import pytest
 import data
 import iql
 import pex
-from conftest import kill_after_checkpoints, read_evals
+from conftest import assert_nan_loss_stops, assert_resume_matches, buffer_rows, read_evals
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny budgets; every run in this file shares these static shapes, so the update blocks compile once. The IQL
@@ -200,8 +200,7 @@ def test_end_to_end_writes_evals_and_checkpoints(reference_run):
     ckpt = run_dir / "checkpoints"
     for name in ("offline", "latest"):
         assert (ckpt / name / "state.npz").exists() and (ckpt / name / "config.yaml").exists()
-    rows = sum(np.load(f)["rew"].shape[0] for f in (ckpt / "buffer" / "seed0").glob("rows_*.npz"))
-    assert rows == 300
+    assert buffer_rows(ckpt.parent) == 300
 
 
 def test_offline_policy_stays_frozen_online(reference_run):
@@ -220,11 +219,8 @@ def test_offline_policy_stays_frozen_online(reference_run):
 
 @pytest.mark.parametrize("kill_after", [2, 5])  # 2: at the offline->online switch, 5: during fine-tuning
 def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch, kill_after):
-    dataset_id, _, _, reference = reference_run
-    kill_after_checkpoints(pex, tiny_config(dataset_id, tmp_path), kill_after, monkeypatch)
-    assert len(read_evals(tmp_path)) < len(reference)
-    pex.train(tiny_config(dataset_id, tmp_path, resume=True))
-    assert read_evals(tmp_path) == reference
+    assert_resume_matches(pex, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), kill_after, monkeypatch,
+                          reference_run[1])
 
 
 def test_offline_checkpoint_round_trip(reference_run, tmp_path):
@@ -270,9 +266,8 @@ def test_iql_checkpoint_with_other_sizes_fails_clearly(reference_run, iql_run, t
 
 
 def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"offline/critic_loss .* at update 1\b"):
-        pex.train(tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")))
-    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert_nan_loss_stops(pex, tiny_config(reference_run[0], tmp_path, reward_bias=float("nan")),
+                          r"offline/critic_loss .* at update 1\b")
 
 
 def test_command_line(reference_run, tmp_path):
@@ -307,16 +302,12 @@ def test_num_seeds_matches_single_seed_runs(reference_run, multi_run, tmp_path):
         assert sorted(z.files) == sorted(one.files)
         assert all(z[k].shape == (2,) + one[k].shape for k in z.files)
     for seed in (0, 1):
-        assert sum(np.load(f)["rew"].shape[0] for f in (ckpt / "buffer" / f"seed{seed}").glob("rows_*.npz")) == 300
+        assert buffer_rows(ckpt.parent, seed) == 300
 
 
 def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, multi_run, tmp_path, monkeypatch):
-    cfg = tiny_config(reference_run[0], tmp_path, num_seeds=2)
-    kill_after_checkpoints(pex, cfg, 5, monkeypatch)  # during fine-tuning
-    assert len(multi_evals(tmp_path, 1)) < len(multi_evals(multi_run, 1))
-    pex.train(tiny_config(reference_run[0], tmp_path, num_seeds=2, resume=True))
-    for seed in (0, 1):
-        assert multi_evals(tmp_path, seed) == multi_evals(multi_run, seed)
+    assert_resume_matches(pex, lambda **kw: tiny_config(reference_run[0], tmp_path, num_seeds=2, **kw), 5,
+                          monkeypatch, multi_run, seeds=(0, 1))  # killed during fine-tuning
 
 
 def test_num_seeds_offline_checkpoints_with_iql(reference_run, multi_run, tmp_path):
