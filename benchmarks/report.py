@@ -163,17 +163,18 @@ def markdown(protocol: dict, summary: dict, rows: list, algos: list, datasets: l
     finished = {(r["algorithm"], r["dataset"], r["seed"]) for r in rows if r["finished"]}
     missing = [a for a in protocol["algorithms"] if not any(k[0] == a for k in summary)]
     algo_overrides = {a: o or {} for a, o in protocol["algorithms"].items()}
-    budgets = "; ".join(f"`{a}` " + (", ".join(f"{k} {_short(v)}" for k, v in o.items() if k not in NOT_BUDGET)
-                                     or "config defaults") for a, o in algo_overrides.items())
-    common = ", ".join(f"{k} {_short(v)}" for k, v in protocol.get("common", {}).items() if k not in NOT_BUDGET)
+    listed = lambda o: ", ".join(f"{k} {_short(v)}" for k, v in o.items() if k not in NOT_BUDGET)  # noqa
+    budgets = "\n".join(f"- `{a}`: {listed(o) or 'config defaults'}" for a, o in algo_overrides.items())
+    common = listed(protocol.get("common", {}))
     if common:
-        budgets = f"every algorithm: {common}; " + budgets
+        budgets = f"- every entry: {common}\n" + budgets
     sources = {r["wall_time_source"] for r in rows if r.get("wall_time_source")}
     out = [f"Protocol `{protocol['name']}` (`{protocol['path']}`): seeds {', '.join(map(str, protocol['seeds']))}; "
            f"datasets {', '.join(f'`{d}`' for d in protocol['datasets'])}; {len(finished)} of {planned} planned "
            f"runs finished" + (f" ({len(runs - finished)} unfinished runs included)" if include_unfinished
                                and runs - finished else "") + ".",
-           f"Budgets (overrides of `configs/<algo>/<dataset>.yaml`): {budgets}.", "",
+           "", "Budgets (overrides of `configs/<algo>/<dataset>.yaml`; `script`: the variant's algorithm file; "
+           "`offline_from`: starts from that entry's offline checkpoint, same dataset and seeds):", "", budgets, "",
            table(summary, algos, datasets), "",
            "D4RL-normalised scores (0 = random, 100 = expert reference of the dataset), deterministic evaluation; "
            "mean ± sample std over seeds. *pre-training*: last evaluation of the offline phase (for an entry with "
