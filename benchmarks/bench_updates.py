@@ -1,7 +1,7 @@
 """Time the offline updates of the seven algorithms on synthetic Hopper-shaped data, next to the CPU's matmul rate,
 and the online loop's per-env-step overhead (act + env.step) against the update time.
 
-    python benchmarks/bench_updates.py                     # ~3-5 min on 2 CPU cores
+    python benchmarks/bench_updates.py                     # ~15-20 min on 2 busy CPU cores (see below)
     python benchmarks/bench_updates.py --seconds 20 --out benchmarks/results/bench_updates.json
     python benchmarks/bench_updates.py --algos iql,o2sac --seconds 5
 
@@ -29,18 +29,22 @@ initialised one-seed state: `--env_steps` steps of act (incl. the host->device t
 mask and the device->host copy of the action) + env.step (+ env.reset at an episode end), i.e. what each script
 does per online env step. Reported: act_ms, env_ms, step_ms (per env step); online_overhead_fraction = step_ms /
 update_ms, where update_ms = 1000 / updates_per_s: the time of one OFFLINE update stands in for one online update
-(same networks and batch size; the online update of o2sac/o2td3 (fine-tuning critics), aca and pex (composite
-actions) differs somewhat), at one update per env step (the issue's target: <= 10%); and env_steps_per_s =
+(the same update for iql and cal_ql; same-sized networks for o2td3 (its online update: ~1.3x the FLOPs), aca and pex;
+for o2sac the CQL update is ~10x its online fine-tuning update's FLOPs, so its two online numbers are lower bounds),
+at one update per env step (the issue's target: <= 10%); and env_steps_per_s =
 1000 / (step_ms + utd * update_ms) with utd the config's updates per env step (o2sac utd, cal_ql online_utd, else
 1). o2ppo fine-tunes on-policy (PPO epochs over each rollout_length rollout), so its update cost is amortised over
 rollouts and not a per-step cost: its env_steps_per_s is env + act only. Not counted: each script's per-block
 buffer_insert and update dispatch (per env step for o2sac and o2td3, whose online_block is 1) and its logging.
 Caveat: a random-initialised actor ends Hopper episodes early, so there are more resets than with a trained one.
 
-Other processes on the machine slow every number here: the JSON records the load average.
+Run time: every algorithm runs one warm-up block and at least 2 timed blocks; at ~6-10 updates/s a 1000-update
+block of cal_ql or o2sac (CQL: Q at 31 actions per state) takes 100-170 s, most of the total (`--block 200`
+shortens it). Other processes on the machine slow every number here: the JSON records the load average.
 """
 import argparse
 import functools
+import importlib
 import json
 import os
 import platform
@@ -61,6 +65,11 @@ ENV_ID = "Hopper-v5"
 ALGOS = ("iql", "cal_ql", "o2sac", "o2td3", "o2ppo", "aca", "pex")
 NORM = (np.zeros(OBS_DIM, np.float32), np.ones(OBS_DIM, np.float32))  # obs mean / std of the states
 KEY = jax.random.PRNGKey(1)  # the update key of the single-update cost analysis
+ONLINE_NOTE = ("per env step, one seed: act_ms (act function incl. transfers) + env_ms (env.step, env.reset at an "
+               "episode end) = step_ms; update_ms = 1000 / updates_per_s: one OFFLINE update stands in for one "
+               "online update; online_overhead_fraction = step_ms / update_ms (one update per env step); "
+               "env_steps_per_s = 1000 / (step_ms + updates_per_env_step * update_ms), updates_per_env_step from "
+               "the config (null: on-policy, see the algorithm's online_note)")
 
 
 def parse_args(argv=None):
@@ -121,8 +130,8 @@ def offline_buffer(module, rows):
 
 def empty_online(offline, n_seeds):
     """An online buffer of one zero row per seed and online sizes 0 (offline phase: every batch row offline)."""
-    return jax.tree.map(lambda x: jnp.zeros((n_seeds, 1) + x.shape[1:], x.dtype), offline), \
-        jnp.zeros((n_seeds,), jnp.int32)
+    online = jax.tree.map(lambda x: jnp.zeros((n_seeds, 1) + x.shape[1:], x.dtype), offline)
+    return online, jnp.zeros((n_seeds,), jnp.int32)
 
 
 def first_rows(buffer, n):
@@ -130,15 +139,18 @@ def first_rows(buffer, n):
 
 
 def load_config(module, name, block):
+    """The algorithm's Hopper config (pyrallis.decode: what pyrallis.parse gives without a command line, ~1 s
+    faster) with update_block = `block`, and its path."""
     import pyrallis
+    import yaml
     path = ROOT / "configs" / name / "o2o" / "hopper" / "medium-v0.yaml"
-    cfg = pyrallis.parse(config_class=module.TrainConfig, config_path=str(path), args=[])
+    cfg = pyrallis.decode(module.TrainConfig, yaml.safe_load(path.read_text()))
     cfg.update_block = block
     return cfg, str(path.relative_to(ROOT))
 
 
 HYPER_FIELDS = {"hidden": "hidden", "policy_hidden": "policy_hidden", "actor_hidden": "actor_hidden",
-                "critic_hidden": "critic_hidden", "value_hidden": "value_hidden", "n_critics": "n_critics",
+                "critic_hidden": "critic_hidden", "n_critics": "n_critics",
                 "n_actions": "cql_n_actions", "batch_size": "batch_size", "iql_batch_size": "batch_size"}
 
 
@@ -172,105 +184,102 @@ class Setup(NamedTuple):
     """What an algorithm's adapter builds; `bench` does the rest."""
     info: dict  # config file and network sizes
     module: Any  # the algorithm's module (its stack_seeds makes the seed axis)
-    init: Callable  # PRNG key -> one seed's state (jitted by `bench`: one compilation instead of ~70 eager ops)
+    init: Callable  # PRNG key -> one seed's state
     block: Callable  # n_seeds -> Call of the offline update block on states with a leading seed axis n_seeds
     one: Call  # one offline update of one seed's state on one batch
     act: Callable  # one-seed state -> act(obs [1, obs_dim], keys [1, 2], active [1]) -> (actions, keys)
     utd: Optional[int] = 1  # online updates per env step (None: on-policy, updates amortised over rollouts)
+    note: str = ""  # how far the offline update stands in for the online one, where it is far off
 
 
 # ---------------------------------------------------------------------------------------------- adapters
+def prepare(name, args, hyper=lambda module, cfg: module.make_hyper(cfg, OBS_DIM, ACT_DIM)):
+    """(module, config, Hyper, offline buffer, description) of algorithm `name`."""
+    module = importlib.import_module(name)
+    cfg, source = load_config(module, name, args.block)
+    h = hyper(module, cfg)
+    return module, cfg, h, offline_buffer(module, args.rows), describe(source, h)
+
+
+def explore(module, h, *extra):
+    """One-seed state -> the script's per-step act call: module.act_explore(actor params, obs stats, obs, keys,
+    active, *extra, h) -> (action, next keys) (its first and last outputs)."""
+    def act(s):
+        def step(obs, keys, active):
+            out = module.act_explore(s.actor.params, s.obs_mean, s.obs_std, obs, keys, active, *extra, h)
+            return out[0], out[-1]
+        return step
+    return act
+
+
 def setup_iql(args):
-    import iql
-    cfg, source = load_config(iql, "iql", args.block)
-    h = iql.make_hyper(cfg, OBS_DIM, ACT_DIM)
-    offline = offline_buffer(iql, args.rows)
+    iql, cfg, h, offline, info = prepare("iql", args)
     return Setup(
-        describe(source, h), iql, lambda key: iql.init_state(h, key, *NORM),
+        info, iql, lambda key: iql.init_state(h, key, *NORM),
         lambda n: Call(iql.update_block, (offline, *empty_online(offline, n)), {"h": h}),
-        one_update(iql.iql_update, first_rows(offline, h.batch_size), KEY, h=h),
-        lambda s: lambda o, k, a: iql.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a, h))
+        one_update(iql.iql_update, first_rows(offline, h.batch_size), KEY, h=h), explore(iql, h))
 
 
 def setup_cal_ql(args):
-    import cal_ql
-    cfg, source = load_config(cal_ql, "cal_ql", args.block)
-    h = cal_ql.make_hyper(cfg, OBS_DIM, ACT_DIM)
-    offline = offline_buffer(cal_ql, args.rows)
+    cal_ql, cfg, h, offline, info = prepare("cal_ql", args)
     flags = (cfg.calibration, cfg.cql_weight)  # the offline phase's
     return Setup(
-        describe(source, h), cal_ql, lambda key: cal_ql.init_state(h, key, *NORM, cfg.log_alpha_prime_init),
+        info, cal_ql, lambda key: cal_ql.init_state(h, key, *NORM, cfg.log_alpha_prime_init),
         lambda n: Call(cal_ql.update_block, (offline, args.rows, *empty_online(offline, n), *flags), {"h": h}),
-        one_update(cal_ql.calql_update, first_rows(offline, h.batch_size), KEY, *flags, h=h),
-        lambda s: lambda o, k, a: cal_ql.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a, h),
+        one_update(cal_ql.calql_update, first_rows(offline, h.batch_size), KEY, *flags, h=h), explore(cal_ql, h),
         cfg.online_utd)
 
 
 def setup_o2sac(args):
-    import o2sac
-    cfg, source = load_config(o2sac, "o2sac", args.block)
-    h = o2sac.make_cql_hyper(cfg, OBS_DIM, ACT_DIM)  # the fine-tuning actor is the CQL one (same network)
-    offline = offline_buffer(o2sac, args.rows)
+    # the CQL hyper-parameters; the fine-tuning actor is the CQL actor (the same network)
+    o2sac, cfg, h, offline, info = prepare("o2sac", args, lambda m, cfg: m.make_cql_hyper(cfg, OBS_DIM, ACT_DIM))
     return Setup(
-        describe(source, h), o2sac, lambda key: o2sac.init_cql_state(h, key, *NORM),
+        info, o2sac, lambda key: o2sac.init_cql_state(h, key, *NORM),
         lambda n: Call(o2sac.cql_block, (offline, args.rows), {"h": h}),
-        one_update(o2sac.cql_update, first_rows(offline, h.batch_size), KEY, h=h),
-        lambda s: lambda o, k, a: o2sac.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a, h),
-        cfg.utd)
+        one_update(o2sac.cql_update, first_rows(offline, h.batch_size), KEY, h=h), explore(o2sac, h),
+        cfg.utd, "the offline CQL update (Q at 1 + 3 cql_n_actions actions per state) is ~10x the FLOPs of the "
+                 "online fine-tuning update: online_overhead_fraction and env_steps_per_s are lower bounds")
 
 
 def setup_o2td3(args):
-    import o2td3
-    cfg, source = load_config(o2td3, "o2td3", args.block)
-    h = o2td3.make_hyper(cfg, OBS_DIM, ACT_DIM, offline=True)  # fine-tuning keeps the actor network
-    offline = offline_buffer(o2td3, args.rows)
+    # the TD3+BC hyper-parameters; fine-tuning keeps the actor network
+    o2td3, cfg, h, offline, info = prepare("o2td3", args, lambda m, cfg: m.make_hyper(cfg, OBS_DIM, ACT_DIM, True))
     return Setup(
-        describe(source, h), o2td3, lambda key: o2td3.init_offline_state(h, key, *NORM),
+        info, o2td3, lambda key: o2td3.init_offline_state(h, key, *NORM),
         lambda n: Call(o2td3.update_block, (offline,), {"phase": "offline", "h": h}),
         one_update(o2td3.td3bc_update, first_rows(offline, h.batch_size), KEY, 0, h=h),
-        lambda s: lambda o, k, a: o2td3.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a,
-                                                    cfg.explore_noise, h)[::2])  # (executed action, key)
+        explore(o2td3, h, cfg.explore_noise))  # the executed (noisy) action
 
 
 def setup_o2ppo(args):
-    import o2ppo
-    cfg, source = load_config(o2ppo, "o2ppo", args.block)
-    h = o2ppo.make_hyper(cfg, OBS_DIM, ACT_DIM)
-    offline = offline_buffer(o2ppo, args.rows)
+    o2ppo, cfg, h, offline, info = prepare("o2ppo", args)
     return Setup(
-        describe(source, h), o2ppo, lambda key: o2ppo.init_iql_state(h, key, *NORM),
+        info, o2ppo, lambda key: o2ppo.init_iql_state(h, key, *NORM),
         lambda n: Call(o2ppo.iql_block, (offline,), {"h": h}),
         one_update(o2ppo.iql_update, first_rows(offline, h.iql_batch_size), h=h),
-        # PPO acts with the IQL actor's network and parameters (PPO starts from them): (action, key)
-        lambda s: lambda o, k, a: o2ppo.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a, h)[::2],
-        None)
+        explore(o2ppo, h),  # PPO acts with the IQL actor's network and parameters (it starts from them)
+        None, "on-policy PPO online: its updates are amortised over rollouts, env_steps_per_s = 1000 / step_ms "
+              "(env + act only)")
 
 
 def setup_aca(args):
-    import aca
-    cfg, source = load_config(aca, "aca", args.block)
-    h = aca.make_hyper(cfg, OBS_DIM, ACT_DIM)
-    offline = offline_buffer(aca, args.rows)
+    aca, cfg, h, offline, info = prepare("aca", args)
     noise = {k: jnp.zeros((h.batch_size, ACT_DIM)) for k in ("temp", "next", "z_next", "pi")}
     return Setup(
-        describe(source, h), aca, lambda key: aca.init_state(h, key, *NORM, cfg.initial_temperature),
+        info, aca, lambda key: aca.init_state(h, key, *NORM, cfg.initial_temperature),
         lambda n: Call(aca.update_block, (offline,), {"h": h}),
-        one_update(aca.offline_update, first_rows(offline, h.batch_size), noise, h=h),
-        lambda s: lambda o, k, a: aca.act_explore(s.actor.params, s.obs_mean, s.obs_std, o, k, a, h))
+        one_update(aca.offline_update, first_rows(offline, h.batch_size), noise, h=h), explore(aca, h))
 
 
 def setup_pex(args):
-    import pex
-    cfg, source = load_config(pex, "pex", args.block)
-    h = pex.make_hyper(cfg, OBS_DIM, ACT_DIM)
-    offline = offline_buffer(pex, args.rows)
+    pex, cfg, h, offline, info = prepare("pex", args)
 
     def act(state):  # online: the expanded state (frozen offline actor + new actor), composite actions
         s = jax.jit(jax.vmap(lambda one: pex.expand(one, h, cfg.reset_optimizers)))(state)
         return lambda o, k, a: pex.act_explore(s.offline_actor, s.actor.params, s.critic.params, s.obs_mean,
                                                s.obs_std, o, k, a, h)[::2]  # (action, key)
     return Setup(
-        describe(source, h), pex, lambda key: pex.init_state(h, key, *NORM),
+        info, pex, lambda key: pex.init_state(h, key, *NORM),
         lambda n: Call(pex.update_block, (offline, args.rows, *empty_online(offline, n)), {"h": h}),
         one_update(pex.iql_update, first_rows(offline, h.batch_size), KEY, h=h), act)
 
@@ -323,14 +332,16 @@ def time_online(act, env_steps, seed=0):
 def bench(args, setup: Setup, peak_gflops, seed_counts=()):
     """One algorithm: its single update's FLOPs, its block's updates/s with one seed (and with each of
     `seed_counts` seeds vmapped), the online loop's step time against the update time."""
-    init = jax.jit(setup.init)
+    # the seeds' states stacked by the module's stack_seeds, in one jitted program (eagerly: ~70 small compiles)
+    stacked = jax.jit(lambda keys: setup.module.stack_seeds([setup.init(k) for k in keys]))
 
     def timed(n_seeds):  # (compiled block, updates/s per seed, blocks timed, the state before the blocks)
-        state = setup.module.stack_seeds([init(jax.random.PRNGKey(s)) for s in range(n_seeds)])
+        state = stacked([jax.random.PRNGKey(s) for s in range(n_seeds)])
         compiled, run = setup.block(n_seeds).compile(state)
         return (compiled, *time_blocks(run, state, args.block, args.seconds), state)
 
-    out = {**setup.info, "flops_per_update": flops_of(setup.one.lower(init(KEY)))}  # not compiled: saves time
+    # lowered only (shapes suffice), not compiled: saves time
+    out = {**setup.info, "flops_per_update": flops_of(setup.one.lower(jax.eval_shape(setup.init, KEY)))}
     compiled, rate, out["blocks_timed"], state = timed(1)
     out["flops_compiled_block"] = flops_of(compiled)
     out["updates_per_s"] = rate
@@ -346,12 +357,9 @@ def bench(args, setup: Setup, peak_gflops, seed_counts=()):
     update_ms = 1000.0 / rate
     steps_per_s = 1000.0 / (online["step_ms"] + (setup.utd or 0) * update_ms)
     out.update(online, update_ms=update_ms, online_overhead_fraction=online["step_ms"] / update_ms,
-               updates_per_env_step=setup.utd, env_steps_per_s=steps_per_s,
-               online_note="update_ms: one offline update (stands in for one online update); "
-                           "online_overhead_fraction = step_ms / update_ms (one update per env step); "
-                           + ("env_steps_per_s = 1000 / (step_ms + updates_per_env_step * update_ms)"
-                              if setup.utd else "on-policy PPO: updates amortised over rollouts, env_steps_per_s "
-                                                "= 1000 / step_ms (env + act only)"))
+               updates_per_env_step=setup.utd, env_steps_per_s=steps_per_s)
+    if setup.note:
+        out["online_note"] = setup.note
     return out
 
 
@@ -359,7 +367,8 @@ def main(args):
     result = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "jax": jax.__version__, "backend": jax.default_backend(),
               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "load_average_before": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "rows": args.rows, "block": args.block, "env": ENV_ID, "env_steps": args.env_steps}
+              "rows": args.rows, "block": args.block, "env": ENV_ID, "env_steps": args.env_steps,
+              "online_note": ONLINE_NOTE}
     try:
         with open("/proc/cpuinfo") as f:
             result["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -380,7 +389,7 @@ def main(args):
         print(f"{name}: {r['updates_per_s']:.1f} updates/s, {r['flops_per_update'] / 1e6:.1f} MFLOP/update, "
               f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['fraction_of_matmul_gflops']:.0f}% of the matmul rate; "
               f"online step {r['step_ms']:.2f} ms (act {r['act_ms']:.2f} + env {r['env_ms']:.2f}) = "
-              f"{100 * r['online_overhead_fraction']:.0f}% of an update, {r['env_steps_per_s']:.0f} env steps/s "
+              f"{100 * r['online_overhead_fraction']:.1f}% of an update, {r['env_steps_per_s']:.0f} env steps/s "
               f"({utd})")
     result["load_average_after"] = os.getloadavg()
     out = Path(args.out)

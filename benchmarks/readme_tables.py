@@ -12,3 +12,15 @@ def replace_section(name: str, markdown: str, readme: Path = README) -> None:
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")
+
+
+def update_readme(name: str, markdown: str, readme: Path = README) -> int:
+    """replace_section for a command line: 0 when done, 2 (with the reason on stderr) when the markers are missing."""
+    import sys
+    try:
+        replace_section(name, markdown, Path(readme))
+    except ValueError as e:
+        print(f"error: {e}; add the two marker lines where the section goes, then re-run", file=sys.stderr)
+        return 2
+    print(f"replaced the `{name}` section of {readme}")
+    return 0

@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from readme_tables import README, replace_section  # noqa: E402
+from readme_tables import README, update_readme  # noqa: E402
 from sweep import RESULTS, ROOT, SweepError, csv_path, load_protocol  # noqa: E402
 
 SECTION = "results"
@@ -236,14 +236,7 @@ def main(argv=None) -> int:
     md_file.write_text(md + "\n")
     print(md)
     print(f"\nwrote {md_file} and {png}")
-    if not args.no_readme:
-        try:
-            replace_section(SECTION, md, Path(args.readme))
-        except ValueError as e:
-            print(f"error: {e}; add the two marker lines where the results go, then re-run", file=sys.stderr)
-            return 2
-        print(f"replaced the `{SECTION}` section of {args.readme}")
-    return 0
+    return 0 if args.no_readme else update_readme(SECTION, md, Path(args.readme))
 
 
 if __name__ == "__main__":

@@ -390,4 +390,21 @@ def test_bench_updates_all_algorithms_tiny(tmp_path):
         assert r["online_overhead_fraction"] > 0 and r["env_steps_per_s"] > 0, name
         assert r["env_steps_timed"] == 20, name
     assert set(result["iql"]["num_seeds"]) == {1, 2} and set(saved["iql"]["num_seeds"]) == {"1", "2"}
-    assert saved["o2sac"]["updates_per_env_step"] == 10 and saved["o2ppo"]["updates_per_env_step"] is None
+    o2sac_cfg = yaml.safe_load((ROOT / "configs" / "o2sac" / "o2o" / "hopper" / "medium-v0.yaml").read_text())
+    assert saved["o2sac"]["updates_per_env_step"] == o2sac_cfg["utd"]  # the config's UTD
+    assert saved["o2ppo"]["updates_per_env_step"] is None  # on-policy: env + act only
+    # the README speed table from that JSON and a quickstart record (speed_table.py without re-running anything)
+    import speed_table
+    (tmp_path / "bench_updates.json").write_text(out.read_text())
+    (tmp_path / "quickstart_times.json").write_text(json.dumps({"iql": {
+        "seconds": 330.0, "score_before_online": 40.0, "score_final": 55.5, "time": "2026-01-01 00:00",
+        "load_average_before": [1.0, 1.0, 1.0]}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- speed:begin -->\nold\n<!-- speed:end -->\n")
+    assert speed_table.main(["--results_dir", str(tmp_path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    iql_row = next(line for line in text.splitlines() if line.startswith("| IQL |"))
+    assert f"| {saved['iql']['updates_per_s']:.0f} |" in iql_row and iql_row.endswith("| 5.5 | 40.0 → 55.5 |")
+    assert "| O2SAC |" in text and "≥" in next(line for line in text.splitlines() if line.startswith("| O2SAC |"))
+    assert "Quickstart not measured by this command yet: Cal-QL, O2SAC" in text and "old" not in text
+    assert speed_table.main(["--results_dir", str(tmp_path), "--readme", str(readme), "--quickstart", "iqll"]) == 2
