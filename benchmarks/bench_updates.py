@@ -89,10 +89,12 @@ def parse_args(argv=None):
     return args
 
 
-def matmul_rate(m, k=256, n=256, seconds=2.0):
-    a = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
+def matmul_rate(m, k=256, n=256, seconds=2.0, batch=()):
+    """float32 GFLOP/s of an (m, k) @ (k, n) matmul; with batch=(B,), B independent ones in one batched matmul (the
+    shape a layer takes when B seeds are vmapped)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (*batch, m, k), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (*batch, k, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
     f(a, b).block_until_ready()
     reps, t0 = 0, time.perf_counter()
     while reps == 0 or time.perf_counter() - t0 < seconds:
@@ -101,7 +103,9 @@ def matmul_rate(m, k=256, n=256, seconds=2.0):
         out.block_until_ready()
         reps += 20
     dt = (time.perf_counter() - t0) / reps
-    return {"shape": f"{m}x{k}x{n}", "seconds_per_matmul": dt, "gflops": 2.0 * m * k * n / dt / 1e9}
+    size = int(np.prod(batch, dtype=np.int64))
+    return {"shape": "x".join(map(str, (*batch, m, k, n))), "seconds_per_matmul": dt,
+            "gflops": 2.0 * size * m * k * n / dt / 1e9}
 
 
 def flops_of(program):
@@ -379,6 +383,13 @@ def main(args):
     peak = max(m["gflops"] for m in result["matmul"])
     for m in result["matmul"]:
         print(f"matmul {m['shape']}: {m['gflops']:.1f} GFLOP/s")
+    # the ceiling of the --num_seeds speed-up for matmul-bound updates: 4 seeds' 256x256x256 layers in one batched
+    # matmul vs one seed's
+    batched = matmul_rate(256, seconds=min(2.0, args.seconds), batch=(4,))
+    batched["ratio_to_single"] = batched["gflops"] / result["matmul"][0]["gflops"]
+    result["matmul_batched"] = batched
+    print(f"matmul {batched['shape']} (batched): {batched['gflops']:.1f} GFLOP/s = "
+          f"{batched['ratio_to_single']:.2f}x the 256x256x256 rate")
     for name in args.algos.split(","):
         r = bench(args, SETUPS[name](args), peak, args.num_seeds if name == "iql" else ())
         result[name] = r

@@ -108,7 +108,10 @@ def table(bench: dict, quick: dict) -> str:
         base = seeds.get("1", {}).get("aggregate_updates_per_s")
         notes.append("IQL with N seeds in one process (vmapped, `--num_seeds`): aggregate " + ", ".join(
             f"{v['aggregate_updates_per_s']:.0f}" + (f" ({v['aggregate_updates_per_s'] / base:.2f}×)" if base else "")
-            for v in seeds.values()) + f" updates/s for N = {', '.join(seeds)}.")
+            for v in seeds.values()) + f" updates/s for N = {', '.join(seeds)}."
+            + (f" In the same run, 4 batched 256×256×256 matmuls (a layer of 4 vmapped seeds) ran at "
+               f"{bench['matmul_batched']['ratio_to_single']:.2f}× the GFLOP/s of one: the ceiling of the vmapped "
+               "speed-up for matmul-bound updates on this CPU." if "matmul_batched" in bench else ""))
     if quick:
         loads = sorted({round(q["load_average_before"][0], 1) for q in quick.values()})
         notes.append("Quickstarts: `benchmarks/results/quickstart_times.json`, measured "

@@ -390,6 +390,7 @@ def test_bench_updates_all_algorithms_tiny(tmp_path):
         assert r["online_overhead_fraction"] > 0 and r["env_steps_per_s"] > 0, name
         assert r["env_steps_timed"] == 20, name
     assert set(result["iql"]["num_seeds"]) == {1, 2} and set(saved["iql"]["num_seeds"]) == {"1", "2"}
+    assert saved["matmul_batched"]["shape"] == "4x256x256x256" and saved["matmul_batched"]["ratio_to_single"] > 0
     o2sac_cfg = yaml.safe_load((ROOT / "configs" / "o2sac" / "o2o" / "hopper" / "medium-v0.yaml").read_text())
     assert saved["o2sac"]["updates_per_env_step"] == o2sac_cfg["utd"]  # the config's UTD
     assert saved["o2ppo"]["updates_per_env_step"] is None  # on-policy: env + act only
@@ -407,4 +408,5 @@ def test_bench_updates_all_algorithms_tiny(tmp_path):
     assert f"| {saved['iql']['updates_per_s']:.0f} |" in iql_row and iql_row.endswith("| 5.5 | 40.0 → 55.5 |")
     assert "| O2SAC |" in text and "≥" in next(line for line in text.splitlines() if line.startswith("| O2SAC |"))
     assert "Quickstart not measured by this command yet: Cal-QL, O2SAC" in text and "old" not in text
+    assert "4 batched 256×256×256 matmuls" in text
     assert speed_table.main(["--results_dir", str(tmp_path), "--readme", str(readme), "--quickstart", "iqll"]) == 2
