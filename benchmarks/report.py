@@ -189,7 +189,11 @@ def markdown(protocol: dict, summary: dict, rows: list, algos: list, datasets: l
         out[-1] += " Wall time on a shared 2-core CPU."
     seeds_per_run = {a: {**protocol.get("common", {}), **o}.get("num_seeds") for a, o in algo_overrides.items()}
     shared = [f"`{a}` ({n} seeds)" for a, n in seeds_per_run.items() if isinstance(n, int) and n > 1]
-    if shared:
+    counts = set(seeds_per_run.values())
+    if shared and len(counts) == 1:
+        out[-1] += (f" Every entry trains its {counts.pop()} seeds together in one process (num_seeds); the wall "
+                    "time is that process's.")
+    elif shared:
         out[-1] += (" Seeds trained together in one process (num_seeds) share that process's wall time: "
                     + ", ".join(shared) + ".")
     if missing:
