@@ -1,7 +1,8 @@
 """Speed table of the seven algorithms on this machine, written into README.md (section `speed`) by one command.
 
     python benchmarks/speed_table.py --bench --quickstart all     # everything (~1 h on 2 cores)
-    python benchmarks/speed_table.py --bench                      # re-time the updates (~3 min), quickstarts kept
+    python benchmarks/speed_table.py --bench                      # re-time the updates, quickstarts kept
+    python benchmarks/speed_table.py --bench --bench_args "--block 200 --seconds 5"   # quicker (~5 min idle)
     python benchmarks/speed_table.py --quickstart iql,pex         # re-run two quickstarts
     python benchmarks/speed_table.py                              # only rewrite the table from the JSON files
 
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--bench", action="store_true", help="re-run bench_updates.py for the seven algorithms")
+    p.add_argument("--bench_args", default="", help="extra bench_updates.py arguments, e.g. '--block 200'")
     p.add_argument("--quickstart", default="", help="comma-separated algorithms (or 'all') whose quickstart to run")
     p.add_argument("--results_dir", default=str(RESULTS))
     p.add_argument("--readme", default=str(README))
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
         return 2
     if args.bench:
         import bench_updates
-        bench_updates.main(bench_updates.parse_args(["--out", str(bench_file)]))
+        bench_updates.main(bench_updates.parse_args(["--out", str(bench_file)] + args.bench_args.split()))
     quick = json.loads(quick_file.read_text()) if quick_file.exists() else {}
     out_root = ROOT / "runs" / "speed_quickstart"
     out_root.mkdir(parents=True, exist_ok=True)
