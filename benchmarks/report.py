@@ -11,6 +11,7 @@ seeds whose runs finished (mean ± sample std, ddof 1), in normalised score:
                 re-evaluation and alignment; equal to pre-training for the others);
   online last   the last online evaluation;
   online best   each seed's best online evaluation (optimistic: chosen on the evaluations themselves);
+  online min    each seed's lowest online evaluation (a collapse at any time of the online phase);
   early dip     each seed's lowest online evaluation in the first 10% of its online steps, i.e. up to and
                 including its first evaluation at or after 10% of its last online step (evaluations fall at
                 episode ends, so a fixed cut could hold none);
@@ -59,13 +60,14 @@ def seed_summary(rows: list) -> dict:
     online = sorted(((r["online_step"], r["normalized_score"]) for r in rows if r["phase"] == "online"),
                     key=lambda t: t[0])
     out = {"offline": offline[-1] if offline else math.nan, "pretrain": pretrain[-1] if pretrain else math.nan,
-           "last": math.nan, "best": math.nan,
+           "last": math.nan, "min": math.nan, "best": math.nan,
            "dip": math.nan, "steps": math.nan,
            "wall": max((r["wall_time"] for r in rows if not math.isnan(r["wall_time"])), default=math.nan)}
     if online:
         steps, scores = np.array([s for s, _ in online]), np.array([v for _, v in online])
         first_after = int(np.argmax(steps >= DIP_FRACTION * steps[-1]))  # exists: the last step qualifies
-        out.update(last=scores[-1], best=np.nanmax(scores), dip=np.nanmin(scores[:first_after + 1]), steps=steps[-1])
+        out.update(last=scores[-1], best=np.nanmax(scores), min=np.nanmin(scores),
+                   dip=np.nanmin(scores[:first_after + 1]), steps=steps[-1])
         x0 = [] if math.isnan(out["offline"]) else [0.0]
         out["curve"] = (np.array(x0 + list(steps), float), np.array(([out["offline"]] if x0 else []) + list(scores)))
     return out
@@ -114,19 +116,20 @@ def ordered(keys, preferred):
 
 def table(summary: dict, algos: list, datasets: list) -> str:
     lines = ["| algorithm | dataset | seeds | pre-training | before online | online last | online best "
-             "| early dip (first 10%) | online steps | wall time (min) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| early dip (first 10%) | online min | online steps | wall time (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in datasets:
         for a in algos:
             seeds = summary.get((a, d))
             if not seeds:
                 continue
             col = {k: mean_std([s[k] for s in seeds.values()]) for k in ("pretrain", "offline", "last", "best",
-                                                                        "dip", "steps", "wall")}
+                                                                        "dip", "min", "steps", "wall")}
             steps = "–" if math.isnan(col["steps"][0]) else f"{col['steps'][0]:,.0f}"
             wall = col["wall"]
             lines.append(f"| {a} | `{d}` | {len(seeds)} | {fmt(*col['pretrain'][:2])} | {fmt(*col['offline'][:2])} | "
                          f"{fmt(*col['last'][:2])} | "
-                         f"{fmt(*col['best'][:2])} | {fmt(*col['dip'][:2])} | {steps} | "
+                         f"{fmt(*col['best'][:2])} | {fmt(*col['dip'][:2])} | {fmt(*col['min'][:2])} | {steps} | "
                          f"{fmt(wall[0] / 60, wall[1] / 60, 0)} |")
     return "\n".join(lines)
 
@@ -181,7 +184,9 @@ def markdown(protocol: dict, summary: dict, rows: list, algos: list, datasets: l
            "`offline_from`, the policy loaded from that entry's offline checkpoint); *before online*: last "
            "evaluation before fine-tuning (after OCR-CFT's re-evaluation / alignment); *online last*: the "
            "final evaluation (the headline number); *online best*: each seed's best online evaluation "
-           "(optimistic); *early dip*: each seed's lowest evaluation in the first 10% of its online steps. "
+           "(optimistic); *early dip*: each seed's lowest evaluation in the first 10% of its online steps (with "
+           "few online steps this window can end before updates start, e.g. a 1k-step warm-up of a 10k budget); "
+           "*online min*: each seed's lowest online evaluation. "
            "Budgets differ between algorithms (see above), so compare at equal *online steps* on the curves."]
     if sources == {"runner"}:
         out[-1] += " Wall time is measured by the sweep runner (eval records carry no time), on a shared 2-core CPU."

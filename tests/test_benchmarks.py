@@ -140,10 +140,11 @@ def test_report_numbers_curves_and_readme(tmp_path):
     row_a = next(line for line in md.splitlines() if line.startswith("| A |"))
     cells = [c.strip() for c in row_a.strip("|").split("|")]
     # seeds, pre-training, before online, online last, best (85/100/90), dip over evals <= 1100 (20/25/30), steps, wall
-    assert cells[2:] == ["3", "60.0 ± 10.0", "71.0 ± 1.0", "80.0 ± 10.0", "91.7 ± 7.6", "25.0 ± 5.0", "10,000",
-                         "11 ± 1"]
+    assert cells[2:] == ["3", "60.0 ± 10.0", "71.0 ± 1.0", "80.0 ± 10.0", "91.7 ± 7.6", "25.0 ± 5.0", "0.0 ± 5.0",
+                         "10,000", "11 ± 1"]  # ... dip, online min (5/0/-5), steps, wall
     row_b = next(line for line in md.splitlines() if line.startswith("| B |"))
-    assert [c.strip() for c in row_b.strip("|").split("|")][2:8] == ["1", "40.0", "40.0", "60.0", "60.0", "10.0"]
+    assert [c.strip() for c in row_b.strip("|").split("|")][2:9] == ["1", "40.0", "40.0", "60.0", "60.0", "10.0",
+                                                                      "10.0"]
     assert "seeds 0, 1, 2" in md and "online_steps 10k" in md and "offline_updates 50k" in md
     assert "wandb_mode" not in md and "No results yet: C." in md and "last" in md and "best" in md
     png = tmp_path / "sweep_fake_curves.png"
