@@ -134,24 +134,31 @@ def table(summary: dict, algos: list, datasets: list) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, algos: list, datasets: list, png: Path):
+def plot(summary: dict, algos: list, datasets: list, png: Path, scripts: dict = None):
+    """One panel per dataset, a line per entry; a variant (`script: <algo>`) is dashed in its algorithm's colour."""
+    scripts = scripts or {}
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [d for d in datasets if any((a, d) in summary for a in algos)]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 3.4), squeeze=False)
-    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(algos)}
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.0 * max(1, len(panels)), 3.6), squeeze=False)
+    bases = list(dict.fromkeys(scripts.get(a, a) for a in algos))
+    colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}
     for ax, d in zip(axes[0], panels):
         for a in algos:
             curves = [s["curve"] for s in summary.get((a, d), {}).values() if "curve" in s]
             if not curves:
                 continue
             x, m, sd = mean_curve(curves)
-            ax.plot(x / 1e3, m, color=colors[a], label=f"{a} ({len(curves)})")
-            ax.fill_between(x / 1e3, m - sd, m + sd, color=colors[a], alpha=0.2, linewidth=0)
-        ax.set(title=d, xlabel="online env steps (k)", ylabel="normalised score")
+            base = scripts.get(a, a)
+            ax.plot(x / 1e3, m, color=colors[base], linestyle="-" if base == a else "--", label=f"{a} ({len(curves)})")
+            ax.fill_between(x / 1e3, m - sd, m + sd, color=colors[base], alpha=0.12, linewidth=0)
+        ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)  # budgets differ (PPO: 5x more steps): log beyond 1k
+        ticks = [t for t in (0, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= ax.get_xlim()[1]]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set(title=d, xlabel="online env steps (k, log scale above 1k)", ylabel="normalised score")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="algorithm (seeds)", title_fontsize=7)
+        ax.legend(fontsize=6.5, title="entry (seeds)", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -239,7 +246,7 @@ def main(argv=None) -> int:
     algos = ordered({a for a, _ in summary}, list(protocol["algorithms"]))
     datasets = ordered({d for _, d in summary}, list(protocol["datasets"]))
     png = results_dir / f"sweep_{protocol['name']}_curves.png"
-    plot(summary, algos, datasets, png)
+    plot(summary, algos, datasets, png, {a: str((o or {}).get("script", a)) for a, o in protocol["algorithms"].items()})
     md = markdown(protocol, summary, rows, algos, datasets, csv_file, png, args.include_unfinished)
     md_file = results_dir / f"sweep_{protocol['name']}.md"
     md_file.write_text(md + "\n")
