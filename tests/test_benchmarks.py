@@ -411,3 +411,25 @@ def test_bench_updates_all_algorithms_tiny(tmp_path):
     assert "Quickstart not measured by this command yet: Cal-QL, O2SAC" in text and "old" not in text
     assert "4 batched 256×256×256 matmuls" in text
     assert speed_table.main(["--results_dir", str(tmp_path), "--readme", str(readme), "--quickstart", "iqll"]) == 2
+
+
+# ---- pex_switch_probe
+def test_pex_switch_probe_summary_and_markdown(tmp_path):
+    """The probe's table from hand-made eval logs; an online update during the probe is an error."""
+    import pex_switch_probe as probe
+    run = tmp_path / "probe"
+    for s, (off, sw, frac) in enumerate([(50.0, 20.0, 0.1), (60.0, 1.5, 0.4)]):
+        (run / f"seed{s}").mkdir(parents=True)
+        rows = [{"phase": "offline", "updates": 100, "normalized_score": off},
+                {"phase": "online", "updates": 100, "normalized_score": sw, "new_policy_fraction": frac,
+                 "q_offline_action": 3.0, "q_new_action": 2.5}]
+        (run / f"seed{s}" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = probe.summarize(run, 2)
+    assert [r["switch_score"] for r in rows] == [20.0, 1.5] and rows[1]["new_policy_fraction"] == 0.4
+    text = probe.markdown({"o2o/hopper/medium-v0": {"reduced": rows}}, 2, 5)
+    assert "| `o2o/hopper/medium-v0` | reduced | 50.0 / 60.0 | 20.0 / 1.5 | 0.10 / 0.40 | 3.0, 2.5 / 3.0, 2.5 |" in text
+    with open(run / "seed1" / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"phase": "online", "updates": 150, "normalized_score": 3.0, "new_policy_fraction": 0.5,
+                            "q_offline_action": 3.0, "q_new_action": 2.5}) + "\n")
+    with pytest.raises(SystemExit, match="online updates happened"):
+        probe.summarize(run, 2)

@@ -134,7 +134,6 @@ def test_bad_inputs_fail_clearly():
         cal_ql.TrainConfig(mc_failure_rule="al")
     with pytest.raises(ValueError, match="mixing_ratio"):
         cal_ql.TrainConfig(mixing_ratio=1.0)
-    assert cal_ql.parse_config(["--resume"]).resume is True
 
 
 # ---- end to end

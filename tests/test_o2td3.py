@@ -141,12 +141,7 @@ def test_bad_config_fails_clearly():
         o2td3.TrainConfig(mixing_ratio=1.0)
     with pytest.raises(ValueError, match="lmbda"):
         o2td3.TrainConfig(lmbda=0.0)
-    with pytest.raises(ValueError, match="num_seeds must be > 0"):
-        o2td3.TrainConfig(num_seeds=0)
-    assert o2td3.parse_config(["--resume"]).resume is True
     assert o2td3.parse_config(["--value_alignment", "false"]).value_alignment is False
-    with pytest.raises(SystemExit):  # a typo on the command line is an error (pyrallis/argparse)
-        o2td3.parse_config(["--value_alignmnt", "false"])
 
 
 # ---- end to end
