@@ -323,5 +323,3 @@ def test_num_seeds_offline_checkpoints_with_iql(reference_run, multi_run, tmp_pa
         assert multi_evals(tmp_path / "back", seed)[0] == multi_evals(multi_run, seed)[1]
     with pytest.raises(ValueError, match=r"holds 2 seed\(s\); run it with --num_seeds 2"):
         pex.train(tiny_config(dataset_id, tmp_path / "one", offline_checkpoint=str(source)))
-    with pytest.raises(ValueError, match=r"num_seeds must be > 0"):
-        pex.TrainConfig(num_seeds=0)
