@@ -90,6 +90,7 @@ Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation; seed
 checkpoints/{latest,offline}, checkpoints/buffer/seed<S>/ (online transitions), wandb/ (mode `wandb_mode`, or the
 WANDB_MODE environment variable).
 """
+import inspect
 import json
 import math
 import os
@@ -99,9 +100,10 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, List, NamedTuple, Optional
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402  (the project's shared dataset utility)
@@ -1355,7 +1357,10 @@ def parse_config(argv=None) -> TrainConfig:
     for i, arg in enumerate(argv):
         if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "true")
-    return pyrallis.parse(config_class=TrainConfig, args=argv)
+    # pyrallis reads each field's comment (its --help text) by re-reading this file's source once per field: ~3 s
+    # for ~70 fields; one read serves them all
+    with mock.patch.object(inspect, "getsource", lru_cache(maxsize=None)(inspect.getsource)):
+        return pyrallis.parse(config_class=TrainConfig, args=argv)
 
 
 if __name__ == "__main__":
