@@ -413,10 +413,10 @@ def test_bench_updates_all_algorithms_tiny(tmp_path):
     assert speed_table.main(["--results_dir", str(tmp_path), "--readme", str(readme), "--quickstart", "iqll"]) == 2
 
 
-# ---- pex_switch_probe
+# ---- probes
 def test_pex_switch_probe_summary_and_markdown(tmp_path):
     """The probe's table from hand-made eval logs; an online update during the probe is an error."""
-    import pex_switch_probe as probe
+    import probes
     run = tmp_path / "probe"
     for s, (off, sw, frac) in enumerate([(50.0, 20.0, 0.1), (60.0, 1.5, 0.4)]):
         (run / f"seed{s}").mkdir(parents=True)
@@ -424,12 +424,36 @@ def test_pex_switch_probe_summary_and_markdown(tmp_path):
                 {"phase": "online", "updates": 100, "normalized_score": sw, "new_policy_fraction": frac,
                  "q_offline_action": 3.0, "q_new_action": 2.5}]
         (run / f"seed{s}" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rows = probe.summarize(run, 2)
+    rows = probes.pex_summary(run, 2)
     assert [r["switch_score"] for r in rows] == [20.0, 1.5] and rows[1]["new_policy_fraction"] == 0.4
-    text = probe.markdown({"o2o/hopper/medium-v0": {"reduced": rows}}, 2, 5)
+    text = probes.pex_markdown({"o2o/hopper/medium-v0": {"reduced": rows}}, 2, 5)
     assert "| `o2o/hopper/medium-v0` | reduced | 50.0 / 60.0 | 20.0 / 1.5 | 0.10 / 0.40 | 3.0, 2.5 / 3.0, 2.5 |" in text
     with open(run / "seed1" / "eval.jsonl", "a") as f:
         f.write(json.dumps({"phase": "online", "updates": 150, "normalized_score": 3.0, "new_policy_fraction": 0.5,
                             "q_offline_action": 3.0, "q_new_action": 2.5}) + "\n")
     with pytest.raises(SystemExit, match="online updates happened"):
-        probe.summarize(run, 2)
+        probes.pex_summary(run, 2)
+
+
+def test_alignment_probe_summary_and_markdown(tmp_path):
+    """The alignment probe's curves per phase from hand-made O2SAC-style eval logs; seeds must share a schedule."""
+    import probes
+    run = tmp_path / "probe"
+    for s in range(2):
+        (run / f"seed{s}").mkdir(parents=True)
+        rows = [{"phase": "offline", "updates": 100, "normalized_score": 20.0 + s}]
+        rows += [{"phase": "reevaluation", "phase_updates": n, "updates": 100 + n, "normalized_score": 20.0 + s}
+                 for n in (50, 100)]
+        rows += [{"phase": "alignment", "phase_updates": n, "updates": 200 + n, "normalized_score": v + s}
+                 for n, v in ((50, 10.0), (100, 16.0))]
+        (run / f"seed{s}" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = probes.alignment_summary(run, 2)
+    assert summary["pre_training"] == [20.0, 21.0]
+    assert summary["alignment"] == {"updates": [50, 100], "scores": [[10.0, 16.0], [11.0, 17.0]]}
+    text = probes.alignment_markdown({"o2o/hopper/medium-v0": {"o2sac": {"0.1k": summary}}}, 2, 5)
+    assert "| `o2o/hopper/medium-v0` | o2sac | 0.1k | 20.5 ± 0.7 | 20.5 ± 0.7 | 0.05k: 10.5 ± 0.7; 0.1k: 16.5 ± 0.7 |" \
+        in text
+    with open(run / "seed1" / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"phase": "alignment", "phase_updates": 150, "updates": 350, "normalized_score": 1.0}) + "\n")
+    with pytest.raises(SystemExit, match="alignment evaluations are at different updates"):
+        probes.alignment_summary(run, 2)
