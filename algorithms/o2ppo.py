@@ -115,6 +115,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import pyrallis  # noqa: E402
+from pyrallis.wrappers import docstring as pyrallis_docstring  # noqa: E402
 
 LOG_STD_MAX = 2.0
 IQL_LOG_STD_MIN = -20.0  # clamp of the log-std in the IQL phase (OCR net.py / CORL GaussianPolicy)
@@ -1458,8 +1459,14 @@ def parse_config(argv=None) -> TrainConfig:
         if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "true")
     # pyrallis reads each field's comment (its --help text) by re-reading this file's source once per field: ~3 s
-    # for ~70 fields; one read serves them all
-    with mock.patch.object(inspect, "getsource", lru_cache(maxsize=None)(inspect.getsource)):
+    # for ~70 fields; one read serves them all. It also prefers the comment line above a field to the field's
+    # inline comment, so a section header ("# IQL") would be the help of the field below it: inline first.
+    def inline_first(cls, name, get=pyrallis_docstring.get_attribute_docstring):
+        doc = get(cls, name)
+        return pyrallis_docstring.AttributeDocString(comment_inline=doc.comment_inline) if doc.comment_inline else doc
+
+    with mock.patch.object(inspect, "getsource", lru_cache(maxsize=None)(inspect.getsource)), \
+            mock.patch.object(pyrallis_docstring, "get_attribute_docstring", inline_first):
         return pyrallis.parse(config_class=TrainConfig, args=argv)
 
 
