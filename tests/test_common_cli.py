@@ -26,6 +26,24 @@ def test_resume_flag_parses_in_any_position(module):
     assert cfg.resume is True and cfg.seed == 3
 
 
+def test_help_shows_each_fields_inline_comment(module, capsys):
+    """--help describes a field by its inline comment, also the first field under a section-header comment."""
+    import inspect
+    import re
+    with pytest.raises(SystemExit):
+        module.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    source = inspect.getsource(module.TrainConfig).splitlines()
+    checked = 0
+    for above, line in zip(source, source[1:]):
+        field = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
+        if field and above.strip().startswith("#"):  # the field right below a section header
+            words = " ".join(field.group(2).split()[:4])
+            assert f"--{field.group(1)} " in text and words in text, (field.group(1), words)
+            checked += 1
+    assert checked > 0
+
+
 def test_mistyped_option_is_an_error(module, capsys):
     with pytest.raises(SystemExit):  # pyrallis/argparse: an unknown option stops with a usage message
         module.parse_config(["--seeed", "3"])
