@@ -2,11 +2,13 @@
 
     python benchmarks/probes.py pex-switch     # PEX before its first online update (~10 min on 2 cores)
     python benchmarks/probes.py alignment      # OCR-CFT re-evaluation + alignment with more updates (~20 min)
+    python benchmarks/probes.py cal_ql-offline # Cal-QL's quickstart pre-training, one setting changed at a time
     python benchmarks/probes.py all
 
-Each probe starts from the reduced protocol's offline checkpoints (`python benchmarks/sweep.py reduced` first), runs
-its scripts under runs/probes/<probe>/ (a finished run is skipped, so a stopped probe resumes), and writes
-benchmarks/results/<probe>_probe.{json,md} and the README section of the same name (`--no_readme`: not).
+pex-switch and alignment start from the reduced protocol's offline checkpoints (`python benchmarks/sweep.py reduced`
+first). Each probe runs its scripts under runs/probes/<probe>/ (a finished run is skipped, so a stopped probe
+resumes) and writes benchmarks/results/<section>_probe.{json,md} and the README section <section> (pex_switch,
+alignment, cal_ql_offline; `--no_readme`: not).
 
 pex-switch. At the switch PEX adds a randomly initialised policy pi beside the frozen offline policy pi_off and picks
 each action by softmax(inv_temperature * Q) over the two candidates. Whether the pre-trained critic ranks pi's
@@ -23,6 +25,10 @@ alignment. In the reduced protocol OCR-CFT's value alignment (O2SAC, O2TD3) lowe
 step, with 2k (O2SAC) / 5k (O2TD3) re-evaluation and alignment updates where the official configs use 500k each.
 This probe re-runs both phases from the same offline checkpoints with `--align_updates` updates each (no online
 phase) and evaluates every `--align_eval_every` updates, to see whether the drop shrinks with the budget.
+
+cal_ql-offline. Cal-QL's quickstart pre-training (4k updates) leaves a policy that falls at once on hopper medium,
+where O2SAC's CQL phase learns within the same budget. This probe changes one of Cal-QL's official settings at a
+time (the ones where the two differ) or triples the updates.
 """
 import argparse
 import json
@@ -67,7 +73,8 @@ def protocol_overrides(entry: str) -> list:
 
 
 def run_script(script: str, dataset: str, run_dir: Path, args: list, seeds: int, episodes: int) -> Path:
-    """`algorithms/<script>.py` on `dataset` with `args`, seeds 0..seeds-1 in one process; skipped when done."""
+    """`algorithms/<script>.py` with `configs/<script>/<dataset>.yaml` (or `quickstart.yaml`: dataset "quickstart")
+    and `args`, seeds 0..seeds-1 in one process; skipped when done."""
     if (run_dir / "done").exists():
         print(f"done already: {run_dir}")
         return run_dir
@@ -221,7 +228,41 @@ def alignment(args) -> tuple:
         results, args.num_seeds, args.eval_episodes)
 
 
-PROBES = {"pex-switch": (pex_switch, "pex_switch"), "alignment": (alignment, "alignment")}
+# ---- cal_ql-offline
+CALQL_VARIANTS = {  # name -> overrides of the quickstart config (official Cal-QL settings otherwise)
+    "quickstart": [],
+    "policy_lr 3e-5": ["--policy_lr", "3e-5"],
+    "no max-target backup": ["--cql_max_target_backup", "false"],
+    "cql_weight 10": ["--cql_weight", "10"],
+    "3x updates": ["--offline_updates", "12000"],
+}
+
+
+def calql_offline(args) -> tuple:
+    """Cal-QL's quickstart pre-training (hopper medium, 128-wide networks) with one setting changed at a time."""
+    results = {}
+    for name, extra in CALQL_VARIANTS.items():
+        run_dir = ROOT / args.out_root / "cal_ql-offline" / name.replace(" ", "_")
+        run_script("cal_ql", "quickstart", run_dir, ["--online_steps", "0", "--offline_eval_every", "2000"] + extra,
+                   args.calql_seeds, args.eval_episodes)
+        per_seed = [[r for r in read_jsonl(run_dir / f"seed{s}" / "eval.jsonl") if r["phase"] == "offline"]
+                    for s in range(args.calql_seeds)]
+        results[name] = {"updates": [r["updates"] for r in per_seed[0]],
+                         "scores": [[r["normalized_score"] for r in recs] for recs in per_seed],
+                         "lengths": [[r["length"] for r in recs] for recs in per_seed]}
+    lines = [f"Cal-QL pre-training on `o2o/hopper/medium-v0` with the quickstart config (128-wide networks), one "
+             f"setting changed per row ({args.calql_seeds} seeds, {args.eval_episodes} episodes; `python "
+             "benchmarks/probes.py cal_ql-offline`). Normalised score (mean episode length) after n updates, mean over "
+             "seeds.", "", "| variant | score after n offline updates |", "|---|---|"]
+    for name, r in results.items():
+        sc, ln = np.asarray(r["scores"]), np.asarray(r["lengths"])
+        lines.append(f"| {name} | " + "; ".join(f"{n / 1000:g}k: {sc[:, i].mean():.1f} ({ln[:, i].mean():.0f})"
+                                               for i, n in enumerate(r["updates"])) + " |")
+    return {"variants": CALQL_VARIANTS, "results": results}, "\n".join(lines) + "\n"
+
+
+PROBES = {"pex-switch": (pex_switch, "pex_switch"), "alignment": (alignment, "alignment"),
+          "cal_ql-offline": (calql_offline, "cal_ql_offline")}
 
 
 def main(argv=None) -> int:
@@ -235,6 +276,7 @@ def main(argv=None) -> int:
                    help="alignment: PR and VA updates each, per script (JSON)")
     p.add_argument("--align_eval_every", type=json.loads, default={"o2td3": 5000, "o2sac": 2000},
                    help="alignment: updates between evaluations, per script (JSON)")
+    p.add_argument("--calql_seeds", type=int, default=2, help="cal_ql-offline: seeds per variant")
     p.add_argument("--num_seeds", type=int, default=3)
     p.add_argument("--eval_episodes", type=int, default=5)
     p.add_argument("--out_root", default="runs/probes")

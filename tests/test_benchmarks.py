@@ -457,3 +457,22 @@ def test_alignment_probe_summary_and_markdown(tmp_path):
         f.write(json.dumps({"phase": "alignment", "phase_updates": 150, "updates": 350, "normalized_score": 1.0}) + "\n")
     with pytest.raises(SystemExit, match="alignment evaluations are at different updates"):
         probes.alignment_summary(run, 2)
+
+
+def test_calql_offline_probe_table_from_finished_runs(tmp_path, monkeypatch):
+    """cal_ql-offline: finished runs are not re-run; the table gives score (episode length) per eval, mean over seeds."""
+    import argparse
+    import probes
+    monkeypatch.setattr(probes, "CALQL_VARIANTS", {"quickstart": [], "policy_lr 3e-5": ["--policy_lr", "3e-5"]})
+    for name, base in (("quickstart", 0.0), ("policy_lr_3e-5", 10.0)):
+        run = tmp_path / "cal_ql-offline" / name
+        for s in range(2):
+            (run / f"seed{s}").mkdir(parents=True)
+            rows = [{"phase": "offline", "updates": n, "normalized_score": base + n / 1000 + s, "length": 20 + s}
+                    for n in (2000, 4000)]
+            (run / f"seed{s}" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "done").write_text("{}")
+    args = argparse.Namespace(out_root=str(tmp_path), calql_seeds=2, eval_episodes=5)
+    data, md = probes.calql_offline(args)
+    assert data["results"]["quickstart"]["scores"] == [[2.0, 4.0], [3.0, 5.0]]
+    assert "| quickstart | 2k: 2.5 (20); 4k: 4.5 (20) |" in md and "| policy_lr 3e-5 | 2k: 12.5 (20); 4k: 14.5 (20) |" in md
