@@ -1,8 +1,8 @@
 """Probes: short runs of the algorithm scripts that isolate one phase of a method, to explain a benchmark result.
 
     python benchmarks/probes.py pex-switch     # PEX before its first online update (~10 min on 2 cores)
-    python benchmarks/probes.py alignment      # OCR-CFT re-evaluation + alignment with more updates (~20 min)
-    python benchmarks/probes.py cal_ql-offline # Cal-QL's quickstart pre-training, one setting changed at a time
+    python benchmarks/probes.py alignment      # OCR-CFT re-evaluation + alignment with more updates (~15 min)
+    python benchmarks/probes.py cal_ql-offline # Cal-QL's quickstart pre-training, one setting changed at a time (~40 min)
     python benchmarks/probes.py all
 
 pex-switch and alignment start from the reduced protocol's offline checkpoints (`python benchmarks/sweep.py reduced`
@@ -203,8 +203,7 @@ def alignment_markdown(results: dict, seeds: int, episodes: int) -> str:
                 va_text = "; ".join(f"{n / 1000:g}k: {ms(va[:, i])}" for i, n in enumerate(r["alignment"]["updates"]))
                 lines.append(f"| `{dataset}` | {algo} | {label} | {ms(r['pre_training'])} | {ms(pr)} | {va_text} |")
     lines += ["", "`reduced`: the reduced protocol's own runs (their PR/VA budget); the other rows are this probe's runs "
-              "from the same offline checkpoints. PR does not change O2TD3's actor; O2SAC's PR does not either (the "
-              "actor is updated in VA and online)."]
+              "from the same offline checkpoints. PR does not update the actor in either method; VA does."]
     return "\n".join(lines) + "\n"
 
 
