@@ -2,7 +2,7 @@
 
     python benchmarks/probes.py pex-switch     # PEX before its first online update (~10 min on 2 cores)
     python benchmarks/probes.py alignment      # OCR-CFT re-evaluation + alignment with more updates (~15 min)
-    python benchmarks/probes.py cal_ql-offline # Cal-QL's quickstart pre-training, one setting changed at a time (~40 min)
+    python benchmarks/probes.py cal_ql-offline # Cal-QL's quickstart pre-training, one setting changed at a time (~50 min)
     python benchmarks/probes.py all
 
 pex-switch and alignment start from the reduced protocol's offline checkpoints (`python benchmarks/sweep.py reduced`
@@ -28,9 +28,13 @@ phase) and evaluates every `--align_eval_every` updates, to see whether the drop
 
 cal_ql-offline. Cal-QL's quickstart pre-training (4k updates) leaves a policy that falls at once on hopper medium,
 where O2SAC's CQL phase learns within the same budget. This probe changes one of Cal-QL's official settings at a
-time (the ones where the two differ) or triples the updates.
+time (the ones where the two differ: policy LR, max-target backup, CQL weight, the Monte-Carlo calibration, depth,
+initialisation) or triples the updates. Its runs go through `probes.py record`, which keeps the training metrics
+the scripts send to wandb in run_dir/metrics.jsonl, so the table also gives how often the Monte-Carlo bound is
+active (`bound_rate`), Q of the data actions and the Monte-Carlo return G at the end of pre-training.
 """
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -72,13 +76,16 @@ def protocol_overrides(entry: str) -> list:
     return out
 
 
-def run_script(script: str, dataset: str, run_dir: Path, args: list, seeds: int, episodes: int) -> Path:
+def run_script(script: str, dataset: str, run_dir: Path, args: list, seeds: int, episodes: int,
+               record: bool = False) -> Path:
     """`algorithms/<script>.py` with `configs/<script>/<dataset>.yaml` (or `quickstart.yaml`: dataset "quickstart")
-    and `args`, seeds 0..seeds-1 in one process; skipped when done."""
+    and `args`, seeds 0..seeds-1 in one process; skipped when done. `record`: through `probes.py record`, which
+    also writes the training metrics to run_dir/metrics.jsonl."""
     if (run_dir / "done").exists():
         print(f"done already: {run_dir}")
         return run_dir
-    cmd = [sys.executable, f"algorithms/{script}.py", "--config_path", f"configs/{script}/{dataset}.yaml",
+    launch = ["benchmarks/probes.py", "record", script] if record else [f"algorithms/{script}.py"]
+    cmd = [sys.executable, *launch, "--config_path", f"configs/{script}/{dataset}.yaml",
            "--seed", "0", "--num_seeds", str(seeds), "--run_dir", str(run_dir), "--wandb_mode", "disabled",
            "--eval_episodes", str(episodes)] + args
     resume = (run_dir / "checkpoints" / "latest").exists()
@@ -93,6 +100,28 @@ def run_script(script: str, dataset: str, run_dir: Path, args: list, seeds: int,
         raise SystemExit(f"{script} failed (exit {rc}); see {run_dir / 'probe.log'}")
     (run_dir / "done").write_text(json.dumps({"cmd": cmd, "wall_time_s": round(time.time() - t0, 1)}))
     return run_dir
+
+
+def record(script: str, argv: list) -> None:
+    """Run algorithms/<script>.py (parse_config + train, as its __main__ does) with every dict its Logger sends to
+    wandb also appended to <run_dir>/metrics.jsonl (numbers only): the training metrics (block means) without wandb.
+    A resumed run appends again from its checkpoint, so keep the last record per update count."""
+    sys.path.insert(0, str(ROOT / "algorithms"))
+    module = importlib.import_module(script)
+    cfg = module.parse_config(argv)
+    path = Path(cfg.run_dir) / "metrics.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = module.Logger.log
+
+    def log_and_record(self, metrics: dict):
+        log(self, metrics)
+        with open(path, "a") as f:
+            f.write(json.dumps({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}) + "\n")
+    module.Logger.log = log_and_record
+    try:
+        module.train(cfg)
+    finally:
+        module.Logger.log = log
 
 
 # ---- pex-switch
@@ -234,29 +263,53 @@ CALQL_VARIANTS = {  # name -> overrides of the quickstart config (official Cal-Q
     "no max-target backup": ["--cql_max_target_backup", "false"],
     "cql_weight 10": ["--cql_weight", "10"],
     "3x updates": ["--offline_updates", "12000"],
+    # where O2SAC's CQL phase (which learns this dataset in 4k updates) differs in other ways
+    "no calibration (plain CQL)": ["--calibration", "false"],
+    "3 hidden layers": ["--policy_hidden", "[128,128,128]", "--critic_hidden", "[128,128,128]"],
+    "no orthogonal init": ["--orthogonal_init", "false"],
 }
+
+
+CALQL_DIAGNOSTICS = ("bound_rate", "q_data", "q_rand", "mc_return", "cql_diff")  # offline/<name> block means, metrics.jsonl
+
+
+def last_per_update(records: list, key: str) -> dict:
+    """{update count: the last record with that `key` value} (a resumed run logs its blocks again)."""
+    return {int(r[key]): r for r in records if key in r}
 
 
 def calql_offline(args) -> tuple:
     """Cal-QL's quickstart pre-training (hopper medium, 128-wide networks) with one setting changed at a time."""
     results = {}
     for name, extra in CALQL_VARIANTS.items():
-        run_dir = ROOT / args.out_root / "cal_ql-offline" / name.replace(" ", "_")
+        run_dir = ROOT / args.out_root / "cal_ql-offline" / name.replace(" ", "_").replace("(", "").replace(")", "")
         run_script("cal_ql", "quickstart", run_dir, ["--online_steps", "0", "--offline_eval_every", "2000"] + extra,
-                   args.calql_seeds, args.eval_episodes)
+                   args.calql_seeds, args.eval_episodes, record=True)
         per_seed = [[r for r in read_jsonl(run_dir / f"seed{s}" / "eval.jsonl") if r["phase"] == "offline"]
                     for s in range(args.calql_seeds)]
+        blocks = last_per_update(read_jsonl(run_dir / "metrics.jsonl"), "offline/updates")
         results[name] = {"updates": [r["updates"] for r in per_seed[0]],
                          "scores": [[r["normalized_score"] for r in recs] for recs in per_seed],
-                         "lengths": [[r["length"] for r in recs] for recs in per_seed]}
+                         "lengths": [[r["length"] for r in recs] for recs in per_seed],
+                         # training metrics of the block ending at each evaluation (mean over seeds)
+                         "diagnostics": [{k: blocks[r["updates"]][f"offline/{k}"] for k in CALQL_DIAGNOSTICS}
+                                         for r in per_seed[0]]}
     lines = [f"Cal-QL pre-training on `o2o/hopper/medium-v0` with the quickstart config (128-wide networks), one "
              f"setting changed per row ({args.calql_seeds} seeds, {args.eval_episodes} episodes; `python "
              "benchmarks/probes.py cal_ql-offline`). Normalised score (mean episode length) after n updates, mean over "
-             "seeds.", "", "| variant | score after n offline updates |", "|---|---|"]
+             "seeds; then, for the last block of updates before the final evaluation (mean over the block and the "
+             "seeds): bound rate = fraction of the CQL term's policy-action Q values below the Monte-Carlo return G "
+             "(where the calibration replaces Q by G; logged with the calibration off too), Q(s, a) of the data "
+             "actions, how far Q at uniform random actions lies below it, the batch's mean G, and the CQL gap "
+             "logsumexp - Q(s, a).", "",
+             "| variant | score after n offline updates | bound rate | Q(s, a) | Q(s, a) - Q(s, random) | G | CQL gap |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        sc, ln = np.asarray(r["scores"]), np.asarray(r["lengths"])
+        sc, ln, d = np.asarray(r["scores"]), np.asarray(r["lengths"]), r["diagnostics"][-1]
         lines.append(f"| {name} | " + "; ".join(f"{n / 1000:g}k: {sc[:, i].mean():.1f} ({ln[:, i].mean():.0f})"
-                                               for i, n in enumerate(r["updates"])) + " |")
+                                               for i, n in enumerate(r["updates"]))
+                     + f" | {d['bound_rate']:.2f} | {d['q_data']:.0f} | {d['q_data'] - d['q_rand']:.1f} | "
+                       f"{d['mc_return']:.0f} | {d['cql_diff']:.1f} |")
     return {"variants": CALQL_VARIANTS, "results": results}, "\n".join(lines) + "\n"
 
 
@@ -265,6 +318,10 @@ PROBES = {"pex-switch": (pex_switch, "pex_switch"), "alignment": (alignment, "al
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["record"]:  # internal: run_script(record=True)
+        record(argv[1], argv[2:])
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("probe", choices=list(PROBES) + ["all"])

@@ -471,8 +471,32 @@ def test_calql_offline_probe_table_from_finished_runs(tmp_path, monkeypatch):
             rows = [{"phase": "offline", "updates": n, "normalized_score": base + n / 1000 + s, "length": 20 + s}
                     for n in (2000, 4000)]
             (run / f"seed{s}" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # training metrics as `probes.py record` writes them; the 4k block twice (a resumed run logs it again)
+        blocks = [{"offline/updates": n, "offline/bound_rate": base + n / 1e4 + k, "offline/q_data": 50.0,
+                   "offline/q_rand": 47.5, "offline/mc_return": 250.0, "offline/cql_diff": -1.25}
+                  for n, k in ((2000, 0), (4000, 0), (4000, 1))]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(b) + "\n" for b in blocks + [{"eval/return": 1.0}]))
         (run / "done").write_text("{}")
     args = argparse.Namespace(out_root=str(tmp_path), calql_seeds=2, eval_episodes=5)
     data, md = probes.calql_offline(args)
     assert data["results"]["quickstart"]["scores"] == [[2.0, 4.0], [3.0, 5.0]]
-    assert "| quickstart | 2k: 2.5 (20); 4k: 4.5 (20) |" in md and "| policy_lr 3e-5 | 2k: 12.5 (20); 4k: 14.5 (20) |" in md
+    assert data["results"]["quickstart"]["diagnostics"][0]["bound_rate"] == 0.2
+    assert "| quickstart | 2k: 2.5 (20); 4k: 4.5 (20) | 1.40 | 50 | 2.5 | 250 | -1.2 |" in md
+    assert "| policy_lr 3e-5 | 2k: 12.5 (20); 4k: 14.5 (20) | 11.40 | 50 | 2.5 | 250 | -1.2 |" in md
+
+
+def test_probe_record_writes_the_training_metrics(tiny_dataset, tmp_path):
+    """`probes.py record <script>` runs the script with its wandb metrics also in run_dir/metrics.jsonl, and leaves
+    the module's Logger as it was."""
+    import cal_ql
+    import probes
+    log = cal_ql.Logger.log
+    probes.main(["record", "cal_ql", "--dataset_id", tiny_dataset("hopper", "medium"), "--run_dir", str(tmp_path),
+                 "--offline_updates", "100", "--update_block", "50", "--offline_eval_every", "100",
+                 "--online_steps", "0", "--eval_episodes", "1", "--policy_hidden", "[32,32]", "--critic_hidden",
+                 "[32,32]", "--cql_n_actions", "4", "--wandb_mode", "disabled"])
+    assert cal_ql.Logger.log is log
+    records = probes.read_jsonl(tmp_path / "metrics.jsonl")
+    blocks = probes.last_per_update(records, "offline/updates")
+    assert sorted(blocks) == [50, 100] and 0.0 <= blocks[100]["offline/bound_rate"] <= 1.0
+    assert any("eval/normalized_score" in r for r in records)
