@@ -5,7 +5,7 @@ STAND-IN under the official ID into the session's temporary Minari store: random
 gymnasium-robotics environment with the official dataset's environment spec (AntMaze_UMaze-v4, continuing task,
 fixed evaluation start and goal, Dict observations; AdroitHandPen-v1) and no reference scores in the metadata (the
 loader falls back to D4RL's constants). A stand-in has none of the real data's content, so this checks plumbing
-only: every script runs its shipped config for that ID (budgets and network sizes cut to the per-script test
+only: every script runs (as a command, in its own process) its shipped config for that ID (budgets and network sizes cut to the per-script test
 sizes, every task setting kept: reward transform, terminate_on_success, normalisation, Cal-QL's failure rule), reads
 the Dict observations flattened to 27 + 2 + 2, evaluates in the recovered evaluation env, and writes a success rate
 for the goal task.
@@ -13,6 +13,8 @@ for the goal task.
 import importlib
 import math
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -91,15 +93,22 @@ def pen_standin():
                          n_episodes=3, length=100)
 
 
-def shipped_config(algo, dataset_id, run_dir, **extra):
-    """configs/<algo>/<dataset_id>.yaml with the test sizes of tests/test_<algo>.py (task settings kept)."""
-    import pyrallis
-    module = importlib.import_module(algo)
+def cli_value(v):
+    return "[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def run_shipped_config(algo, dataset_id, run_dir, **extra):
+    """`python algorithms/<algo>.py --config_path configs/<algo>/<dataset_id>.yaml` as a user runs it (in its own
+    process), with the test sizes of tests/test_<algo>.py on the command line (task settings kept from the YAML).
+    Returns the YAML as loaded."""
     tiny = importlib.import_module(f"test_{algo}").TINY
-    raw = yaml.safe_load((ROOT / "configs" / algo / f"{dataset_id}.yaml").read_text())
-    sizes = {k: v for k, v in tiny.items() if SIZE_KEY.search(k)}
-    cfg = pyrallis.decode(module.TrainConfig, {**raw, **sizes, "run_dir": str(run_dir), **extra})
-    return module, cfg, raw
+    config = ROOT / "configs" / algo / f"{dataset_id}.yaml"
+    sizes = {**{k: v for k, v in tiny.items() if SIZE_KEY.search(k)}, **extra}
+    cmd = [sys.executable, f"algorithms/{algo}.py", "--config_path", str(config), "--run_dir", str(run_dir)]
+    cmd += [a for k, v in sizes.items() for a in (f"--{k}", cli_value(v))]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # env: this module's Minari store
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return yaml.safe_load(config.read_text())
 
 
 def test_antmaze_standin_is_the_official_shape(antmaze_standin):
@@ -116,9 +125,8 @@ def test_antmaze_standin_is_the_official_shape(antmaze_standin):
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_script_runs_its_antmaze_config(algo, antmaze_standin, tmp_path):
-    module, cfg, raw = shipped_config(algo, antmaze_standin, tmp_path, eval_episodes=1)  # 700-step episodes
-    assert cfg.terminate_on_success and raw["dataset_id"] == antmaze_standin
-    module.train(cfg)
+    raw = run_shipped_config(algo, antmaze_standin, tmp_path, eval_episodes=1)  # 700-step episodes
+    assert raw["terminate_on_success"] and raw["dataset_id"] == antmaze_standin
     records = read_evals(tmp_path)
     assert {r["phase"] for r in records} >= {"offline", "online"}
     for r in records:
@@ -131,8 +139,7 @@ def test_script_runs_its_antmaze_config(algo, antmaze_standin, tmp_path):
 
 @pytest.mark.parametrize("algo", [a for a in ALGOS if (ROOT / "configs" / a / "D4RL" / "pen").exists()])
 def test_script_runs_its_adroit_config(algo, pen_standin, tmp_path):
-    module, cfg, _ = shipped_config(algo, pen_standin, tmp_path)
-    module.train(cfg)
+    run_shipped_config(algo, pen_standin, tmp_path)
     records = read_evals(tmp_path)
     assert {r["phase"] for r in records} >= {"offline", "online"}
     lo, hi = data.D4RL_REF_SCORES["pen"]
