@@ -1,14 +1,14 @@
 """The official-dataset path (AntMaze, Adroit) end to end, without the network.
 
-The real `D4RL/antmaze/umaze-v1` and `D4RL/pen/cloned-v2` cannot be downloaded here, so each test writes a tiny
-STAND-IN under the official ID into the session's temporary Minari store: random-action episodes of the real
+The real `D4RL/antmaze/umaze-v1` and `D4RL/pen/cloned-v2` cannot be downloaded here, so this module writes a tiny
+STAND-IN under each official ID into a temporary Minari store of its own: random-action episodes of the real
 gymnasium-robotics environment with the official dataset's environment spec (AntMaze_UMaze-v4, continuing task,
 fixed evaluation start and goal, Dict observations; AdroitHandPen-v1) and no reference scores in the metadata (the
 loader falls back to D4RL's constants). A stand-in has none of the real data's content, so this checks plumbing
-only: every script runs (as a command, in its own process) its shipped config for that ID (budgets and network sizes cut to the per-script test
-sizes, every task setting kept: reward transform, terminate_on_success, normalisation, Cal-QL's failure rule), reads
-the Dict observations flattened to 27 + 2 + 2, evaluates in the recovered evaluation env, and writes a success rate
-for the goal task.
+only: every script runs, as a command in its own process, its shipped config for that ID (budgets and network
+sizes cut to the per-script test sizes, every task setting kept: reward transform, terminate_on_success,
+normalisation, Cal-QL's failure rule), reads the Dict observations flattened to 27 + 2 + 2, evaluates in the
+recovered evaluation env, and writes a success rate for the goal task.
 """
 import importlib
 import math
