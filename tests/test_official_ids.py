@@ -25,6 +25,7 @@ import yaml
 
 import data
 from conftest import read_evals
+from sweep import cli_value
 
 ROOT = Path(__file__).resolve().parent.parent
 ALGOS = ("iql", "cal_ql", "o2sac", "o2td3", "o2ppo", "aca", "pex")
@@ -91,10 +92,6 @@ def pen_standin():
     env = gym.make("AdroitHandPen-v1", max_episode_steps=100)
     return write_standin("D4RL/pen/cloned-v2", env, gym.make("AdroitHandPen-v1", max_episode_steps=100),
                          n_episodes=3, length=100)
-
-
-def cli_value(v):
-    return "[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def run_shipped_config(algo, dataset_id, run_dir, **extra):
