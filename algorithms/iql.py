@@ -321,18 +321,17 @@ def iql_update(state: IQLState, batch: Buffer, key, h: Hyper):
     txs = optimizers(h)
     obs = (batch.obs - state.obs_mean) / state.obs_std
     next_obs = (batch.next_obs - state.obs_mean) / state.obs_std
-    n = obs.shape[0]
 
-    # V step; V(s') uses the same pre-update parameters (one forward over [s; s'])
+    # V step; V(s') from the pre-update parameters, in a forward of its own (no gradient through it)
     target_q = critic.apply({"params": state.critic_target}, obs, batch.act).min(0)
+    next_v = value.apply({"params": state.value.params}, next_obs)
 
     def value_loss(p):
-        v_all = value.apply({"params": p}, jnp.concatenate([obs, next_obs]))
-        v = v_all[:n]
+        v = value.apply({"params": p}, obs)
         adv = target_q - v
-        return expectile_loss(adv, h.expectile).mean(), (adv, v, jax.lax.stop_gradient(v_all[n:]))
+        return expectile_loss(adv, h.expectile).mean(), (adv, v)
 
-    (v_loss, (adv, v, next_v)), v_grads = jax.value_and_grad(value_loss, has_aux=True)(state.value.params)
+    (v_loss, (adv, v)), v_grads = jax.value_and_grad(value_loss, has_aux=True)(state.value.params)
     value_tr = _step(state.value, v_grads, txs["value"])
 
     # Q step

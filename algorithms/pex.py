@@ -449,16 +449,15 @@ def value_critic_step(state, obs, next_obs, batch: Buffer, h: Hyper):
     Returns (value, critic, critic_target, adv of the V step, metrics)."""
     _, critic, value = networks(h)
     txs = optimizers(h)
-    n = obs.shape[0]
     target_q = critic.apply({"params": state.critic_target}, obs, batch.act).min(0)
+    next_v = value.apply({"params": state.value.params}, next_obs)  # pre-update V(s'), no gradient
 
     def value_loss(p):
-        v_all = value.apply({"params": p}, jnp.concatenate([obs, next_obs]))  # V(s) and V(s'), one forward
-        v = v_all[:n]
+        v = value.apply({"params": p}, obs)
         adv = target_q - v
-        return expectile_loss(adv, h.expectile).mean(), (adv, v, jax.lax.stop_gradient(v_all[n:]))
+        return expectile_loss(adv, h.expectile).mean(), (adv, v)
 
-    (v_loss, (adv, v, next_v)), v_grads = jax.value_and_grad(value_loss, has_aux=True)(state.value.params)
+    (v_loss, (adv, v)), v_grads = jax.value_and_grad(value_loss, has_aux=True)(state.value.params)
     value_tr = _step(state.value, v_grads, txs["value"])
     y = batch.rew + h.discount * (1.0 - batch.done) * next_v
 
