@@ -81,11 +81,15 @@ def parse_args(argv=None):
     p.add_argument("--num_seeds", default="1,2,4", type=lambda s: [int(x) for x in s.split(",")],
                    help="IQL: seeds trained together (vmapped), aggregate updates/s for each count")
     p.add_argument("--env_steps", type=int, default=2000, help="online loop: env steps timed per algorithm")
+    p.add_argument("--profile", default="iql,cal_ql",
+                   help="comma-separated algorithms whose update block is also traced with jax.profiler to split its "
+                        "time into matmuls, copies and other ops ('' for none)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_updates.json"))
     args = p.parse_args(argv)
-    unknown = set(args.algos.split(",")) - set(ALGOS)
-    if unknown:
-        p.error(f"--algos: unknown {sorted(unknown)}; choose from {','.join(ALGOS)}")
+    for opt in ("algos", "profile"):
+        unknown = set(filter(None, getattr(args, opt).split(","))) - set(ALGOS)
+        if unknown:
+            p.error(f"--{opt}: unknown {sorted(unknown)}; choose from {','.join(ALGOS)}")
     return args
 
 
@@ -333,7 +337,81 @@ def time_online(act, env_steps, seed=0):
             "env_steps_timed": env_steps, "episodes_ended": episodes}
 
 
-def bench(args, setup: Setup, peak_gflops, seed_counts=()):
+# XLA:CPU runs a compiled program as a sequence of ops ("thunks") on its worker threads; jax.profiler records one
+# event per op there, named after the HLO instruction. Events that are the executor's own bookkeeping:
+_NOT_OPS = ("ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "end: ")
+
+
+def op_kinds(hlo_text):
+    """HLO instruction name -> 'matmul' (a dot, or a fusion whose computation has one: XLA:CPU hands those to
+    YNNPACK/Eigen), 'copy' (copies and copy fusions: layout changes, mostly transposes), 'loop' (while, call,
+    conditional: the scan's own control) or 'other' (elementwise, reductions, gathers, RNG)."""
+    import re
+    computations, current = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+        if head and line.rstrip().endswith("{"):
+            current = computations.setdefault(head.group(1), [])
+        elif current is not None:
+            current.append(line)
+    has_dot = {c for c, body in computations.items() if any(re.search(r" dot\(", ln) for ln in body)}
+    kinds = {}
+    for body in computations.values():
+        for line in body:
+            m = re.match(r"\s*(?:ROOT )?%(\S+) = .*?\s([\w-]+)\(", line)
+            if not m:
+                continue
+            name, opcode = m.groups()
+            called = re.search(r"calls=%([\w.-]+)", line)
+            if opcode == "dot" or (opcode == "fusion" and called and called.group(1) in has_dot):
+                kinds[name] = "matmul"
+            elif opcode == "copy" or (opcode == "fusion" and name.startswith("copy")):
+                kinds[name] = "copy"
+            elif opcode in ("while", "call", "conditional"):
+                kinds[name] = "loop"
+            else:
+                kinds[name] = "other"
+    return kinds
+
+
+def profile_block(compiled, run, state, block):
+    """One block of `block` updates traced with jax.profiler. Per update: the block's wall time and the summed
+    duration of XLA's op events by kind (op_kinds). Ops run concurrently on the worker threads, and a matmul op
+    also uses the other core inside its library call, so the kinds' sum can exceed the wall time: read them as
+    shares of the op time, not of the cores. The trace slows the block down (one event per op)."""
+    import glob
+    import re
+    import tempfile
+    from jax.profiler import ProfileData
+    kinds = op_kinds(compiled.as_text())
+    jax.block_until_ready(run(state))  # warm
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(state))
+            wall = time.perf_counter() - t0
+        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            return {"error": "jax.profiler wrote no trace"}
+        data = ProfileData.from_file(files[0])
+    ms = {"matmul": 0.0, "copy": 0.0, "loop": 0.0, "other": 0.0, "unmatched": 0.0}
+    events = 0
+    for plane in data.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                kind = kinds.get(ev.name)
+                if kind is None:  # executor bookkeeping and Python frames are skipped; an op name not in the
+                    if ev.name.startswith(_NOT_OPS) or not re.fullmatch(r"[\w.-]+", ev.name):  # program: counted
+                        continue
+                    kind = "unmatched"
+                ms[kind] += ev.duration_ns / 1e6 / block
+                events += 1
+    total = sum(ms.values())
+    return {"wall_ms_per_update_traced": 1000 * wall / block, "op_ms_per_update": ms,
+            "op_share": {k: v / total for k, v in ms.items()} if total else {}, "op_events_per_update": events / block}
+
+
+def bench(args, setup: Setup, peak_gflops, seed_counts=(), profile=False):
     """One algorithm: its single update's FLOPs, its block's updates/s with one seed (and with each of
     `seed_counts` seeds vmapped), the online loop's step time against the update time."""
     # the seeds' states stacked by the module's stack_seeds, in one jitted program (eagerly: ~70 small compiles)
@@ -348,6 +426,11 @@ def bench(args, setup: Setup, peak_gflops, seed_counts=()):
     out = {**setup.info, "flops_per_update": flops_of(setup.one.lower(jax.eval_shape(setup.init, KEY)))}
     compiled, rate, out["blocks_timed"], state = timed(1)
     out["flops_compiled_block"] = flops_of(compiled)
+    if profile:
+        out["profile"] = prof = profile_block(compiled, lambda st: compiled(st, *setup.block(1).args), state,
+                                              args.block)
+        if "op_ms_per_update" in prof:  # the matmul ops' own rate: the update's FLOPs are almost all theirs
+            prof["matmul_gflops_within_ops"] = out["flops_per_update"] / prof["op_ms_per_update"]["matmul"] / 1e6
     out["updates_per_s"] = rate
     out["achieved_gflops"] = rate * out["flops_per_update"] / 1e9
     out["fraction_of_matmul_gflops"] = out["achieved_gflops"] / peak_gflops
@@ -391,7 +474,8 @@ def main(args):
     print(f"matmul {batched['shape']} (batched): {batched['gflops']:.1f} GFLOP/s = "
           f"{batched['ratio_to_single']:.2f}x the 256x256x256 rate")
     for name in args.algos.split(","):
-        r = bench(args, SETUPS[name](args), peak, args.num_seeds if name == "iql" else ())
+        r = bench(args, SETUPS[name](args), peak, args.num_seeds if name == "iql" else (),
+                  profile=name in args.profile.split(","))
         result[name] = r
         for n, v in r.get("num_seeds", {}).items():
             print(f"{name} --num_seeds {n}: {v['aggregate_updates_per_s']:.1f} aggregate updates/s "
@@ -402,6 +486,11 @@ def main(args):
               f"online step {r['step_ms']:.2f} ms (act {r['act_ms']:.2f} + env {r['env_ms']:.2f}) = "
               f"{100 * r['online_overhead_fraction']:.1f}% of an update, {r['env_steps_per_s']:.0f} env steps/s "
               f"({utd})")
+        if "op_share" in r.get("profile", {}):
+            pr = r["profile"]
+            print(f"{name} profile: {pr['wall_ms_per_update_traced']:.2f} ms/update traced; op time " + ", ".join(
+                f"{k} {v:.2f} ms ({100 * pr['op_share'][k]:.0f}%)" for k, v in pr["op_ms_per_update"].items())
+                + f"; matmul ops at {pr['matmul_gflops_within_ops']:.0f} GFLOP/s")
     result["load_average_after"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,20 @@ def table(bench: dict, quick: dict) -> str:
             + (f" In the same run, 4 batched 256×256×256 matmuls (a layer of 4 vmapped seeds) ran at "
                f"{bench['matmul_batched']['ratio_to_single']:.2f}× the GFLOP/s of one: the ceiling of the vmapped "
                "speed-up for matmul-bound updates on this CPU." if "matmul_batched" in bench else ""))
+    profiled = [a for a in ALGOS if "op_share" in bench.get(a, {}).get("profile", {})]
+    if profiled and len(matmul) >= 1:
+        rate256 = next(iter(matmul.values()))
+        parts = []
+        for a in profiled:
+            pr = bench[a]["profile"]
+            share = pr["op_share"]
+            parts.append(f"{NAMES[a]}: matmul ops {100 * share['matmul']:.0f}% of the op time, running at "
+                         f"{pr['matmul_gflops_within_ops']:.0f} GFLOP/s ({pr['matmul_gflops_within_ops'] / rate256:.2f}× "
+                         f"the 256³ rate); copies (layout transposes) {100 * share['copy']:.0f}%, other ops "
+                         f"(elementwise, Adam, RNG, gathers) {100 * share['other']:.0f}%, scan control "
+                         f"{100 * share['loop']:.0f}%")
+        notes.append("Where an update's time goes (`jax.profiler` trace of one block, XLA's op events summed by kind; "
+                     "ops overlap on the two cores, so these are shares of op time): " + "; ".join(parts) + ".")
     if quick:
         loads = sorted({round(q["load_average_before"][0], 1) for q in quick.values()})
         notes.append("Quickstarts: `benchmarks/results/quickstart_times.json`, measured "

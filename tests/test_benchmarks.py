@@ -391,6 +391,12 @@ def test_bench_updates_all_algorithms_tiny(tmp_path):
         assert r["online_overhead_fraction"] > 0 and r["env_steps_per_s"] > 0, name
         assert r["env_steps_timed"] == 20, name
     assert set(result["iql"]["num_seeds"]) == {1, 2} and set(saved["iql"]["num_seeds"]) == {"1", "2"}
+    for name in ("iql", "cal_ql"):  # the default --profile: the traced block's op time by kind
+        prof = saved[name]["profile"]
+        assert prof["op_ms_per_update"]["matmul"] > 0 and prof["op_ms_per_update"]["other"] > 0, name
+        assert abs(sum(prof["op_share"].values()) - 1) < 1e-6 and prof["op_share"]["unmatched"] < 0.05, name
+        assert prof["matmul_gflops_within_ops"] > 0 and prof["wall_ms_per_update_traced"] > 0, name
+    assert "profile" not in saved["o2td3"]
     assert saved["matmul_batched"]["shape"] == "4x256x256x256" and saved["matmul_batched"]["ratio_to_single"] > 0
     o2sac_cfg = yaml.safe_load((ROOT / "configs" / "o2sac" / "o2o" / "hopper" / "medium-v0.yaml").read_text())
     assert saved["o2sac"]["updates_per_env_step"] == o2sac_cfg["utd"]  # the config's UTD
@@ -410,7 +416,41 @@ def test_bench_updates_all_algorithms_tiny(tmp_path):
     assert "| O2SAC |" in text and "≥" in next(line for line in text.splitlines() if line.startswith("| O2SAC |"))
     assert "Quickstart not measured by this command yet: Cal-QL, O2SAC" in text and "old" not in text
     assert "4 batched 256×256×256 matmuls" in text
+    assert "IQL: matmul ops " in text and "Cal-QL: matmul ops " in text  # the profile sentence
     assert speed_table.main(["--results_dir", str(tmp_path), "--readme", str(readme), "--quickstart", "iqll"]) == 2
+
+
+def test_bench_updates_op_kinds():
+    """HLO instructions sorted into matmul (a dot, or a fusion calling a computation with one), copy, loop, other."""
+    import bench_updates
+    hlo = """HloModule m
+
+%fused_computation.1 (p0: f32[8,4], p1: f32[4,2]) -> f32[8,2] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  %p1 = f32[4,2]{1,0} parameter(1)
+  ROOT %dot.3 = f32[8,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_computation.2 (p0: f32[8,2]) -> f32[2,8] {
+  %p0 = f32[8,2]{1,0} parameter(0)
+  ROOT %transpose.1 = f32[2,8]{1,0} transpose(%p0), dimensions={1,0}
+}
+
+ENTRY %main (a: f32[8,4], b: f32[4,2]) -> f32[2,8] {
+  %a = f32[8,4]{1,0} parameter(0)
+  %b = f32[4,2]{1,0} parameter(1)
+  %ynn_fusion.7 = f32[8,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.1
+  %dot.9 = f32[8,2]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %copy_bitcast_fusion = f32[2,8]{1,0} fusion(%ynn_fusion.7), kind=kLoop, calls=%fused_computation.2
+  %copy.4 = f32[8,2]{0,1} copy(%dot.9)
+  %maximum_fusion.2 = f32[8,2]{1,0} fusion(%dot.9), kind=kLoop, calls=%fused_computation.2
+  ROOT %while.5 = f32[2,8]{1,0} while(%copy_bitcast_fusion), condition=%c, body=%b
+}
+"""
+    kinds = bench_updates.op_kinds(hlo)
+    assert kinds["ynn_fusion.7"] == "matmul" and kinds["dot.9"] == "matmul" and kinds["dot.3"] == "matmul"
+    assert kinds["copy_bitcast_fusion"] == "copy" and kinds["copy.4"] == "copy"
+    assert kinds["maximum_fusion.2"] == "other" and kinds["while.5"] == "loop" and kinds["transpose.1"] == "other"
 
 
 # ---- probes
