@@ -48,6 +48,7 @@ import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,7 @@ def parse_args(argv=None):
                    help="comma-separated algorithms whose update block is also traced with jax.profiler to split its "
                         "time into matmuls, copies and other ops ('' for none)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_updates.json"))
+    p.add_argument("--profile_child", default="", help=argparse.SUPPRESS)  # internal: the traced process
     args = p.parse_args(argv)
     for opt in ("algos", "profile"):
         unknown = set(filter(None, getattr(args, opt).split(","))) - set(ALGOS)
@@ -347,13 +349,7 @@ def op_kinds(hlo_text):
     YNNPACK/Eigen), 'copy' (copies and copy fusions: layout changes, mostly transposes), 'loop' (while, call,
     conditional: the scan's own control) or 'other' (elementwise, reductions, gathers, RNG)."""
     import re
-    computations, current = {}, None
-    for line in hlo_text.splitlines():
-        head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
-        if head and line.rstrip().endswith("{"):
-            current = computations.setdefault(head.group(1), [])
-        elif current is not None:
-            current.append(line)
+    computations = _computations(hlo_text)
     has_dot = {c for c, body in computations.items() if any(re.search(r" dot\(", ln) for ln in body)}
     kinds = {}
     for body in computations.values():
@@ -372,6 +368,77 @@ def op_kinds(hlo_text):
             else:
                 kinds[name] = "other"
     return kinds
+
+
+def _computations(hlo_text):
+    """Computation name -> its instruction lines, from a compiled program's HLO text."""
+    import re
+    computations, current = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+        if head and line.rstrip().endswith("{"):
+            current = computations.setdefault(head.group(1), [])
+        elif current is not None:
+            current.append(line)
+    return computations
+
+
+def dot_specs(hlo_text):
+    """(lhs shape, rhs shape, dimension numbers) of every dot of a compiled program (a while loop's body once, so
+    for an update block: the dots of one update, as XLA kept them after its rewrites)."""
+    import re
+    specs = []
+    for body in _computations(hlo_text).values():
+        shapes = {}
+        for line in body:
+            m = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]", line)
+            if m:
+                shapes[m.group(1)] = tuple(int(d) for d in m.group(2).split(",") if d)
+            d = re.search(r" dot\(%([\w.-]+), %([\w.-]+)\)", line)
+            if d:
+                dims = {k: tuple(int(x) for x in v.split(",") if x) for k, v in
+                        re.findall(r"(\w+_dims)=\{([\d,]*)\}", line)}
+                specs.append((shapes[d.group(1)], shapes[d.group(2)],
+                              ((dims.get("lhs_contracting_dims", ()), dims.get("rhs_contracting_dims", ())),
+                               (dims.get("lhs_batch_dims", ()), dims.get("rhs_batch_dims", ())))))
+    return specs
+
+
+def canonical(spec):
+    """The same dot as a plain batched [B, M, K] @ [B, K, N] matmul (contraction last on the left, first on the
+    right: no operand needs a transpose): same FLOPs, the layout a GEMM library likes best."""
+    lhs, rhs, ((lc, rc), (lb, rb)) = spec
+    size = lambda shape, axes: int(np.prod([shape[i] for i in axes]))  # noqa: E731
+    b, k = size(lhs, lb), size(lhs, lc)
+    m = size(lhs, [i for i in range(len(lhs)) if i not in lc + lb])
+    n = size(rhs, [i for i in range(len(rhs)) if i not in rc + rb])
+    return (b, m, k), (b, k, n), (((2,), (1,)), ((0,), (0,)))
+
+
+def dots_only_rate(specs, seconds=2.0, as_gemms=False):
+    """Time a program that does nothing but these dots (random float32 operands; one jitted call for all of them,
+    so independent dots may run concurrently as in the update): the time an update would take if everything else
+    were free. As given, XLA picks the operands' layouts (and adds the transposes its matmul library needs);
+    `as_gemms`: each dot as its canonical() matmul. GFLOP/s counts 2 * |lhs| * the rhs's free size per dot."""
+    if as_gemms:
+        specs = [canonical(spec) for spec in specs]
+    keys = jax.random.split(jax.random.PRNGKey(2), 2 * len(specs))
+    operands = [(jax.random.normal(keys[2 * i], lhs), jax.random.normal(keys[2 * i + 1], rhs))
+                for i, (lhs, rhs, _) in enumerate(specs)]
+    dns = [dn for *_, dn in specs]
+    f = jax.jit(lambda ops: [jax.lax.dot_general(a, b, dn) for (a, b), dn in zip(ops, dns)])
+    jax.block_until_ready(f(operands))
+    reps, t0 = 0, time.perf_counter()
+    while reps == 0 or time.perf_counter() - t0 < seconds:
+        for _ in range(5):
+            out = f(operands)
+        jax.block_until_ready(out)
+        reps += 5
+    dt = (time.perf_counter() - t0) / reps
+    flops = 0.0
+    for lhs, rhs, ((_, rc), (_, rb)) in specs:  # 2 * |lhs| * the rhs's free (neither contracted nor batch) size
+        flops += 2.0 * np.prod(lhs) * np.prod([n for i, n in enumerate(rhs) if i not in rc + rb])
+    return {"dots": len(specs), "flops": flops, "ms_per_call": 1000 * dt, "gflops": flops / dt / 1e9}
 
 
 def profile_block(compiled, run, state, block):
@@ -411,6 +478,29 @@ def profile_block(compiled, run, state, block):
             "op_share": {k: v / total for k, v in ms.items()} if total else {}, "op_events_per_update": events / block}
 
 
+def profile_child(args):
+    """In its own process (the parent's timings never run with the profiler loaded; a stuck trace cannot hang the
+    benchmark): trace one block of algorithm `args.profile_child`, print the result as one JSON line."""
+    setup = SETUPS[args.profile_child](args)
+    state = jax.jit(lambda key: setup.module.stack_seeds([setup.init(key)]))(jax.random.PRNGKey(0))
+    compiled, run = setup.block(1).compile(state)
+    print("PROFILE_JSON " + json.dumps(profile_block(compiled, run, state, args.block)), flush=True)
+
+
+def profile_in_subprocess(name, args, timeout):
+    """profile_block of `name` run by a child process (profile_child); {'error': ...} if it fails or times out."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--profile_child", name, "--rows", str(args.rows),
+           "--block", str(args.block), "--algos", name, "--profile", ""]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"the traced block did not finish within {timeout:.0f} s"}
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PROFILE_JSON ")), None)
+    if proc.returncode or line is None:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"}
+    return json.loads(line[len("PROFILE_JSON "):])
+
+
 def bench(args, setup: Setup, peak_gflops, seed_counts=(), profile=False):
     """One algorithm: its single update's FLOPs, its block's updates/s with one seed (and with each of
     `seed_counts` seeds vmapped), the online loop's step time against the update time."""
@@ -426,11 +516,18 @@ def bench(args, setup: Setup, peak_gflops, seed_counts=(), profile=False):
     out = {**setup.info, "flops_per_update": flops_of(setup.one.lower(jax.eval_shape(setup.init, KEY)))}
     compiled, rate, out["blocks_timed"], state = timed(1)
     out["flops_compiled_block"] = flops_of(compiled)
-    if profile:
-        out["profile"] = prof = profile_block(compiled, lambda st: compiled(st, *setup.block(1).args), state,
-                                              args.block)
+    if profile:  # compile + 3 blocks (warm-up, traced) in the child, at a generous 5x the untraced block time
+        out["profile"] = prof = profile_in_subprocess(setup.module.__name__, args,
+                                                      timeout=300 + 5 * args.block / rate)
         if "op_ms_per_update" in prof:  # the matmul ops' own rate: the update's FLOPs are almost all theirs
             prof["matmul_gflops_within_ops"] = out["flops_per_update"] / prof["op_ms_per_update"]["matmul"] / 1e6
+        # the update's dots alone, timed in this run: the update's speed if every other op were free
+        specs = dot_specs(compiled.as_text())
+        for key, as_gemms in (("dots_only", False), ("dots_as_gemms", True)):
+            dots = dots_only_rate(specs, seconds=min(2.0, max(args.seconds, 0.1)), as_gemms=as_gemms)
+            dots["updates_per_s"] = 1000.0 / dots["ms_per_call"]
+            dots["fraction_of_matmul_gflops"] = dots["gflops"] / peak_gflops
+            out[key] = dots
     out["updates_per_s"] = rate
     out["achieved_gflops"] = rate * out["flops_per_update"] / 1e9
     out["fraction_of_matmul_gflops"] = out["achieved_gflops"] / peak_gflops
@@ -491,6 +588,12 @@ def main(args):
             print(f"{name} profile: {pr['wall_ms_per_update_traced']:.2f} ms/update traced; op time " + ", ".join(
                 f"{k} {v:.2f} ms ({100 * pr['op_share'][k]:.0f}%)" for k, v in pr["op_ms_per_update"].items())
                 + f"; matmul ops at {pr['matmul_gflops_within_ops']:.0f} GFLOP/s")
+        for key, what in (("dots_only", "dots alone"), ("dots_as_gemms", "dots as plain matmuls")):
+            if key in r:
+                d = r[key]
+                print(f"{name}: its {d['dots']} {what}: {d['ms_per_call']:.2f} ms ({d['flops'] / 1e6:.1f} MFLOP) = "
+                      f"{d['updates_per_s']:.1f} updates/s, {d['gflops']:.1f} GFLOP/s "
+                      f"({d['fraction_of_matmul_gflops']:.2f} of the matmul rate)")
     result["load_average_after"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -500,4 +603,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    _args = parse_args()
+    profile_child(_args) if _args.profile_child else main(_args)

@@ -127,6 +127,21 @@ def table(bench: dict, quick: dict) -> str:
                          f"{100 * share['loop']:.0f}%")
         notes.append("Where an update's time goes (`jax.profiler` trace of one block, XLA's op events summed by kind; "
                      "ops overlap on the two cores, so these are shares of op time): " + "; ".join(parts) + ".")
+    ceilings = []
+    for a in ALGOS:
+        b = bench.get(a, {})
+        if "dots_only" in b and "dots_as_gemms" in b and matmul:
+            d, g = b["dots_only"], b["dots_as_gemms"]
+            ratios = " / ".join(f"{g['gflops'] / rate:.2f}" for rate in matmul.values())
+            ceilings.append(f"{NAMES[a]}: its {d['dots']} dots alone {d['updates_per_s']:.1f} updates/s, as plain "
+                            f"matmuls {g['updates_per_s']:.1f} ({ratios} of the 256³ / 2560×256² rates); the full "
+                            f"update runs at {b['updates_per_s'] / max(d['updates_per_s'], g['updates_per_s']):.2f}× "
+                            "the faster of the two")
+    if ceilings:
+        notes.append("The matmuls' own ceiling, timed in the same run: a program doing nothing but the update's dots "
+                     "(shapes and dimension numbers read from its compiled HLO; once as XLA lays them out, once each "
+                     "as a plain [B, M, K] @ [B, K, N] matmul that needs no transpose), i.e. the update's speed if "
+                     "every other op were free. " + "; ".join(ceilings) + ".")
     if quick:
         loads = sorted({round(q["load_average_before"][0], 1) for q in quick.values()})
         notes.append("Quickstarts: `benchmarks/results/quickstart_times.json`, measured "

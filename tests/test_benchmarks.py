@@ -396,6 +396,11 @@ def test_bench_updates_all_algorithms_tiny(tmp_path):
         assert prof["op_ms_per_update"]["matmul"] > 0 and prof["op_ms_per_update"]["other"] > 0, name
         assert abs(sum(prof["op_share"].values()) - 1) < 1e-6 and prof["op_share"]["unmatched"] < 0.05, name
         assert prof["matmul_gflops_within_ops"] > 0 and prof["wall_ms_per_update_traced"] > 0, name
+        for key in ("dots_only", "dots_as_gemms"):  # the update's dots alone: same count and FLOPs both ways
+            assert saved[name][key]["dots"] >= 6 and saved[name][key]["updates_per_s"] > 0, (name, key)
+        assert saved[name]["dots_only"]["flops"] == saved[name]["dots_as_gemms"]["flops"]
+        # the dots are (nearly) all of XLA's FLOP count of one update
+        assert 0.9 < saved[name]["dots_only"]["flops"] / saved[name]["flops_per_update"] <= 1.0, name
     assert "profile" not in saved["o2td3"]
     assert saved["matmul_batched"]["shape"] == "4x256x256x256" and saved["matmul_batched"]["ratio_to_single"] > 0
     o2sac_cfg = yaml.safe_load((ROOT / "configs" / "o2sac" / "o2o" / "hopper" / "medium-v0.yaml").read_text())
@@ -417,6 +422,7 @@ def test_bench_updates_all_algorithms_tiny(tmp_path):
     assert "Quickstart not measured by this command yet: Cal-QL, O2SAC" in text and "old" not in text
     assert "4 batched 256×256×256 matmuls" in text
     assert "IQL: matmul ops " in text and "Cal-QL: matmul ops " in text  # the profile sentence
+    assert "IQL: its " in text and "dots alone" in text  # the dots-only ceiling sentence
     assert speed_table.main(["--results_dir", str(tmp_path), "--readme", str(readme), "--quickstart", "iqll"]) == 2
 
 
@@ -451,6 +457,16 @@ ENTRY %main (a: f32[8,4], b: f32[4,2]) -> f32[2,8] {
     assert kinds["ynn_fusion.7"] == "matmul" and kinds["dot.9"] == "matmul" and kinds["dot.3"] == "matmul"
     assert kinds["copy_bitcast_fusion"] == "copy" and kinds["copy.4"] == "copy"
     assert kinds["maximum_fusion.2"] == "other" and kinds["while.5"] == "loop" and kinds["transpose.1"] == "other"
+    # the dots with their operand shapes (parameters of a fused computation, instructions of the entry)
+    specs = bench_updates.dot_specs(hlo)
+    assert len(specs) == 2
+    assert ((8, 4), (4, 2), (((1,), (0,)), ((), ()))) in specs
+    # a batched dot contracting the rows of both operands (a weight gradient), as a plain matmul: [2, 5, 7] @ [2, 7, 3]
+    spec = ((2, 7, 5), (2, 7, 3), (((1,), (1,)), ((0,), (0,))))
+    assert bench_updates.canonical(spec) == ((2, 5, 7), (2, 7, 3), (((2,), (1,)), ((0,), (0,))))
+    r = bench_updates.dots_only_rate([spec], seconds=0.01)
+    assert r["dots"] == 1 and r["flops"] == 2 * 2 * 5 * 7 * 3
+    assert bench_updates.dots_only_rate([spec], seconds=0.01, as_gemms=True)["flops"] == r["flops"]
 
 
 # ---- probes
