@@ -100,7 +100,11 @@ def table(bench: dict, quick: dict) -> str:
             "–" if q is None else f"{q['seconds'] / 60:.1f}", score]) + " |")
     when = bench.get("time", "never")
     load = bench.get("load_average_before")
-    rates = ", ".join(f"{s}: {g:.0f} GFLOP/s" for s, g in matmul.items())
+    rates = ", ".join(
+        f"{m['shape']}: {m['gflops']:.0f} GFLOP/s" + (
+            f" (median of {len(m['gflops_samples'])} samples taken between the algorithms, "
+            f"{min(m['gflops_samples']):.0f}-{max(m['gflops_samples']):.0f})" if m.get("gflops_samples") else "")
+        for m in bench.get("matmul", []))
     notes = [f"Updates and online steps: `benchmarks/results/bench_updates.json`, measured {when} "
              f"(load average before: {', '.join(f'{x:.1f}' for x in load) if load else '–'}; matmul {rates}). "
              + (bench.get("online_note", "") + ". " if bench.get("online_note") else "") + " ".join(footnotes)]
