@@ -23,9 +23,10 @@ about one update too), achieved GFLOP/s and that rate as a fraction of the float
 same run for 256x256x256 and 2560x256x256 (the shapes of a batch-256 layer and of a 10-action CQL evaluation).
 The matmul rates drift on this shared VM (the 256x256x256 rate was seen anywhere from 127 to 163 GFLOP/s within
 an hour), so each is sampled at the start and after every algorithm and the ratios use the median of the samples.
-For --profile algorithms (default iql, cal_ql): one block traced with jax.profiler in a child process (op time by
-kind: matmul, copy, loop, other) and the update's dots alone, timed here: the update's speed if every other op were
-free (the shapes and dimension numbers read from the compiled block; as XLA lays them out, and as plain matmuls).
+For --profile algorithms (default iql, cal_ql), in a child process right after the algorithm's timing: one block of
+200 updates traced with jax.profiler (op time by kind: matmul, copy, loop, other) and the update's dots alone: the
+update's speed if every other op were free (the shapes and dimension numbers read from the compiled block; as XLA
+lays them out, and as plain matmuls). A child that fails or passes its time limit is retried once.
 
 Online loop. A real gymnasium Hopper-v5 env (the env of the o2o/hopper datasets; no dataset needed) and the
 algorithm's jitted exploration act function (`act_explore`: o2td3 with its explore_noise, o2ppo with its Gaussian
@@ -484,27 +485,46 @@ def profile_block(compiled, run, state, block):
             "op_share": {k: v / total for k, v in ms.items()} if total else {}, "op_events_per_update": events / block}
 
 
+PROFILE_BLOCK = 200  # updates in the child's traced block (XLA lists a loop body once: same ops and dots)
+
+
 def profile_child(args):
-    """In its own process (the parent's timings never run with the profiler loaded; a stuck trace cannot hang the
-    benchmark): trace one block of algorithm `args.profile_child`, print the result as one JSON line."""
+    """In its own process: trace one block of algorithm `args.profile_child` (profile_block), then time its dots
+    alone (dots_only_rate: as laid out by XLA, and as plain matmuls); print the results as one JSON line. The
+    parent never loads the profiler nor runs the dots-only programs (two runs with both in one process hung in a
+    LATER algorithm's block; the child's time limit bounds such a hang)."""
     setup = SETUPS[args.profile_child](args)
     state = jax.jit(lambda key: setup.module.stack_seeds([setup.init(key)]))(jax.random.PRNGKey(0))
     compiled, run = setup.block(1).compile(state)
-    print("PROFILE_JSON " + json.dumps(profile_block(compiled, run, state, args.block)), flush=True)
+    out = {"profile": profile_block(compiled, run, state, args.block)}
+    specs = dot_specs(compiled.as_text())
+    for key, as_gemms in (("dots_only", False), ("dots_as_gemms", True)):
+        dots = dots_only_rate(specs, seconds=min(2.0, max(args.seconds, 0.1)), as_gemms=as_gemms)
+        dots["updates_per_s"] = 1000.0 / dots["ms_per_call"]
+        out[key] = dots
+    print("PROFILE_JSON " + json.dumps(out), flush=True)
 
 
-def profile_in_subprocess(name, args, timeout):
-    """profile_block of `name` run by a child process (profile_child); {'error': ...} if it fails or times out."""
+def profile_in_subprocess(name, args, timeout, tries=2):
+    """profile_child's results for `name` from a child process; a failed or timed-out child is retried once;
+    {'profile': {'error': ...}} if every try fails."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--profile_child", name, "--rows", str(args.rows),
-           "--block", str(args.block), "--algos", name, "--profile", ""]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"the traced block did not finish within {timeout:.0f} s"}
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PROFILE_JSON ")), None)
-    if proc.returncode or line is None:
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"}
-    return json.loads(line[len("PROFILE_JSON "):])
+           "--block", str(min(args.block, PROFILE_BLOCK)), "--seconds", str(args.seconds), "--algos", name,
+           "--profile", ""]
+    errors = []
+    for _ in range(tries):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            errors.append(f"the child did not finish within {timeout:.0f} s")
+            continue
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PROFILE_JSON ")), None)
+        if proc.returncode == 0 and line is not None:
+            result = json.loads(line[len("PROFILE_JSON "):])
+            result["profile"]["tries"] = len(errors) + 1
+            return result
+        errors.append(f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}")
+    return {"profile": {"error": "; ".join(errors)}}
 
 
 def bench(args, setup: Setup, seed_counts=(), profile=False):
@@ -522,17 +542,13 @@ def bench(args, setup: Setup, seed_counts=(), profile=False):
     out = {**setup.info, "flops_per_update": flops_of(setup.one.lower(jax.eval_shape(setup.init, KEY)))}
     compiled, rate, out["blocks_timed"], state = timed(1)
     out["flops_compiled_block"] = flops_of(compiled)
-    if profile:  # compile + 3 blocks (warm-up, traced) in the child, at a generous 5x the untraced block time
-        out["profile"] = prof = profile_in_subprocess(setup.module.__name__, args,
-                                                      timeout=300 + 5 * args.block / rate)
+    if profile:  # compile, a warm-up and a traced block, and the dots, in the child: a generous time limit
+        child = profile_in_subprocess(setup.module.__name__, args,
+                                      timeout=300 + 10 * min(args.block, PROFILE_BLOCK) / rate)
+        out.update(child)
+        prof = out["profile"]
         if "op_ms_per_update" in prof:  # the matmul ops' own rate: the update's FLOPs are almost all theirs
             prof["matmul_gflops_within_ops"] = out["flops_per_update"] / prof["op_ms_per_update"]["matmul"] / 1e6
-        # the update's dots alone, timed in this run: the update's speed if every other op were free
-        specs = dot_specs(compiled.as_text())
-        for key, as_gemms in (("dots_only", False), ("dots_as_gemms", True)):
-            dots = dots_only_rate(specs, seconds=min(2.0, max(args.seconds, 0.1)), as_gemms=as_gemms)
-            dots["updates_per_s"] = 1000.0 / dots["ms_per_call"]
-            out[key] = dots
     out["updates_per_s"] = rate
     out["achieved_gflops"] = rate * out["flops_per_update"] / 1e9  # (its fraction of the matmul rate: main)
     if seed_counts:
