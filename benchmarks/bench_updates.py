@@ -54,6 +54,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -355,7 +356,6 @@ def op_kinds(hlo_text):
     """HLO instruction name -> 'matmul' (a dot, or a fusion whose computation has one: XLA:CPU hands those to
     YNNPACK/Eigen), 'copy' (copies and copy fusions: layout changes, mostly transposes), 'loop' (while, call,
     conditional: the scan's own control) or 'other' (elementwise, reductions, gathers, RNG)."""
-    import re
     computations = _computations(hlo_text)
     has_dot = {c for c, body in computations.items() if any(re.search(r" dot\(", ln) for ln in body)}
     kinds = {}
@@ -379,7 +379,6 @@ def op_kinds(hlo_text):
 
 def _computations(hlo_text):
     """Computation name -> its instruction lines, from a compiled program's HLO text."""
-    import re
     computations, current = {}, None
     for line in hlo_text.splitlines():
         head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
@@ -393,7 +392,6 @@ def _computations(hlo_text):
 def dot_specs(hlo_text):
     """(lhs shape, rhs shape, dimension numbers) of every dot of a compiled program (a while loop's body once, so
     for an update block: the dots of one update, as XLA kept them after its rewrites)."""
-    import re
     specs = []
     for body in _computations(hlo_text).values():
         shapes = {}
@@ -454,7 +452,6 @@ def profile_block(compiled, run, state, block):
     also uses the other core inside its library call, so the kinds' sum can exceed the wall time: read them as
     shares of the op time, not of the cores. The trace slows the block down (one event per op)."""
     import glob
-    import re
     import tempfile
     from jax.profiler import ProfileData
     kinds = op_kinds(compiled.as_text())
