@@ -21,8 +21,8 @@ batch, without the batch sampling; of the lowered program, not compiled to save 
 compiled program's count; XLA counts a loop body once, so the compiled block's own count, also reported, is
 about one update too), achieved GFLOP/s and that rate as a fraction of the float32 matmul rate measured in the
 same run for 256x256x256 and 2560x256x256 (the shapes of a batch-256 layer and of a 10-action CQL evaluation).
-The matmul rates drift on this shared VM (the 256x256x256 rate was seen anywhere from 127 to 163 GFLOP/s within
-an hour), so each is sampled at the start and after every algorithm and the ratios use the median of the samples.
+The matmul rates drift on this shared VM (the 256x256x256 rate was seen anywhere from 127 to 166 GFLOP/s within
+one session), so each is sampled at the start and after every algorithm and the ratios use the median of the samples.
 For --profile algorithms (default iql, cal_ql), in a child process right after the algorithm's timing: one block of
 200 updates traced with jax.profiler (op time by kind: matmul, copy, loop, other) and the update's dots alone: the
 update's speed if every other op were free (the shapes and dimension numbers read from the compiled block; as XLA
@@ -646,4 +646,7 @@ def main(args):
 
 if __name__ == "__main__":
     _args = parse_args()
-    profile_child(_args) if _args.profile_child else main(_args)
+    if _args.profile_child:
+        profile_child(_args)
+    else:
+        main(_args)

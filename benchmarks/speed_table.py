@@ -118,7 +118,7 @@ def table(bench: dict, quick: dict) -> str:
                f"{bench['matmul_batched']['ratio_to_single']:.2f}× the GFLOP/s of one: the ceiling of the vmapped "
                "speed-up for matmul-bound updates on this CPU." if "matmul_batched" in bench else ""))
     profiled = [a for a in ALGOS if "op_share" in bench.get(a, {}).get("profile", {})]
-    if profiled and len(matmul) >= 1:
+    if profiled and matmul:
         rate256 = next(iter(matmul.values()))
         parts = []
         for a in profiled:
