@@ -332,6 +332,37 @@ def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
 
 
 # ---------------------------------------------------------------------------------------------- networks
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def householder_q(key, m: int, n: int, dtype=jnp.float32):
+    """Q (m x n, m >= n) of the QR decomposition of an m x n standard normal draw, with R's diagonal made positive:
+    what jax.random.orthogonal computes with LAPACK, here by Householder reflections in jnp ops (see
+    orthogonal_kernel_init). Jitted: one compilation per shape, also when an init runs eagerly."""
+    rows = jnp.arange(m)
+
+    def reflect(j, carry):  # reflection j zeroes column j of r below the diagonal; its vector is kept
+        r, vs = carry
+        x = jnp.where(rows >= j, r[:, j], 0.0)
+        alpha = -jnp.where(r[j, j] >= 0, 1.0, -1.0) * jnp.sqrt(jnp.sum(x * x))
+        v = x - alpha * (rows == j)
+        v = v / jnp.sqrt(jnp.sum(v * v))
+        return r - 2.0 * jnp.outer(v, v @ r), vs.at[j].set(v)
+    r, vs = jax.lax.fori_loop(0, n, reflect, (jax.random.normal(key, (m, n), dtype), jnp.zeros((n, m), dtype)))
+    q = jax.lax.fori_loop(0, n, lambda i, q: q - 2.0 * jnp.outer(vs[n - 1 - i], vs[n - 1 - i] @ q),
+                          jnp.eye(m, n, dtype=dtype))  # Q = H_0 H_1 ... H_{n-1} applied to the first n columns of I
+    return q * jnp.sign(jnp.diagonal(r))
+
+
+def orthogonal_kernel_init(scale: float):
+    """nn.initializers.orthogonal(scale) for a 2-D kernel without LAPACK (householder_q): the same matrix up to
+    float round-off. jaxlib 0.10.2's CPU LAPACK QR deadlocks XLA's thread pool when a program runs several batched
+    QRs at once, as the init of a vmapped ensemble (or of several seeds) does; on 2 cores it hung runs at start-up."""
+    def init(key, shape, dtype=jnp.float32):
+        n_rows, n_cols = shape
+        q = householder_q(key, max(n_rows, n_cols), min(n_rows, n_cols), dtype)
+        return scale * (q if n_rows >= n_cols else q.T)
+    return init
+
+
 def _uniform(bound: float):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
@@ -349,7 +380,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         for width in self.hidden:
             if self.init == "orthogonal":
-                dense = nn.Dense(width, kernel_init=nn.initializers.orthogonal(1.0), bias_init=nn.initializers.zeros)
+                dense = nn.Dense(width, kernel_init=orthogonal_kernel_init(1.0), bias_init=nn.initializers.zeros)
             else:
                 bound = 1.0 / math.sqrt(x.shape[-1])
                 dense = nn.Dense(width, kernel_init=_uniform(bound), bias_init=_uniform(bound))
@@ -357,7 +388,7 @@ class MLP(nn.Module):
             if self.layer_norm:
                 x = nn.LayerNorm(epsilon=1e-5)(x)
             x = nn.relu(x)
-        kernel = (nn.initializers.orthogonal(1.0) if self.init == "orthogonal"
+        kernel = (orthogonal_kernel_init(1.0) if self.init == "orthogonal"
                   else nn.initializers.variance_scaling(1e-4, "fan_avg", "uniform"))  # xavier_uniform(gain 1e-2)
         return nn.Dense(self.out_dim, kernel_init=kernel, bias_init=nn.initializers.zeros)(x)
 

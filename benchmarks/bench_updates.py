@@ -488,8 +488,10 @@ PROFILE_BLOCK = 200  # updates in the child's traced block (XLA lists a loop bod
 def profile_child(args):
     """In its own process: trace one block of algorithm `args.profile_child` (profile_block), then time its dots
     alone (dots_only_rate: as laid out by XLA, and as plain matmuls); print the results as one JSON line. The
-    parent never loads the profiler nor runs the dots-only programs (two runs with both in one process hung in a
-    LATER algorithm's block; the child's time limit bounds such a hang)."""
+    parent never loads the profiler nor runs the dots-only programs. (This was first done because two runs hung in
+    a LATER algorithm's block; the cause found later was jaxlib's batched-LAPACK deadlock in that algorithm's
+    orthogonal init, gone since the algorithm files' orthogonal_kernel_init; see tests/test_thread_pool_hang.py.
+    The child's time limit still bounds any hang.)"""
     setup = SETUPS[args.profile_child](args)
     state = jax.jit(lambda key: setup.module.stack_seeds([setup.init(key)]))(jax.random.PRNGKey(0))
     compiled, run = setup.block(1).compile(state)

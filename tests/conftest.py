@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from hang_watchdog import pytest_runtest_protocol  # noqa: F401  (a hung test ends the session with its stacks)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "algorithms"))
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -8,11 +8,15 @@ loader falls back to D4RL's constants). A stand-in has none of the real data's c
 only: every script runs, as a command in its own process, its shipped config for that ID (budgets and network
 sizes cut to the per-script test sizes, every task setting kept: reward transform, terminate_on_success,
 normalisation, Cal-QL's failure rule), reads the Dict observations flattened to 27 + 2 + 2, evaluates in the
-recovered evaluation env, and writes a success rate for the goal task.
+recovered evaluation env, and writes a success rate for the goal task. These runs also check that no program a
+script compiles (XLA's dump of every program, all phases) calls LAPACK: jaxlib 0.10.2's batched LAPACK kernels can
+deadlock XLA:CPU's thread pool (tests/test_thread_pool_hang.py).
 """
 import importlib
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -103,8 +107,15 @@ def run_shipped_config(algo, dataset_id, run_dir, **extra):
     sizes = {**{k: v for k, v in tiny.items() if SIZE_KEY.search(k)}, **extra}
     cmd = [sys.executable, f"algorithms/{algo}.py", "--config_path", str(config), "--run_dir", str(run_dir)]
     cmd += [a for k, v in sizes.items() for a in (f"--{k}", cli_value(v))]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # env: this module's Minari store
+    # every program the run compiles is dumped, to check that none calls LAPACK (tests/test_thread_pool_hang.py)
+    dump = Path(run_dir) / "xla_dump"
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)  # this module's Minari store
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    programs = list(dump.glob("*after_optimizations.txt"))
+    lapack = sorted(p.name for p in programs if "lapack" in p.read_text())
+    assert programs and not lapack, f"programs calling LAPACK (can deadlock XLA:CPU's thread pool): {lapack}"
+    shutil.rmtree(dump)
     return yaml.safe_load(config.read_text())
 
 
