@@ -51,6 +51,10 @@ its numbers equal the single-seed run's up to float32 round-off. Evaluations go 
   7. MuJoCo-locomotion hyper-parameters are not in the official repository (issue nakamotoo/Cal-QL#5); the
      locomotion configs use CQL's MuJoCo settings (fixed weight 5, 256-256 networks) and are unverified.
 
+Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
+the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped
+ensembles, several seeds) can deadlock XLA's thread pool (README, "A jaxlib 0.10.2 deadlock on CPU").
+
 Usage:
     python algorithms/cal_ql.py --config_path configs/cal_ql/quickstart.yaml
     python algorithms/cal_ql.py --config_path configs/cal_ql/quickstart.yaml --resume    # continue a killed run

@@ -81,6 +81,10 @@ checkpoint episode end pauses until every seed is at its own (or finished); afte
 different steps, so each PPO call updates just the seeds whose rollout is full. Evaluation records go to
 run_dir/seed<S>/eval.jsonl.
 
+Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
+the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped
+ensembles, several seeds) can deadlock XLA's thread pool (README, "A jaxlib 0.10.2 deadlock on CPU").
+
 Usage:
     python algorithms/o2ppo.py --config_path configs/o2ppo/quickstart.yaml
     python algorithms/o2ppo.py --config_path configs/o2ppo/quickstart.yaml --resume        # continue a killed run

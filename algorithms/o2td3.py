@@ -78,6 +78,10 @@ warm-up, updates, evaluations, reference updates), so its numbers equal the sing
 round-off (XLA's batched matmuls sum in another order). A seed due for a checkpoint (at the first episode end
 after an evaluation) waits until every seed is due (or finished). Evaluations go to run_dir/seed<S>/eval.jsonl.
 
+Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
+the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped
+ensembles, several seeds) can deadlock XLA's thread pool (README, "A jaxlib 0.10.2 deadlock on CPU").
+
 Usage:
     python algorithms/o2td3.py --config_path configs/o2td3/quickstart.yaml
     python algorithms/o2td3.py --config_path configs/o2td3/quickstart.yaml --resume       # continue a killed run

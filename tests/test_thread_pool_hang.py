@@ -4,9 +4,10 @@ jaxlib 0.10.2 splits a batched LAPACK call (here: the QR of nn.initializers.orth
 ensemble or by several seeds) over XLA's intra-op thread pool and blocks until the pieces finish. A program that
 runs as many such calls at once as the pool has threads (2 on this machine) deadlocks: every thread waits, none
 runs the pieces (gdb: both "tf_XLAEigen" threads in jax::ParallelBatchMap -> BlockingCounter::Wait under
-lapack_sgeqrf_ffi). It hung a CI run in bench_updates' state init. The algorithm files therefore build their
-orthogonal kernels without LAPACK (`orthogonal_kernel_init`, Householder QR in jnp ops); test_official_ids checks
-that no program a script compiles calls LAPACK; tests/hang_watchdog.py ends a hung test session with its stacks.
+lapack_sgeqrf_ffi). It hung the bench_updates test in a state init, where a CI run had sat until its time limit.
+The algorithm files therefore build their orthogonal kernels without LAPACK (`orthogonal_kernel_init`, Householder
+QR in jnp ops); test_official_ids checks that no program a script compiles calls LAPACK; tests/hang_watchdog.py
+ends a hung test session with its stacks.
 """
 import importlib
 import subprocess
