@@ -53,7 +53,7 @@ its numbers equal the single-seed run's up to float32 round-off. Evaluations go 
 
 Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
 the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped
-ensembles, several seeds) can deadlock XLA's thread pool (README, "A jaxlib 0.10.2 deadlock on CPU").
+ensembles, several seeds) can deadlock XLA's thread pool (docs/testing.md, "A jaxlib 0.10.2 deadlock on CPU").
 
 Usage:
     python algorithms/cal_ql.py --config_path configs/cal_ql/quickstart.yaml
@@ -65,7 +65,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -99,7 +98,8 @@ class TrainConfig:
     group: str = "cal_ql"  # wandb group
     name: str = ""  # wandb run name; "" = cal_ql-<dataset_id>-seed<seed>
     wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
-    resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
+    resume: bool = False  # continue the run in run_dir from its newest intact checkpoint (`--resume` alone works)
+    overwrite: bool = False  # delete a previous run in run_dir and start again (without it, a previous run is kept)
     offline_checkpoint: str = ""  # skip pre-training: start fine-tuning from this saved offline checkpoint dir
     num_seeds: int = 1  # train seeds seed..seed+num_seeds-1 together (vmapped); >1: evals in run_dir/seed<S>/
     # schedule
@@ -173,6 +173,9 @@ class TrainConfig:
         need(self.cql_temp > 0, f"cql_temp must be > 0, got {self.cql_temp}")
         for name in ("policy_hidden", "critic_hidden"):
             need(len(getattr(self, name)) > 0 and all(x > 0 for x in getattr(self, name)), f"{name} must be positive")
+
+
+RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}  # may change on --resume
 
 
 class Hyper(NamedTuple):
@@ -603,128 +606,6 @@ def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, 
     return out
 
 
-# ---------------------------------------------------------------------------------------------- env RNG
-def _env_generators(env) -> dict:
-    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
-    import gymnasium as gym
-    found, seen = {}, set()
-
-    def walk(obj, path, depth):
-        if id(obj) in seen or depth > 3:
-            return
-        seen.add(id(obj))
-        gen = getattr(obj, "_np_random", None)
-        if isinstance(gen, np.random.Generator):
-            found[path] = gen
-        for k, v in vars(obj).items():
-            if isinstance(v, gym.Env):
-                walk(v, f"{path}.{k}", depth + 1)
-    walk(env.unwrapped, "unwrapped", 0)
-    return found
-
-
-def env_rng_snapshot(env) -> dict:
-    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
-    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
-
-
-def env_rng_restore(env, snapshot: dict, seed: int):
-    env.reset(seed=seed)  # initialises the wrappers and creates the generators
-    gens = _env_generators(env)
-    if set(gens) != set(snapshot):
-        raise RuntimeError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
-    for k, state in snapshot.items():
-        gens[k].bit_generator.state = state
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def save_tree(path: Path, tree):
-    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
-    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
-
-
-def load_tree(path: Path, template):
-    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    with np.load(path) as z:
-        names = sorted(z.files)
-        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
-        if names != sorted(expected):
-            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
-            raise ValueError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected}")
-        leaves = []
-        for name, (k, ref) in zip(expected, flat):
-            arr = z[name]
-            if arr.shape != np.shape(ref):
-                raise ValueError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
-                                 f"needs {np.shape(ref)} (different network sizes or dataset?)")
-            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def save_checkpoint(path: Path, state, meta: dict, cfg):
-    """Atomically write state + host meta + resolved config into directory `path`."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_tree(tmp / "state.npz", state)
-    with open(tmp / "meta.pkl", "wb") as f:
-        pickle.dump(meta, f)
-    with open(tmp / "config.yaml", "w") as f:
-        pyrallis.dump(cfg, f)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(path: Path) -> Optional[Path]:
-    for p in (path, path.with_name(path.name + ".old")):  # .old survives a kill between the two renames
-        if (p / "meta.pkl").exists() and (p / "state.npz").exists():
-            return p
-    return None
-
-
-def load_checkpoint(path: Path, template):
-    with open(path / "meta.pkl", "rb") as f:
-        meta = pickle.load(f)
-    return load_tree(path / "state.npz", template), meta
-
-
-def save_buffer_rows(buffer_dir: Path, online: Buffer, start: int, end: int):
-    """Append one seed's online rows [start, end) (`online`: that seed's rows) as one file."""
-    if end <= start:
-        return
-    buffer_dir.mkdir(parents=True, exist_ok=True)
-    rows = {k: np.asarray(v[start:end]) for k, v in online._asdict().items()}
-    tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
-    np.savez(tmp, **rows)
-    os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
-
-
-def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
-    """Online rows [0, size) from the row files; files beyond `size` (written after the checkpoint) are removed."""
-    if size == 0:
-        if buffer_dir.exists():
-            shutil.rmtree(buffer_dir)
-        return None
-    parts, pos = [], 0
-    for f in sorted(buffer_dir.glob("rows_*.npz")):
-        start, end = (int(x) for x in f.stem.split("_")[1:3])
-        if start >= size:
-            f.unlink()
-            continue
-        if start != pos or end > size:
-            raise RuntimeError(f"online buffer files in {buffer_dir} are inconsistent at {f.name} (expected start "
-                               f"{pos}, checkpoint size {size})")
-        with np.load(f) as z:
-            parts.append({k: z[k] for k in z.files})
-        pos = end
-    if pos != size:
-        raise RuntimeError(f"online buffer files in {buffer_dir} hold {pos} rows, the checkpoint needs {size}")
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
     """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., online/..., eval/...."""
@@ -801,15 +682,360 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / "cal_ql" / cfg.dataset_id.replace("/", "_") / seeds
 
 
-def _check_resume_config(saved: Path, cfg: TrainConfig):
-    with open(saved) as f:
-        old = pyrallis.load(TrainConfig, f)
-    free = {"resume", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}
-    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in free
-            and getattr(old, k) != getattr(cfg, k)}
-    if diff:
-        raise ValueError(f"--resume with a config that differs from the checkpoint's ({saved}): "
-                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+def train(cfg: TrainConfig) -> dict:
+    """Offline pre-training then online fine-tuning of `num_seeds` seeds at once; returns the last evaluation
+    record(s) and paths."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"cal_ql-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
+    goal_task = "antmaze" in cfg.dataset_id
+    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
+        src_seeds = load_meta(run.offline_from).get("num_seeds", 1) if run.offline_from else N
+        if src_seeds != N:
+            raise RunError(f"--offline_checkpoint {run.offline_from} holds {src_seeds} seed(s); run with --num_seeds "
+                           f"{src_seeds}")
+        # data and envs (one training env per seed, one evaluation env)
+        ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+        envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
+        obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+        if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+            raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                    f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+        max_len = envs[0].spec.max_episode_steps if envs[0].spec is not None else None
+        if not max_len:
+            raise data.DatasetError(f"{cfg.dataset_id}: the env has no time limit; Cal-QL collects whole trajectories")
+        try:
+            refs = data.reference_scores(cfg.dataset_id)
+        except data.DatasetError as e:
+            print(f"warning: {e}; logging raw returns only")
+            refs = None
+        rewards, actions, mc = prepare_offline(cfg, ds)
+        failure_reward = cfg.mc_failure_raw_reward * cfg.reward_scale + cfg.reward_bias
+        n_off = len(ds)
+        h = make_hyper(cfg, obs_dim, act_dim)
+        obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+        obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+        offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, actions, rewards, ds.next_observations,
+                                                                  ds.terminals, mc)))
+        del rewards, actions, mc
+        capacity = cfg.online_steps + max_len  # the last trajectory may overshoot online_steps
+        online = Buffer(*(jnp.zeros((N, capacity) + s, jnp.float32) for s in
+                          ((obs_dim,), (act_dim,), (), (obs_dim,), (), ())))
+
+        state = stack_seeds([init_state(h, jax.random.PRNGKey(s), obs_mean, obs_std, cfg.log_alpha_prime_init)
+                             for s in seeds])
+        meta = {"phase": "offline", "num_seeds": N, "updates": [0] * N, "env_steps": [0] * N, "online_size": [0] * N,
+                "saved_rows": [0] * N, "next_eval": [cfg.online_eval_every] * N,
+                "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
+                "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
+                "last_eval": [None] * N, "wall_time": 0.0}
+        if run.resume_from is not None:
+            state, meta = load_state(run.resume_from, state, cfg)
+            for i, s in enumerate(seeds):
+                rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
+                if rows is not None:
+                    online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
+            print(f"resumed from {run.resume_from}: phase {meta['phase']}, {meta['updates']} updates, "
+                  f"{meta['env_steps']} online env steps")
+        elif run.offline_from is not None:
+            state, src_meta = load_state(run.offline_from, state, cfg)
+            meta.update(updates=[int(u) for u in np.ravel(src_meta["updates"])],
+                        act_key=np.asarray(src_meta["act_key"]).reshape(N, -1), phase="load_offline")
+            print(f"loaded offline state from {run.offline_from} ({src_meta['updates']} updates)")
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(cfg, f)
+        if meta["wandb_id"] is None:
+            meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
+        logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
+        act_key = jnp.asarray(meta["act_key"])
+        wall_before = meta["wall_time"]
+
+        def run_eval(phase, which=None):
+            for i in range(N) if which is None else which:
+                params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
+                record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
+                          "env_steps": int(meta["env_steps"][i])}
+                record.update(evaluate(eval_env, lambda o: act_deterministic(params, mean_, std_, o, h),
+                                       cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success, goal_task, refs))
+                record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+                logger.log_eval(i, record)
+                meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
+
+        def checkpoint(name="latest"):
+            meta["act_key"] = np.asarray(act_key)
+            for i, s in enumerate(seeds):
+                save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
+                                 meta["online_size"][i])
+            meta["saved_rows"] = list(meta["online_size"])
+            meta["wall_time"] = wall_before + time.time() - t_start
+            save_state(ckpt_dir / name, state, meta, cfg)
+
+        def score(i):
+            return meta["last_eval"][i].get("normalized_score", meta["last_eval"][i]["return"])
+
+        def updates(n, phase, calibrate, weight):
+            """n[i] updates for seed i: blocks of update_block (a masked fori_loop when the seeds' counts differ or
+            are below a block); returns the mean metrics."""
+            nonlocal state
+            remaining, sums, total = np.asarray(n, np.int64).copy(), {}, 0
+            sizes = jnp.asarray(meta["online_size"], jnp.int32)
+            while remaining.max() > 0:
+                m = np.minimum(remaining, cfg.update_block)
+                if (m == cfg.update_block).all():
+                    state, metrics = update_block(state, offline, n_off, online, sizes, calibrate, weight, h)
+                else:
+                    state, metrics = update_few(state, offline, n_off, online, sizes, jnp.asarray(m, jnp.int32),
+                                                calibrate, weight, h)
+                logged = block_metrics(metrics, m, phase, seeds, meta["updates"])
+                sums = {k: sums.get(k, 0.0) + v * m.sum() for k, v in logged.items()}
+                total += int(m.sum())
+                meta["updates"] = [u + int(k) for u, k in zip(meta["updates"], m)]
+                remaining -= m
+            return {k: v / max(total, 1) for k, v in sums.items()}
+
+        # ---- offline pre-training (all seeds in one vmapped scan per block)
+        if meta["phase"] == "offline":
+            bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="Cal-QL offline", mininterval=5)
+            while meta["updates"][0] < cfg.offline_updates:
+                logged = updates([cfg.update_block] * N, "offline", cfg.calibration, cfg.cql_weight)
+                bar.update(cfg.update_block)
+                logger.log({**logged, "offline/updates": meta["updates"][0]})
+                if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
+                    run_eval("offline")
+                    bar.set_postfix(score=np.mean([score(i) for i in range(N)]))
+                    if meta["updates"][0] < cfg.offline_updates:
+                        checkpoint()
+                if run.stop and meta["updates"][0] < cfg.offline_updates:
+                    checkpoint()
+                    run.interrupt_if_asked(f"after {meta['updates'][0]} offline updates")
+            bar.close()
+            if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
+                run_eval("offline")
+            meta["phase"] = "online"
+            checkpoint("offline")
+            checkpoint()
+        elif meta["phase"] == "load_offline":
+            run_eval("offline")  # the score before fine-tuning
+            meta["phase"] = "online"
+            checkpoint("offline")
+            checkpoint()
+
+        # ---- online fine-tuning: each seed collects one trajectory, its MC returns, then len(trajectory) *
+        # online_utd updates (the single-seed schedule). A seed due for evaluation waits until every seed is due
+        # (or finished), so checkpoints fall on episode ends of all seeds.
+        if meta["phase"] == "online":
+            for i, env in enumerate(envs):
+                if meta["env_rng"][i] is not None:
+                    env_rng_restore(env, meta["env_rng"][i], seeds[i])
+            first_reset = [meta["env_rng"][i] is None for i in range(N)]
+            online_weight = cfg.cql_weight if cfg.cql_weight_online < 0 else cfg.cql_weight_online
+            calibrate = cfg.calibration and cfg.online_calibration
+            chunk = {k: np.zeros((N, max_len) + s, np.float32) for k, s in
+                     (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()),
+                      ("mc", ()))}
+            recent = [[] for _ in range(N)]
+            due = [False] * N
+            obs = np.zeros((N, obs_dim), np.float32)
+            bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="Cal-QL online", mininterval=5)
+            while min(meta["env_steps"]) < cfg.online_steps:
+                active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
+                collected = active.copy()
+                n, ep_ret = np.zeros(N, np.int32), [0.0] * N
+                for i in np.flatnonzero(active):
+                    obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
+                    first_reset[i] = False
+                while active.any():
+                    actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
+                                                   jnp.asarray(active), h)
+                    actions = np.asarray(actions)
+                    for i in np.flatnonzero(active):
+                        next_obs, r, term, trunc, info = envs[i].step(actions[i])
+                        term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                        j = n[i]
+                        chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
+                        chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
+                        n[i], ep_ret[i], obs[i] = j + 1, ep_ret[i] + float(r), next_obs
+                        if term or trunc:
+                            active[i] = False
+                for i in np.flatnonzero(collected):
+                    ends = np.zeros(n[i], bool)
+                    ends[-1] = True
+                    chunk["mc"][i, :n[i]] = mc_returns(chunk["rew"][i, :n[i]], ends, cfg.discount, cfg.mc_failure_rule,
+                                                       failure_reward)
+                    meta["episodes"][i] += 1
+                    recent[i] = (recent[i] + [ep_ret[i]])[-10:]
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
+                                       jnp.asarray(meta["online_size"], jnp.int32))
+                meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
+                meta["env_steps"] = [a + int(b) for a, b in zip(meta["env_steps"], n)]
+                logged = updates(n * cfg.online_utd, "online", calibrate, online_weight)
+                returns = {f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i]
+                           for i in np.flatnonzero(collected)}
+                logger.log({**logged, **returns, "online/env_steps": sum(meta["env_steps"]),
+                            "online/updates": sum(meta["updates"])})
+                bar.update(int(n.sum()))
+                for i in np.flatnonzero(collected):
+                    if (meta["next_eval"][i] <= meta["env_steps"][i] or run.stop) and meta["env_steps"][i] < cfg.online_steps:
+                        due[i] = True  # (a stop request: checkpoint at every seed's next episode end, no evaluation)
+                if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
+                    which = [i for i in range(N) if due[i] and meta["env_steps"][i] >= meta["next_eval"][i]]
+                    for i in which:
+                        while meta["next_eval"][i] <= meta["env_steps"][i]:
+                            meta["next_eval"][i] += cfg.online_eval_every
+                    if which:
+                        run_eval("online", which)
+                        bar.set_postfix(score=np.mean([score(i) for i in which]),
+                                        train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
+                    meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
+                    due = [False] * N
+                    checkpoint()
+                    run.interrupt_if_asked(f"at {meta['env_steps']} online env steps")
+            bar.close()
+            run_eval("online")
+            meta["phase"] = "done"
+            checkpoint()
+        elif meta["phase"] == "done":
+            print(f"run in {run_dir} already finished")
+        logger.close()
+        for env in envs + [eval_env]:
+            env.close()
+        summaries = [summarize(path) for path in logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
+               "env_steps": meta["env_steps"][0], **summaries[0]}
+        if N > 1:
+            out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+                       per_seed=summaries)
+        return out
+
+
+def summarize(eval_path: Path) -> dict:
+    """Score at the end of pre-training vs at the end of fine-tuning (normalised score, else return)."""
+    records = [json.loads(line) for line in eval_path.read_text().splitlines()] if eval_path.exists() else []
+    key = "normalized_score" if records and "normalized_score" in records[0] else "return"
+    offline = [r[key] for r in records if r["phase"] == "offline"]
+    online = [r[key] for r in records if r["phase"] == "online"]
+    out = {"before_finetuning": offline[-1] if offline else None, "after_finetuning": online[-1] if online else None}
+    if offline and online:
+        print(f"{key.replace('_', ' ')}: {out['before_finetuning']:.2f} after pre-training -> "
+              f"{out['after_finetuning']:.2f} after fine-tuning (eval log: {eval_path})")
+    return out
+
+
+# ====================================================================================================
+# Run plumbing: checkpoints, resume, run-directory lock, stop on Ctrl-C. The same text in every algorithm file
+# (tests/test_plumbing.py checks), so a fix is made once and copied; nothing below is algorithm-specific.
+# ====================================================================================================
+class RunError(RuntimeError):
+    """A problem with the run directory or a checkpoint: reported as one line (`error: ...`), no traceback."""
+
+
+class Interrupted(RunError):
+    """Ctrl-C / SIGTERM: a checkpoint was written; the message says how to continue."""
+
+
+def save_tree(path: Path, tree):
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
+
+
+def load_tree(path: Path, template):
+    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    with np.load(path) as z:
+        names = sorted(z.files)
+        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
+        if names != sorted(expected):
+            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
+            raise RunError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected} "
+                           "(different network sizes, n_critics, layer norm, policy type or algorithm?)")
+        leaves = []
+        for name, (k, ref) in zip(expected, flat):
+            arr = z[name]
+            if arr.shape != np.shape(ref):
+                raise RunError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
+                               f"needs {np.shape(ref)} (different network sizes or dataset?)")
+            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _to_json(x):
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": x.tolist(), "dtype": str(x.dtype), "shape": list(x.shape)}
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"checkpoint meta: cannot store {type(x).__name__}")
+
+
+def _from_json(d):
+    return np.asarray(d["__ndarray__"], d["dtype"]).reshape(d["shape"]) if "__ndarray__" in d else d
+
+
+def load_meta(path: Path) -> dict:
+    """The host-side state of a checkpoint (counters, RNG states, last evaluations): data-only JSON, never code."""
+    if not (path / "meta.json").exists() and (path / "meta.pkl").exists():
+        raise RunError(f"checkpoint {path} has the old pickle format (meta.pkl), which this version does not load "
+                       "(loading a pickle can run code); re-create it with this version")
+    with open(path / "meta.json") as f:
+        return json.load(f, object_hook=_from_json)
+
+
+def save_checkpoint(path: Path, state, meta: dict, cfg):
+    """Atomically write state + host meta + resolved config into directory `path` (a kill at any moment leaves
+    `path` or `path.old` intact)."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tree(tmp / "state.npz", state)
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, default=_to_json)
+    with open(tmp / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint in `path` cannot be loaded (missing or corrupt file), or None when it is intact."""
+    if (path / "meta.pkl").is_file() and not (path / "meta.json").is_file():
+        return "the old format with meta.pkl, a pickle (not loaded: it can run code); re-create it with this version"
+    for name in ("meta.json", "state.npz", "config.yaml"):
+        if not (path / name).is_file():
+            return f"{name} missing"
+    try:
+        load_meta(path)
+        with np.load(path / "state.npz") as z:
+            for name in z.files:
+                z[name]  # reads every array: checks the zip's CRCs
+    except Exception as e:  # noqa: BLE001 (any failure to read makes it unusable)
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def find_checkpoint(*paths: Path) -> Optional[Path]:
+    """The first intact checkpoint among `paths` and their `.old` copies (a kill between the two renames of
+    save_checkpoint leaves only `.old`); a damaged one is reported and skipped."""
+    for path in paths:
+        for p in (path, path.with_name(path.name + ".old")):
+            if p.exists():
+                problem = checkpoint_problem(p)
+                if problem is None:
+                    return p
+                print(f"warning: checkpoint {p} is not usable ({problem}); trying an older one")
+    return None
+
+
+def load_checkpoint(path: Path, template):
+    """(state, meta); `template` is a state or a function meta -> state (when the state type depends on the phase)."""
+    meta = load_meta(path)
+    return load_tree(path / "state.npz", template(meta) if callable(template) else template), meta
 
 
 def seed_slice(tree, i):
@@ -826,270 +1052,212 @@ def save_state(path: Path, state, meta: dict, cfg):
 
 
 def load_state(path: Path, template, cfg):
+    """(state with a leading seed axis, meta); `template`: a seed-stacked state or a function meta -> one."""
+    pick = lambda meta: template(meta) if callable(template) else template  # noqa: E731
     if cfg.num_seeds == 1:
-        state, meta = load_checkpoint(path, seed_slice(template, 0))
+        state, meta = load_checkpoint(path, lambda meta: seed_slice(pick(meta), 0))
         return stack_seeds([state]), meta
-    return load_checkpoint(path, template)
+    return load_checkpoint(path, pick)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Offline pre-training then online fine-tuning of `num_seeds` seeds at once; returns the last evaluation
-    record(s) and paths."""
-    from tqdm import tqdm
+def save_buffer_rows(buffer_dir: Path, online, start: int, end: int, offset: int = 0):
+    """Append one seed's online rows [start, end) (`online`: that seed's rows, stored from row `offset`) as one file."""
+    if end <= start:
+        return
+    buffer_dir.mkdir(parents=True, exist_ok=True)
+    rows = {k: np.asarray(v[offset + start: offset + end]) for k, v in online._asdict().items()}
+    tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
+    np.savez(tmp, **rows)
+    os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
 
-    t_start = time.time()
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = run_dir / "checkpoints"
-    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    N = len(seeds)
-    cfg.name = cfg.name or f"cal_ql-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    goal_task = "antmaze" in cfg.dataset_id
 
-    # data and envs (one training env per seed, one evaluation env)
-    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
-    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
-        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
-                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-    max_len = envs[0].spec.max_episode_steps if envs[0].spec is not None else None
-    if not max_len:
-        raise data.DatasetError(f"{cfg.dataset_id}: the env has no time limit; Cal-QL collects whole trajectories")
-    try:
-        refs = data.reference_scores(cfg.dataset_id)
-    except data.DatasetError as e:
-        print(f"warning: {e}; logging raw returns only")
-        refs = None
-    rewards, actions, mc = prepare_offline(cfg, ds)
-    failure_reward = cfg.mc_failure_raw_reward * cfg.reward_scale + cfg.reward_bias
-    n_off = len(ds)
-    h = make_hyper(cfg, obs_dim, act_dim)
-    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
-    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-    offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, actions, rewards, ds.next_observations,
-                                                              ds.terminals, mc)))
-    del rewards, actions, mc
-    capacity = cfg.online_steps + max_len  # the last trajectory may overshoot online_steps
-    online = Buffer(*(jnp.zeros((N, capacity) + s, jnp.float32) for s in
-                      ((obs_dim,), (act_dim,), (), (obs_dim,), (), ())))
+def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
+    """Online rows [0, size) from the row files; files beyond `size` (written after the checkpoint) are removed."""
+    if size == 0:
+        if buffer_dir.exists():
+            shutil.rmtree(buffer_dir)
+        return None
+    parts, pos = [], 0
+    for f in sorted(buffer_dir.glob("rows_*.npz")):
+        start, end = (int(x) for x in f.stem.split("_")[1:3])
+        if start >= size:
+            f.unlink()
+            continue
+        if start != pos or end > size:
+            raise RunError(f"online buffer files in {buffer_dir} are inconsistent at {f.name} (expected start "
+                           f"{pos}, checkpoint size {size})")
+        try:
+            with np.load(f) as z:
+                parts.append({k: z[k] for k in z.files})
+        except Exception as e:  # noqa: BLE001
+            raise RunError(f"online buffer file {f} is unreadable ({type(e).__name__}); the online phase must restart: "
+                           "run again with --overwrite, or with --offline_checkpoint <run_dir>/checkpoints/offline "
+                           "and a new run_dir") from e
+        pos = end
+    if pos != size:
+        raise RunError(f"online buffer files in {buffer_dir} hold {pos} rows, the checkpoint needs {size}")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    state = stack_seeds([init_state(h, jax.random.PRNGKey(s), obs_mean, obs_std, cfg.log_alpha_prime_init)
-                         for s in seeds])
-    meta = {"phase": "offline", "num_seeds": N, "updates": [0] * N, "env_steps": [0] * N, "online_size": [0] * N,
-            "saved_rows": [0] * N, "next_eval": [cfg.online_eval_every] * N,
-            "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
-            "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
-            "last_eval": [None] * N, "wall_time": 0.0}
-    latest = find_checkpoint(ckpt_dir / "latest")
-    if cfg.resume and latest is not None:
-        _check_resume_config(latest / "config.yaml", cfg)
-        state, meta = load_state(latest, state, cfg)
-        for i, s in enumerate(seeds):
-            rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
-            if rows is not None:
-                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
-        print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} updates, "
-              f"{meta['env_steps']} online env steps")
-    else:
-        if cfg.resume:
-            print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        for path in [run_dir / "eval.jsonl"] + [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]:
-            path.unlink(missing_ok=True)
-        if cfg.offline_checkpoint:
-            src = find_checkpoint(Path(cfg.offline_checkpoint))
-            if src is None:
-                raise FileNotFoundError(f"--offline_checkpoint {cfg.offline_checkpoint}: no checkpoint there "
-                                        "(expected a directory with state.npz and meta.pkl, e.g. "
-                                        "<run_dir>/checkpoints/offline)")
-            with open(src / "meta.pkl", "rb") as f:
-                src_n = pickle.load(f).get("num_seeds", 1)
-            if src_n != N:
-                raise ValueError(f"--offline_checkpoint {src} holds {src_n} seed(s); run it with --num_seeds {src_n}")
-            state, src_meta = load_state(src, state, cfg)
-            meta.update(updates=list(np.ravel(src_meta["updates"]).astype(int)),
-                        act_key=np.asarray(src_meta["act_key"]).reshape(N, -1), phase="load_offline")
-            print(f"loaded offline state from {src} ({src_meta['updates']} updates)")
-    with open(run_dir / "config.yaml", "w") as f:
-        pyrallis.dump(cfg, f)
-    if meta["wandb_id"] is None:
-        meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-    logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
-    act_key = jnp.asarray(meta["act_key"])
-    wall_before = meta["wall_time"]
 
-    def run_eval(phase, which=None):
-        for i in range(N) if which is None else which:
-            params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
-            record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
-                      "env_steps": int(meta["env_steps"][i])}
-            record.update(evaluate(eval_env, lambda o: act_deterministic(params, mean_, std_, o, h),
-                                   cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success, goal_task, refs))
-            record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-            logger.log_eval(i, record)
-            meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
+def _env_generators(env) -> dict:
+    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
+    import gymnasium as gym
+    found, seen = {}, set()
 
-    def checkpoint(name="latest"):
-        meta["act_key"] = np.asarray(act_key)
-        for i, s in enumerate(seeds):
-            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
-                             meta["online_size"][i])
-        meta["saved_rows"] = list(meta["online_size"])
-        meta["wall_time"] = wall_before + time.time() - t_start
-        save_state(ckpt_dir / name, state, meta, cfg)
+    def walk(obj, path, depth):
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        gen = getattr(obj, "_np_random", None)
+        if isinstance(gen, np.random.Generator):
+            found[path] = gen
+        for k, v in vars(obj).items():
+            if isinstance(v, gym.Env):
+                walk(v, f"{path}.{k}", depth + 1)
+    walk(env.unwrapped, "unwrapped", 0)
+    return found
 
-    def score(i):
-        return meta["last_eval"][i].get("normalized_score", meta["last_eval"][i]["return"])
 
-    def updates(n, phase, calibrate, weight):
-        """n[i] updates for seed i: blocks of update_block (a masked fori_loop when the seeds' counts differ or
-        are below a block); returns the mean metrics."""
-        nonlocal state
-        remaining, sums, total = np.asarray(n, np.int64).copy(), {}, 0
-        sizes = jnp.asarray(meta["online_size"], jnp.int32)
-        while remaining.max() > 0:
-            m = np.minimum(remaining, cfg.update_block)
-            if (m == cfg.update_block).all():
-                state, metrics = update_block(state, offline, n_off, online, sizes, calibrate, weight, h)
+def env_rng_snapshot(env) -> dict:
+    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
+    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
+
+
+def env_rng_restore(env, snapshot: dict, seed: int):
+    env.reset(seed=seed)  # initialises the wrappers and creates the generators
+    gens = _env_generators(env)
+    if set(gens) != set(snapshot):
+        raise RunError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
+    for k, state in snapshot.items():
+        gens[k].bit_generator.state = state
+
+
+def check_resume_config(saved: Path, cfg):
+    """--resume must not change what the checkpoint was trained with (fields in RESUME_FREE may change)."""
+    with open(saved) as f:
+        old = pyrallis.load(type(cfg), f)
+    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in RESUME_FREE
+            and getattr(old, k) != getattr(cfg, k)}
+    if diff:
+        raise RunError(f"--resume with a config that differs from the checkpoint's ({saved}): "
+                       + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+
+
+class Run:
+    """One training run's hold on its directory, opened before any slow work (data, compilation):
+
+    * a lock (`run_dir/.lock`, an OS file lock: released when the process ends, however it ends, so a lock left by
+      a killed process is taken over) refuses a second process on the same directory;
+    * a previous run in the directory is continued (`--resume`) or deleted (`--overwrite`), never silently wiped;
+    * `resume_from`: the checkpoint to continue from: `latest`, else `latest.old`, else `offline` (the newest
+      intact one), its config checked against this one; `offline_from`: the intact --offline_checkpoint to start
+      from (the script that loads it checks what it holds);
+    * SIGINT (Ctrl-C) and SIGTERM set `stop`; the training loops then write a checkpoint at the next block
+      boundary (online: when every seed is at an episode end) and raise Interrupted. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self, cfg, run_dir: Path):
+        import fcntl
+        self.cfg, self.run_dir, self.stop, self.resume_from, self.offline_from = cfg, run_dir, False, None, None
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = open(run_dir / ".lock", "a+")
+        except OSError as e:
+            raise RunError(f"run_dir {run_dir} is not writable ({e.strerror}); choose another --run_dir") from e
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "unknown"
+            self._lock.close()
+            raise RunError(f"run_dir {run_dir} is in use by another process (pid {owner}); wait for it to end or "
+                           "stop it, or choose another --run_dir") from None
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+        try:
+            self._claim()
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _claim(self):
+        cfg, ckpt_dir = self.cfg, self.run_dir / "checkpoints"
+        evals = [self.run_dir / "eval.jsonl"] + sorted(self.run_dir.glob("seed*/eval.jsonl"))
+        previous = ckpt_dir.exists() or any(p.exists() and p.stat().st_size > 0 for p in evals)
+        if cfg.overwrite and cfg.resume:
+            raise RunError("--resume continues the run in run_dir, --overwrite deletes it: pass one of them")
+        if cfg.overwrite:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            for path in evals:
+                path.unlink(missing_ok=True)
+        elif cfg.resume:
+            self.resume_from = find_checkpoint(ckpt_dir / "latest", ckpt_dir / "offline")
+            if self.resume_from is not None:
+                check_resume_config(self.resume_from / "config.yaml", cfg)
+            elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+                raise RunError(f"--resume: no intact checkpoint in {ckpt_dir} (see the warnings above); nothing was "
+                               "deleted. Add --overwrite to start the run again from scratch")
             else:
-                state, metrics = update_few(state, offline, n_off, online, sizes, jnp.asarray(m, jnp.int32),
-                                            calibrate, weight, h)
-            logged = block_metrics(metrics, m, phase, seeds, meta["updates"])
-            sums = {k: sums.get(k, 0.0) + v * m.sum() for k, v in logged.items()}
-            total += int(m.sum())
-            meta["updates"] = [u + int(k) for u, k in zip(meta["updates"], m)]
-            remaining -= m
-        return {k: v / max(total, 1) for k, v in sums.items()}
+                print(f"--resume: no checkpoint in {ckpt_dir} yet, starting the run from the beginning")
+                for path in evals:  # evaluations logged before the first checkpoint are redone
+                    path.unlink(missing_ok=True)
+        elif previous:
+            raise RunError(f"run_dir {self.run_dir} holds a previous run; add --resume to continue it or --overwrite "
+                           "to delete it and start again")
+        if self.resume_from is None and cfg.offline_checkpoint:
+            self.offline_from = find_checkpoint(Path(cfg.offline_checkpoint))
+            if self.offline_from is None:
+                raise RunError(f"--offline_checkpoint {cfg.offline_checkpoint}: no intact checkpoint there (expected a "
+                               "directory with state.npz, meta.json and config.yaml: <run_dir>/checkpoints/offline)")
 
-    # ---- offline pre-training (all seeds in one vmapped scan per block)
-    if meta["phase"] == "offline":
-        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="Cal-QL offline", mininterval=5)
-        while meta["updates"][0] < cfg.offline_updates:
-            logged = updates([cfg.update_block] * N, "offline", cfg.calibration, cfg.cql_weight)
-            bar.update(cfg.update_block)
-            logger.log({**logged, "offline/updates": meta["updates"][0]})
-            if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
-                run_eval("offline")
-                bar.set_postfix(score=np.mean([score(i) for i in range(N)]))
-                if meta["updates"][0] < cfg.offline_updates:
-                    checkpoint()
-        bar.close()
-        if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
-            run_eval("offline")
-        meta["phase"] = "online"
-        checkpoint("offline")
-        checkpoint()
-    elif meta["phase"] == "load_offline":
-        run_eval("offline")  # the score before fine-tuning
-        meta["phase"] = "online"
-        checkpoint("offline")
-        checkpoint()
+    def __enter__(self):
+        import signal
+        import threading
+        self._handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._handlers[sig] = signal.signal(sig, self._on_signal)
+        return self
 
-    # ---- online fine-tuning: each seed collects one trajectory, its MC returns, then len(trajectory) *
-    # online_utd updates (the single-seed schedule). A seed due for evaluation waits until every seed is due
-    # (or finished), so checkpoints fall on episode ends of all seeds.
-    if meta["phase"] == "online":
-        for i, env in enumerate(envs):
-            if meta["env_rng"][i] is not None:
-                env_rng_restore(env, meta["env_rng"][i], seeds[i])
-        first_reset = [meta["env_rng"][i] is None for i in range(N)]
-        online_weight = cfg.cql_weight if cfg.cql_weight_online < 0 else cfg.cql_weight_online
-        calibrate = cfg.calibration and cfg.online_calibration
-        chunk = {k: np.zeros((N, max_len) + s, np.float32) for k, s in
-                 (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()),
-                  ("mc", ()))}
-        recent = [[] for _ in range(N)]
-        due = [False] * N
-        obs = np.zeros((N, obs_dim), np.float32)
-        bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="Cal-QL online", mininterval=5)
-        while min(meta["env_steps"]) < cfg.online_steps:
-            active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
-            collected = active.copy()
-            n, ep_ret = np.zeros(N, np.int32), [0.0] * N
-            for i in np.flatnonzero(active):
-                obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
-                first_reset[i] = False
-            while active.any():
-                actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
-                                               jnp.asarray(active), h)
-                actions = np.asarray(actions)
-                for i in np.flatnonzero(active):
-                    next_obs, r, term, trunc, info = envs[i].step(actions[i])
-                    term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                    j = n[i]
-                    chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
-                    chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
-                    n[i], ep_ret[i], obs[i] = j + 1, ep_ret[i] + float(r), next_obs
-                    if term or trunc:
-                        active[i] = False
-            for i in np.flatnonzero(collected):
-                ends = np.zeros(n[i], bool)
-                ends[-1] = True
-                chunk["mc"][i, :n[i]] = mc_returns(chunk["rew"][i, :n[i]], ends, cfg.discount, cfg.mc_failure_rule,
-                                                   failure_reward)
-                meta["episodes"][i] += 1
-                recent[i] = (recent[i] + [ep_ret[i]])[-10:]
-            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
-                                   jnp.asarray(meta["online_size"], jnp.int32))
-            meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
-            meta["env_steps"] = [a + int(b) for a, b in zip(meta["env_steps"], n)]
-            logged = updates(n * cfg.online_utd, "online", calibrate, online_weight)
-            returns = {f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i]
-                       for i in np.flatnonzero(collected)}
-            logger.log({**logged, **returns, "online/env_steps": sum(meta["env_steps"]),
-                        "online/updates": sum(meta["updates"])})
-            bar.update(int(n.sum()))
-            for i in np.flatnonzero(collected):
-                if meta["next_eval"][i] <= meta["env_steps"][i] < cfg.online_steps:
-                    due[i] = True
-            if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
-                which = [i for i in range(N) if due[i]]
-                for i in which:
-                    while meta["next_eval"][i] <= meta["env_steps"][i]:
-                        meta["next_eval"][i] += cfg.online_eval_every
-                run_eval("online", which)
-                bar.set_postfix(score=np.mean([score(i) for i in which]),
-                                train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
-                meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
-                due = [False] * N
-                checkpoint()
-        bar.close()
-        run_eval("online")
-        meta["phase"] = "done"
-        checkpoint()
-    elif meta["phase"] == "done":
-        print(f"run in {run_dir} already finished")
-    logger.close()
-    for env in envs + [eval_env]:
-        env.close()
-    summaries = [summarize(path) for path in logger.eval_paths]
-    out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
-           "env_steps": meta["env_steps"][0], **summaries[0]}
-    if N > 1:
-        out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
-                   per_seed=summaries)
-    return out
+    def _on_signal(self, signum, frame):
+        import signal
+        if self.stop:  # the second Ctrl-C: stop now, losing the work since the last checkpoint
+            raise KeyboardInterrupt
+        self.stop = True
+        print(f"\n{signal.Signals(signum).name}: stopping at the next checkpoint boundary (again to stop now, losing "
+              "the work since the last checkpoint)", flush=True)
+
+    def interrupt_if_asked(self, where: str):
+        """Call right after a checkpoint: stop the run there if a signal asked for it."""
+        if self.stop:
+            raise Interrupted(f"stopped: checkpoint written {where}; continue with the same command and --resume "
+                              f"(run_dir {self.run_dir})")
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        self._lock.close()
+        return False
 
 
-def summarize(eval_path: Path) -> dict:
-    """Score at the end of pre-training vs at the end of fine-tuning (normalised score, else return)."""
-    records = [json.loads(line) for line in eval_path.read_text().splitlines()] if eval_path.exists() else []
-    key = "normalized_score" if records and "normalized_score" in records[0] else "return"
-    offline = [r[key] for r in records if r["phase"] == "offline"]
-    online = [r[key] for r in records if r["phase"] == "online"]
-    out = {"before_finetuning": offline[-1] if offline else None, "after_finetuning": online[-1] if online else None}
-    if offline and online:
-        print(f"{key.replace('_', ' ')}: {out['before_finetuning']:.2f} after pre-training -> "
-              f"{out['after_finetuning']:.2f} after fine-tuning (eval log: {eval_path})")
-    return out
+def main(train_fn, cfg):
+    """Command-line entry: run problems and interruptions are one line on stderr, no traceback."""
+    try:
+        train_fn(cfg)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
+    except (RunError, data.DatasetError) as e:
+        sys.exit(f"error: {e}")
 
 
 def parse_config(argv=None) -> TrainConfig:
-    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` means `--resume true`."""
+    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` / `--overwrite` means `... true`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(argv):
-        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        if arg in ("--resume", "--overwrite") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "true")
     # pyrallis reads each field's comment (its --help text) by re-reading this file's source once per field: ~3 s
     # for ~70 fields; one read serves them all. It also prefers the comment line above a field to the field's
@@ -1104,4 +1272,4 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 if __name__ == "__main__":
-    train(parse_config())
+    main(train, parse_config())

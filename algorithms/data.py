@@ -19,6 +19,8 @@ Flattening (D4RL's `qlearning_dataset` conventions, except that no transition is
 - `terminals` are true terminations only; `timeouts` mark episode ends that are not terminations
   (time limits, or data cut off), where a critic should bootstrap from next_observations;
 - `mc_returns[t] = sum_k gamma^k r[t+k]` to the end of t's episode (no bootstrap at a timeout);
+- `episode_returns(ds)`: returns of the complete episodes only (ended by a termination or the time limit,
+  not cut short by the end of a collection run), e.g. for reward normalisation by the return range;
 - Dict observations are concatenated in the order of `DICT_OBS_KEYS` (AntMaze: observation (27),
   achieved_goal (2, the ant's x-y), desired_goal (2)), the same order `make_env` uses.
 The flat arrays are cached next to the dataset (`<dataset dir>/o2o_flat_cache.npz`).
@@ -77,6 +79,7 @@ class OfflineData:
     obs_mean: np.ndarray           # [obs_dim] for normalisation
     obs_std: np.ndarray            # [obs_dim] std + 1e-3, never 0
     obs_keys: tuple | None         # order of Dict observation keys, None for Box observations
+    max_episode_steps: int | None = None  # the env's time limit (dataset env spec), None if unknown
 
     @property
     def episode_ends(self) -> np.ndarray:
@@ -219,6 +222,33 @@ def flatten_obs(obs, keys: tuple | None) -> np.ndarray:
     return np.concatenate([np.asarray(obs[k], dtype=np.float32) for k in keys], axis=-1)
 
 
+# ---- episodes ----
+def episode_bounds(episode_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, last) row of every episode; rows after the last episode end form one more episode."""
+    last = np.flatnonzero(episode_ends)
+    if len(episode_ends) and (len(last) == 0 or last[-1] != len(episode_ends) - 1):
+        last = np.append(last, len(episode_ends) - 1)
+    return np.concatenate([[0], last[:-1] + 1]).astype(int), last
+
+
+def episode_returns(ds: OfflineData, complete_only: bool = True) -> np.ndarray:
+    """Undiscounted return of every episode (float64), for reward normalisation by the return range.
+
+    complete_only: only episodes that ended by a termination or at the env's time limit (length >=
+    `ds.max_episode_steps`). An episode cut short by the end of a data-collection run is a fragment without a
+    complete return: each rollout chunk of benchmarks/make_datasets.py ends with one (the next chunk starts from
+    a fresh reset, so it is never continued), as does the end of a D4RL file, which CORL's
+    `return_reward_range` (episodes end at a terminal or after max_episode_steps rows, the unfinished rest is
+    dropped) never counts either. With the time limit unknown every episode end counts as complete; if no
+    episode is complete, all are returned."""
+    first, last = episode_bounds(ds.episode_ends)
+    returns = np.add.reduceat(ds.rewards.astype(np.float64), first) if len(first) else np.zeros(0)
+    if not complete_only or ds.max_episode_steps is None:
+        return returns
+    complete = ds.terminals[last] | (last - first + 1 >= ds.max_episode_steps)
+    return returns[complete] if complete.any() else returns
+
+
 # ---- loading ----
 def monte_carlo_returns(rewards: np.ndarray, episode_ends: np.ndarray, gamma: float) -> np.ndarray:
     """Discounted return-to-go of every transition, restarting at each episode end (no bootstrap)."""
@@ -308,6 +338,21 @@ def write_flat_cache(dataset_id: str, episodes) -> None:
     _save_cache(_cache_path(dataset_id), stamp, _flatten_episodes(episodes, keys))
 
 
+def _rebuild_hint(dataset_id: str) -> str:
+    if is_local(dataset_id):
+        env, level = parse_local_id(dataset_id)[:2]
+        return f"rebuild it with: python benchmarks/make_datasets.py --env {env} --level {level} --force"
+    return f"delete {dataset_dir(dataset_id)} and download it again: minari download {dataset_id}"
+
+
+def check_finite(arrays: dict, dataset_id: str, source: Path):
+    """NaN / inf in a dataset (e.g. a file garbled mid-way) stop the load with the count and the fix."""
+    for k, v in arrays.items():
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+            raise DatasetError(f"dataset '{dataset_id}' ({source}): {int(np.sum(~np.isfinite(v)))} non-finite values "
+                               f"in {k}; the file is damaged: {_rebuild_hint(dataset_id)}")
+
+
 def load_dataset(dataset_id: str, gamma: float = 0.99, build: bool = True, download: bool = True,
                  build_size: int | None = None) -> OfflineData:
     """Flat arrays of a Minari dataset (building or downloading it first when missing)."""
@@ -316,22 +361,33 @@ def load_dataset(dataset_id: str, gamma: float = 0.99, build: bool = True, downl
     try:
         dataset = minari.load_dataset(dataset_id)
     except Exception as e:  # noqa: BLE001
-        raise DatasetError(f"cannot open dataset '{dataset_id}' at {dataset_dir(dataset_id)}: {e}") from e
+        raise DatasetError(f"cannot open dataset '{dataset_id}' at {dataset_dir(dataset_id)} ({type(e).__name__}: "
+                           f"{e}); if its files are damaged, {_rebuild_hint(dataset_id)}") from e
     keys = check_spaces(dataset.observation_space, dataset.action_space, dataset_id)
     h5 = dataset_dir(dataset_id) / "data" / "main_data.hdf5"
     cache, stamp = _cache_path(dataset_id), _cache_stamp(dataset, keys, h5)
     arrays = None
     if cache.exists():
-        with np.load(cache) as z:
-            if stamp and str(z["stamp"]) == stamp:
-                arrays = {k: z[k] for k in z.files if k != "stamp"}
+        try:
+            with np.load(cache) as z:
+                if stamp and str(z["stamp"]) == stamp:
+                    arrays = {k: z[k] for k in z.files if k != "stamp"}
+        except Exception as e:  # noqa: BLE001 (truncated or garbled: rebuilt below from the dataset file)
+            print(f"warning: the flat cache {cache} is unreadable ({type(e).__name__}); rebuilding it")
     if arrays is None:
-        arrays = _flatten_episodes(_iterate_episodes(dataset, h5), keys)
+        try:
+            arrays = _flatten_episodes(_iterate_episodes(dataset, h5), keys)
+        except Exception as e:  # noqa: BLE001
+            raise DatasetError(f"the file of dataset '{dataset_id}' ({h5}) is unreadable ({type(e).__name__}: {e}); "
+                               f"{_rebuild_hint(dataset_id)}") from e
+        check_finite(arrays, dataset_id, h5)
         _save_cache(cache, stamp, arrays)
+    check_finite(arrays, dataset_id, cache)
     ends = arrays["terminals"] | arrays["timeouts"]
     obs = arrays["observations"]
     return OfflineData(dataset_id=dataset_id, mc_returns=monte_carlo_returns(arrays["rewards"], ends, gamma),
-                       obs_mean=obs.mean(0), obs_std=obs.std(0) + 1e-3, obs_keys=keys, **arrays)
+                       obs_mean=obs.mean(0), obs_std=obs.std(0) + 1e-3, obs_keys=keys,
+                       max_episode_steps=getattr(dataset.env_spec, "max_episode_steps", None), **arrays)
 
 
 # ---- environments and scores ----

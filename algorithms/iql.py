@@ -21,7 +21,7 @@ What is implemented (CORL semantics unless listed below):
     `eval_seed`, normalised score and success rate (goal tasks).
 
 Deviations (and the switch that restores the reference behaviour where one exists):
-  1. Actor learning rate (ALGORITHMS.md decision 5): offline, the actor LR follows CORL's cosine decay
+  1. Actor learning rate: offline, the actor LR follows CORL's cosine decay
      to 0 over `offline_updates`, written explicitly as an optax schedule; online it is the constant
      `actor_lr`. `corl_cosine_restart: true` reproduces CORL's un-reset PyTorch CosineAnnealingLR, whose LR
      rises again online as actor_lr * (1 - cos(pi k / offline_updates)) / 2.
@@ -257,7 +257,7 @@ def gaussian_log_prob(mean, log_std, x):
 
 
 def actor_lr_schedule(h: Hyper):
-    """Actor LR as a function of the actor's update count (decision 5 of ALGORITHMS.md, see header)."""
+    """Actor LR as a function of the actor's update count (deviation 1 of the header)."""
     period = max(h.offline_updates, 1)
 
     def schedule(count):
@@ -562,6 +562,10 @@ def train(cfg: TrainConfig) -> dict:
     cfg.name = cfg.name or f"iql-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
     goal_task = "antmaze" in cfg.dataset_id
     with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
+        src_seeds = load_meta(run.offline_from).get("num_seeds", 1) if run.offline_from else N
+        if src_seeds != N:
+            raise RunError(f"--offline_checkpoint {run.offline_from} holds {src_seeds} seed(s); run with --num_seeds "
+                           f"{src_seeds}")
         # data and envs (one training env per seed, one evaluation env)
         ds = data.load_dataset(cfg.dataset_id, cfg.discount)
         envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
@@ -847,6 +851,8 @@ def save_checkpoint(path: Path, state, meta: dict, cfg):
 
 def checkpoint_problem(path: Path) -> Optional[str]:
     """Why the checkpoint in `path` cannot be loaded (missing or corrupt file), or None when it is intact."""
+    if (path / "meta.pkl").is_file() and not (path / "meta.json").is_file():
+        return "the old format with meta.pkl, a pickle (not loaded: it can run code); re-create it with this version"
     for name in ("meta.json", "state.npz", "config.yaml"):
         if not (path / name).is_file():
             return f"{name} missing"
@@ -991,7 +997,8 @@ class Run:
       a killed process is taken over) refuses a second process on the same directory;
     * a previous run in the directory is continued (`--resume`) or deleted (`--overwrite`), never silently wiped;
     * `resume_from`: the checkpoint to continue from: `latest`, else `latest.old`, else `offline` (the newest
-      intact one), its config checked against this one; `offline_from`: the checked --offline_checkpoint to start from;
+      intact one), its config checked against this one; `offline_from`: the intact --offline_checkpoint to start
+      from (the script that loads it checks what it holds);
     * SIGINT (Ctrl-C) and SIGTERM set `stop`; the training loops then write a checkpoint at the next block
       boundary (online: when every seed is at an episode end) and raise Interrupted. A second Ctrl-C stops at once.
     """
@@ -1025,6 +1032,8 @@ class Run:
         cfg, ckpt_dir = self.cfg, self.run_dir / "checkpoints"
         evals = [self.run_dir / "eval.jsonl"] + sorted(self.run_dir.glob("seed*/eval.jsonl"))
         previous = ckpt_dir.exists() or any(p.exists() and p.stat().st_size > 0 for p in evals)
+        if cfg.overwrite and cfg.resume:
+            raise RunError("--resume continues the run in run_dir, --overwrite deletes it: pass one of them")
         if cfg.overwrite:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             for path in evals:
@@ -1048,9 +1057,6 @@ class Run:
             if self.offline_from is None:
                 raise RunError(f"--offline_checkpoint {cfg.offline_checkpoint}: no intact checkpoint there (expected a "
                                "directory with state.npz, meta.json and config.yaml: <run_dir>/checkpoints/offline)")
-            n = load_meta(self.offline_from).get("num_seeds", 1)
-            if n != cfg.num_seeds:
-                raise RunError(f"--offline_checkpoint {self.offline_from} holds {n} seed(s); run with --num_seeds {n}")
 
     def __enter__(self):
         import signal

@@ -42,7 +42,7 @@ What is implemented (official semantics unless listed under "Deviations"):
   alignment step. All three off = the naive "load the IQL actor and run PPO" baseline.
 
 Deviations (and the switch that restores the official behaviour where one exists):
-  1. Per-sample reference advantage (ALGORITHMS.md decision 3). The official code adds A_ref of shape [N] to A of
+  1. Per-sample reference advantage. The official code adds A_ref of shape [N] to A of
      shape [N, 1], which broadcasts to an [N, N] matrix: normalisation runs over N^2 entries, a minibatch takes
      rows A[idx] of shape [M, N] and the loss averages the clipped objective over the N columns, so the
      per-sample reference term is averaged away. `reference_advantage_broadcast_bug: true` reproduces exactly that.
@@ -54,7 +54,8 @@ Deviations (and the switch that restores the official behaviour where one exists
   3. Evaluation runs on a separate env seeded with `eval_seed` at every evaluation (official: a fresh env seeded
      with the training seed), exactly every `evaluate_freq` env steps. Online checkpoints are written at the first
      episode end after each evaluation (with the partial rollout, the reward scaler and the env RNG), so that a
-     resumed run reproduces an uninterrupted one bit for bit on CPU.
+     resumed run reproduces an uninterrupted one bit for bit on CPU; Ctrl-C / SIGTERM stop the online phase at the
+     next such checkpoint (the IQL and re-evaluation phases: after the current block).
   4. One state normalisation (dataset mean, std + 1e-3, as IQL was trained with) for actor and V; the official
      O2PPO re-normalises with std + 1e-10 of `env.get_dataset()` while its IQL actor was trained with + 1e-3.
   5. The run stops after exactly `online_steps` env steps (official: finishes the episode in progress); the
@@ -83,7 +84,7 @@ run_dir/seed<S>/eval.jsonl.
 
 Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
 the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped
-ensembles, several seeds) can deadlock XLA's thread pool (README, "A jaxlib 0.10.2 deadlock on CPU").
+ensembles, several seeds) can deadlock XLA's thread pool (docs/testing.md, "A jaxlib 0.10.2 deadlock on CPU").
 
 Usage:
     python algorithms/o2ppo.py --config_path configs/o2ppo/quickstart.yaml
@@ -100,7 +101,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -138,7 +138,8 @@ class TrainConfig:
     group: str = "o2ppo"  # wandb group
     name: str = ""  # wandb run name; "" = o2ppo-<dataset_id>-seed<seed>
     wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
-    resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
+    resume: bool = False  # continue the run in run_dir from its newest intact checkpoint (`--resume` alone works)
+    overwrite: bool = False  # delete a previous run in run_dir and start again (without it, a previous run is kept)
     offline_checkpoint: str = ""  # skip IQL: start from this checkpoint dir (o2ppo's or iql.py's checkpoints/offline)
     num_seeds: int = 1  # train seeds seed..seed+num_seeds-1 together (vmapped); >1: evals in run_dir/seed<S>/
     # OCR-CFT components
@@ -224,6 +225,9 @@ class TrainConfig:
         for name in ("hidden_dims", "value_hidden_dims"):
             dims = getattr(self, name)
             need(len(dims) > 0 and all(h > 0 for h in dims), f"{name} must be a non-empty list of positive widths")
+
+
+RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "run_dir"}  # may change on --resume
 
 
 class Hyper(NamedTuple):
@@ -881,110 +885,24 @@ def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, 
     return out
 
 
-# ---------------------------------------------------------------------------------------------- env RNG
-def _env_generators(env) -> dict:
-    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
-    import gymnasium as gym
-    found, seen = {}, set()
-
-    def walk(obj, path, depth):
-        if id(obj) in seen or depth > 3:
-            return
-        seen.add(id(obj))
-        gen = getattr(obj, "_np_random", None)
-        if isinstance(gen, np.random.Generator):
-            found[path] = gen
-        for k, v in vars(obj).items():
-            if isinstance(v, gym.Env):
-                walk(v, f"{path}.{k}", depth + 1)
-    walk(env.unwrapped, "unwrapped", 0)
-    return found
-
-
-def env_rng_snapshot(env) -> dict:
-    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
-    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
-
-
-def env_rng_restore(env, snapshot: dict, seed: int):
-    env.reset(seed=seed)  # initialises the wrappers and creates the generators
-    gens = _env_generators(env)
-    if set(gens) != set(snapshot):
-        raise RuntimeError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
-    for k, state in snapshot.items():
-        gens[k].bit_generator.state = state
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def save_tree(path: Path, tree):
-    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
-    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
-
-
-def load_tree(path: Path, template):
-    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    with np.load(path) as z:
-        names = sorted(z.files)
-        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
-        if names != sorted(expected):
-            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
-            raise ValueError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected}")
-        leaves = []
-        for name, (k, ref) in zip(expected, flat):
-            arr = z[name]
-            if arr.shape != np.shape(ref):
-                raise ValueError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
-                                 f"needs {np.shape(ref)} (different network sizes or dataset?)")
-            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def save_checkpoint(path: Path, state, meta: dict, cfg):
-    """Atomically write state + host meta + resolved config into directory `path`."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_tree(tmp / "state.npz", state)
-    with open(tmp / "meta.pkl", "wb") as f:
-        pickle.dump(meta, f)
-    with open(tmp / "config.yaml", "w") as f:
-        pyrallis.dump(cfg, f)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(path: Path) -> Optional[Path]:
-    for p in (path, path.with_name(path.name + ".old")):  # .old survives a kill between the two renames
-        if (p / "meta.pkl").exists() and (p / "state.npz").exists():
-            return p
-    return None
-
-
-def read_meta(path: Path) -> dict:
-    with open(path / "meta.pkl", "rb") as f:
-        return pickle.load(f)
-
-
-def seed_slice(tree, i):
-    return jax.tree.map(lambda x: x[i], tree)
-
-
-def stack_seeds(trees):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def save_state(path: Path, state, meta: dict, cfg):
-    """A one-seed run saves the state without the seed axis (the layout other scripts load)."""
-    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
-
-
-def load_state(path: Path, template, cfg):
-    if cfg.num_seeds == 1:
-        return stack_seeds([load_tree(path / "state.npz", seed_slice(template, 0))])
-    return load_tree(path / "state.npz", template)
+# ---------------------------------------------------------------------------------------------- offline sources
+def check_offline_source(cfg: TrainConfig, src: Path, seeds: list):
+    """Checks of the intact --offline_checkpoint `src` that need only its meta.json and config.yaml (before any
+    data is loaded): a multi-seed checkpoint must hold every seed of this run, and several seeds need a checkpoint
+    of as many (one seed may start from any seed of a multi-seed checkpoint: its --seed)."""
+    import yaml
+    n_src, N = int(load_meta(src).get("num_seeds", 1)), len(seeds)
+    if N > 1 and n_src != N:
+        raise RunError(f"--offline_checkpoint {src} holds {n_src} seed(s), this run trains {N}; run it with "
+                       f"--num_seeds {n_src} (and the same --seed), or one seed with --num_seeds 1")
+    src_cfg = yaml.safe_load((src / "config.yaml").read_text()) or {}
+    first = int(src_cfg.get("seed", 0))
+    if n_src > 1 and not (first <= seeds[0] and seeds[-1] < first + n_src):
+        raise RunError(f"--offline_checkpoint {src} holds seeds {first}..{first + n_src - 1} (--num_seeds "
+                       f"{n_src}); run O2PPO with --seed (and --num_seeds) among them")
+    src_ds = src_cfg.get("dataset_id")
+    if src_ds and src_ds != cfg.dataset_id:
+        print(f"warning: the offline checkpoint was trained on {src_ds}, fine-tuning on {cfg.dataset_id}")
 
 
 def load_offline_actor(path: Path, h: Hyper, seed: int):
@@ -993,16 +911,15 @@ def load_offline_actor(path: Path, h: Hyper, seed: int):
     A multi-seed checkpoint (--num_seeds N of either script, leading seed axis) gives the actor of seed `seed`."""
     with np.load(path / "state.npz") as z:
         arrays = {name[4:]: z[name] for name in z.files}  # strip the 4-digit leaf index of save_tree
-    meta = read_meta(path) if (path / "meta.pkl").exists() else {}
+    meta = load_meta(path)
     n_src, index = int(meta.get("num_seeds", 1)), 0
     if n_src > 1:
         import yaml
-        src_cfg = path / "config.yaml"
-        first = int((yaml.safe_load(src_cfg.read_text()) or {}).get("seed", 0)) if src_cfg.exists() else 0
+        first = int((yaml.safe_load((path / "config.yaml").read_text()) or {}).get("seed", 0))
         index = seed - first
         if not 0 <= index < n_src:
-            raise ValueError(f"--offline_checkpoint {path} holds seeds {first}..{first + n_src - 1} (--num_seeds "
-                             f"{n_src}); run O2PPO with --seed (and --num_seeds) among them")
+            raise RunError(f"--offline_checkpoint {path} holds seeds {first}..{first + n_src - 1} (--num_seeds "
+                           f"{n_src}); run O2PPO with --seed (and --num_seeds) among them")
         arrays = {k: v[index] for k, v in arrays.items()}
         print(f"using seed {seed} of the {n_src}-seed checkpoint {path}")
     prefix = ".actor.params"
@@ -1010,32 +927,32 @@ def load_offline_actor(path: Path, h: Hyper, seed: int):
     what = (f"--offline_checkpoint {path}: O2PPO needs a Gaussian actor with a tanh-mean MLP of hidden widths "
             f"{list(h.hidden)} and a state-independent log_std (this script's or algorithms/iql.py's checkpoints)")
     if not found:
-        raise ValueError(f"{what}, but the checkpoint holds no '.actor.params' (names: {sorted(arrays)[:6]} ...)")
+        raise RunError(f"{what}, but the checkpoint holds no '.actor.params' (names: {sorted(arrays)[:6]} ...)")
     template = jax.eval_shape(lambda: actor_net(h).init(jax.random.PRNGKey(0), jnp.zeros((1, h.obs_dim)))["params"])
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     expected = {jax.tree_util.keystr(k): ref for k, ref in flat}
     if set(found) != set(expected):
         missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        raise ValueError(f"{what}; its actor differs: missing {missing}, unexpected {unexpected} (a different actor "
-                         "type, e.g. a tanh-Gaussian SAC/CQL actor, or a different number of hidden layers: set "
-                         "hidden_dims to the checkpoint's)")
+        raise RunError(f"{what}; its actor differs: missing {missing}, unexpected {unexpected} (a different actor "
+                       "type, e.g. a tanh-Gaussian SAC/CQL actor, or a different number of hidden layers: set "
+                       "hidden_dims to the checkpoint's)")
     leaves = []
     for k, ref in flat:
         name = jax.tree_util.keystr(k)
         arr = found[name]
         if arr.shape != ref.shape:
-            raise ValueError(f"{what}; actor{name} has shape {arr.shape}, this config needs {ref.shape}: the "
-                             "checkpoint was trained on other observation/action sizes or other hidden_dims (this "
-                             f"dataset: obs {h.obs_dim}, action {h.act_dim}; hidden_dims {list(h.hidden)})")
+            raise RunError(f"{what}; actor{name} has shape {arr.shape}, this config needs {ref.shape}: the "
+                           "checkpoint was trained on other observation/action sizes or other hidden_dims (this "
+                           f"dataset: obs {h.obs_dim}, action {h.act_dim}; hidden_dims {list(h.hidden)})")
         leaves.append(jnp.asarray(arr, jnp.float32))
     stats = []
     for name in (".obs_mean", ".obs_std"):
         if name not in arrays:
-            raise ValueError(f"{what}; the checkpoint has no '{name}' (the state normalisation the actor was "
-                             "trained with)")
+            raise RunError(f"{what}; the checkpoint has no '{name}' (the state normalisation the actor was "
+                           "trained with)")
         if arrays[name].shape != (h.obs_dim,):
-            raise ValueError(f"{what}; its {name[1:]} has shape {arrays[name].shape}, this dataset has "
-                             f"{h.obs_dim}-dimensional observations")
+            raise RunError(f"{what}; its {name[1:]} has shape {arrays[name].shape}, this dataset has "
+                           f"{h.obs_dim}-dimensional observations")
         stats.append(jnp.asarray(arrays[name], jnp.float32))
     updates = np.ravel(meta.get("updates", 0))  # iql.py: one count per seed
     updates = int(updates[index] if updates.size > 1 else updates[0])
@@ -1124,17 +1041,6 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / "o2ppo" / cfg.dataset_id.replace("/", "_") / seeds
 
 
-def _check_resume_config(saved: Path, cfg: TrainConfig):
-    with open(saved) as f:
-        old = pyrallis.load(TrainConfig, f)
-    free = {"resume", "offline_checkpoint", "wandb_mode", "run_dir"}
-    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in free
-            and getattr(old, k) != getattr(cfg, k)}
-    if diff:
-        raise ValueError(f"--resume with a config that differs from the checkpoint's ({saved}): "
-                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-
-
 def score_of(record: dict) -> float:
     return record.get("normalized_score", record["return"])
 
@@ -1146,7 +1052,6 @@ def train(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     N = len(seeds)
@@ -1154,323 +1059,319 @@ def train(cfg: TrainConfig) -> dict:
     goal_task = "antmaze" in cfg.dataset_id
     if cfg.value_alignment:
         print("note: value_alignment has no effect in O2PPO (the official O2PPO has no value-alignment step)")
+    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
+        if run.offline_from is not None:
+            check_offline_source(cfg, run.offline_from, seeds)
+        # data and envs (one training env per seed, one evaluation env)
+        ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+        envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
+        obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+        if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+            raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                    f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+        try:
+            refs = data.reference_scores(cfg.dataset_id)
+        except data.DatasetError as e:
+            print(f"warning: {e}; logging raw returns only")
+            refs = None
+        h = make_hyper(cfg, obs_dim, act_dim)
+        obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+        obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+        mc_targets, dataset_scaler = reevaluation_targets(ds.rewards, ds.terminals, ds.timeouts, cfg.discount,
+                                                          cfg.mc_returns_across_timeouts, cfg.dynamic_reward_scaling)
+        # each seed's RNG streams are those of its single-seed run
+        k_iql, k_reeval, k_ppo = zip(*[[jax.random.fold_in(jax.random.PRNGKey(s), i) for i in range(3)] for s in seeds])
+        k_value_init, k_reeval_updates = zip(*[jax.random.split(k) for k in k_reeval])
 
-    # data and envs (one training env per seed, one evaluation env)
-    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
-    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
-        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
-                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-    try:
-        refs = data.reference_scores(cfg.dataset_id)
-    except data.DatasetError as e:
-        print(f"warning: {e}; logging raw returns only")
-        refs = None
-    h = make_hyper(cfg, obs_dim, act_dim)
-    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
-    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-    mc_targets, dataset_scaler = reevaluation_targets(ds.rewards, ds.terminals, ds.timeouts, cfg.discount,
-                                                      cfg.mc_returns_across_timeouts, cfg.dynamic_reward_scaling)
-    # each seed's RNG streams are those of its single-seed run
-    k_iql, k_reeval, k_ppo = zip(*[[jax.random.fold_in(jax.random.PRNGKey(s), i) for i in range(3)] for s in seeds])
-    k_value_init, k_reeval_updates = zip(*[jax.random.split(k) for k in k_reeval])
+        def template(kind):
+            """A state of phase `kind` for every seed (leading seed axis)."""
+            if kind == "iql":
+                return stack_seeds([init_iql_state(h, k_iql[i], obs_mean, obs_std) for i in range(N)])
+            actor = actor_net(h).init(jax.random.PRNGKey(0), jnp.zeros((1, h.obs_dim)))["params"]
+            if kind == "reeval":
+                return stack_seeds([make_reeval_state(h, actor, init_ppo_value(h, k_value_init[i]), k_reeval_updates[i],
+                                                      obs_mean, obs_std) for i in range(N)])
+            return stack_seeds([make_ppo_state(h, actor, init_ppo_value(h, k_value_init[i]), k_ppo[i], obs_mean,
+                                               obs_std) for i in range(N)])
 
-    def template(kind):
-        """A state of phase `kind` for every seed (leading seed axis)."""
-        if kind == "iql":
-            return stack_seeds([init_iql_state(h, k_iql[i], obs_mean, obs_std) for i in range(N)])
-        actor = actor_net(h).init(jax.random.PRNGKey(0), jnp.zeros((1, h.obs_dim)))["params"]
-        if kind == "reeval":
-            return stack_seeds([make_reeval_state(h, actor, init_ppo_value(h, k_value_init[i]), k_reeval_updates[i],
-                                                  obs_mean, obs_std) for i in range(N)])
-        return stack_seeds([make_ppo_state(h, actor, init_ppo_value(h, k_value_init[i]), k_ppo[i], obs_mean, obs_std)
-                            for i in range(N)])
-
-    meta = {"phase": "offline", "kind": "iql", "num_seeds": N, "updates": [0] * N, "reeval_updates": [0] * N,
-            "ppo_updates": [0] * N, "env_steps": [0] * N,
-            "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
-            "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
-            "last_eval": [None] * N, "best_score": [None] * N, "online_evals": [0] * N, "kl_to_ref": [0.0] * N,
-            "scaler": [None] * N, "rollout": [None] * N, "last_eval_step": [-1] * N, "wall_time": 0.0}
-    state, loaded = None, None
-    latest = find_checkpoint(ckpt_dir / "latest")
-    if cfg.resume and latest is not None:
-        _check_resume_config(latest / "config.yaml", cfg)
-        meta = read_meta(latest)
-        state = load_state(latest, template(meta["kind"]), cfg)
-        print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} IQL updates, "
-              f"{meta['reeval_updates']} re-evaluation updates, {meta['env_steps']} online env steps")
-    else:
-        if cfg.resume:
-            print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        for path in [run_dir / "eval.jsonl"] + [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]:
-            path.unlink(missing_ok=True)
-        if cfg.offline_checkpoint:
-            src = find_checkpoint(Path(cfg.offline_checkpoint))
-            if src is None:
-                raise FileNotFoundError(f"--offline_checkpoint {cfg.offline_checkpoint}: no checkpoint there "
-                                        "(expected a directory with state.npz and meta.pkl, e.g. "
-                                        "<run_dir>/checkpoints/offline of o2ppo.py or iql.py)")
-            src_n = int(read_meta(src).get("num_seeds", 1))
-            if N > 1 and src_n != N:  # one seed may start from any seed of a multi-seed checkpoint (its --seed)
-                raise ValueError(f"--offline_checkpoint {src} holds {src_n} seed(s), this run trains {N}; run it with "
-                                 f"--num_seeds {src_n} (and the same --seed), or one seed with --num_seeds 1")
-            per_seed = [load_offline_actor(src, h, s) for s in seeds]
-            src_cfg = src / "config.yaml"
-            if src_cfg.exists():
-                import yaml
-                src_ds = (yaml.safe_load(src_cfg.read_text()) or {}).get("dataset_id")
-                if src_ds and src_ds != cfg.dataset_id:
-                    print(f"warning: the offline checkpoint was trained on {src_ds}, fine-tuning on {cfg.dataset_id}")
+        meta = {"phase": "offline", "kind": "iql", "num_seeds": N, "updates": [0] * N, "reeval_updates": [0] * N,
+                "ppo_updates": [0] * N, "env_steps": [0] * N,
+                "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
+                "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
+                "last_eval": [None] * N, "best_score": [None] * N, "online_evals": [0] * N, "kl_to_ref": [0.0] * N,
+                "scaler": [None] * N, "rollout": [None] * N, "last_eval_step": [-1] * N, "wall_time": 0.0}
+        state, loaded = None, None
+        if run.resume_from is not None:
+            state, meta = load_state(run.resume_from, lambda meta: template(meta["kind"]), cfg)
+            print(f"resumed from {run.resume_from}: phase {meta['phase']}, {meta['updates']} IQL updates, "
+                  f"{meta['reeval_updates']} re-evaluation updates, {meta['env_steps']} online env steps")
+        elif run.offline_from is not None:
+            per_seed = [load_offline_actor(run.offline_from, h, s) for s in seeds]
             loaded = stack_seeds([(actor_params, om, osd) for actor_params, om, osd, _ in per_seed])
             meta.update(phase="load_offline", updates=[u for *_, u in per_seed])
-            print(f"loaded the offline actor(s) from {src} ({meta['updates']} updates)")
+            print(f"loaded the offline actor(s) from {run.offline_from} ({meta['updates']} updates)")
         else:
             state = template("iql")
-    with open(run_dir / "config.yaml", "w") as f:
-        pyrallis.dump(cfg, f)
-    if meta["wandb_id"] is None:
-        meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-    logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
-    act_key = jnp.asarray(meta["act_key"])
-    wall_before = meta["wall_time"]
-    scalers = [RewardScaler(cfg.discount, st if st is not None else dataset_scaler.state()) for st in meta["scaler"]]
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(cfg, f)
+        if meta["wandb_id"] is None:
+            meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
+        logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
+        act_key = jnp.asarray(meta["act_key"])
+        wall_before = meta["wall_time"]
+        scalers = [RewardScaler(cfg.discount, st if st is not None else dataset_scaler.state())
+                   for st in meta["scaler"]]
 
-    def weight(t):
-        return max(1.0 - t / cfg.end_steps, 0.0) if cfg.constrained_finetuning else 0.0
+        def weight(t):
+            return max(1.0 - t / cfg.end_steps, 0.0) if cfg.constrained_finetuning else 0.0
 
-    def eval_record(phase, i, updates):
-        """Deterministic evaluation of seed i's actor (+ its PPO V along the episodes after phase 1)."""
-        actor_params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
-        if phase == "offline":
-            def policy(o):
-                return act_deterministic(actor_params, mean_, std_, o, h), None
-        else:
-            value_params = seed_slice(state.value.params, i)
+        def eval_record(phase, i, updates):
+            """Deterministic evaluation of seed i's actor (+ its PPO V along the episodes after phase 1)."""
+            actor_params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
+            if phase == "offline":
+                def policy(o):
+                    return act_deterministic(actor_params, mean_, std_, o, h), None
+            else:
+                value_params = seed_slice(state.value.params, i)
 
-            def policy(o):
-                return act_deterministic_with_value(actor_params, value_params, mean_, std_, o, h)
-        record = {"seed": seeds[i], "phase": phase, "updates": int(updates), "env_steps": int(meta["env_steps"][i])}
-        record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
-                               goal_task, refs, cfg.discount))
-        record.update(w_t=weight(meta["env_steps"][i]), kl_to_ref=float(meta["kl_to_ref"][i]))
-        return record
+                def policy(o):
+                    return act_deterministic_with_value(actor_params, value_params, mean_, std_, o, h)
+            record = {"seed": seeds[i], "phase": phase, "updates": int(updates), "env_steps": int(meta["env_steps"][i])}
+            record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                                   goal_task, refs, cfg.discount))
+            record.update(w_t=weight(meta["env_steps"][i]), kl_to_ref=float(meta["kl_to_ref"][i]))
+            return record
 
-    def log_record(i, record):
-        record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-        logger.log_eval(i, record)
-        meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
+        def log_record(i, record):
+            record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+            logger.log_eval(i, record)
+            meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
 
-    def checkpoint(name="latest"):
-        meta["act_key"] = np.asarray(act_key)
-        meta["scaler"] = [scaler.state() for scaler in scalers]
-        meta["wall_time"] = wall_before + time.time() - t_start
-        save_state(ckpt_dir / name, state, meta, cfg)
+        def checkpoint(name="latest"):
+            meta["act_key"] = np.asarray(act_key)
+            meta["scaler"] = [scaler.state() for scaler in scalers]
+            meta["wall_time"] = wall_before + time.time() - t_start
+            save_state(ckpt_dir / name, state, meta, cfg)
 
-    def start_finetuning(actor_params, om, osd):
-        """Hand-off after the offline phase (per-seed arrays): re-evaluation state, or directly the PPO state."""
-        nonlocal state
-        value_params = stack_seeds([init_ppo_value(h, k_value_init[i]) for i in range(N)])
-        if cfg.policy_reevaluation:
-            state = stack_seeds([make_reeval_state(h, *seed_slice((actor_params, value_params), i),
-                                                   k_reeval_updates[i], *seed_slice((om, osd), i)) for i in range(N)])
-            meta.update(phase="reevaluation", kind="reeval")
-        else:
-            start_online(actor_params, value_params, om, osd)
+        def start_finetuning(actor_params, om, osd):
+            """Hand-off after the offline phase (per-seed arrays): re-evaluation state, or directly the PPO state."""
+            nonlocal state
+            value_params = stack_seeds([init_ppo_value(h, k_value_init[i]) for i in range(N)])
+            if cfg.policy_reevaluation:
+                state = stack_seeds([make_reeval_state(h, *seed_slice((actor_params, value_params), i),
+                                                       k_reeval_updates[i], *seed_slice((om, osd), i))
+                                     for i in range(N)])
+                meta.update(phase="reevaluation", kind="reeval")
+            else:
+                start_online(actor_params, value_params, om, osd)
 
-    def start_online(actor_params, value_params, om, osd):
-        nonlocal state
-        actor_params = cap_log_std(actor_params, cfg.std_cap)
-        state = stack_seeds([make_ppo_state(h, *seed_slice((actor_params, value_params), i), k_ppo[i],
-                                            *seed_slice((om, osd), i)) for i in range(N)])
-        meta.update(phase="online", kind="ppo", best_score=[score_of(meta["last_eval"][i]) for i in range(N)])
+        def start_online(actor_params, value_params, om, osd):
+            nonlocal state
+            actor_params = cap_log_std(actor_params, cfg.std_cap)
+            state = stack_seeds([make_ppo_state(h, *seed_slice((actor_params, value_params), i), k_ppo[i],
+                                                *seed_slice((om, osd), i)) for i in range(N)])
+            meta.update(phase="online", kind="ppo", best_score=[score_of(meta["last_eval"][i]) for i in range(N)])
 
-    # ---- phase 1: offline IQL pre-training (all seeds in one vmapped scan per block)
-    if meta["phase"] == "offline":
-        buffer = Buffer(*(jnp.asarray(x, jnp.float32) for x in (
-            ds.observations, ds.actions, ds.rewards * cfg.iql_reward_scale + cfg.iql_reward_bias,
-            ds.next_observations, ds.terminals)))
-        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="O2PPO offline IQL", mininterval=5)
-        while meta["updates"][0] < cfg.offline_updates:
-            state, metrics = iql_block(state, buffer, h)
-            logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
-            meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
-            bar.update(cfg.update_block)
-            logger.log({**logged, "offline/updates": meta["updates"][0]})
-            if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
+        # ---- phase 1: offline IQL pre-training (all seeds in one vmapped scan per block)
+        if meta["phase"] == "offline":
+            buffer = Buffer(*(jnp.asarray(x, jnp.float32) for x in (
+                ds.observations, ds.actions, ds.rewards * cfg.iql_reward_scale + cfg.iql_reward_bias,
+                ds.next_observations, ds.terminals)))
+            bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="O2PPO offline IQL", mininterval=5)
+            while meta["updates"][0] < cfg.offline_updates:
+                state, metrics = iql_block(state, buffer, h)
+                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
+                meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
+                bar.update(cfg.update_block)
+                logger.log({**logged, "offline/updates": meta["updates"][0]})
+                if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
+                    for i in range(N):
+                        log_record(i, eval_record("offline", i, meta["updates"][i]))
+                    bar.set_postfix(score=np.mean([score_of(r) for r in meta["last_eval"]]))
+                    if meta["updates"][0] < cfg.offline_updates:
+                        checkpoint()
+                if run.stop and meta["updates"][0] < cfg.offline_updates:
+                    checkpoint()
+                    run.interrupt_if_asked(f"after {meta['updates'][0]} offline updates")
+            bar.close()
+            del buffer
+            if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
                 for i in range(N):
                     log_record(i, eval_record("offline", i, meta["updates"][i]))
-                bar.set_postfix(score=np.mean([score_of(r) for r in meta["last_eval"]]))
-                if meta["updates"][0] < cfg.offline_updates:
-                    checkpoint()
-        bar.close()
-        del buffer
-        if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
+            checkpoint("offline")
+            start_finetuning(state.actor.params, state.obs_mean, state.obs_std)
+            checkpoint()
+            run.interrupt_if_asked("after the offline phase")
+        elif meta["phase"] == "load_offline":
+            actor_params, om, osd = loaded
+            state = stack_seeds([make_reeval_state(h, seed_slice(actor_params, i), init_ppo_value(h, k_value_init[i]),
+                                                   k_reeval_updates[i], om[i], osd[i]) for i in range(N)])
             for i in range(N):
+                # the score before fine-tuning (actor only)
                 log_record(i, eval_record("offline", i, meta["updates"][i]))
-        checkpoint("offline")
-        start_finetuning(state.actor.params, state.obs_mean, state.obs_std)
-        checkpoint()
-    elif meta["phase"] == "load_offline":
-        actor_params, om, osd = loaded
-        state = stack_seeds([make_reeval_state(h, seed_slice(actor_params, i), init_ppo_value(h, k_value_init[i]),
-                                               k_reeval_updates[i], om[i], osd[i]) for i in range(N)])
-        for i in range(N):
-            log_record(i, eval_record("offline", i, meta["updates"][i]))  # the score before fine-tuning (actor only)
-        start_finetuning(actor_params, om, osd)
-        checkpoint()
+            start_finetuning(actor_params, om, osd)
+            checkpoint()
+            run.interrupt_if_asked("after loading the offline actor")
 
-    # ---- phase 2: value re-evaluation on the dataset's Monte-Carlo returns (all seeds in one vmapped scan)
-    if meta["phase"] == "reevaluation":
-        obs_dev, mc_dev = jnp.asarray(ds.observations, jnp.float32), jnp.asarray(mc_targets, jnp.float32)
-        bar = tqdm(total=cfg.reevaluation_updates, initial=meta["reeval_updates"][0],
-                   desc="O2PPO value re-evaluation", mininterval=5)
-        while meta["reeval_updates"][0] < cfg.reevaluation_updates:
-            state, metrics = reeval_block(state, obs_dev, mc_dev, h)
-            logged = block_metrics(metrics, cfg.update_block, "reevaluation", seeds, meta["reeval_updates"])
-            meta["reeval_updates"] = [u + cfg.update_block for u in meta["reeval_updates"]]
-            bar.update(cfg.update_block)
-            logger.log({**logged, "reevaluation/updates": meta["reeval_updates"][0]})
-            done = meta["reeval_updates"][0]
-            if done % cfg.reevaluation_eval_every == 0 or done == cfg.reevaluation_updates:
-                value_loss = np.asarray(metrics["value_loss"]).mean(1)  # per seed, over the block
-                for i in range(N):
-                    record = eval_record("reevaluation", i, meta["reeval_updates"][i])
-                    record["value_loss"] = float(value_loss[i])
-                    log_record(i, record)
-                bar.set_postfix(value_loss=logged["reevaluation/value_loss"],
-                                v_start=np.mean([r.get("value_start", np.nan) for r in meta["last_eval"]]))
-                if done < cfg.reevaluation_updates:
+        # ---- phase 2: value re-evaluation on the dataset's Monte-Carlo returns (all seeds in one vmapped scan)
+        if meta["phase"] == "reevaluation":
+            obs_dev, mc_dev = jnp.asarray(ds.observations, jnp.float32), jnp.asarray(mc_targets, jnp.float32)
+            bar = tqdm(total=cfg.reevaluation_updates, initial=meta["reeval_updates"][0],
+                       desc="O2PPO value re-evaluation", mininterval=5)
+            while meta["reeval_updates"][0] < cfg.reevaluation_updates:
+                state, metrics = reeval_block(state, obs_dev, mc_dev, h)
+                logged = block_metrics(metrics, cfg.update_block, "reevaluation", seeds, meta["reeval_updates"])
+                meta["reeval_updates"] = [u + cfg.update_block for u in meta["reeval_updates"]]
+                bar.update(cfg.update_block)
+                logger.log({**logged, "reevaluation/updates": meta["reeval_updates"][0]})
+                done = meta["reeval_updates"][0]
+                if done % cfg.reevaluation_eval_every == 0 or done == cfg.reevaluation_updates:
+                    value_loss = np.asarray(metrics["value_loss"]).mean(1)  # per seed, over the block
+                    for i in range(N):
+                        record = eval_record("reevaluation", i, meta["reeval_updates"][i])
+                        record["value_loss"] = float(value_loss[i])
+                        log_record(i, record)
+                    bar.set_postfix(value_loss=logged["reevaluation/value_loss"],
+                                    v_start=np.mean([r.get("value_start", np.nan) for r in meta["last_eval"]]))
+                    if done < cfg.reevaluation_updates:
+                        checkpoint()
+                if run.stop and done < cfg.reevaluation_updates:
                     checkpoint()
-        bar.close()
-        del obs_dev, mc_dev
-        start_online(state.actor.params, state.value.params, state.obs_mean, state.obs_std)
-        checkpoint()
+                    run.interrupt_if_asked(f"after {done} re-evaluation updates")
+            bar.close()
+            del obs_dev, mc_dev
+            start_online(state.actor.params, state.value.params, state.obs_mean, state.obs_std)
+            checkpoint()
+            run.interrupt_if_asked("before online fine-tuning")
 
-    # ---- phase 3: constrained PPO fine-tuning. Each seed follows exactly its single-seed schedule: its env
-    # steps, a PPO update whenever its rollout is full, an evaluation (+ reference update) exactly every
-    # evaluate_freq of its env steps, a checkpoint at its first episode end after an evaluation. The seeds step
-    # together (one acting call per env step for all); a seed due for its checkpoint waits at that episode end
-    # until every seed is due (or finished), then all are checkpointed together. Waiting never changes a seed's
-    # own trajectory, but afterwards the seeds' rollouts end at different steps: a PPO call updates just the
-    # seeds whose rollout is full.
-    if meta["phase"] == "online":
-        for i, env in enumerate(envs):
-            if meta["env_rng"][i] is not None:
-                env_rng_restore(env, meta["env_rng"][i], seeds[i])
-        first_reset = [meta["env_rng"][i] is None for i in range(N)]
-        n = cfg.rollout_length
-        roll = {k: np.zeros((N, n) + s, np.float32) for k, s in
-                (("obs", (obs_dim,)), ("act", (act_dim,)), ("logp", (act_dim,)), ("rew", ()),
-                 ("next_obs", (obs_dim,)), ("terminal", ()), ("done", ()))}
-        count = [0] * N  # each seed's steps in its current rollout
-        for i, saved in enumerate(meta["rollout"]):
-            if saved is not None:
-                count[i] = saved["count"]
-                for k in roll:
-                    roll[k][i, :count[i]] = saved[k]
-        obs = np.zeros((N, obs_dim), np.float32)
-        at_episode_start = [True] * N
-        ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
-        pending = [False] * N  # evaluated since the last checkpoint: checkpoint at the next episode end
-        due = [False] * N  # at that episode end, waiting for the joint checkpoint
-        bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2PPO online", mininterval=5)
-        while min(meta["env_steps"]) < cfg.online_steps:
-            active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
-            for i in np.flatnonzero(active):
-                if at_episode_start[i]:
-                    obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
-                    first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
-                    scalers[i].reset()
-            actions, logps, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
-                                                  jnp.asarray(active), h)
-            actions, logps = np.asarray(actions), np.asarray(logps)
-            for i in np.flatnonzero(active):
-                next_obs, r, term, trunc, info = envs[i].step(actions[i])
-                term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                done = term or trunc
-                r_train = scalers[i](float(r)) if cfg.dynamic_reward_scaling else float(r)
-                j = count[i]
-                roll["obs"][i, j], roll["act"][i, j], roll["logp"][i, j] = obs[i], actions[i], logps[i]
-                roll["rew"][i, j], roll["next_obs"][i, j] = r_train, next_obs
-                roll["terminal"][i, j], roll["done"][i, j] = float(term), float(done)
-                count[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
-                ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
-                if done:
-                    meta["episodes"][i] += 1
-                    recent[i] = (recent[i] + [ep_ret[i]])[-10:]
-                    logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
-                                "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
-                    at_episode_start[i] = True
-            bar.update(int(active.sum()))
+        # ---- phase 3: constrained PPO fine-tuning. Each seed follows exactly its single-seed schedule: its env
+        # steps, a PPO update whenever its rollout is full, an evaluation (+ reference update) exactly every
+        # evaluate_freq of its env steps, a checkpoint at its first episode end after an evaluation. The seeds step
+        # together (one acting call per env step for all); a seed due for its checkpoint waits at that episode end
+        # until every seed is due (or finished), then all are checkpointed together. Waiting never changes a seed's
+        # own trajectory, but afterwards the seeds' rollouts end at different steps: a PPO call updates just the
+        # seeds whose rollout is full.
+        if meta["phase"] == "online":
+            for i, env in enumerate(envs):
+                if meta["env_rng"][i] is not None:
+                    env_rng_restore(env, meta["env_rng"][i], seeds[i])
+            first_reset = [meta["env_rng"][i] is None for i in range(N)]
+            n = cfg.rollout_length
+            roll = {k: np.zeros((N, n) + s, np.float32) for k, s in
+                    (("obs", (obs_dim,)), ("act", (act_dim,)), ("logp", (act_dim,)), ("rew", ()),
+                     ("next_obs", (obs_dim,)), ("terminal", ()), ("done", ()))}
+            count = [0] * N  # each seed's steps in its current rollout
+            for i, saved in enumerate(meta["rollout"]):
+                if saved is not None:
+                    count[i] = saved["count"]
+                    for k in roll:
+                        roll[k][i, :count[i]] = saved[k]
+            obs = np.zeros((N, obs_dim), np.float32)
+            at_episode_start = [True] * N
+            ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
+            pending = [False] * N  # evaluated since the last checkpoint: checkpoint at the next episode end
+            due = [False] * N  # at that episode end, waiting for the joint checkpoint
+            bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2PPO online", mininterval=5)
+            while min(meta["env_steps"]) < cfg.online_steps:
+                active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
+                for i in np.flatnonzero(active):
+                    if at_episode_start[i]:
+                        obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
+                        first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
+                        scalers[i].reset()
+                actions, logps, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
+                                                      jnp.asarray(active), h)
+                actions, logps = np.asarray(actions), np.asarray(logps)
+                for i in np.flatnonzero(active):
+                    next_obs, r, term, trunc, info = envs[i].step(actions[i])
+                    term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                    done = term or trunc
+                    r_train = scalers[i](float(r)) if cfg.dynamic_reward_scaling else float(r)
+                    j = count[i]
+                    roll["obs"][i, j], roll["act"][i, j], roll["logp"][i, j] = obs[i], actions[i], logps[i]
+                    roll["rew"][i, j], roll["next_obs"][i, j] = r_train, next_obs
+                    roll["terminal"][i, j], roll["done"][i, j] = float(term), float(done)
+                    count[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
+                    ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
+                    if done:
+                        meta["episodes"][i] += 1
+                        recent[i] = (recent[i] + [ep_ret[i]])[-10:]
+                        logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
+                                    "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
+                        at_episode_start[i] = True
+                bar.update(int(active.sum()))
 
-            # PPO updates of the seeds whose rollout is full (one vmapped call)
-            full = [i for i in np.flatnonzero(active) if count[i] == n]
-            if full:
-                steps = [meta["env_steps"][i] for i in full]
-                batch = Rollout(**{k: jnp.asarray(v[full]) for k, v in roll.items()})
-                state, metrics = ppo_update(state, batch, jnp.asarray(steps, jnp.int32), jnp.asarray(full), h)
-                logged = ppo_metrics(metrics, [seeds[i] for i in full], steps)
-                for j, i in enumerate(full):
-                    count[i] = 0
-                    meta["ppo_updates"][i] += cfg.ppo_epochs * (n // cfg.minibatch_size)
-                    meta["kl_to_ref"][i] = float(np.asarray(metrics["kl_to_ref"])[j])
-                logger.log({**logged, "online/env_steps": sum(meta["env_steps"]),
-                            "online/updates": sum(meta["ppo_updates"])})
+                # PPO updates of the seeds whose rollout is full (one vmapped call)
+                full = [i for i in np.flatnonzero(active) if count[i] == n]
+                if full:
+                    steps = [meta["env_steps"][i] for i in full]
+                    batch = Rollout(**{k: jnp.asarray(v[full]) for k, v in roll.items()})
+                    state, metrics = ppo_update(state, batch, jnp.asarray(steps, jnp.int32), jnp.asarray(full), h)
+                    logged = ppo_metrics(metrics, [seeds[i] for i in full], steps)
+                    for j, i in enumerate(full):
+                        count[i] = 0
+                        meta["ppo_updates"][i] += cfg.ppo_epochs * (n // cfg.minibatch_size)
+                        meta["kl_to_ref"][i] = float(np.asarray(metrics["kl_to_ref"])[j])
+                    logger.log({**logged, "online/env_steps": sum(meta["env_steps"]),
+                                "online/updates": sum(meta["ppo_updates"])})
 
-            # evaluations exactly every evaluate_freq env steps of each seed
-            for i in np.flatnonzero(active):
-                if meta["env_steps"][i] % cfg.evaluate_freq == 0:
+                # evaluations exactly every evaluate_freq env steps of each seed
+                for i in np.flatnonzero(active):
+                    if meta["env_steps"][i] % cfg.evaluate_freq == 0:
+                        record = eval_record("online", i, meta["ppo_updates"][i])
+                        meta["online_evals"][i] += 1
+                        score = score_of(record)
+                        # reference := the evaluated policy if it beats the best score so far (official default)
+                        updated = (score > meta["best_score"][i] if cfg.refer_with_optimal_pi
+                                   else meta["online_evals"][i] % cfg.update_n == 0)
+                        meta["best_score"][i] = max(meta["best_score"][i], score)
+                        if updated:
+                            state = state._replace(ref_actor=jax.tree.map(lambda ref, a: ref.at[i].set(a[i]),
+                                                                          state.ref_actor, state.actor.params))
+                        record.update(best_score=meta["best_score"][i], reference_updated=updated)
+                        log_record(i, record)
+                        meta["last_eval_step"][i] = meta["env_steps"][i]
+                        bar.set_postfix(score=score, train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
+                        pending[i] = True
+
+                # checkpoint at the first episode end after an evaluation, jointly for all seeds. A stop request
+                # waits for this checkpoint: stopping at another episode end would make seeds wait for each other
+                # where an uninterrupted run does not, so their rollouts would fill at other steps and be updated in
+                # other PPO calls (other float round-off); a resumed run would not repeat the uninterrupted one
+                for i in np.flatnonzero(active):
+                    if at_episode_start[i] and pending[i] and meta["env_steps"][i] < cfg.online_steps:
+                        due[i] = True
+                if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
+                    meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
+                    meta["rollout"] = [{"count": count[i], **{k: v[i, :count[i]].copy() for k, v in roll.items()}}
+                                       for i in range(N)]
+                    checkpoint()
+                    pending = [p and not d for p, d in zip(pending, due)]
+                    due = [False] * N
+                    run.interrupt_if_asked(f"at {meta['env_steps']} online env steps")
+            bar.close()
+            for i in range(N):
+                if meta["last_eval_step"][i] != meta["env_steps"][i]:
                     record = eval_record("online", i, meta["ppo_updates"][i])
-                    meta["online_evals"][i] += 1
-                    score = score_of(record)
-                    # reference := the evaluated policy if it beats the best score so far (official default)
-                    updated = (score > meta["best_score"][i] if cfg.refer_with_optimal_pi
-                               else meta["online_evals"][i] % cfg.update_n == 0)
-                    meta["best_score"][i] = max(meta["best_score"][i], score)
-                    if updated:
-                        state = state._replace(ref_actor=jax.tree.map(lambda ref, a: ref.at[i].set(a[i]),
-                                                                      state.ref_actor, state.actor.params))
-                    record.update(best_score=meta["best_score"][i], reference_updated=updated)
+                    record.update(best_score=max(meta["best_score"][i], score_of(record)), reference_updated=False)
                     log_record(i, record)
-                    meta["last_eval_step"][i] = meta["env_steps"][i]
-                    bar.set_postfix(score=score, train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
-                    pending[i] = True
-
-            # checkpoint at the first episode end after an evaluation, jointly for all seeds
-            for i in np.flatnonzero(active):
-                if at_episode_start[i] and pending[i] and meta["env_steps"][i] < cfg.online_steps:
-                    due[i] = True
-            if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
-                meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
-                meta["rollout"] = [{"count": count[i], **{k: v[i, :count[i]].copy() for k, v in roll.items()}}
-                                   for i in range(N)]
-                checkpoint()
-                pending = [p and not d for p, d in zip(pending, due)]
-                due = [False] * N
-        bar.close()
-        for i in range(N):
-            if meta["last_eval_step"][i] != meta["env_steps"][i]:
-                record = eval_record("online", i, meta["ppo_updates"][i])
-                record.update(best_score=max(meta["best_score"][i], score_of(record)), reference_updated=False)
-                log_record(i, record)
-        meta.update(phase="done", rollout=[None] * N)
-        checkpoint()
-    elif meta["phase"] == "done":
-        print(f"run in {run_dir} already finished")
-    logger.close()
-    for env in envs + [eval_env]:
-        env.close()
-    summaries = [summarize(path) for path in logger.eval_paths]
-    out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
-           "reevaluation_updates": meta["reeval_updates"][0], "ppo_updates": meta["ppo_updates"][0],
-           "env_steps": meta["env_steps"][0], **summaries[0]}
-    if N > 1:
-        out.update(last_eval=meta["last_eval"], updates=meta["updates"], reevaluation_updates=meta["reeval_updates"],
-                   ppo_updates=meta["ppo_updates"], env_steps=meta["env_steps"], per_seed=summaries)
-    return out
+            meta.update(phase="done", rollout=[None] * N)
+            checkpoint()
+        elif meta["phase"] == "done":
+            print(f"run in {run_dir} already finished")
+        logger.close()
+        for env in envs + [eval_env]:
+            env.close()
+        summaries = [summarize(path) for path in logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0],
+               "updates": meta["updates"][0],
+               "reevaluation_updates": meta["reeval_updates"][0], "ppo_updates": meta["ppo_updates"][0],
+               "env_steps": meta["env_steps"][0], **summaries[0]}
+        if N > 1:
+            out.update(last_eval=meta["last_eval"], updates=meta["updates"],
+                       reevaluation_updates=meta["reeval_updates"],
+                       ppo_updates=meta["ppo_updates"], env_steps=meta["env_steps"], per_seed=summaries)
+        return out
 
 
 def summarize(eval_path: Path) -> dict:
@@ -1487,11 +1388,338 @@ def summarize(eval_path: Path) -> dict:
     return out
 
 
+# ====================================================================================================
+# Run plumbing: checkpoints, resume, run-directory lock, stop on Ctrl-C. The same text in every algorithm file
+# (tests/test_plumbing.py checks), so a fix is made once and copied; nothing below is algorithm-specific.
+# ====================================================================================================
+class RunError(RuntimeError):
+    """A problem with the run directory or a checkpoint: reported as one line (`error: ...`), no traceback."""
+
+
+class Interrupted(RunError):
+    """Ctrl-C / SIGTERM: a checkpoint was written; the message says how to continue."""
+
+
+def save_tree(path: Path, tree):
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
+
+
+def load_tree(path: Path, template):
+    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    with np.load(path) as z:
+        names = sorted(z.files)
+        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
+        if names != sorted(expected):
+            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
+            raise RunError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected} "
+                           "(different network sizes, n_critics, layer norm, policy type or algorithm?)")
+        leaves = []
+        for name, (k, ref) in zip(expected, flat):
+            arr = z[name]
+            if arr.shape != np.shape(ref):
+                raise RunError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
+                               f"needs {np.shape(ref)} (different network sizes or dataset?)")
+            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _to_json(x):
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": x.tolist(), "dtype": str(x.dtype), "shape": list(x.shape)}
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"checkpoint meta: cannot store {type(x).__name__}")
+
+
+def _from_json(d):
+    return np.asarray(d["__ndarray__"], d["dtype"]).reshape(d["shape"]) if "__ndarray__" in d else d
+
+
+def load_meta(path: Path) -> dict:
+    """The host-side state of a checkpoint (counters, RNG states, last evaluations): data-only JSON, never code."""
+    if not (path / "meta.json").exists() and (path / "meta.pkl").exists():
+        raise RunError(f"checkpoint {path} has the old pickle format (meta.pkl), which this version does not load "
+                       "(loading a pickle can run code); re-create it with this version")
+    with open(path / "meta.json") as f:
+        return json.load(f, object_hook=_from_json)
+
+
+def save_checkpoint(path: Path, state, meta: dict, cfg):
+    """Atomically write state + host meta + resolved config into directory `path` (a kill at any moment leaves
+    `path` or `path.old` intact)."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tree(tmp / "state.npz", state)
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, default=_to_json)
+    with open(tmp / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint in `path` cannot be loaded (missing or corrupt file), or None when it is intact."""
+    if (path / "meta.pkl").is_file() and not (path / "meta.json").is_file():
+        return "the old format with meta.pkl, a pickle (not loaded: it can run code); re-create it with this version"
+    for name in ("meta.json", "state.npz", "config.yaml"):
+        if not (path / name).is_file():
+            return f"{name} missing"
+    try:
+        load_meta(path)
+        with np.load(path / "state.npz") as z:
+            for name in z.files:
+                z[name]  # reads every array: checks the zip's CRCs
+    except Exception as e:  # noqa: BLE001 (any failure to read makes it unusable)
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def find_checkpoint(*paths: Path) -> Optional[Path]:
+    """The first intact checkpoint among `paths` and their `.old` copies (a kill between the two renames of
+    save_checkpoint leaves only `.old`); a damaged one is reported and skipped."""
+    for path in paths:
+        for p in (path, path.with_name(path.name + ".old")):
+            if p.exists():
+                problem = checkpoint_problem(p)
+                if problem is None:
+                    return p
+                print(f"warning: checkpoint {p} is not usable ({problem}); trying an older one")
+    return None
+
+
+def load_checkpoint(path: Path, template):
+    """(state, meta); `template` is a state or a function meta -> state (when the state type depends on the phase)."""
+    meta = load_meta(path)
+    return load_tree(path / "state.npz", template(meta) if callable(template) else template), meta
+
+
+def seed_slice(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def stack_seeds(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def save_state(path: Path, state, meta: dict, cfg):
+    """A one-seed run saves the state without the seed axis (the layout other scripts load)."""
+    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
+
+
+def load_state(path: Path, template, cfg):
+    """(state with a leading seed axis, meta); `template`: a seed-stacked state or a function meta -> one."""
+    pick = lambda meta: template(meta) if callable(template) else template  # noqa: E731
+    if cfg.num_seeds == 1:
+        state, meta = load_checkpoint(path, lambda meta: seed_slice(pick(meta), 0))
+        return stack_seeds([state]), meta
+    return load_checkpoint(path, pick)
+
+
+def save_buffer_rows(buffer_dir: Path, online, start: int, end: int, offset: int = 0):
+    """Append one seed's online rows [start, end) (`online`: that seed's rows, stored from row `offset`) as one file."""
+    if end <= start:
+        return
+    buffer_dir.mkdir(parents=True, exist_ok=True)
+    rows = {k: np.asarray(v[offset + start: offset + end]) for k, v in online._asdict().items()}
+    tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
+    np.savez(tmp, **rows)
+    os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
+
+
+def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
+    """Online rows [0, size) from the row files; files beyond `size` (written after the checkpoint) are removed."""
+    if size == 0:
+        if buffer_dir.exists():
+            shutil.rmtree(buffer_dir)
+        return None
+    parts, pos = [], 0
+    for f in sorted(buffer_dir.glob("rows_*.npz")):
+        start, end = (int(x) for x in f.stem.split("_")[1:3])
+        if start >= size:
+            f.unlink()
+            continue
+        if start != pos or end > size:
+            raise RunError(f"online buffer files in {buffer_dir} are inconsistent at {f.name} (expected start "
+                           f"{pos}, checkpoint size {size})")
+        try:
+            with np.load(f) as z:
+                parts.append({k: z[k] for k in z.files})
+        except Exception as e:  # noqa: BLE001
+            raise RunError(f"online buffer file {f} is unreadable ({type(e).__name__}); the online phase must restart: "
+                           "run again with --overwrite, or with --offline_checkpoint <run_dir>/checkpoints/offline "
+                           "and a new run_dir") from e
+        pos = end
+    if pos != size:
+        raise RunError(f"online buffer files in {buffer_dir} hold {pos} rows, the checkpoint needs {size}")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _env_generators(env) -> dict:
+    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
+    import gymnasium as gym
+    found, seen = {}, set()
+
+    def walk(obj, path, depth):
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        gen = getattr(obj, "_np_random", None)
+        if isinstance(gen, np.random.Generator):
+            found[path] = gen
+        for k, v in vars(obj).items():
+            if isinstance(v, gym.Env):
+                walk(v, f"{path}.{k}", depth + 1)
+    walk(env.unwrapped, "unwrapped", 0)
+    return found
+
+
+def env_rng_snapshot(env) -> dict:
+    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
+    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
+
+
+def env_rng_restore(env, snapshot: dict, seed: int):
+    env.reset(seed=seed)  # initialises the wrappers and creates the generators
+    gens = _env_generators(env)
+    if set(gens) != set(snapshot):
+        raise RunError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
+    for k, state in snapshot.items():
+        gens[k].bit_generator.state = state
+
+
+def check_resume_config(saved: Path, cfg):
+    """--resume must not change what the checkpoint was trained with (fields in RESUME_FREE may change)."""
+    with open(saved) as f:
+        old = pyrallis.load(type(cfg), f)
+    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in RESUME_FREE
+            and getattr(old, k) != getattr(cfg, k)}
+    if diff:
+        raise RunError(f"--resume with a config that differs from the checkpoint's ({saved}): "
+                       + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+
+
+class Run:
+    """One training run's hold on its directory, opened before any slow work (data, compilation):
+
+    * a lock (`run_dir/.lock`, an OS file lock: released when the process ends, however it ends, so a lock left by
+      a killed process is taken over) refuses a second process on the same directory;
+    * a previous run in the directory is continued (`--resume`) or deleted (`--overwrite`), never silently wiped;
+    * `resume_from`: the checkpoint to continue from: `latest`, else `latest.old`, else `offline` (the newest
+      intact one), its config checked against this one; `offline_from`: the intact --offline_checkpoint to start
+      from (the script that loads it checks what it holds);
+    * SIGINT (Ctrl-C) and SIGTERM set `stop`; the training loops then write a checkpoint at the next block
+      boundary (online: when every seed is at an episode end) and raise Interrupted. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self, cfg, run_dir: Path):
+        import fcntl
+        self.cfg, self.run_dir, self.stop, self.resume_from, self.offline_from = cfg, run_dir, False, None, None
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = open(run_dir / ".lock", "a+")
+        except OSError as e:
+            raise RunError(f"run_dir {run_dir} is not writable ({e.strerror}); choose another --run_dir") from e
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "unknown"
+            self._lock.close()
+            raise RunError(f"run_dir {run_dir} is in use by another process (pid {owner}); wait for it to end or "
+                           "stop it, or choose another --run_dir") from None
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+        try:
+            self._claim()
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _claim(self):
+        cfg, ckpt_dir = self.cfg, self.run_dir / "checkpoints"
+        evals = [self.run_dir / "eval.jsonl"] + sorted(self.run_dir.glob("seed*/eval.jsonl"))
+        previous = ckpt_dir.exists() or any(p.exists() and p.stat().st_size > 0 for p in evals)
+        if cfg.overwrite and cfg.resume:
+            raise RunError("--resume continues the run in run_dir, --overwrite deletes it: pass one of them")
+        if cfg.overwrite:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            for path in evals:
+                path.unlink(missing_ok=True)
+        elif cfg.resume:
+            self.resume_from = find_checkpoint(ckpt_dir / "latest", ckpt_dir / "offline")
+            if self.resume_from is not None:
+                check_resume_config(self.resume_from / "config.yaml", cfg)
+            elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+                raise RunError(f"--resume: no intact checkpoint in {ckpt_dir} (see the warnings above); nothing was "
+                               "deleted. Add --overwrite to start the run again from scratch")
+            else:
+                print(f"--resume: no checkpoint in {ckpt_dir} yet, starting the run from the beginning")
+                for path in evals:  # evaluations logged before the first checkpoint are redone
+                    path.unlink(missing_ok=True)
+        elif previous:
+            raise RunError(f"run_dir {self.run_dir} holds a previous run; add --resume to continue it or --overwrite "
+                           "to delete it and start again")
+        if self.resume_from is None and cfg.offline_checkpoint:
+            self.offline_from = find_checkpoint(Path(cfg.offline_checkpoint))
+            if self.offline_from is None:
+                raise RunError(f"--offline_checkpoint {cfg.offline_checkpoint}: no intact checkpoint there (expected a "
+                               "directory with state.npz, meta.json and config.yaml: <run_dir>/checkpoints/offline)")
+
+    def __enter__(self):
+        import signal
+        import threading
+        self._handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._handlers[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame):
+        import signal
+        if self.stop:  # the second Ctrl-C: stop now, losing the work since the last checkpoint
+            raise KeyboardInterrupt
+        self.stop = True
+        print(f"\n{signal.Signals(signum).name}: stopping at the next checkpoint boundary (again to stop now, losing "
+              "the work since the last checkpoint)", flush=True)
+
+    def interrupt_if_asked(self, where: str):
+        """Call right after a checkpoint: stop the run there if a signal asked for it."""
+        if self.stop:
+            raise Interrupted(f"stopped: checkpoint written {where}; continue with the same command and --resume "
+                              f"(run_dir {self.run_dir})")
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        self._lock.close()
+        return False
+
+
+def main(train_fn, cfg):
+    """Command-line entry: run problems and interruptions are one line on stderr, no traceback."""
+    try:
+        train_fn(cfg)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
+    except (RunError, data.DatasetError) as e:
+        sys.exit(f"error: {e}")
+
+
 def parse_config(argv=None) -> TrainConfig:
-    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` means `--resume true`."""
+    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` / `--overwrite` means `... true`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(argv):
-        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        if arg in ("--resume", "--overwrite") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "true")
     # pyrallis reads each field's comment (its --help text) by re-reading this file's source once per field: ~3 s
     # for ~70 fields; one read serves them all. It also prefers the comment line above a field to the field's
@@ -1506,4 +1734,4 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 if __name__ == "__main__":
-    train(parse_config())
+    main(train, parse_config())

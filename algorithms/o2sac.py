@@ -65,12 +65,12 @@ o2sac checkpoint must hold this run's number of seeds; a cal_ql.py checkpoint of
 by seed (its i-th actor for this run's i-th seed), a one-seed one gives its actor to every seed.
 
 Deviations (and the switch that restores the reference behaviour where one exists):
-  1. Evaluation runs on a separate env seeded with `eval_seed` (decision 1; the official code evaluates on the
+  1. Evaluation runs on a separate env seeded with `eval_seed` (the official code evaluates on the
      training env mid-episode and also runs unlogged stochastic episodes). Online evaluations happen at exact
      multiples of `online_eval_every` env steps as in the official loop; checkpoints at the first episode end
      after an evaluation (so a resumed run restores the training env exactly at an episode boundary).
-  2. `utd` is a config field (decision 4, official hard-coded 10).
-  3. The offline CQL phase lives in this file (decision 8) with OCR's settings: MuJoCo = `offline/cql.py`
+  2. `utd` is a config field (official: hard-coded 10).
+  3. The offline CQL phase lives in this file with OCR's settings: MuJoCo = `offline/cql.py`
      defaults (policy lr 3e-5, weight 10, 3 x 256 critics), AntMaze = `config/offline/cql/antmaze/*.yaml`.
   4. Terminals: true terminations only; `terminate_on_success` (AntMaze configs) ends an episode as terminal at
      the goal, reproducing D4RL's AntMaze `eval=True` semantics on Minari's continuing-task envs. Datasets are
@@ -104,7 +104,7 @@ after an evaluation) waits until every seed is due (or finished). Evaluations go
 
 Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
 the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped
-ensembles, several seeds) can deadlock XLA's thread pool (README, "A jaxlib 0.10.2 deadlock on CPU").
+ensembles, several seeds) can deadlock XLA's thread pool (docs/testing.md, "A jaxlib 0.10.2 deadlock on CPU").
 
 Usage:
     python algorithms/o2sac.py --config_path configs/o2sac/quickstart.yaml
@@ -119,7 +119,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -157,7 +156,8 @@ class TrainConfig:
     group: str = "o2sac"  # wandb group
     name: str = ""  # wandb run name; "" = o2sac-<dataset_id>-seed<seed>
     wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
-    resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
+    resume: bool = False  # continue the run in run_dir from its newest intact checkpoint (`--resume` alone works)
+    overwrite: bool = False  # delete a previous run in run_dir and start again (without it, a previous run is kept)
     offline_checkpoint: str = ""  # skip CQL: start from an o2sac `checkpoints/offline` or a cal_ql.py checkpoint dir
     num_seeds: int = 1  # train seeds seed..seed+num_seeds-1 together (vmapped); >1: evals in run_dir/seed<S>/
     # ablation switches (paper ablations; all true = O2SAC)
@@ -169,7 +169,7 @@ class TrainConfig:
     ope_steps: int = 500_000  # policy re-evaluation gradient steps (official ope_steps)
     align_steps: int = 500_000  # value alignment gradient steps (official: 500k MuJoCo, 1M AntMaze)
     online_steps: int = 100_000  # fine-tuning env steps (official: 100k MuJoCo, 200k AntMaze)
-    utd: int = 10  # gradient steps per env step online (decision 4; official hard-coded 10)
+    utd: int = 10  # gradient steps per env step online (official: hard-coded 10)
     warmup_steps: int = 1000  # online updates start after this many env steps (official: 1000 / 5000 AntMaze)
     update_block: int = 1000  # updates per jitted lax.scan block in the offline / PR / VA phases
     online_block: int = 1  # env steps collected with a fixed policy before their updates (1 = official)
@@ -256,6 +256,9 @@ class TrainConfig:
     @property
     def finetune_n_critics(self) -> int:
         return self.n_critics if self.double_critic else 1
+
+
+RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}  # may change on --resume
 
 
 class CQLHyper(NamedTuple):
@@ -977,148 +980,6 @@ def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, 
     return out
 
 
-# ---------------------------------------------------------------------------------------------- env RNG
-def _env_generators(env) -> dict:
-    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
-    import gymnasium as gym
-    found, seen = {}, set()
-
-    def walk(obj, path, depth):
-        if id(obj) in seen or depth > 3:
-            return
-        seen.add(id(obj))
-        gen = getattr(obj, "_np_random", None)
-        if isinstance(gen, np.random.Generator):
-            found[path] = gen
-        for k, v in vars(obj).items():
-            if isinstance(v, gym.Env):
-                walk(v, f"{path}.{k}", depth + 1)
-    walk(env.unwrapped, "unwrapped", 0)
-    return found
-
-
-def env_rng_snapshot(env) -> dict:
-    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
-    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
-
-
-def env_rng_restore(env, snapshot: dict, seed: int):
-    env.reset(seed=seed)  # initialises the wrappers and creates the generators
-    gens = _env_generators(env)
-    if set(gens) != set(snapshot):
-        raise RuntimeError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
-    for k, state in snapshot.items():
-        gens[k].bit_generator.state = state
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def save_tree(path: Path, tree):
-    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
-    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
-
-
-def load_tree(path: Path, template):
-    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    with np.load(path) as z:
-        names = sorted(z.files)
-        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
-        if names != sorted(expected):
-            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
-            raise ValueError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected}")
-        leaves = []
-        for name, (k, ref) in zip(expected, flat):
-            arr = z[name]
-            if arr.shape != np.shape(ref):
-                raise ValueError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
-                                 f"needs {np.shape(ref)} (different network sizes or dataset?)")
-            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def save_checkpoint(path: Path, state, meta: dict, cfg):
-    """Atomically write state + host meta + resolved config into directory `path`."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_tree(tmp / "state.npz", state)
-    with open(tmp / "meta.pkl", "wb") as f:
-        pickle.dump(meta, f)
-    with open(tmp / "config.yaml", "w") as f:
-        pyrallis.dump(cfg, f)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(path: Path) -> Optional[Path]:
-    for p in (path, path.with_name(path.name + ".old")):  # .old survives a kill between the two renames
-        if (p / "meta.pkl").exists() and (p / "state.npz").exists():
-            return p
-    return None
-
-
-def load_checkpoint(path: Path, template):
-    with open(path / "meta.pkl", "rb") as f:
-        meta = pickle.load(f)
-    return load_tree(path / "state.npz", template), meta
-
-
-def seed_slice(tree, i):
-    return jax.tree.map(lambda x: x[i], tree)
-
-
-def stack_seeds(trees):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def save_state(path: Path, state, meta: dict, cfg):
-    """A one-seed run saves the state without the seed axis (the layout other scripts load)."""
-    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
-
-
-def load_state(path: Path, template, cfg):
-    if cfg.num_seeds == 1:
-        state, meta = load_checkpoint(path, seed_slice(template, 0))
-        return stack_seeds([state]), meta
-    return load_checkpoint(path, template)
-
-
-def save_buffer_rows(buffer_dir: Path, online: Buffer, start: int, end: int):
-    """Append one seed's online rows [start, end) (`online`: that seed's rows) as one file."""
-    if end <= start:
-        return
-    buffer_dir.mkdir(parents=True, exist_ok=True)
-    rows = {k: np.asarray(v[start:end]) for k, v in online._asdict().items()}
-    tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
-    np.savez(tmp, **rows)
-    os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
-
-
-def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
-    """Online rows [0, size) from the row files; files beyond `size` (written after the checkpoint) are removed."""
-    if size == 0:
-        if buffer_dir.exists():
-            shutil.rmtree(buffer_dir)
-        return None
-    parts, pos = [], 0
-    for f in sorted(buffer_dir.glob("rows_*.npz")):
-        start, end = (int(x) for x in f.stem.split("_")[1:3])
-        if start >= size:
-            f.unlink()
-            continue
-        if start != pos or end > size:
-            raise RuntimeError(f"online buffer files in {buffer_dir} are inconsistent at {f.name} (expected start "
-                               f"{pos}, checkpoint size {size})")
-        with np.load(f) as z:
-            parts.append({k: z[k] for k in z.files})
-        pos = end
-    if pos != size:
-        raise RuntimeError(f"online buffer files in {buffer_dir} hold {pos} rows, the checkpoint needs {size}")
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
 # ---------------------------------------------------------------------------------------------- offline hand-off
 class OfflineStart(NamedTuple):
     """Every seed's offline start; array leaves carry a leading seed axis."""
@@ -1153,17 +1014,12 @@ def _check_obs_stats(src: Path, mean, std, obs_mean, obs_std, cfg: TrainConfig):
                          f"(normalize={cfg.normalize}); use the checkpoint's dataset and set normalize: {src_norm}")
 
 
-def load_offline_start(path: str, cfg: TrainConfig, cql_h: CQLHyper, obs_mean, obs_std) -> OfflineStart:
+def load_offline_start(path: Path, cfg: TrainConfig, cql_h: CQLHyper, obs_mean, obs_std) -> OfflineStart:
     """Read an offline checkpoint of this script or of cal_ql.py into every seed's (actor, critics) (leading seed
     axis, cfg.num_seeds seeds); clear errors otherwise. An o2sac checkpoint must hold cfg.num_seeds seeds; a
     cal_ql.py checkpoint of N seeds gives its i-th actor to the i-th seed, a one-seed one its actor to every seed."""
-    n_seeds = cfg.num_seeds
-    src = find_checkpoint(Path(path))
-    if src is None:
-        raise FileNotFoundError(f"--offline_checkpoint {path}: no checkpoint there (expected a directory with "
-                                "state.npz and meta.pkl, e.g. <run_dir>/checkpoints/offline)")
-    with open(src / "meta.pkl", "rb") as f:
-        meta = pickle.load(f)
+    n_seeds, src = cfg.num_seeds, Path(path)
+    meta = load_meta(src)
     src_n = meta.get("num_seeds", 1)
     if meta.get("algorithm") == "o2sac":
         if meta.get("state_kind") != "cql":
@@ -1175,8 +1031,8 @@ def load_offline_start(path: str, cfg: TrainConfig, cql_h: CQLHyper, obs_mean, o
         one = init_cql_state(cql_h, jax.random.PRNGKey(0), obs_mean, obs_std)
         try:  # a one-seed checkpoint has no seed axis
             state = load_tree(src / "state.npz", one if n_seeds == 1 else stack_seeds([one] * n_seeds))
-        except ValueError as e:
-            raise ValueError(f"--offline_checkpoint {src}: {e}. Set policy_hidden / cql_critic_hidden / cql_n_critics "
+        except RunError as e:
+            raise RunError(f"--offline_checkpoint {src}: {e}. Set policy_hidden / cql_critic_hidden / cql_n_critics "
                              f"as in {src / 'config.yaml'}") from e
         state = stack_seeds([state]) if n_seeds == 1 else state
         _check_obs_stats(src, np.asarray(state.obs_mean[0]), np.asarray(state.obs_std[0]), obs_mean, obs_std, cfg)
@@ -1306,17 +1162,6 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / "o2sac" / cfg.dataset_id.replace("/", "_") / seeds
 
 
-def _check_resume_config(saved: Path, cfg: TrainConfig):
-    with open(saved) as f:
-        old = pyrallis.load(TrainConfig, f)
-    free = {"resume", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}
-    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in free
-            and getattr(old, k) != getattr(cfg, k)}
-    if diff:
-        raise ValueError(f"--resume with a config that differs from the checkpoint's ({saved}): "
-                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-
-
 def next_phase(cfg: TrainConfig, done: str) -> str:
     order = ["offline", "reevaluation", "alignment", "online"]
     enabled = {"offline": True, "reevaluation": cfg.policy_reevaluation, "alignment": cfg.value_alignment,
@@ -1335,348 +1180,345 @@ def train(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     N = len(seeds)
     cfg.name = cfg.name or f"o2sac-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
     goal_task = "antmaze" in cfg.dataset_id
+    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
+        # data and envs (one training env per seed, one evaluation env)
+        ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+        envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
+        obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+        if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+            raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                    f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+        try:
+            refs = data.reference_scores(cfg.dataset_id)
+        except data.DatasetError as e:
+            print(f"warning: {e}; logging raw returns only")
+            refs = None
+        n_off = len(ds)
+        cql_h, h = make_cql_hyper(cfg, obs_dim, act_dim), make_hyper(cfg, obs_dim, act_dim)
+        obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+        obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+        rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
+        # offline rows on device, shared by the seeds; online rows per seed (+ slack for a full chunk of online_block)
+        offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
+                                                                  ds.next_observations, ds.terminals)))
+        capacity = cfg.online_steps + cfg.online_block
+        online = Buffer(*(jnp.zeros((N, capacity) + s, jnp.float32) for s in
+                          ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
+        pick = np.random.default_rng(cfg.eval_seed).choice(n_off, min(n_off, cfg.eval_batch_size), replace=False)
+        eval_obs = jnp.asarray(ds.observations[np.sort(pick)], jnp.float32)  # the same states for every seed
+        diag_key = jax.random.PRNGKey(cfg.eval_seed)  # fixed: diagnostics never touch the training RNG
+        del rewards
 
-    # data and envs (one training env per seed, one evaluation env)
-    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
-    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
-        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
-                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-    try:
-        refs = data.reference_scores(cfg.dataset_id)
-    except data.DatasetError as e:
-        print(f"warning: {e}; logging raw returns only")
-        refs = None
-    n_off = len(ds)
-    cql_h, h = make_cql_hyper(cfg, obs_dim, act_dim), make_hyper(cfg, obs_dim, act_dim)
-    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
-    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-    rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
-    # offline rows on device, shared by the seeds; online rows per seed (+ slack for a full chunk of online_block)
-    offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
-                                                              ds.next_observations, ds.terminals)))
-    capacity = cfg.online_steps + cfg.online_block
-    online = Buffer(*(jnp.zeros((N, capacity) + s, jnp.float32) for s in
-                      ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
-    pick = np.random.default_rng(cfg.eval_seed).choice(n_off, min(n_off, cfg.eval_batch_size), replace=False)
-    eval_obs = jnp.asarray(ds.observations[np.sort(pick)], jnp.float32)  # the same states for every seed
-    diag_key = jax.random.PRNGKey(cfg.eval_seed)  # fixed: diagnostics never touch the training RNG
-    del rewards
+        cql_state = stack_seeds([init_cql_state(cql_h, jax.random.PRNGKey(s), obs_mean, obs_std) for s in seeds])
+        state = None  # O2State (leading seed axis) once the reconstruction starts
 
-    cql_state = stack_seeds([init_cql_state(cql_h, jax.random.PRNGKey(s), obs_mean, obs_std) for s in seeds])
-    state = None  # O2State (leading seed axis) once the reconstruction starts
+        def o2_from(start: OfflineStart, offline_scores: list) -> O2State:
+            keep_critics = not cfg.policy_reevaluation
+            return stack_seeds([
+                init_o2_state(h, s, seed_slice(start.actor, i), obs_mean, obs_std, cfg.alpha, cfg.lmbda, offline_scores[i],
+                              seed_slice(start.critic, i) if keep_critics else None,
+                              seed_slice(start.critic_target, i) if keep_critics else None)
+                for i, s in enumerate(seeds)])
 
-    def o2_from(start: OfflineStart, offline_scores: list) -> O2State:
-        keep_critics = not cfg.policy_reevaluation
-        return stack_seeds([
-            init_o2_state(h, s, seed_slice(start.actor, i), obs_mean, obs_std, cfg.alpha, cfg.lmbda, offline_scores[i],
-                          seed_slice(start.critic, i) if keep_critics else None,
-                          seed_slice(start.critic_target, i) if keep_critics else None)
-            for i, s in enumerate(seeds)])
+        meta = {"algorithm": "o2sac", "num_seeds": N, "phase": "offline", "state_kind": "cql", "updates": [0] * N,
+                "phase_updates": [0] * N, "env_steps": [0] * N, "online_size": [0] * N, "saved_rows": [0] * N,
+                "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), "env_rng": [None] * N,
+                "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None, "last_eval": [None] * N,
+                "offline_eval": [None] * N, "wall_time": 0.0}
+        resumed = run.resume_from is not None
+        if resumed:
+            if load_meta(run.resume_from)["state_kind"] == "cql":
+                cql_state, meta = load_state(run.resume_from, cql_state, cfg)
+            else:
+                template = o2_from(OfflineStart(cql_state.actor.params, cql_state.critic.params,
+                                                cql_state.critic_target, "o2sac", {}), [0.0] * N)
+                state, meta = load_state(run.resume_from, template, cfg)
+            for i, s in enumerate(seeds):
+                rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
+                if rows is not None:
+                    online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
+            print(f"resumed from {run.resume_from}: phase {meta['phase']}, {meta['updates']} updates, "
+                  f"{meta['env_steps']} online env steps")
+        start = None
+        if meta["phase"] == "offline" and run.offline_from is not None and not resumed:
+            start = load_offline_start(run.offline_from, cfg, cql_h, obs_mean, obs_std)
+            meta["phase"] = "load_offline"
+            print(f"loaded the offline actor{' and critics' if start.critic is not None else ''} from "
+                  f"{cfg.offline_checkpoint} ({start.source} checkpoint)")
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(cfg, f)
+        if meta["wandb_id"] is None:
+            meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
+        logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
+        act_key = jnp.asarray(meta["act_key"])
+        wall_before = meta["wall_time"]
 
-    meta = {"algorithm": "o2sac", "num_seeds": N, "phase": "offline", "state_kind": "cql", "updates": [0] * N,
-            "phase_updates": [0] * N, "env_steps": [0] * N, "online_size": [0] * N, "saved_rows": [0] * N,
-            "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), "env_rng": [None] * N,
-            "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None, "last_eval": [None] * N,
-            "offline_eval": [None] * N, "wall_time": 0.0}
-    latest = find_checkpoint(ckpt_dir / "latest")
-    resumed = cfg.resume and latest is not None
-    if resumed:
-        _check_resume_config(latest / "config.yaml", cfg)
-        with open(latest / "meta.pkl", "rb") as f:
-            kind = pickle.load(f)["state_kind"]
-        if kind == "cql":
-            cql_state, meta = load_state(latest, cql_state, cfg)
-        else:
-            template = o2_from(OfflineStart(cql_state.actor.params, cql_state.critic.params,
-                                            cql_state.critic_target, "o2sac", {}), [0.0] * N)
-            state, meta = load_state(latest, template, cfg)
-        for i, s in enumerate(seeds):
-            rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
-            if rows is not None:
-                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
-        print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} updates, "
-              f"{meta['env_steps']} online env steps")
-    else:
-        if cfg.resume:
-            print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        for path in [run_dir / "eval.jsonl"] + [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]:
-            path.unlink(missing_ok=True)
-    start = None
-    if meta["phase"] == "offline" and cfg.offline_checkpoint and not resumed:
-        start = load_offline_start(cfg.offline_checkpoint, cfg, cql_h, obs_mean, obs_std)
-        meta["phase"] = "load_offline"
-        print(f"loaded the offline actor{' and critics' if start.critic is not None else ''} from "
-              f"{cfg.offline_checkpoint} ({start.source} checkpoint)")
-    with open(run_dir / "config.yaml", "w") as f:
-        pyrallis.dump(cfg, f)
-    if meta["wandb_id"] is None:
-        meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-    logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
-    act_key = jnp.asarray(meta["act_key"])
-    wall_before = meta["wall_time"]
+        def record_base(phase, i):
+            return {"phase": phase, "seed": seeds[i], "updates": int(meta["updates"][i]),
+                    "phase_updates": int(meta["phase_updates"][i]), "env_steps": int(meta["env_steps"][i])}
 
-    def record_base(phase, i):
-        return {"phase": phase, "seed": seeds[i], "updates": int(meta["updates"][i]),
-                "phase_updates": int(meta["phase_updates"][i]), "env_steps": int(meta["env_steps"][i])}
+        def finish_record(i, record):
+            record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+            logger.log_eval(i, record)
+            meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
+            return record
 
-    def finish_record(i, record):
-        record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-        logger.log_eval(i, record)
-        meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
-        return record
+        def diagnostics(one, i):
+            """The logged Q / KL / temperatures of seed i (`one`: its slice of the current state)."""
+            if state is None:
+                d = cql_diagnostics(one, eval_obs, cql_h)
+                out = {k: float(v) for k, v in d.items()}
+                out.update({"lambda": None, "epsilon": None, "kl_to_reference": None, "kl_to_offline": None})
+                return out
+            return {k: float(v) for k, v in o2_diagnostics(one, eval_obs, diag_key, meta["env_steps"][i], h).items()}
 
-    def diagnostics(one, i):
-        """The logged Q / KL / temperatures of seed i (`one`: its slice of the current state)."""
-        if state is None:
-            d = cql_diagnostics(one, eval_obs, cql_h)
-            out = {k: float(v) for k, v in d.items()}
-            out.update({"lambda": None, "epsilon": None, "kl_to_reference": None, "kl_to_offline": None})
-            return out
-        return {k: float(v) for k, v in o2_diagnostics(one, eval_obs, diag_key, meta["env_steps"][i], h).items()}
+        def run_eval(phase, i, rollout=True):
+            """Seed i's evaluation record (not yet logged): a rollout of its deterministic actor, or (re-evaluation)
+            its offline evaluation reused, plus the diagnostics."""
+            one = seed_slice(cql_state if state is None else state, i)
+            policy = lambda o: act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o, h)  # noqa: E731
+            record = record_base(phase, i)
+            if rollout:
+                record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                                       goal_task, refs))
+            else:  # re-evaluation: the actor is the offline one, whose evaluation is reused
+                record.update({k: v for k, v in meta["offline_eval"][i].items() if k in
+                               ("return", "return_std", "length", "episodes", "normalized_score", "normalized_score_std",
+                                "success_rate")})
+                record["score_reused"] = True
+            record.update(diagnostics(one, i))
+            return record
 
-    def run_eval(phase, i, rollout=True):
-        """Seed i's evaluation record (not yet logged): a rollout of its deterministic actor, or (re-evaluation)
-        its offline evaluation reused, plus the diagnostics."""
-        one = seed_slice(cql_state if state is None else state, i)
-        policy = lambda o: act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o, h)  # noqa: E731
-        record = record_base(phase, i)
-        if rollout:
-            record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
-                                   goal_task, refs))
-        else:  # re-evaluation: the actor is the offline one, whose evaluation is reused
-            record.update({k: v for k, v in meta["offline_eval"][i].items() if k in
-                           ("return", "return_std", "length", "episodes", "normalized_score", "normalized_score_std",
-                            "success_rate")})
-            record["score_reused"] = True
-        record.update(diagnostics(one, i))
-        return record
+        def eval_all(phase, rollout=True):
+            for i in range(N):
+                finish_record(i, run_eval(phase, i, rollout))
 
-    def eval_all(phase, rollout=True):
-        for i in range(N):
-            finish_record(i, run_eval(phase, i, rollout))
+        def mean_score():
+            return float(np.mean([score_of(r) for r in meta["last_eval"] if r is not None]))
 
-    def mean_score():
-        return float(np.mean([score_of(r) for r in meta["last_eval"] if r is not None]))
+        def checkpoint(name="latest"):
+            meta["act_key"] = np.asarray(act_key)
+            meta["wall_time"] = wall_before + time.time() - t_start
+            for i, s in enumerate(seeds):
+                save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
+                                 meta["online_size"][i])
+            meta["saved_rows"] = list(meta["online_size"])
+            meta["state_kind"] = "cql" if state is None else "o2"
+            save_state(ckpt_dir / name, cql_state if state is None else state, meta, cfg)
 
-    def checkpoint(name="latest"):
-        meta["act_key"] = np.asarray(act_key)
-        meta["wall_time"] = wall_before + time.time() - t_start
-        for i, s in enumerate(seeds):
-            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
-                             meta["online_size"][i])
-        meta["saved_rows"] = list(meta["online_size"])
-        meta["state_kind"] = "cql" if state is None else "o2"
-        save_state(ckpt_dir / name, cql_state if state is None else state, meta, cfg)
+        def count_updates(k: list):
+            meta["updates"] = [u + int(x) for u, x in zip(meta["updates"], k)]
+            meta["phase_updates"] = [u + int(x) for u, x in zip(meta["phase_updates"], k)]
 
-    def count_updates(k: list):
-        meta["updates"] = [u + int(x) for u, x in zip(meta["updates"], k)]
-        meta["phase_updates"] = [u + int(x) for u, x in zip(meta["phase_updates"], k)]
+        def enter(phase):
+            meta["phase"], meta["phase_updates"] = phase, [0] * N
 
-    def enter(phase):
-        meta["phase"], meta["phase_updates"] = phase, [0] * N
+        def start_reconstruction(start_: OfflineStart):
+            """The offline scores are in meta['offline_eval']: build the fine-tuning states, go to the next phase."""
+            nonlocal state
+            state = o2_from(start_, [score_of(r) for r in meta["offline_eval"]])
+            enter(next_phase(cfg, "offline"))
+            if meta["phase"] == "online":
+                transition()
+            checkpoint()
 
-    def start_reconstruction(start_: OfflineStart):
-        """The offline scores are in meta['offline_eval']: build the fine-tuning states, go to the next phase."""
-        nonlocal state
-        state = o2_from(start_, [score_of(r) for r in meta["offline_eval"]])
-        enter(next_phase(cfg, "offline"))
-        if meta["phase"] == "online":
-            transition()
-        checkpoint()
+        def transition():
+            """After the reconstruction, per seed: Qbar := Q; pi_ref := pi if the aligned actor evaluated better."""
+            nonlocal state
+            state = hard_copy_targets(state)
+            last = meta["last_eval"]
+            if cfg.value_alignment and all(r is not None and r["phase"] == "alignment" for r in last):
+                state, better = update_reference(state, jnp.asarray([score_of(r) for r in last], jnp.float32))
+                for i, b in enumerate(np.asarray(better)):
+                    print(f"transition (seed {seeds[i]}): aligned actor {score_of(last[i]):.2f} vs offline "
+                          f"{score_of(meta['offline_eval'][i]):.2f}: "
+                          f"{'pi_ref := aligned actor' if b else 'pi_ref stays the offline actor'}")
+            enter("online")
 
-    def transition():
-        """After the reconstruction, per seed: Qbar := Q; pi_ref := pi if the aligned actor evaluated better."""
-        nonlocal state
-        state = hard_copy_targets(state)
-        last = meta["last_eval"]
-        if cfg.value_alignment and all(r is not None and r["phase"] == "alignment" for r in last):
-            state, better = update_reference(state, jnp.asarray([score_of(r) for r in last], jnp.float32))
-            for i, b in enumerate(np.asarray(better)):
-                print(f"transition (seed {seeds[i]}): aligned actor {score_of(last[i]):.2f} vs offline "
-                      f"{score_of(meta['offline_eval'][i]):.2f}: "
-                      f"{'pi_ref := aligned actor' if b else 'pi_ref stays the offline actor'}")
-        enter("online")
-
-    # ---- offline CQL pre-training (all seeds in one vmapped scan per block)
-    if meta["phase"] == "offline":
-        bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="O2SAC offline CQL", mininterval=5)
-        while meta["phase_updates"][0] < cfg.offline_updates:
-            cql_state, metrics = cql_block(cql_state, offline, n_off, cql_h)
-            logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
-            count_updates([cfg.update_block] * N)
-            bar.update(cfg.update_block)
-            logger.log({**logged, "offline/updates": meta["updates"][0]})
-            if meta["phase_updates"][0] % cfg.offline_eval_every == 0 or \
-                    meta["phase_updates"][0] == cfg.offline_updates:
+        # ---- offline CQL pre-training (all seeds in one vmapped scan per block)
+        if meta["phase"] == "offline":
+            bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="O2SAC offline CQL", mininterval=5)
+            while meta["phase_updates"][0] < cfg.offline_updates:
+                cql_state, metrics = cql_block(cql_state, offline, n_off, cql_h)
+                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
+                count_updates([cfg.update_block] * N)
+                bar.update(cfg.update_block)
+                logger.log({**logged, "offline/updates": meta["updates"][0]})
+                if meta["phase_updates"][0] % cfg.offline_eval_every == 0 or \
+                        meta["phase_updates"][0] == cfg.offline_updates:
+                    eval_all("offline")
+                    bar.set_postfix(score=mean_score())
+                    if meta["phase_updates"][0] < cfg.offline_updates:
+                        checkpoint()
+                if run.stop and meta["phase_updates"][0] < cfg.offline_updates:
+                    checkpoint()
+                    run.interrupt_if_asked(f"after {meta['phase_updates'][0]} offline updates")
+            bar.close()
+            if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policies
                 eval_all("offline")
-                bar.set_postfix(score=mean_score())
-                if meta["phase_updates"][0] < cfg.offline_updates:
-                    checkpoint()
-        bar.close()
-        if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policies
-            eval_all("offline")
-        meta["offline_eval"] = list(meta["last_eval"])
-        meta["phase"] = "offline_done"
-        checkpoint("offline")  # the CQL states: reusable with --offline_checkpoint
-        start_reconstruction(OfflineStart(cql_state.actor.params, cql_state.critic.params, cql_state.critic_target,
-                                          "o2sac", {}))
-    elif meta["phase"] == "load_offline":
-        src_updates = np.ravel(start.meta.get("updates", 0)).astype(int)  # one count per source seed
-        meta["updates"] = [int(u) for u in np.broadcast_to(src_updates, (N,))]
-        meta["phase_updates"] = list(meta["updates"])
-        if start.cql_state is not None:
-            cql_state = start.cql_state
-            eval_all("offline")  # the scores before fine-tuning
-        else:  # cal_ql actors: no CQL critics of this file's form, so no offline Q diagnostic
-            cql_state = cql_state._replace(actor=cql_state.actor._replace(params=start.actor))
-            for i in range(N):
-                record = run_eval("offline", i)
-                record["q_offline_mode"] = None
-                finish_record(i, record)
-        meta["offline_eval"] = list(meta["last_eval"])
-        start_reconstruction(start)
+            meta["offline_eval"] = list(meta["last_eval"])
+            meta["phase"] = "offline_done"
+            checkpoint("offline")  # the CQL states: reusable with --offline_checkpoint
+        if meta["phase"] == "offline_done":  # (also a run resumed from its offline checkpoint)
+            start_reconstruction(OfflineStart(cql_state.actor.params, cql_state.critic.params, cql_state.critic_target,
+                                              "o2sac", {}))
+        elif meta["phase"] == "load_offline":
+            src_updates = np.ravel(start.meta.get("updates", 0)).astype(int)  # one count per source seed
+            meta["updates"] = [int(u) for u in np.broadcast_to(src_updates, (N,))]
+            meta["phase_updates"] = list(meta["updates"])
+            if start.cql_state is not None:
+                cql_state = start.cql_state
+                eval_all("offline")  # the scores before fine-tuning
+            else:  # cal_ql actors: no CQL critics of this file's form, so no offline Q diagnostic
+                cql_state = cql_state._replace(actor=cql_state.actor._replace(params=start.actor))
+                for i in range(N):
+                    record = run_eval("offline", i)
+                    record["q_offline_mode"] = None
+                    finish_record(i, record)
+            meta["offline_eval"] = list(meta["last_eval"])
+            start_reconstruction(start)
 
-    # ---- policy re-evaluation and value alignment (offline data only; all seeds in one vmapped scan per block)
-    for phase, steps, rollout in (("reevaluation", cfg.ope_steps, False), ("alignment", cfg.align_steps, True)):
-        if meta["phase"] != phase:
-            continue
-        bar = tqdm(total=steps, initial=meta["phase_updates"][0], desc=f"O2SAC {phase}", mininterval=5)
-        while meta["phase_updates"][0] < steps:
-            state, metrics = reconstruct_block(state, offline, n_off, phase, h)
-            logged = block_metrics(metrics, cfg.update_block, phase, seeds, meta["updates"])
-            count_updates([cfg.update_block] * N)
-            bar.update(cfg.update_block)
-            logger.log({**logged, f"{phase}/updates": meta["updates"][0]})
-            if meta["phase_updates"][0] % cfg.reconstruct_eval_every == 0 or meta["phase_updates"][0] == steps:
-                eval_all(phase, rollout)
-                bar.set_postfix(score=mean_score())
-                if meta["phase_updates"][0] < steps:
+        # ---- policy re-evaluation and value alignment (offline data only; all seeds in one vmapped scan per block)
+        for phase, steps, rollout in (("reevaluation", cfg.ope_steps, False), ("alignment", cfg.align_steps, True)):
+            if meta["phase"] != phase:
+                continue
+            bar = tqdm(total=steps, initial=meta["phase_updates"][0], desc=f"O2SAC {phase}", mininterval=5)
+            while meta["phase_updates"][0] < steps:
+                state, metrics = reconstruct_block(state, offline, n_off, phase, h)
+                logged = block_metrics(metrics, cfg.update_block, phase, seeds, meta["updates"])
+                count_updates([cfg.update_block] * N)
+                bar.update(cfg.update_block)
+                logger.log({**logged, f"{phase}/updates": meta["updates"][0]})
+                if meta["phase_updates"][0] % cfg.reconstruct_eval_every == 0 or meta["phase_updates"][0] == steps:
+                    eval_all(phase, rollout)
+                    bar.set_postfix(score=mean_score())
+                    if meta["phase_updates"][0] < steps:
+                        checkpoint()
+                if run.stop and meta["phase_updates"][0] < steps:
                     checkpoint()
-        bar.close()
-        enter(next_phase(cfg, phase))
+                    run.interrupt_if_asked(f"after {meta['phase_updates'][0]} {phase} updates")
+            bar.close()
+            enter(next_phase(cfg, phase))
+            if meta["phase"] == "online":
+                transition()
+            checkpoint()
+
+        # ---- online constrained fine-tuning. Each seed follows exactly its single-seed schedule: blocks of up to
+        # online_block env steps with a fixed policy (ending at an episode end and at an evaluation step), then their
+        # updates (after warm-up), an evaluation every online_eval_every env steps (a better policy becomes that seed's
+        # reference). A seed at the first episode end after an evaluation is due for a checkpoint and waits until every
+        # seed is due (or finished), so checkpoints fall on episode ends of all seeds.
+        def online_eval(which):
+            """Evaluate the seeds in `which`, then each one's reference rule (diagnostics before the update)."""
+            nonlocal state
+            records = {i: run_eval("online", i) for i in which}
+            scores = [score_of(records[i]) if i in records else -np.inf for i in range(N)]
+            state, better = update_reference(state, jnp.asarray(scores, jnp.float32))
+            better, best = np.asarray(better), np.asarray(state.best_score)
+            for i in which:
+                records[i]["reference_updated"] = bool(better[i])
+                records[i]["best_score"] = float(best[i])
+                finish_record(i, records[i])
+
         if meta["phase"] == "online":
-            transition()
-        checkpoint()
-
-    # ---- online constrained fine-tuning. Each seed follows exactly its single-seed schedule: blocks of up to
-    # online_block env steps with a fixed policy (ending at an episode end and at an evaluation step), then their
-    # updates (after warm-up), an evaluation every online_eval_every env steps (a better policy becomes that seed's
-    # reference). A seed at the first episode end after an evaluation is due for a checkpoint and waits until every
-    # seed is due (or finished), so checkpoints fall on episode ends of all seeds.
-    def online_eval(which):
-        """Evaluate the seeds in `which`, then each one's reference rule (diagnostics before the update)."""
-        nonlocal state
-        records = {i: run_eval("online", i) for i in which}
-        scores = [score_of(records[i]) if i in records else -np.inf for i in range(N)]
-        state, better = update_reference(state, jnp.asarray(scores, jnp.float32))
-        better, best = np.asarray(better), np.asarray(state.best_score)
-        for i in which:
-            records[i]["reference_updated"] = bool(better[i])
-            records[i]["best_score"] = float(best[i])
-            finish_record(i, records[i])
-
-    if meta["phase"] == "online":
-        for i, env in enumerate(envs):
-            if meta["env_rng"][i] is not None:
-                env_rng_restore(env, meta["env_rng"][i], seeds[i])
-        first_reset = [meta["env_rng"][i] is None for i in range(N)]
-        chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
-                 (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
-        obs = np.zeros((N, obs_dim), np.float32)
-        at_episode_start = [True] * N
-        ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
-        pending = [False] * N  # evaluated since the last checkpoint
-        due = [False] * N  # at an episode end after an evaluation: waiting for the synchronised checkpoint
-        sums, n_sums = {}, 0
-        bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2SAC online", mininterval=5)
-        while min(meta["env_steps"]) < cfg.online_steps:
-            active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
-            n = np.zeros(N, np.int64)  # this block's env steps per seed (0: waiting or finished)
-            while active.any():
-                for i in np.flatnonzero(active):
-                    if at_episode_start[i]:
-                        obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
-                        first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
-                actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
-                                               jnp.asarray(active), h)
-                actions = np.asarray(actions)
-                for i in np.flatnonzero(active):
-                    next_obs, r, term, trunc, info = envs[i].step(actions[i])
-                    term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                    j = n[i]
-                    chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
-                    chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
-                    n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
-                    ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
-                    if term or trunc:
-                        meta["episodes"][i] += 1
-                        recent[i] = (recent[i] + [ep_ret[i]])[-10:]
-                        logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
-                                    "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
-                        at_episode_start[i] = True
-                    if at_episode_start[i] or meta["env_steps"][i] % cfg.online_eval_every == 0 or \
-                            n[i] == cfg.online_block or meta["env_steps"][i] >= cfg.online_steps:
-                        active[i] = False
-            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
-                                   jnp.asarray(meta["online_size"], jnp.int32))
-            meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
-            # updates of env steps t = first_t .. env_steps once t > warmup_steps (none for a seed that waited)
-            first_t = np.array([max(meta["env_steps"][i] - n[i] + 1, cfg.warmup_steps + 1) for i in range(N)])
-            k = np.array([max(meta["env_steps"][i] - first_t[i] + 1, 0) if n[i] > 0 else 0 for i in range(N)])
-            if k.any():
-                state, metrics = online_updates(state, offline, n_off, online, jnp.asarray(first_t, jnp.int32),
-                                                jnp.asarray(k, jnp.int32), h)
-                logged = block_metrics(metrics, k, "online", seeds, meta["updates"])
-                sums = {key: sums.get(key, 0.0) + v * int(k.sum()) for key, v in logged.items()}
-                n_sums += int(k.sum())
-                count_updates(k * cfg.utd)
-            bar.update(int(n.sum()))
-            which = [i for i in range(N) if n[i] > 0 and meta["env_steps"][i] % cfg.online_eval_every == 0]
-            if which:
-                online_eval(which)
-                logger.log({**{key: v / max(n_sums, 1) for key, v in sums.items()},
-                            "online/env_steps": sum(meta["env_steps"]), "online/updates": sum(meta["updates"])})
-                sums, n_sums = {}, 0
-                bar.set_postfix(score=np.mean([score_of(meta["last_eval"][i]) for i in which]),
-                                train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
-                for i in which:
-                    pending[i] = True
-            for i in range(N):
-                if pending[i] and at_episode_start[i] and meta["env_steps"][i] < cfg.online_steps:
-                    due[i] = True
-            if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
-                meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
-                checkpoint()
-                pending = [p and not d for p, d in zip(pending, due)]
-                due = [False] * N
-        bar.close()
-        final = [i for i in range(N) if meta["last_eval"][i] is None or meta["last_eval"][i]["phase"] != "online"
-                 or meta["last_eval"][i]["env_steps"] != meta["env_steps"][i]]
-        if final:  # online_steps not a multiple of online_eval_every (or 0)
-            online_eval(final)
-        meta["phase"] = "done"
-        checkpoint()
-    elif meta["phase"] == "done":
-        print(f"run in {run_dir} already finished")
-    logger.close()
-    for env in envs + [eval_env]:
-        env.close()
-    summaries = [summarize(path) for path in logger.eval_paths]
-    out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
-           "env_steps": meta["env_steps"][0], **summaries[0]}
-    if N > 1:
-        out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
-                   per_seed=summaries)
-    return out
+            for i, env in enumerate(envs):
+                if meta["env_rng"][i] is not None:
+                    env_rng_restore(env, meta["env_rng"][i], seeds[i])
+            first_reset = [meta["env_rng"][i] is None for i in range(N)]
+            chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
+                     (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
+            obs = np.zeros((N, obs_dim), np.float32)
+            at_episode_start = [True] * N
+            ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
+            pending = [False] * N  # evaluated since the last checkpoint
+            due = [False] * N  # at an episode end after an evaluation: waiting for the synchronised checkpoint
+            sums, n_sums = {}, 0
+            bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2SAC online", mininterval=5)
+            while min(meta["env_steps"]) < cfg.online_steps:
+                active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
+                n = np.zeros(N, np.int64)  # this block's env steps per seed (0: waiting or finished)
+                while active.any():
+                    for i in np.flatnonzero(active):
+                        if at_episode_start[i]:
+                            obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
+                            first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
+                    actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
+                                                   jnp.asarray(active), h)
+                    actions = np.asarray(actions)
+                    for i in np.flatnonzero(active):
+                        next_obs, r, term, trunc, info = envs[i].step(actions[i])
+                        term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                        j = n[i]
+                        chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
+                        chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
+                        n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
+                        ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
+                        if term or trunc:
+                            meta["episodes"][i] += 1
+                            recent[i] = (recent[i] + [ep_ret[i]])[-10:]
+                            logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
+                                        "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
+                            at_episode_start[i] = True
+                        if at_episode_start[i] or meta["env_steps"][i] % cfg.online_eval_every == 0 or \
+                                n[i] == cfg.online_block or meta["env_steps"][i] >= cfg.online_steps:
+                            active[i] = False
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
+                                       jnp.asarray(meta["online_size"], jnp.int32))
+                meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
+                # updates of env steps t = first_t .. env_steps once t > warmup_steps (none for a seed that waited)
+                first_t = np.array([max(meta["env_steps"][i] - n[i] + 1, cfg.warmup_steps + 1) for i in range(N)])
+                k = np.array([max(meta["env_steps"][i] - first_t[i] + 1, 0) if n[i] > 0 else 0 for i in range(N)])
+                if k.any():
+                    state, metrics = online_updates(state, offline, n_off, online, jnp.asarray(first_t, jnp.int32),
+                                                    jnp.asarray(k, jnp.int32), h)
+                    logged = block_metrics(metrics, k, "online", seeds, meta["updates"])
+                    sums = {key: sums.get(key, 0.0) + v * int(k.sum()) for key, v in logged.items()}
+                    n_sums += int(k.sum())
+                    count_updates(k * cfg.utd)
+                bar.update(int(n.sum()))
+                which = [i for i in range(N) if n[i] > 0 and meta["env_steps"][i] % cfg.online_eval_every == 0]
+                if which:
+                    online_eval(which)
+                    logger.log({**{key: v / max(n_sums, 1) for key, v in sums.items()},
+                                "online/env_steps": sum(meta["env_steps"]), "online/updates": sum(meta["updates"])})
+                    sums, n_sums = {}, 0
+                    bar.set_postfix(score=np.mean([score_of(meta["last_eval"][i]) for i in which]),
+                                    train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
+                    for i in which:
+                        pending[i] = True
+                for i in range(N):
+                    if (pending[i] or run.stop) and at_episode_start[i] and meta["env_steps"][i] < cfg.online_steps:
+                        due[i] = True  # (a stop request: checkpoint at every seed's next episode end)
+                if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
+                    meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
+                    checkpoint()
+                    pending = [p and not d for p, d in zip(pending, due)]
+                    due = [False] * N
+                    run.interrupt_if_asked(f"at {meta['env_steps']} online env steps")
+            bar.close()
+            final = [i for i in range(N) if meta["last_eval"][i] is None or meta["last_eval"][i]["phase"] != "online"
+                     or meta["last_eval"][i]["env_steps"] != meta["env_steps"][i]]
+            if final:  # online_steps not a multiple of online_eval_every (or 0)
+                online_eval(final)
+            meta["phase"] = "done"
+            checkpoint()
+        elif meta["phase"] == "done":
+            print(f"run in {run_dir} already finished")
+        logger.close()
+        for env in envs + [eval_env]:
+            env.close()
+        summaries = [summarize(path) for path in logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
+               "env_steps": meta["env_steps"][0], **summaries[0]}
+        if N > 1:
+            out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+                       per_seed=summaries)
+        return out
 
 
 def summarize(eval_path: Path) -> dict:
@@ -1697,11 +1539,338 @@ def summarize(eval_path: Path) -> dict:
     return out
 
 
+# ====================================================================================================
+# Run plumbing: checkpoints, resume, run-directory lock, stop on Ctrl-C. The same text in every algorithm file
+# (tests/test_plumbing.py checks), so a fix is made once and copied; nothing below is algorithm-specific.
+# ====================================================================================================
+class RunError(RuntimeError):
+    """A problem with the run directory or a checkpoint: reported as one line (`error: ...`), no traceback."""
+
+
+class Interrupted(RunError):
+    """Ctrl-C / SIGTERM: a checkpoint was written; the message says how to continue."""
+
+
+def save_tree(path: Path, tree):
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
+
+
+def load_tree(path: Path, template):
+    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    with np.load(path) as z:
+        names = sorted(z.files)
+        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
+        if names != sorted(expected):
+            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
+            raise RunError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected} "
+                           "(different network sizes, n_critics, layer norm, policy type or algorithm?)")
+        leaves = []
+        for name, (k, ref) in zip(expected, flat):
+            arr = z[name]
+            if arr.shape != np.shape(ref):
+                raise RunError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
+                               f"needs {np.shape(ref)} (different network sizes or dataset?)")
+            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _to_json(x):
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": x.tolist(), "dtype": str(x.dtype), "shape": list(x.shape)}
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"checkpoint meta: cannot store {type(x).__name__}")
+
+
+def _from_json(d):
+    return np.asarray(d["__ndarray__"], d["dtype"]).reshape(d["shape"]) if "__ndarray__" in d else d
+
+
+def load_meta(path: Path) -> dict:
+    """The host-side state of a checkpoint (counters, RNG states, last evaluations): data-only JSON, never code."""
+    if not (path / "meta.json").exists() and (path / "meta.pkl").exists():
+        raise RunError(f"checkpoint {path} has the old pickle format (meta.pkl), which this version does not load "
+                       "(loading a pickle can run code); re-create it with this version")
+    with open(path / "meta.json") as f:
+        return json.load(f, object_hook=_from_json)
+
+
+def save_checkpoint(path: Path, state, meta: dict, cfg):
+    """Atomically write state + host meta + resolved config into directory `path` (a kill at any moment leaves
+    `path` or `path.old` intact)."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tree(tmp / "state.npz", state)
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, default=_to_json)
+    with open(tmp / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint in `path` cannot be loaded (missing or corrupt file), or None when it is intact."""
+    if (path / "meta.pkl").is_file() and not (path / "meta.json").is_file():
+        return "the old format with meta.pkl, a pickle (not loaded: it can run code); re-create it with this version"
+    for name in ("meta.json", "state.npz", "config.yaml"):
+        if not (path / name).is_file():
+            return f"{name} missing"
+    try:
+        load_meta(path)
+        with np.load(path / "state.npz") as z:
+            for name in z.files:
+                z[name]  # reads every array: checks the zip's CRCs
+    except Exception as e:  # noqa: BLE001 (any failure to read makes it unusable)
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def find_checkpoint(*paths: Path) -> Optional[Path]:
+    """The first intact checkpoint among `paths` and their `.old` copies (a kill between the two renames of
+    save_checkpoint leaves only `.old`); a damaged one is reported and skipped."""
+    for path in paths:
+        for p in (path, path.with_name(path.name + ".old")):
+            if p.exists():
+                problem = checkpoint_problem(p)
+                if problem is None:
+                    return p
+                print(f"warning: checkpoint {p} is not usable ({problem}); trying an older one")
+    return None
+
+
+def load_checkpoint(path: Path, template):
+    """(state, meta); `template` is a state or a function meta -> state (when the state type depends on the phase)."""
+    meta = load_meta(path)
+    return load_tree(path / "state.npz", template(meta) if callable(template) else template), meta
+
+
+def seed_slice(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def stack_seeds(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def save_state(path: Path, state, meta: dict, cfg):
+    """A one-seed run saves the state without the seed axis (the layout other scripts load)."""
+    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
+
+
+def load_state(path: Path, template, cfg):
+    """(state with a leading seed axis, meta); `template`: a seed-stacked state or a function meta -> one."""
+    pick = lambda meta: template(meta) if callable(template) else template  # noqa: E731
+    if cfg.num_seeds == 1:
+        state, meta = load_checkpoint(path, lambda meta: seed_slice(pick(meta), 0))
+        return stack_seeds([state]), meta
+    return load_checkpoint(path, pick)
+
+
+def save_buffer_rows(buffer_dir: Path, online, start: int, end: int, offset: int = 0):
+    """Append one seed's online rows [start, end) (`online`: that seed's rows, stored from row `offset`) as one file."""
+    if end <= start:
+        return
+    buffer_dir.mkdir(parents=True, exist_ok=True)
+    rows = {k: np.asarray(v[offset + start: offset + end]) for k, v in online._asdict().items()}
+    tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
+    np.savez(tmp, **rows)
+    os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
+
+
+def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
+    """Online rows [0, size) from the row files; files beyond `size` (written after the checkpoint) are removed."""
+    if size == 0:
+        if buffer_dir.exists():
+            shutil.rmtree(buffer_dir)
+        return None
+    parts, pos = [], 0
+    for f in sorted(buffer_dir.glob("rows_*.npz")):
+        start, end = (int(x) for x in f.stem.split("_")[1:3])
+        if start >= size:
+            f.unlink()
+            continue
+        if start != pos or end > size:
+            raise RunError(f"online buffer files in {buffer_dir} are inconsistent at {f.name} (expected start "
+                           f"{pos}, checkpoint size {size})")
+        try:
+            with np.load(f) as z:
+                parts.append({k: z[k] for k in z.files})
+        except Exception as e:  # noqa: BLE001
+            raise RunError(f"online buffer file {f} is unreadable ({type(e).__name__}); the online phase must restart: "
+                           "run again with --overwrite, or with --offline_checkpoint <run_dir>/checkpoints/offline "
+                           "and a new run_dir") from e
+        pos = end
+    if pos != size:
+        raise RunError(f"online buffer files in {buffer_dir} hold {pos} rows, the checkpoint needs {size}")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _env_generators(env) -> dict:
+    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
+    import gymnasium as gym
+    found, seen = {}, set()
+
+    def walk(obj, path, depth):
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        gen = getattr(obj, "_np_random", None)
+        if isinstance(gen, np.random.Generator):
+            found[path] = gen
+        for k, v in vars(obj).items():
+            if isinstance(v, gym.Env):
+                walk(v, f"{path}.{k}", depth + 1)
+    walk(env.unwrapped, "unwrapped", 0)
+    return found
+
+
+def env_rng_snapshot(env) -> dict:
+    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
+    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
+
+
+def env_rng_restore(env, snapshot: dict, seed: int):
+    env.reset(seed=seed)  # initialises the wrappers and creates the generators
+    gens = _env_generators(env)
+    if set(gens) != set(snapshot):
+        raise RunError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
+    for k, state in snapshot.items():
+        gens[k].bit_generator.state = state
+
+
+def check_resume_config(saved: Path, cfg):
+    """--resume must not change what the checkpoint was trained with (fields in RESUME_FREE may change)."""
+    with open(saved) as f:
+        old = pyrallis.load(type(cfg), f)
+    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in RESUME_FREE
+            and getattr(old, k) != getattr(cfg, k)}
+    if diff:
+        raise RunError(f"--resume with a config that differs from the checkpoint's ({saved}): "
+                       + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+
+
+class Run:
+    """One training run's hold on its directory, opened before any slow work (data, compilation):
+
+    * a lock (`run_dir/.lock`, an OS file lock: released when the process ends, however it ends, so a lock left by
+      a killed process is taken over) refuses a second process on the same directory;
+    * a previous run in the directory is continued (`--resume`) or deleted (`--overwrite`), never silently wiped;
+    * `resume_from`: the checkpoint to continue from: `latest`, else `latest.old`, else `offline` (the newest
+      intact one), its config checked against this one; `offline_from`: the intact --offline_checkpoint to start
+      from (the script that loads it checks what it holds);
+    * SIGINT (Ctrl-C) and SIGTERM set `stop`; the training loops then write a checkpoint at the next block
+      boundary (online: when every seed is at an episode end) and raise Interrupted. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self, cfg, run_dir: Path):
+        import fcntl
+        self.cfg, self.run_dir, self.stop, self.resume_from, self.offline_from = cfg, run_dir, False, None, None
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = open(run_dir / ".lock", "a+")
+        except OSError as e:
+            raise RunError(f"run_dir {run_dir} is not writable ({e.strerror}); choose another --run_dir") from e
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "unknown"
+            self._lock.close()
+            raise RunError(f"run_dir {run_dir} is in use by another process (pid {owner}); wait for it to end or "
+                           "stop it, or choose another --run_dir") from None
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+        try:
+            self._claim()
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _claim(self):
+        cfg, ckpt_dir = self.cfg, self.run_dir / "checkpoints"
+        evals = [self.run_dir / "eval.jsonl"] + sorted(self.run_dir.glob("seed*/eval.jsonl"))
+        previous = ckpt_dir.exists() or any(p.exists() and p.stat().st_size > 0 for p in evals)
+        if cfg.overwrite and cfg.resume:
+            raise RunError("--resume continues the run in run_dir, --overwrite deletes it: pass one of them")
+        if cfg.overwrite:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            for path in evals:
+                path.unlink(missing_ok=True)
+        elif cfg.resume:
+            self.resume_from = find_checkpoint(ckpt_dir / "latest", ckpt_dir / "offline")
+            if self.resume_from is not None:
+                check_resume_config(self.resume_from / "config.yaml", cfg)
+            elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+                raise RunError(f"--resume: no intact checkpoint in {ckpt_dir} (see the warnings above); nothing was "
+                               "deleted. Add --overwrite to start the run again from scratch")
+            else:
+                print(f"--resume: no checkpoint in {ckpt_dir} yet, starting the run from the beginning")
+                for path in evals:  # evaluations logged before the first checkpoint are redone
+                    path.unlink(missing_ok=True)
+        elif previous:
+            raise RunError(f"run_dir {self.run_dir} holds a previous run; add --resume to continue it or --overwrite "
+                           "to delete it and start again")
+        if self.resume_from is None and cfg.offline_checkpoint:
+            self.offline_from = find_checkpoint(Path(cfg.offline_checkpoint))
+            if self.offline_from is None:
+                raise RunError(f"--offline_checkpoint {cfg.offline_checkpoint}: no intact checkpoint there (expected a "
+                               "directory with state.npz, meta.json and config.yaml: <run_dir>/checkpoints/offline)")
+
+    def __enter__(self):
+        import signal
+        import threading
+        self._handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._handlers[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame):
+        import signal
+        if self.stop:  # the second Ctrl-C: stop now, losing the work since the last checkpoint
+            raise KeyboardInterrupt
+        self.stop = True
+        print(f"\n{signal.Signals(signum).name}: stopping at the next checkpoint boundary (again to stop now, losing "
+              "the work since the last checkpoint)", flush=True)
+
+    def interrupt_if_asked(self, where: str):
+        """Call right after a checkpoint: stop the run there if a signal asked for it."""
+        if self.stop:
+            raise Interrupted(f"stopped: checkpoint written {where}; continue with the same command and --resume "
+                              f"(run_dir {self.run_dir})")
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        self._lock.close()
+        return False
+
+
+def main(train_fn, cfg):
+    """Command-line entry: run problems and interruptions are one line on stderr, no traceback."""
+    try:
+        train_fn(cfg)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
+    except (RunError, data.DatasetError) as e:
+        sys.exit(f"error: {e}")
+
+
 def parse_config(argv=None) -> TrainConfig:
-    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` means `--resume true`."""
+    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` / `--overwrite` means `... true`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(argv):
-        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        if arg in ("--resume", "--overwrite") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "true")
     # pyrallis reads each field's comment (its --help text) by re-reading this file's source once per field: ~3 s
     # for ~70 fields; one read serves them all. It also prefers the comment line above a field to the field's
@@ -1716,4 +1885,4 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 if __name__ == "__main__":
-    train(parse_config())
+    main(train, parse_config())

@@ -46,17 +46,18 @@ critics and run TD3"):
   The policy delay, target smoothing, 50/50 batches and warm-up are unchanged by the switches.
 
 Deviations (and the switch that restores the reference behaviour where one exists):
-  1. Evaluation runs on a separate env seeded with `eval_seed` (ALGORITHMS.md decision 1); the official code
+  1. Evaluation runs on a separate env seeded with `eval_seed`; the official code
      evaluates on the training env mid-episode. Online evaluations happen exactly every `online_eval_every`
-     env steps as in the official loop; checkpoints are written at the first episode end after an evaluation.
-  2. The replay buffer stores the executed (noisy) action (decision 2); `store_executed_action: false` stores
+     env steps as in the official loop; checkpoints are written at the first episode end after an evaluation
+     (after Ctrl-C / SIGTERM: at the next episode end; the update-only phases stop after the current block).
+  2. The replay buffer stores the executed (noisy) action; `store_executed_action: false` stores
      the noise-free pi(s) as the official code does.
   3. Executed actions are clipped to [-1, 1] (official: unclipped; the MuJoCo envs clamp controls to their range
      anyway, so the dynamics are the same; the stored executed action is the clipped one).
   4. Online updates run in jitted blocks: up to `online_block` env steps are collected with a fixed policy (a
      block also ends at an episode end and at an evaluation step), then their updates run in one masked
      lax.scan. `online_block: 1` (default) is the official update-after-every-step order.
-  5. Pre-training lives in this file (decision 8; official: a separate CORL-derived script) and any phase can
+  5. Pre-training lives in this file (official: a separate CORL-derived script) and any phase can
      start from `--offline_checkpoint`: this script's `checkpoints/offline`, or an iql.py checkpoint whose
      Gaussian actor's tanh-squashed mean network is used as the deterministic offline actor (parameters mapped
      when the hidden sizes match; the normalisation statistics must match this run's).
@@ -66,7 +67,7 @@ Deviations (and the switch that restores the reference behaviour where one exist
   7. `terminate_on_success` (AntMaze configs) ends an episode as terminal when info['success'] is True,
      reproducing D4RL's AntMaze `eval=True` done-at-goal on the continuing-task Minari envs. Data: Minari's
      `D4RL/antmaze/*-v1` and this project's local `o2o/...` locomotion suite; every transition is kept (D4RL's
-     qlearning_dataset drops each time-limited episode's last one); time-limit ends bootstrap (decision 7).
+     qlearning_dataset drops each time-limited episode's last one); time-limit ends bootstrap.
   8. The official `refer_with_optimal_pi: false` variant (reference = pi every `update_n` evaluations, end
      threshold / 4, actor grad clip 0.25 for hopper/walker2d-expert) is not implemented.
 
@@ -80,7 +81,7 @@ after an evaluation) waits until every seed is due (or finished). Evaluations go
 
 Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
 the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped
-ensembles, several seeds) can deadlock XLA's thread pool (README, "A jaxlib 0.10.2 deadlock on CPU").
+ensembles, several seeds) can deadlock XLA's thread pool (docs/testing.md, "A jaxlib 0.10.2 deadlock on CPU").
 
 Usage:
     python algorithms/o2td3.py --config_path configs/o2td3/quickstart.yaml
@@ -98,7 +99,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -135,7 +135,8 @@ class TrainConfig:
     group: str = "o2td3"  # wandb group
     name: str = ""  # wandb run name; "" = o2td3-<dataset_id>-seed<seed>
     wandb_mode: str = "offline"  # online | offline | disabled (the WANDB_MODE env variable overrides it)
-    resume: bool = False  # continue from run_dir/checkpoints/latest if it exists (`--resume` alone works)
+    resume: bool = False  # continue the run in run_dir from its newest intact checkpoint (`--resume` alone works)
+    overwrite: bool = False  # delete a previous run in run_dir and start again (without it, a previous run is kept)
     offline_checkpoint: str = ""  # skip pre-training: o2td3.py checkpoints/offline or an iql.py checkpoint dir
     num_seeds: int = 1  # train seeds seed..seed+num_seeds-1 together (vmapped); >1: evals in run_dir/seed<S>/
     # OCR-CFT phases (all false = naive TD3 fine-tuning of the offline actor and critics)
@@ -213,6 +214,9 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("actor_hidden", "critic_hidden"):
             need(len(getattr(self, name)) > 0 and all(x > 0 for x in getattr(self, name)), f"{name} must be positive")
+
+
+RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}  # may change on --resume
 
 
 class Hyper(NamedTuple):
@@ -727,154 +731,11 @@ def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, 
     return out
 
 
-# ---------------------------------------------------------------------------------------------- env RNG
-def _env_generators(env) -> dict:
-    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
-    import gymnasium as gym
-    found, seen = {}, set()
-
-    def walk(obj, path, depth):
-        if id(obj) in seen or depth > 3:
-            return
-        seen.add(id(obj))
-        gen = getattr(obj, "_np_random", None)
-        if isinstance(gen, np.random.Generator):
-            found[path] = gen
-        for k, v in vars(obj).items():
-            if isinstance(v, gym.Env):
-                walk(v, f"{path}.{k}", depth + 1)
-    walk(env.unwrapped, "unwrapped", 0)
-    return found
-
-
-def env_rng_snapshot(env) -> dict:
-    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
-    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
-
-
-def env_rng_restore(env, snapshot: dict, seed: int):
-    env.reset(seed=seed)  # initialises the wrappers and creates the generators
-    gens = _env_generators(env)
-    if set(gens) != set(snapshot):
-        raise RuntimeError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
-    for k, state in snapshot.items():
-        gens[k].bit_generator.state = state
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def save_tree(path: Path, tree):
-    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
-    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
-
-
-def load_tree(path: Path, template):
-    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    with np.load(path) as z:
-        names = sorted(z.files)
-        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
-        if names != sorted(expected):
-            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
-            raise ValueError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected}"
-                             " (different critic_layernorm / offline_critic_layernorm, n_critics or network depth?)")
-        leaves = []
-        for name, (k, ref) in zip(expected, flat):
-            arr = z[name]
-            if arr.shape != np.shape(ref):
-                raise ValueError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
-                                 f"needs {np.shape(ref)} (different network sizes or dataset?)")
-            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def save_checkpoint(path: Path, state, meta: dict, cfg):
-    """Atomically write state + host meta + resolved config into directory `path`."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_tree(tmp / "state.npz", state)
-    with open(tmp / "meta.pkl", "wb") as f:
-        pickle.dump(meta, f)
-    with open(tmp / "config.yaml", "w") as f:
-        pyrallis.dump(cfg, f)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(path: Path) -> Optional[Path]:
-    for p in (path, path.with_name(path.name + ".old")):  # .old survives a kill between the two renames
-        if (p / "meta.pkl").exists() and (p / "state.npz").exists():
-            return p
-    return None
-
-
-def load_checkpoint(path: Path, templates: dict):
-    """(state, meta) of one of this script's checkpoints; `templates` maps meta['state_form'] to a template."""
-    with open(path / "meta.pkl", "rb") as f:
-        meta = pickle.load(f)
-    return load_tree(path / "state.npz", templates[meta["state_form"]]), meta
-
-
-def seed_slice(tree, i):
-    return jax.tree.map(lambda x: x[i], tree)
-
-
-def stack_seeds(trees):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
+# ---------------------------------------------------------------------------------------------- seeds
 def where_seeds(mask, new, old):
     """Per seed: `new` where mask[i], else `old` (trees with a leading seed axis)."""
     mask = jnp.asarray(mask)
     return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
-
-
-def save_state(path: Path, state, meta: dict, cfg):
-    """A one-seed run saves the state without the seed axis (the layout other scripts load)."""
-    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
-
-
-def load_state(path: Path, templates: dict, cfg):
-    if cfg.num_seeds == 1:
-        state, meta = load_checkpoint(path, {k: seed_slice(v, 0) for k, v in templates.items()})
-        return stack_seeds([state]), meta
-    return load_checkpoint(path, templates)
-
-
-def save_buffer_rows(buffer_dir: Path, online: Buffer, start: int, end: int):
-    """Append one seed's online rows [start, end) (`online`: that seed's rows) as one file."""
-    if end <= start:
-        return
-    buffer_dir.mkdir(parents=True, exist_ok=True)
-    rows = {k: np.asarray(v[start:end]) for k, v in online._asdict().items()}
-    tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
-    np.savez(tmp, **rows)
-    os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
-
-
-def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
-    """Online rows [0, size) from the row files; files beyond `size` (written after the checkpoint) are removed."""
-    if size == 0:
-        if buffer_dir.exists():
-            shutil.rmtree(buffer_dir)
-        return None
-    parts, pos = [], 0
-    for f in sorted(buffer_dir.glob("rows_*.npz")):
-        start, end = (int(x) for x in f.stem.split("_")[1:3])
-        if start >= size:
-            f.unlink()
-            continue
-        if start != pos or end > size:
-            raise RuntimeError(f"online buffer files in {buffer_dir} are inconsistent at {f.name} (expected start "
-                               f"{pos}, checkpoint size {size})")
-        with np.load(f) as z:
-            parts.append({k: z[k] for k in z.files})
-        pos = end
-    if pos != size:
-        raise RuntimeError(f"online buffer files in {buffer_dir} hold {pos} rows, the checkpoint needs {size}")
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 # ---------------------------------------------------------------------------------------------- offline sources
@@ -883,7 +744,7 @@ _IQL_ACTOR = re.compile(r"^(\d{4})\.actor\.params\['TorchLinear_(\d+)'\]\['(kern
 
 def _check_normalisation(what: str, mean, std, run_mean, run_std, cfg: TrainConfig):
     if not (np.allclose(mean, run_mean, rtol=1e-4, atol=1e-5) and np.allclose(std, run_std, rtol=1e-4, atol=1e-5)):
-        raise ValueError(
+        raise RunError(
             f"--offline_checkpoint {cfg.offline_checkpoint}: {what} normalises observations differently from this run "
             f"(dataset_id={cfg.dataset_id}, normalize={cfg.normalize}): max |mean difference| = "
             f"{np.max(np.abs(np.asarray(mean) - run_mean)):.4g}, max |std difference| = "
@@ -891,99 +752,108 @@ def _check_normalisation(what: str, mean, std, run_mean, run_std, cfg: TrainConf
             "with the same `normalize` setting.")
 
 
-def load_offline_source(cfg: TrainConfig, template: TD3BCState, h_off: Hyper, seeds: list):
-    """Offline state of every seed (leading seed axis, as `template`) from --offline_checkpoint: this script's
-    offline checkpoint (with the same number of seeds), or an iql.py checkpoint whose Gaussian actor's tanh mean
-    network becomes the deterministic actor (a multi-seed iql.py run gives each seed its own actor; a one-seed
-    one is every seed's, as in the one-seed runs). Returns (state, info) with per-seed info lists."""
+def check_offline_source(cfg: TrainConfig, src: Path, seeds: list) -> dict:
+    """What the intact --offline_checkpoint `src` is, checked from its meta.json and config.yaml alone (before any
+    data is loaded): {"kind": "o2td3" | "iql", "meta", "config"}. Accepted: this script's offline checkpoint with
+    the same number of seeds, or an iql.py checkpoint (a multi-seed one must hold every seed of this run)."""
+    import yaml
     where = f"--offline_checkpoint {cfg.offline_checkpoint}"
-    src = find_checkpoint(Path(cfg.offline_checkpoint))
-    if src is None:
-        raise FileNotFoundError(f"{where}: no checkpoint there (expected a directory with state.npz and meta.pkl, "
-                                "e.g. <run_dir>/checkpoints/offline of o2td3.py or iql.py)")
-    with open(src / "meta.pkl", "rb") as f:
-        meta = pickle.load(f)
-    raw_cfg = {}
-    if (src / "config.yaml").exists():
-        import yaml
-        raw_cfg = yaml.safe_load((src / "config.yaml").read_text()) or {}
+    meta = load_meta(src)
+    raw_cfg = yaml.safe_load((src / "config.yaml").read_text()) or {}
+    N = len(seeds)
+    if meta.get("algorithm") == "o2td3":
+        if meta.get("state_form") != "offline":
+            raise RunError(f"{where} is a fine-tuning checkpoint of o2td3.py (phase {meta.get('phase')!r}); pass "
+                           "the pre-training checkpoint <run_dir>/checkpoints/offline, or continue that run with "
+                           "--resume --run_dir <run_dir>")
+        src_n = meta.get("num_seeds", 1)
+        if src_n != N:
+            raise RunError(f"{where} holds {src_n} seed(s) of o2td3.py, this run trains {N}; run it with "
+                           f"--num_seeds {src_n} (and the same --seed)")
+        return {"kind": "o2td3", "meta": meta, "config": raw_cfg}
+    if {"expectile", "beta", "hidden_dims"} <= set(raw_cfg):  # iql.py
+        if not cfg.policy_reevaluation:
+            raise RunError(f"{where} is an iql.py checkpoint: it has no TD3 critics, which policy_reevaluation=false "
+                           "would fine-tune; keep policy_reevaluation=true (fresh critics re-evaluate the actor)")
+        first, count = int(raw_cfg.get("seed", 0)), int(meta.get("num_seeds", 1))
+        if count > 1 and not (first <= seeds[0] and seeds[-1] < first + count):
+            raise RunError(f"{where} holds iql.py seeds {first}..{first + count - 1}; set --seed / --num_seeds "
+                           f"to seeds among them (this run: {seeds[0]}..{seeds[-1]})")
+        return {"kind": "iql", "meta": meta, "config": raw_cfg}
+    raise RunError(f"{where}: not a checkpoint o2td3.py can start from. Accepted: o2td3.py's "
+                   "<run_dir>/checkpoints/offline, or an iql.py checkpoint (its Gaussian actor's tanh mean network "
+                   f"is a deterministic actor). Found config keys {sorted(raw_cfg)[:12]}...")
+
+
+def load_offline_source(cfg: TrainConfig, src: Path, source: dict, template: TD3BCState, h_off: Hyper, seeds: list):
+    """Offline state of every seed (leading seed axis, as `template`) from the checkpoint `src` that
+    check_offline_source described as `source`: this script's offline checkpoint, or an iql.py checkpoint whose
+    Gaussian actor's tanh mean network becomes the deterministic actor (a multi-seed iql.py run gives each seed its
+    own actor; a one-seed one is every seed's, as in the one-seed runs). Returns (state, info) with per-seed info
+    lists."""
+    where = f"--offline_checkpoint {cfg.offline_checkpoint}"
+    meta, raw_cfg = source["meta"], source["config"]
     N = len(seeds)
     run_mean, run_std = np.asarray(template.obs_mean[0]), np.asarray(template.obs_std[0])
 
-    if isinstance(meta, dict) and meta.get("algorithm") == "o2td3":
-        if meta.get("state_form") != "offline":
-            raise ValueError(f"{where} is a fine-tuning checkpoint of o2td3.py (phase {meta.get('phase')!r}); pass "
-                             "the pre-training checkpoint <run_dir>/checkpoints/offline, or continue that run with "
-                             "--resume --run_dir <run_dir>")
-        src_n = meta.get("num_seeds", 1)
-        if src_n != N:
-            raise ValueError(f"{where} holds {src_n} seed(s) of o2td3.py, this run trains {N}; run it with "
-                             f"--num_seeds {src_n} (and the same --seed)")
+    if source["kind"] == "o2td3":
         try:  # a one-seed checkpoint has no seed axis
             state = load_tree(src / "state.npz", seed_slice(template, 0) if N == 1 else template)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        except RunError as e:
+            raise RunError(f"{where}: {e}") from None
         state = stack_seeds([state]) if N == 1 else state
         _check_normalisation("the o2td3.py checkpoint", state.obs_mean[0], state.obs_std[0], run_mean, run_std, cfg)
         return state, {"source": "o2td3.py", "updates": [int(u) for u in np.ravel(meta["updates"])],
                        "act_key": np.asarray(meta["act_key"]).reshape(N, -1)}
 
-    if {"expectile", "beta", "hidden_dims"} <= set(raw_cfg):  # iql.py
-        if not cfg.policy_reevaluation:
-            raise ValueError(f"{where} is an iql.py checkpoint: it has no TD3 critics, which policy_reevaluation=false "
-                             "would fine-tune; keep policy_reevaluation=true (fresh critics re-evaluate the actor)")
-        layers, stats = {}, {}
-        with np.load(src / "state.npz") as z:
-            for name in z.files:
-                m = _IQL_ACTOR.match(name)
-                if m:
-                    layers.setdefault(int(m[2]), {})[m[3]] = z[name]
-                elif re.fullmatch(r"\d{4}\.obs_(mean|std)", name):
-                    stats[name[5:]] = z[name]
-        if not layers or set(stats) != {"obs_mean", "obs_std"}:
-            raise ValueError(f"{where}: its config.yaml is iql.py's but state.npz has no actor parameters "
-                             f"('.actor.params['TorchLinear_<i>']') and observation statistics")
-        depth = max(layers) + 1
-        per_seed = [(layers, stats)] * N  # a one-seed iql.py run: its actor for every seed
-        if layers[0]["kernel"].ndim == 3:  # a multi-seed iql.py run: each seed takes its own actor
-            first, count = int(raw_cfg.get("seed", 0)), layers[0]["kernel"].shape[0]
-            if not (first <= seeds[0] and seeds[-1] < first + count):
-                raise ValueError(f"{where} holds iql.py seeds {first}..{first + count - 1}; set --seed / --num_seeds "
-                                 f"to seeds among them (this run: {seeds[0]}..{seeds[-1]})")
-            per_seed = [({i: {k: v[s - first] for k, v in layer.items()} for i, layer in layers.items()},
-                         {k: v[s - first] for k, v in stats.items()}) for s in seeds]
-        kernels = [per_seed[0][0][i]["kernel"] for i in range(depth)]
-        in_dim, out_dim = kernels[0].shape[0], kernels[-1].shape[1]
-        hidden = [k.shape[1] for k in kernels[:-1]]
-        if in_dim != h_off.obs_dim:
-            raise ValueError(f"{where}: the iql.py actor takes {in_dim}-dim observations, {cfg.dataset_id} has "
-                             f"{h_off.obs_dim} (a checkpoint of another environment?)")
-        if out_dim != h_off.act_dim:
-            raise ValueError(f"{where}: the iql.py actor outputs {out_dim}-dim actions, {cfg.dataset_id} has "
-                             f"{h_off.act_dim} (a checkpoint of another environment?)")
-        if hidden != list(h_off.actor_hidden):
-            raise ValueError(f"{where}: the iql.py actor's hidden sizes are {hidden}, this config's actor_hidden is "
-                             f"{list(h_off.actor_hidden)}; set --actor_hidden '{hidden}' to load it")
-        if raw_cfg.get("dataset_id") != cfg.dataset_id:
-            print(f"note: the iql.py actor was trained on {raw_cfg.get('dataset_id')}, fine-tuning on {cfg.dataset_id}")
-        states = []
-        for i, (seed_layers, seed_stats) in enumerate(per_seed):
-            _check_normalisation("the iql.py checkpoint", seed_stats["obs_mean"], seed_stats["obs_std"], run_mean,
-                                 run_std, cfg)
-            actor_params = {f"Dense_{j}": {"kernel": jnp.asarray(seed_layers[j]["kernel"], jnp.float32),
-                                           "bias": jnp.asarray(seed_layers[j]["bias"], jnp.float32)}
-                            for j in range(depth)}
-            one = seed_slice(template, i)
-            if jax.tree.structure(actor_params) != jax.tree.structure(one.actor.params):
-                raise ValueError(f"{where}: cannot map the iql.py actor onto this actor")
-            states.append(one._replace(actor=Trainable(actor_params, optimizers(h_off)["actor"].init(actor_params)),
-                                       actor_target=actor_params))
-        updates = meta.get("updates", 0) if isinstance(meta, dict) else 0
-        return stack_seeds(states), {"source": "iql.py", "updates": [int(np.ravel(updates)[0])] * N, "act_key": None}
-
-    raise ValueError(f"{where}: not a checkpoint o2td3.py can start from. Accepted: o2td3.py's "
-                     "<run_dir>/checkpoints/offline, or an iql.py checkpoint (its Gaussian actor's tanh mean network "
-                     f"is a deterministic actor). Found config keys {sorted(raw_cfg)[:12]}...")
+    layers, stats = {}, {}
+    with np.load(src / "state.npz") as z:
+        for name in z.files:
+            m = _IQL_ACTOR.match(name)
+            if m:
+                layers.setdefault(int(m[2]), {})[m[3]] = z[name]
+            elif re.fullmatch(r"\d{4}\.obs_(mean|std)", name):
+                stats[name[5:]] = z[name]
+    if not layers or set(stats) != {"obs_mean", "obs_std"}:
+        raise RunError(f"{where}: its config.yaml is iql.py's but state.npz has no actor parameters "
+                       f"('.actor.params['TorchLinear_<i>']') and observation statistics")
+    depth = max(layers) + 1
+    per_seed = [(layers, stats)] * N  # a one-seed iql.py run: its actor for every seed
+    if layers[0]["kernel"].ndim == 3:  # a multi-seed iql.py run: each seed takes its own actor
+        first, count = int(raw_cfg.get("seed", 0)), layers[0]["kernel"].shape[0]
+        if not (first <= seeds[0] and seeds[-1] < first + count):
+            raise RunError(f"{where} holds iql.py seeds {first}..{first + count - 1}; set --seed / --num_seeds "
+                           f"to seeds among them (this run: {seeds[0]}..{seeds[-1]})")
+        per_seed = [({i: {k: v[s - first] for k, v in layer.items()} for i, layer in layers.items()},
+                     {k: v[s - first] for k, v in stats.items()}) for s in seeds]
+    kernels = [per_seed[0][0][i]["kernel"] for i in range(depth)]
+    in_dim, out_dim = kernels[0].shape[0], kernels[-1].shape[1]
+    hidden = [k.shape[1] for k in kernels[:-1]]
+    if in_dim != h_off.obs_dim:
+        raise RunError(f"{where}: the iql.py actor takes {in_dim}-dim observations, {cfg.dataset_id} has "
+                       f"{h_off.obs_dim} (a checkpoint of another environment?)")
+    if out_dim != h_off.act_dim:
+        raise RunError(f"{where}: the iql.py actor outputs {out_dim}-dim actions, {cfg.dataset_id} has "
+                       f"{h_off.act_dim} (a checkpoint of another environment?)")
+    if hidden != list(h_off.actor_hidden):
+        raise RunError(f"{where}: the iql.py actor's hidden sizes are {hidden}, this config's actor_hidden is "
+                       f"{list(h_off.actor_hidden)}; set --actor_hidden '{hidden}' to load it")
+    if raw_cfg.get("dataset_id") != cfg.dataset_id:
+        print(f"note: the iql.py actor was trained on {raw_cfg.get('dataset_id')}, fine-tuning on {cfg.dataset_id}")
+    states = []
+    for i, (seed_layers, seed_stats) in enumerate(per_seed):
+        _check_normalisation("the iql.py checkpoint", seed_stats["obs_mean"], seed_stats["obs_std"], run_mean,
+                             run_std, cfg)
+        actor_params = {f"Dense_{j}": {"kernel": jnp.asarray(seed_layers[j]["kernel"], jnp.float32),
+                                       "bias": jnp.asarray(seed_layers[j]["bias"], jnp.float32)}
+                        for j in range(depth)}
+        one = seed_slice(template, i)
+        if jax.tree.structure(actor_params) != jax.tree.structure(one.actor.params):
+            raise RunError(f"{where}: cannot map the iql.py actor onto this actor")
+        states.append(one._replace(actor=Trainable(actor_params, optimizers(h_off)["actor"].init(actor_params)),
+                                   actor_target=actor_params))
+    updates = meta.get("updates", 0)
+    return stack_seeds(states), {"source": "iql.py", "updates": [int(np.ravel(updates)[0])] * N, "act_key": None}
 
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -1070,17 +940,6 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / "o2td3" / cfg.dataset_id.replace("/", "_") / seeds
 
 
-def _check_resume_config(saved: Path, cfg: TrainConfig):
-    with open(saved) as f:
-        old = pyrallis.load(TrainConfig, f)
-    free = {"resume", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}
-    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in free
-            and getattr(old, k) != getattr(cfg, k)}
-    if diff:
-        raise ValueError(f"--resume with a config that differs from the checkpoint's ({saved}): "
-                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-
-
 def score_of(record: dict) -> float:
     return record.get("normalized_score", record["return"])
 
@@ -1092,284 +951,288 @@ def train(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     N = len(seeds)
     cfg.name = cfg.name or f"o2td3-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
     goal_task = "antmaze" in cfg.dataset_id
+    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
+        source = check_offline_source(cfg, run.offline_from, seeds) if run.offline_from is not None else None
+        # data and envs (one training env per seed, one evaluation env)
+        ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+        envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
+        obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+        if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+            raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                    f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+        try:
+            refs = data.reference_scores(cfg.dataset_id)
+        except data.DatasetError as e:
+            print(f"warning: {e}; logging raw returns only")
+            refs = None
+        n_off = len(ds)
+        h_off, h = make_hyper(cfg, obs_dim, act_dim, True), make_hyper(cfg, obs_dim, act_dim, False)
+        obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+        obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+        rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
+        # offline rows on device, shared by the seeds; online rows per seed (+ slack for a full chunk of online_block)
+        offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
+                                                                  ds.next_observations, ds.terminals)))
+        online_capacity = cfg.online_steps + cfg.online_block
+        online = Buffer(*(jnp.zeros((N, online_capacity) + s, jnp.float32) for s in
+                          ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
+        probe_rows = [np.sort(np.random.default_rng(s).choice(n_off, min(n_off, cfg.probe_states), replace=False))
+                      for s in seeds]  # each seed's probe states are those of its one-seed run
+        probe_obs = [jnp.asarray(ds.observations[rows]) for rows in probe_rows]
+        del rewards
 
-    # data and envs (one training env per seed, one evaluation env)
-    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
-    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
-        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
-                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-    try:
-        refs = data.reference_scores(cfg.dataset_id)
-    except data.DatasetError as e:
-        print(f"warning: {e}; logging raw returns only")
-        refs = None
-    n_off = len(ds)
-    h_off, h = make_hyper(cfg, obs_dim, act_dim, True), make_hyper(cfg, obs_dim, act_dim, False)
-    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
-    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-    rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
-    # offline rows on device, shared by the seeds; online rows per seed (+ slack for a full chunk of online_block)
-    offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
-                                                              ds.next_observations, ds.terminals)))
-    online_capacity = cfg.online_steps + cfg.online_block
-    online = Buffer(*(jnp.zeros((N, online_capacity) + s, jnp.float32) for s in
-                      ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
-    probe_rows = [np.sort(np.random.default_rng(s).choice(n_off, min(n_off, cfg.probe_states), replace=False))
-                  for s in seeds]  # each seed's probe states are those of its one-seed run
-    probe_obs = [jnp.asarray(ds.observations[rows]) for rows in probe_rows]
-    del rewards
-
-    off_template = stack_seeds([init_offline_state(h_off, jax.random.PRNGKey(s), obs_mean, obs_std) for s in seeds])
-    templates = {"offline": off_template,
-                 "finetune": stack_seeds([start_finetuning(seed_slice(off_template, i), h, cfg.policy_reevaluation,
-                                                           cfg.lmbda) for i in range(N)])}
-    state = off_template
-    meta = {"algorithm": "o2td3", "num_seeds": N, "state_form": "offline", "phase": "offline", "updates": [0] * N,
-            "env_steps": [0] * N, "online_size": [0] * N, "saved_rows": [0] * N,
-            "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), "env_rng": [None] * N,
-            "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None, "last_eval": [None] * N,
-            "offline_outcome": [None] * N, "offline_score": [None] * N, "best_score": [None] * N, "wall_time": 0.0}
-    latest = find_checkpoint(ckpt_dir / "latest")
-    if cfg.resume and latest is not None:
-        _check_resume_config(latest / "config.yaml", cfg)
-        state, meta = load_state(latest, templates, cfg)
-        for i, s in enumerate(seeds):
-            rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
-            if rows is not None:
-                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
-        print(f"resumed from {latest}: phase {meta['phase']}, {meta['updates']} updates, "
-              f"{meta['env_steps']} online env steps")
-    else:
-        if cfg.resume:
-            print(f"--resume: no checkpoint in {ckpt_dir}, starting a new run")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        for path in [run_dir / "eval.jsonl"] + [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]:
-            path.unlink(missing_ok=True)
-        if cfg.offline_checkpoint:
-            state, info = load_offline_source(cfg, off_template, h_off, seeds)
+        off_template = stack_seeds([init_offline_state(h_off, jax.random.PRNGKey(s), obs_mean, obs_std) for s in seeds])
+        templates = {"offline": off_template,
+                     "finetune": stack_seeds([start_finetuning(seed_slice(off_template, i), h, cfg.policy_reevaluation,
+                                                               cfg.lmbda) for i in range(N)])}
+        state = off_template
+        meta = {"algorithm": "o2td3", "num_seeds": N, "state_form": "offline", "phase": "offline", "updates": [0] * N,
+                "env_steps": [0] * N, "online_size": [0] * N, "saved_rows": [0] * N,
+                "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), "env_rng": [None] * N,
+                "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None, "last_eval": [None] * N,
+                "offline_outcome": [None] * N, "offline_score": [None] * N, "best_score": [None] * N, "wall_time": 0.0}
+        if run.resume_from is not None:
+            state, meta = load_state(run.resume_from, lambda meta: templates[meta["state_form"]], cfg)
+            for i, s in enumerate(seeds):
+                rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
+                if rows is not None:
+                    online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
+            print(f"resumed from {run.resume_from}: phase {meta['phase']}, {meta['updates']} updates, "
+                  f"{meta['env_steps']} online env steps")
+        elif run.offline_from is not None:
+            state, info = load_offline_source(cfg, run.offline_from, source, off_template, h_off, seeds)
             meta.update(updates=info["updates"], phase="load_offline")
             if info["act_key"] is not None:
                 meta["act_key"] = info["act_key"]
-            print(f"loaded the offline actor from {cfg.offline_checkpoint} ({info['source']}, "
+            print(f"loaded the offline actor from {run.offline_from} ({info['source']}, "
                   f"{info['updates'][0]} updates)")
-    with open(run_dir / "config.yaml", "w") as f:
-        pyrallis.dump(cfg, f)
-    if meta["wandb_id"] is None:
-        meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-    logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
-    act_key = jnp.asarray(meta["act_key"])
-    wall_before = meta["wall_time"]
-    acc = Metrics()
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(cfg, f)
+        if meta["wandb_id"] is None:
+            meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
+        logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
+        act_key = jnp.asarray(meta["act_key"])
+        wall_before = meta["wall_time"]
+        acc = Metrics()
 
-    def hyper():
-        return h_off if isinstance(state, TD3BCState) else h
+        def hyper():
+            return h_off if isinstance(state, TD3BCState) else h
 
-    def run_eval(phase, which=None, reuse_outcome=False):
-        """Evaluate the current actor of each seed in `which` (default: all; `reuse_outcome`: reuse the seed's
-        offline outcome instead), add the probes, log."""
-        for i in range(N) if which is None else which:
-            one = seed_slice(state, i)
-            if reuse_outcome:
-                outcome = meta["offline_outcome"][i]
-            else:
-                policy = lambda o: act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o, hyper())  # noqa
-                outcome = evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
-                                   goal_task, refs)
-            record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
-                      "env_steps": int(meta["env_steps"][i]), **outcome}
-            probes = {k: float(v) for k, v in probe(one, probe_obs[i], hyper()).items()}
-            record.update(q_offline_action=probes["q_offline_action"], **{"lambda": probes.get("lambda")},
-                          mse_to_reference=probes.get("mse_to_reference"))
-            finetuning = isinstance(state, O2TD3State)
-            record["epsilon_t"] = float(epsilon_schedule(meta["env_steps"][i], cfg.threshold, cfg.end_threshold,
-                                                         cfg.end_steps)) if finetuning else None
-            record["reference_score"] = meta["best_score"][i]
-            record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-            logger.log_eval(i, record)
-            meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
+        def run_eval(phase, which=None, reuse_outcome=False):
+            """Evaluate the current actor of each seed in `which` (default: all; `reuse_outcome`: reuse the seed's
+            offline outcome instead), add the probes, log."""
+            for i in range(N) if which is None else which:
+                one = seed_slice(state, i)
+                if reuse_outcome:
+                    outcome = meta["offline_outcome"][i]
+                else:
+                    policy = lambda o: act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o,  # noqa
+                                                         hyper())
+                    outcome = evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                                       goal_task, refs)
+                record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
+                          "env_steps": int(meta["env_steps"][i]), **outcome}
+                probes = {k: float(v) for k, v in probe(one, probe_obs[i], hyper()).items()}
+                record.update(q_offline_action=probes["q_offline_action"], **{"lambda": probes.get("lambda")},
+                              mse_to_reference=probes.get("mse_to_reference"))
+                finetuning = isinstance(state, O2TD3State)
+                record["epsilon_t"] = float(epsilon_schedule(meta["env_steps"][i], cfg.threshold, cfg.end_threshold,
+                                                             cfg.end_steps)) if finetuning else None
+                record["reference_score"] = meta["best_score"][i]
+                record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
+                logger.log_eval(i, record)
+                meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
 
-    def checkpoint(name="latest"):
-        meta["act_key"] = np.asarray(act_key)
-        meta["state_form"] = "offline" if isinstance(state, TD3BCState) else "finetune"
-        for i, s in enumerate(seeds):
-            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
-                             meta["online_size"][i])
-        meta["saved_rows"] = list(meta["online_size"])
-        meta["wall_time"] = wall_before + time.time() - t_start
-        save_state(ckpt_dir / name, state, meta, cfg)
+        def checkpoint(name="latest"):
+            meta["act_key"] = np.asarray(act_key)
+            meta["state_form"] = "offline" if isinstance(state, TD3BCState) else "finetune"
+            for i, s in enumerate(seeds):
+                save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
+                                 meta["online_size"][i])
+            meta["saved_rows"] = list(meta["online_size"])
+            meta["wall_time"] = wall_before + time.time() - t_start
+            save_state(ckpt_dir / name, state, meta, cfg)
 
-    def mean_score():
-        return np.mean([score_of(r) for r in meta["last_eval"] if r is not None])
+        def mean_score():
+            return np.mean([score_of(r) for r in meta["last_eval"] if r is not None])
 
-    def offline_phase(phase, total, desc, reuse_score=False):
-        """Blocks of `phase` updates on the offline data until `total` (all seeds in one vmapped scan per block),
-        evaluations (+ checkpoints) every offline_eval_every updates and at the end."""
-        nonlocal state
-        bar = tqdm(total=total, initial=meta["updates"][0], desc=desc, mininterval=5)
-        keys = TD3BC_ACTOR_KEYS if phase == "offline" else ()
-        while meta["updates"][0] < total:
-            state, metrics = update_block(state, offline, phase, hyper())
-            acc.add(metrics, cfg.update_block, phase, seeds, meta["updates"], keys)
-            meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
-            bar.update(cfg.update_block)
-            logger.log({**acc.flush(), f"{phase}/updates": meta["updates"][0]})
-            if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == total:
-                run_eval(phase, reuse_outcome=reuse_score)
-                bar.set_postfix(score=mean_score())
-                if phase != "offline" or meta["updates"][0] < total:
+        def offline_phase(phase, total, desc, reuse_score=False):
+            """Blocks of `phase` updates on the offline data until `total` (all seeds in one vmapped scan per block),
+            evaluations (+ checkpoints) every offline_eval_every updates and at the end."""
+            nonlocal state
+            bar = tqdm(total=total, initial=meta["updates"][0], desc=desc, mininterval=5)
+            keys = TD3BC_ACTOR_KEYS if phase == "offline" else ()
+            while meta["updates"][0] < total:
+                state, metrics = update_block(state, offline, phase, hyper())
+                acc.add(metrics, cfg.update_block, phase, seeds, meta["updates"], keys)
+                meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
+                bar.update(cfg.update_block)
+                logger.log({**acc.flush(), f"{phase}/updates": meta["updates"][0]})
+                if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == total:
+                    run_eval(phase, reuse_outcome=reuse_score)
+                    bar.set_postfix(score=mean_score())
+                    if phase != "offline" or meta["updates"][0] < total:
+                        checkpoint()
+                if run.stop and meta["updates"][0] < total:
                     checkpoint()
-        bar.close()
+                    run.interrupt_if_asked(f"after {meta['updates'][0]} {phase} updates")
+            bar.close()
 
-    # ---- 0. offline pre-training (TD3+BC) or a loaded offline actor
-    if meta["phase"] in ("offline", "load_offline"):
-        if meta["phase"] == "offline":
-            offline_phase("offline", cfg.offline_updates, "TD3+BC offline")
-            if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
-                run_eval("offline")
-        else:
-            run_eval("offline")  # the score of the loaded actor
-        meta["offline_outcome"] = [{k: v for k, v in r.items() if k in (
-            "return", "return_std", "length", "episodes", "normalized_score", "normalized_score_std", "success_rate")}
-            for r in meta["last_eval"]]
-        meta["offline_score"] = [score_of(r) for r in meta["last_eval"]]
-        meta["best_score"] = list(meta["offline_score"])
-        meta["phase"] = "to_finetune"
-        checkpoint("offline")
-        state = stack_seeds([start_finetuning(seed_slice(state, i), h, cfg.policy_reevaluation, cfg.lmbda)
-                             for i in range(N)])
-        meta.update(phase="reevaluation", updates=[0] * N)
-        checkpoint()
+        # ---- 0. offline pre-training (TD3+BC) or a loaded offline actor
+        if meta["phase"] in ("offline", "load_offline"):
+            if meta["phase"] == "offline":
+                offline_phase("offline", cfg.offline_updates, "TD3+BC offline")
+                if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
+                    run_eval("offline")
+            else:
+                run_eval("offline")  # the score of the loaded actor
+            kept = ("return", "return_std", "length", "episodes", "normalized_score", "normalized_score_std",
+                    "success_rate")
+            meta["offline_outcome"] = [{k: v for k, v in r.items() if k in kept} for r in meta["last_eval"]]
+            meta["offline_score"] = [score_of(r) for r in meta["last_eval"]]
+            meta["best_score"] = list(meta["offline_score"])
+            meta["phase"] = "to_finetune"
+            checkpoint("offline")
+        if meta["phase"] == "to_finetune":  # (also where a resume from checkpoints/offline continues)
+            state = stack_seeds([start_finetuning(seed_slice(state, i), h, cfg.policy_reevaluation, cfg.lmbda)
+                                 for i in range(N)])
+            meta.update(phase="reevaluation", updates=[0] * N)
+            checkpoint()
+            run.interrupt_if_asked("after the offline phase")
 
-    # ---- 1. policy re-evaluation (actor fixed: its evaluation is reused)
-    if meta["phase"] == "reevaluation":
-        if cfg.policy_reevaluation:
-            offline_phase("reevaluation", cfg.ope_updates, "O2TD3 re-evaluation", reuse_score=True)
-        meta.update(phase="alignment", updates=[0] * N)
-
-    # ---- 2. value alignment, then the transition to fine-tuning (per seed: the reference becomes the aligned
-    # actor if it evaluates better than the offline one)
-    if meta["phase"] == "alignment":
-        if cfg.value_alignment:
-            offline_phase("alignment", cfg.align_updates, "O2TD3 alignment")
-        state = state._replace(critic_target=state.critic.params, actor_target=state.actor.params)
-        aligned = [score_of(r) for r in meta["last_eval"]]  # aligned actors' scores (offline ones without alignment)
-        better = [a > o for a, o in zip(aligned, meta["offline_score"])]
-        state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
-        meta.update(best_score=[max(a, o) for a, o in zip(aligned, meta["offline_score"])], phase="online",
-                    updates=[0] * N)
-        checkpoint()
-
-    # ---- 3. online fine-tuning (constrained unless switched off). Each seed follows exactly its single-seed
-    # schedule: blocks of up to online_block env steps with a fixed policy (ending at an episode end and at an
-    # evaluation step), then their updates (after warm-up), an evaluation every online_eval_every env steps (a better
-    # policy becomes that seed's reference). A seed at the first episode end after an evaluation is due for a
-    # checkpoint and waits until every seed is due (or finished), so checkpoints fall on episode ends of all seeds.
-    if meta["phase"] == "online":
-        for i, env in enumerate(envs):
-            if meta["env_rng"][i] is not None:
-                env_rng_restore(env, meta["env_rng"][i], seeds[i])
-        first_reset = [meta["env_rng"][i] is None for i in range(N)]
-        chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
-                 (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
-        obs = np.zeros((N, obs_dim), np.float32)
-        at_episode_start = [True] * N
-        ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
-        evaluated = [False] * N  # evaluated since the last checkpoint
-        due = [False] * N  # at an episode end after an evaluation: waiting for the synchronised checkpoint
-        bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2TD3 online", mininterval=5)
-        while min(meta["env_steps"]) < cfg.online_steps:
-            t0 = list(meta["env_steps"])
-            limit = np.zeros(N, np.int64)  # this block's env steps per seed (0: waiting or finished)
-            for i in range(N):
-                if not due[i] and t0[i] < cfg.online_steps:
-                    next_eval = (t0[i] // cfg.online_eval_every + 1) * cfg.online_eval_every
-                    limit[i] = min(cfg.online_block, next_eval - t0[i], cfg.online_steps - t0[i])
-            n = np.zeros(N, np.int32)
-            active = limit > 0
-            while active.any():
-                for i in np.flatnonzero(active):
-                    if at_episode_start[i]:
-                        obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
-                        first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
-                executed, clean, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs,
-                                                       act_key, jnp.asarray(active), cfg.explore_noise, h)
-                executed, clean = np.asarray(executed), np.asarray(clean)
-                for i in np.flatnonzero(active):
-                    next_obs, r, term, trunc, info = envs[i].step(executed[i])
-                    term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                    j = n[i]
-                    chunk["obs"][i, j], chunk["next_obs"][i, j] = obs[i], next_obs
-                    chunk["act"][i, j] = executed[i] if cfg.store_executed_action else clean[i]
-                    chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
-                    n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
-                    ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
-                    if term or trunc:
-                        meta["episodes"][i] += 1
-                        recent[i] = (recent[i] + [ep_ret[i]])[-10:]
-                        logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
-                                    "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
-                        at_episode_start[i] = True
-                    if at_episode_start[i] or n[i] == limit[i]:
-                        active[i] = False
-            online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
-                                   jnp.asarray(meta["online_size"], jnp.int32))
-            meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
-            first = [max(t, cfg.warmup_steps) for t in t0]  # updates run after env steps warmup_steps + 1, ...
-            n_upd = np.array([max(meta["env_steps"][i] - first[i], 0) for i in range(N)], np.int32)
-            if n_upd.any():
-                state, metrics = update_online(state, offline, online, jnp.asarray(meta["online_size"], jnp.int32),
-                                               jnp.asarray(first, jnp.int32) + 1, jnp.asarray(n_upd), h)
-                acc.add(metrics, n_upd, "online", seeds, meta["updates"], ONLINE_ACTOR_KEYS)
-                meta["updates"] = [u + int(k) for u, k in zip(meta["updates"], n_upd)]
-            bar.update(int(n.sum()))
-            which = [i for i in range(N) if n[i] > 0 and (meta["env_steps"][i] % cfg.online_eval_every == 0
-                                                           or meta["env_steps"][i] == cfg.online_steps)]
-            if which:
-                logger.log({**acc.flush(), "online/env_steps": sum(meta["env_steps"]),
-                            "online/updates": sum(meta["updates"])})
-                run_eval("online", which)
-                better = [i in which and score_of(meta["last_eval"][i]) > meta["best_score"][i] for i in range(N)]
-                for i in np.flatnonzero(better):  # the best policy so far becomes the seed's reference
-                    meta["best_score"][i] = score_of(meta["last_eval"][i])
-                if any(better):
-                    state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
-                bar.set_postfix(score=np.mean([score_of(meta["last_eval"][i]) for i in which]),
-                                train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
-                for i in which:
-                    evaluated[i] = True
-            for i in range(N):
-                if evaluated[i] and at_episode_start[i] and meta["env_steps"][i] < cfg.online_steps:
-                    due[i] = True
-            if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
-                meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
+        # ---- 1. policy re-evaluation (actor fixed: its evaluation is reused)
+        if meta["phase"] == "reevaluation":
+            if cfg.policy_reevaluation:
+                offline_phase("reevaluation", cfg.ope_updates, "O2TD3 re-evaluation", reuse_score=True)
+            meta.update(phase="alignment", updates=[0] * N)
+            if run.stop:
                 checkpoint()
-                evaluated, due = [False] * N, [False] * N
-        bar.close()
-        for i in range(N):
-            if meta["last_eval"][i] is None or meta["last_eval"][i]["phase"] != "online":  # online_steps == 0
-                run_eval("online", [i])
-        meta["phase"] = "done"
-        checkpoint()
-    elif meta["phase"] == "done":
-        print(f"run in {run_dir} already finished")
-    logger.close()
-    for env in envs + [eval_env]:
-        env.close()
-    summaries = [summarize(path) for path in logger.eval_paths]
-    out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
-           "env_steps": meta["env_steps"][0], **summaries[0]}
-    if N > 1:
-        out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
-                   per_seed=summaries)
-    return out
+                run.interrupt_if_asked("after the re-evaluation phase")
+
+        # ---- 2. value alignment, then the transition to fine-tuning (per seed: the reference becomes the aligned
+        # actor if it evaluates better than the offline one)
+        if meta["phase"] == "alignment":
+            if cfg.value_alignment:
+                offline_phase("alignment", cfg.align_updates, "O2TD3 alignment")
+            state = state._replace(critic_target=state.critic.params, actor_target=state.actor.params)
+            aligned = [score_of(r) for r in meta["last_eval"]]  # aligned actors' scores (offline ones if no alignment)
+            better = [a > o for a, o in zip(aligned, meta["offline_score"])]
+            state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
+            meta.update(best_score=[max(a, o) for a, o in zip(aligned, meta["offline_score"])], phase="online",
+                        updates=[0] * N)
+            checkpoint()
+            run.interrupt_if_asked("before online fine-tuning")
+
+        # ---- 3. online fine-tuning (constrained unless switched off). Each seed follows exactly its single-seed
+        # schedule: blocks of up to online_block env steps with a fixed policy (ending at an episode end and at an
+        # evaluation step), then their updates (after warm-up), an evaluation every online_eval_every env steps (a
+        # better policy becomes that seed's reference). A seed at the first episode end after an evaluation (or after
+        # a stop request) is due for a checkpoint and waits until every seed is due (or finished), so checkpoints fall
+        # on episode ends of all seeds.
+        if meta["phase"] == "online":
+            for i, env in enumerate(envs):
+                if meta["env_rng"][i] is not None:
+                    env_rng_restore(env, meta["env_rng"][i], seeds[i])
+            first_reset = [meta["env_rng"][i] is None for i in range(N)]
+            chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
+                     (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
+            obs = np.zeros((N, obs_dim), np.float32)
+            at_episode_start = [True] * N
+            ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
+            evaluated = [False] * N  # evaluated since the last checkpoint
+            due = [False] * N  # at an episode end after an evaluation: waiting for the synchronised checkpoint
+            bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2TD3 online", mininterval=5)
+            while min(meta["env_steps"]) < cfg.online_steps:
+                t0 = list(meta["env_steps"])
+                limit = np.zeros(N, np.int64)  # this block's env steps per seed (0: waiting or finished)
+                for i in range(N):
+                    if not due[i] and t0[i] < cfg.online_steps:
+                        next_eval = (t0[i] // cfg.online_eval_every + 1) * cfg.online_eval_every
+                        limit[i] = min(cfg.online_block, next_eval - t0[i], cfg.online_steps - t0[i])
+                n = np.zeros(N, np.int32)
+                active = limit > 0
+                while active.any():
+                    for i in np.flatnonzero(active):
+                        if at_episode_start[i]:
+                            obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
+                            first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
+                    executed, clean, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs,
+                                                           act_key, jnp.asarray(active), cfg.explore_noise, h)
+                    executed, clean = np.asarray(executed), np.asarray(clean)
+                    for i in np.flatnonzero(active):
+                        next_obs, r, term, trunc, info = envs[i].step(executed[i])
+                        term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+                        j = n[i]
+                        chunk["obs"][i, j], chunk["next_obs"][i, j] = obs[i], next_obs
+                        chunk["act"][i, j] = executed[i] if cfg.store_executed_action else clean[i]
+                        chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
+                        n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
+                        ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
+                        if term or trunc:
+                            meta["episodes"][i] += 1
+                            recent[i] = (recent[i] + [ep_ret[i]])[-10:]
+                            logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
+                                        "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
+                            at_episode_start[i] = True
+                        if at_episode_start[i] or n[i] == limit[i]:
+                            active[i] = False
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
+                                       jnp.asarray(meta["online_size"], jnp.int32))
+                meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
+                first = [max(t, cfg.warmup_steps) for t in t0]  # updates run after env steps warmup_steps + 1, ...
+                n_upd = np.array([max(meta["env_steps"][i] - first[i], 0) for i in range(N)], np.int32)
+                if n_upd.any():
+                    state, metrics = update_online(state, offline, online, jnp.asarray(meta["online_size"], jnp.int32),
+                                                   jnp.asarray(first, jnp.int32) + 1, jnp.asarray(n_upd), h)
+                    acc.add(metrics, n_upd, "online", seeds, meta["updates"], ONLINE_ACTOR_KEYS)
+                    meta["updates"] = [u + int(k) for u, k in zip(meta["updates"], n_upd)]
+                bar.update(int(n.sum()))
+                which = [i for i in range(N) if n[i] > 0 and (meta["env_steps"][i] % cfg.online_eval_every == 0
+                                                               or meta["env_steps"][i] == cfg.online_steps)]
+                if which:
+                    logger.log({**acc.flush(), "online/env_steps": sum(meta["env_steps"]),
+                                "online/updates": sum(meta["updates"])})
+                    run_eval("online", which)
+                    better = [i in which and score_of(meta["last_eval"][i]) > meta["best_score"][i] for i in range(N)]
+                    for i in np.flatnonzero(better):  # the best policy so far becomes the seed's reference
+                        meta["best_score"][i] = score_of(meta["last_eval"][i])
+                    if any(better):
+                        state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
+                    bar.set_postfix(score=np.mean([score_of(meta["last_eval"][i]) for i in which]),
+                                    train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
+                    for i in which:
+                        evaluated[i] = True
+                for i in range(N):
+                    if (evaluated[i] or run.stop) and at_episode_start[i] and meta["env_steps"][i] < cfg.online_steps:
+                        due[i] = True  # (a stop request: checkpoint at every seed's next episode end)
+                if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
+                    meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
+                    checkpoint()
+                    evaluated, due = [False] * N, [False] * N
+                    run.interrupt_if_asked(f"at {meta['env_steps']} online env steps")
+            bar.close()
+            for i in range(N):
+                if meta["last_eval"][i] is None or meta["last_eval"][i]["phase"] != "online":  # online_steps == 0
+                    run_eval("online", [i])
+            meta["phase"] = "done"
+            checkpoint()
+        elif meta["phase"] == "done":
+            print(f"run in {run_dir} already finished")
+        logger.close()
+        for env in envs + [eval_env]:
+            env.close()
+        summaries = [summarize(path) for path in logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0],
+               "updates": meta["updates"][0], "env_steps": meta["env_steps"][0], **summaries[0]}
+        if N > 1:
+            out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+                       per_seed=summaries)
+        return out
 
 
 def summarize(eval_path: Path) -> dict:
@@ -1387,11 +1250,338 @@ def summarize(eval_path: Path) -> dict:
     return out
 
 
+# ====================================================================================================
+# Run plumbing: checkpoints, resume, run-directory lock, stop on Ctrl-C. The same text in every algorithm file
+# (tests/test_plumbing.py checks), so a fix is made once and copied; nothing below is algorithm-specific.
+# ====================================================================================================
+class RunError(RuntimeError):
+    """A problem with the run directory or a checkpoint: reported as one line (`error: ...`), no traceback."""
+
+
+class Interrupted(RunError):
+    """Ctrl-C / SIGTERM: a checkpoint was written; the message says how to continue."""
+
+
+def save_tree(path: Path, tree):
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    np.savez(path, **{f"{i:04d}{jax.tree_util.keystr(k)}": np.asarray(v) for i, (k, v) in enumerate(leaves)})
+
+
+def load_tree(path: Path, template):
+    """Load arrays saved by save_tree into `template`'s structure, checking names and shapes."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    with np.load(path) as z:
+        names = sorted(z.files)
+        expected = [f"{i:04d}{jax.tree_util.keystr(k)}" for i, (k, _) in enumerate(flat)]
+        if names != sorted(expected):
+            missing, unexpected = sorted(set(expected) - set(names))[:5], sorted(set(names) - set(expected))[:5]
+            raise RunError(f"checkpoint {path} does not match this model: missing {missing}, unexpected {unexpected} "
+                           "(different network sizes, n_critics, layer norm, policy type or algorithm?)")
+        leaves = []
+        for name, (k, ref) in zip(expected, flat):
+            arr = z[name]
+            if arr.shape != np.shape(ref):
+                raise RunError(f"checkpoint {path}: {jax.tree_util.keystr(k)} has shape {arr.shape}, this config "
+                               f"needs {np.shape(ref)} (different network sizes or dataset?)")
+            leaves.append(jnp.asarray(arr, dtype=ref.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _to_json(x):
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": x.tolist(), "dtype": str(x.dtype), "shape": list(x.shape)}
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"checkpoint meta: cannot store {type(x).__name__}")
+
+
+def _from_json(d):
+    return np.asarray(d["__ndarray__"], d["dtype"]).reshape(d["shape"]) if "__ndarray__" in d else d
+
+
+def load_meta(path: Path) -> dict:
+    """The host-side state of a checkpoint (counters, RNG states, last evaluations): data-only JSON, never code."""
+    if not (path / "meta.json").exists() and (path / "meta.pkl").exists():
+        raise RunError(f"checkpoint {path} has the old pickle format (meta.pkl), which this version does not load "
+                       "(loading a pickle can run code); re-create it with this version")
+    with open(path / "meta.json") as f:
+        return json.load(f, object_hook=_from_json)
+
+
+def save_checkpoint(path: Path, state, meta: dict, cfg):
+    """Atomically write state + host meta + resolved config into directory `path` (a kill at any moment leaves
+    `path` or `path.old` intact)."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tree(tmp / "state.npz", state)
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, default=_to_json)
+    with open(tmp / "config.yaml", "w") as f:
+        pyrallis.dump(cfg, f)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint in `path` cannot be loaded (missing or corrupt file), or None when it is intact."""
+    if (path / "meta.pkl").is_file() and not (path / "meta.json").is_file():
+        return "the old format with meta.pkl, a pickle (not loaded: it can run code); re-create it with this version"
+    for name in ("meta.json", "state.npz", "config.yaml"):
+        if not (path / name).is_file():
+            return f"{name} missing"
+    try:
+        load_meta(path)
+        with np.load(path / "state.npz") as z:
+            for name in z.files:
+                z[name]  # reads every array: checks the zip's CRCs
+    except Exception as e:  # noqa: BLE001 (any failure to read makes it unusable)
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def find_checkpoint(*paths: Path) -> Optional[Path]:
+    """The first intact checkpoint among `paths` and their `.old` copies (a kill between the two renames of
+    save_checkpoint leaves only `.old`); a damaged one is reported and skipped."""
+    for path in paths:
+        for p in (path, path.with_name(path.name + ".old")):
+            if p.exists():
+                problem = checkpoint_problem(p)
+                if problem is None:
+                    return p
+                print(f"warning: checkpoint {p} is not usable ({problem}); trying an older one")
+    return None
+
+
+def load_checkpoint(path: Path, template):
+    """(state, meta); `template` is a state or a function meta -> state (when the state type depends on the phase)."""
+    meta = load_meta(path)
+    return load_tree(path / "state.npz", template(meta) if callable(template) else template), meta
+
+
+def seed_slice(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def stack_seeds(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def save_state(path: Path, state, meta: dict, cfg):
+    """A one-seed run saves the state without the seed axis (the layout other scripts load)."""
+    save_checkpoint(path, seed_slice(state, 0) if cfg.num_seeds == 1 else state, meta, cfg)
+
+
+def load_state(path: Path, template, cfg):
+    """(state with a leading seed axis, meta); `template`: a seed-stacked state or a function meta -> one."""
+    pick = lambda meta: template(meta) if callable(template) else template  # noqa: E731
+    if cfg.num_seeds == 1:
+        state, meta = load_checkpoint(path, lambda meta: seed_slice(pick(meta), 0))
+        return stack_seeds([state]), meta
+    return load_checkpoint(path, pick)
+
+
+def save_buffer_rows(buffer_dir: Path, online, start: int, end: int, offset: int = 0):
+    """Append one seed's online rows [start, end) (`online`: that seed's rows, stored from row `offset`) as one file."""
+    if end <= start:
+        return
+    buffer_dir.mkdir(parents=True, exist_ok=True)
+    rows = {k: np.asarray(v[offset + start: offset + end]) for k, v in online._asdict().items()}
+    tmp = buffer_dir / f"rows_{start:010d}_{end:010d}.tmp.npz"
+    np.savez(tmp, **rows)
+    os.replace(tmp, buffer_dir / f"rows_{start:010d}_{end:010d}.npz")
+
+
+def load_buffer_rows(buffer_dir: Path, size: int) -> Optional[dict]:
+    """Online rows [0, size) from the row files; files beyond `size` (written after the checkpoint) are removed."""
+    if size == 0:
+        if buffer_dir.exists():
+            shutil.rmtree(buffer_dir)
+        return None
+    parts, pos = [], 0
+    for f in sorted(buffer_dir.glob("rows_*.npz")):
+        start, end = (int(x) for x in f.stem.split("_")[1:3])
+        if start >= size:
+            f.unlink()
+            continue
+        if start != pos or end > size:
+            raise RunError(f"online buffer files in {buffer_dir} are inconsistent at {f.name} (expected start "
+                           f"{pos}, checkpoint size {size})")
+        try:
+            with np.load(f) as z:
+                parts.append({k: z[k] for k in z.files})
+        except Exception as e:  # noqa: BLE001
+            raise RunError(f"online buffer file {f} is unreadable ({type(e).__name__}); the online phase must restart: "
+                           "run again with --overwrite, or with --offline_checkpoint <run_dir>/checkpoints/offline "
+                           "and a new run_dir") from e
+        pos = end
+    if pos != size:
+        raise RunError(f"online buffer files in {buffer_dir} hold {pos} rows, the checkpoint needs {size}")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _env_generators(env) -> dict:
+    """Every numpy Generator the env (and envs nested in it, e.g. AntMaze's ant_env) draws from."""
+    import gymnasium as gym
+    found, seen = {}, set()
+
+    def walk(obj, path, depth):
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        gen = getattr(obj, "_np_random", None)
+        if isinstance(gen, np.random.Generator):
+            found[path] = gen
+        for k, v in vars(obj).items():
+            if isinstance(v, gym.Env):
+                walk(v, f"{path}.{k}", depth + 1)
+    walk(env.unwrapped, "unwrapped", 0)
+    return found
+
+
+def env_rng_snapshot(env) -> dict:
+    """RNG state of an env at an episode boundary: restoring it reproduces every later reset exactly."""
+    return {k: g.bit_generator.state for k, g in _env_generators(env).items()}
+
+
+def env_rng_restore(env, snapshot: dict, seed: int):
+    env.reset(seed=seed)  # initialises the wrappers and creates the generators
+    gens = _env_generators(env)
+    if set(gens) != set(snapshot):
+        raise RunError(f"env RNG layout changed since the checkpoint: {sorted(gens)} vs {sorted(snapshot)}")
+    for k, state in snapshot.items():
+        gens[k].bit_generator.state = state
+
+
+def check_resume_config(saved: Path, cfg):
+    """--resume must not change what the checkpoint was trained with (fields in RESUME_FREE may change)."""
+    with open(saved) as f:
+        old = pyrallis.load(type(cfg), f)
+    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in asdict(cfg) if k not in RESUME_FREE
+            and getattr(old, k) != getattr(cfg, k)}
+    if diff:
+        raise RunError(f"--resume with a config that differs from the checkpoint's ({saved}): "
+                       + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+
+
+class Run:
+    """One training run's hold on its directory, opened before any slow work (data, compilation):
+
+    * a lock (`run_dir/.lock`, an OS file lock: released when the process ends, however it ends, so a lock left by
+      a killed process is taken over) refuses a second process on the same directory;
+    * a previous run in the directory is continued (`--resume`) or deleted (`--overwrite`), never silently wiped;
+    * `resume_from`: the checkpoint to continue from: `latest`, else `latest.old`, else `offline` (the newest
+      intact one), its config checked against this one; `offline_from`: the intact --offline_checkpoint to start
+      from (the script that loads it checks what it holds);
+    * SIGINT (Ctrl-C) and SIGTERM set `stop`; the training loops then write a checkpoint at the next block
+      boundary (online: when every seed is at an episode end) and raise Interrupted. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self, cfg, run_dir: Path):
+        import fcntl
+        self.cfg, self.run_dir, self.stop, self.resume_from, self.offline_from = cfg, run_dir, False, None, None
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = open(run_dir / ".lock", "a+")
+        except OSError as e:
+            raise RunError(f"run_dir {run_dir} is not writable ({e.strerror}); choose another --run_dir") from e
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "unknown"
+            self._lock.close()
+            raise RunError(f"run_dir {run_dir} is in use by another process (pid {owner}); wait for it to end or "
+                           "stop it, or choose another --run_dir") from None
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+        try:
+            self._claim()
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _claim(self):
+        cfg, ckpt_dir = self.cfg, self.run_dir / "checkpoints"
+        evals = [self.run_dir / "eval.jsonl"] + sorted(self.run_dir.glob("seed*/eval.jsonl"))
+        previous = ckpt_dir.exists() or any(p.exists() and p.stat().st_size > 0 for p in evals)
+        if cfg.overwrite and cfg.resume:
+            raise RunError("--resume continues the run in run_dir, --overwrite deletes it: pass one of them")
+        if cfg.overwrite:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            for path in evals:
+                path.unlink(missing_ok=True)
+        elif cfg.resume:
+            self.resume_from = find_checkpoint(ckpt_dir / "latest", ckpt_dir / "offline")
+            if self.resume_from is not None:
+                check_resume_config(self.resume_from / "config.yaml", cfg)
+            elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+                raise RunError(f"--resume: no intact checkpoint in {ckpt_dir} (see the warnings above); nothing was "
+                               "deleted. Add --overwrite to start the run again from scratch")
+            else:
+                print(f"--resume: no checkpoint in {ckpt_dir} yet, starting the run from the beginning")
+                for path in evals:  # evaluations logged before the first checkpoint are redone
+                    path.unlink(missing_ok=True)
+        elif previous:
+            raise RunError(f"run_dir {self.run_dir} holds a previous run; add --resume to continue it or --overwrite "
+                           "to delete it and start again")
+        if self.resume_from is None and cfg.offline_checkpoint:
+            self.offline_from = find_checkpoint(Path(cfg.offline_checkpoint))
+            if self.offline_from is None:
+                raise RunError(f"--offline_checkpoint {cfg.offline_checkpoint}: no intact checkpoint there (expected a "
+                               "directory with state.npz, meta.json and config.yaml: <run_dir>/checkpoints/offline)")
+
+    def __enter__(self):
+        import signal
+        import threading
+        self._handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._handlers[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame):
+        import signal
+        if self.stop:  # the second Ctrl-C: stop now, losing the work since the last checkpoint
+            raise KeyboardInterrupt
+        self.stop = True
+        print(f"\n{signal.Signals(signum).name}: stopping at the next checkpoint boundary (again to stop now, losing "
+              "the work since the last checkpoint)", flush=True)
+
+    def interrupt_if_asked(self, where: str):
+        """Call right after a checkpoint: stop the run there if a signal asked for it."""
+        if self.stop:
+            raise Interrupted(f"stopped: checkpoint written {where}; continue with the same command and --resume "
+                              f"(run_dir {self.run_dir})")
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        self._lock.close()
+        return False
+
+
+def main(train_fn, cfg):
+    """Command-line entry: run problems and interruptions are one line on stderr, no traceback."""
+    try:
+        train_fn(cfg)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
+    except (RunError, data.DatasetError) as e:
+        sys.exit(f"error: {e}")
+
+
 def parse_config(argv=None) -> TrainConfig:
-    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` means `--resume true`."""
+    """pyrallis CLI (`--config_path x.yaml --key value`); a bare `--resume` / `--overwrite` means `... true`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(argv):
-        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        if arg in ("--resume", "--overwrite") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "true")
     # pyrallis reads each field's comment (its --help text) by re-reading this file's source once per field: ~3 s
     # for ~70 fields; one read serves them all. It also prefers the comment line above a field to the field's
@@ -1406,4 +1596,4 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 if __name__ == "__main__":
-    train(parse_config())
+    main(train, parse_config())

@@ -1,4 +1,4 @@
-"""Measure the local dataset suite and write `benchmarks/results/datasets.{json,md}` + the README table.
+"""Measure the local dataset suite and write `benchmarks/results/datasets.{json,md}` + the table in docs/datasets.md.
 
     python benchmarks/dataset_report.py --env hopper            # build all levels from scratch, measure
     python benchmarks/dataset_report.py --env all --store /tmp/minari_report
@@ -24,9 +24,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "algorithms"))
 import data  # noqa: E402
 import make_datasets  # noqa: E402
-from readme_tables import replace_section  # noqa: E402
+from readme_tables import DOCS, replace_section  # noqa: E402
 
 RESULTS = HERE / "results" / "datasets.json"
+DOC = DOCS / "datasets.md"  # the page with the generated `datasets` and `behavior` sections
 
 
 def complete_episode_returns(ds):
@@ -133,8 +134,8 @@ def main():
             if (make_datasets.POLICY_ROOT / e / "progress.csv").exists()}
         png = HERE / "results" / "behavior_curves.png"
         png.parent.mkdir(exist_ok=True)
-        md = training_curves(found, png) + "\n\n![SAC training curves](benchmarks/results/behavior_curves.png)"
-        replace_section("behavior", md)
+        md = training_curves(found, png) + "\n\n![SAC training curves](../benchmarks/results/behavior_curves.png)"
+        replace_section("behavior", md, DOC)
         print(md)
         return
     envs = list(data.LOCAL_ENVS) if args.env == "all" else [args.env]
@@ -150,7 +151,7 @@ def main():
         RESULTS.write_text(json.dumps(results, indent=1))
     md = markdown(results)
     (RESULTS.with_suffix(".md")).write_text(md + "\n")
-    replace_section("datasets", md)
+    replace_section("datasets", md, DOC)
     print(md)
 
 

@@ -130,6 +130,19 @@ def _chunk_job(job):
     return rollout(env_id, lambda t: actor, n_steps, seed)
 
 
+def exit_with_parent(parent: int):
+    """Pool initializer (Linux): a rollout worker ends when the process that started it dies, even by SIGKILL, so a
+    killed dataset build (or the training script that started it) leaves no worker running."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
 def collect(env, level, size, workers, desc):
     """Chunks of CHUNK_STEPS steps over `workers` processes, each chunk with its own seed."""
     from tqdm import tqdm
@@ -139,7 +152,7 @@ def collect(env, level, size, workers, desc):
     with tqdm(total=size, desc=desc, unit="step", mininterval=2) as bar:
         if workers > 1 and len(jobs) > 1:
             # spawn, not fork: the caller may be an algorithm script with JAX's threads running
-            with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            with mp.get_context("spawn").Pool(min(workers, len(jobs)), exit_with_parent, (os.getpid(),)) as pool:
                 for (_, _, n, _), eps in zip(jobs, pool.imap(_chunk_job, jobs)):
                     episodes += eps
                     bar.update(n)

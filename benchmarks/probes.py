@@ -7,8 +7,8 @@
 
 pex-switch and alignment start from the reduced protocol's offline checkpoints (`python benchmarks/sweep.py reduced`
 first). Each probe runs its scripts under runs/probes/<probe>/ (a finished run is skipped, so a stopped probe
-resumes) and writes benchmarks/results/<section>_probe.{json,md} and the README section <section> (pex_switch,
-alignment, cal_ql_offline; `--no_readme`: not).
+resumes) and writes benchmarks/results/<section>_probe.{json,md} and the section <section> of docs/benchmarks.md
+(pex_switch, alignment, cal_ql_offline; `--no_readme`: not).
 
 pex-switch. At the switch PEX adds a randomly initialised policy pi beside the frozen offline policy pi_off and picks
 each action by softmax(inv_temperature * Q) over the two candidates. Whether the pre-trained critic ranks pi's
@@ -46,7 +46,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from readme_tables import update_readme  # noqa: E402
+from readme_tables import DOCS, update_readme  # noqa: E402
 from sweep import RESULTS, ROOT, cli_value, load_protocol  # noqa: E402
 
 PEX_STEPS = 600  # pex-switch: online env steps, all of them initial collection (no online update happens)
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval_episodes", type=int, default=5)
     p.add_argument("--out_root", default="runs/probes")
     p.add_argument("--results_dir", default=str(RESULTS))
-    p.add_argument("--readme", default=None, help="README to update (default: the project's)")
+    p.add_argument("--readme", default=str(DOCS / "benchmarks.md"), help="page whose probe sections are replaced")
     p.add_argument("--no_readme", action="store_true")
     args = p.parse_args(argv)
     rc = 0
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
         out.with_suffix(".md").write_text(md)
         print(md)
         if not args.no_readme:
-            rc = max(rc, update_readme(section, md, *([Path(args.readme)] if args.readme else [])))
+            rc = max(rc, update_readme(section, md, Path(args.readme)))
     return rc
 
 

@@ -1,7 +1,9 @@
-"""Replace a generated section of README.md: the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`."""
+"""Replace a generated section of README.md or a docs/ page: the text between `<!-- NAME:begin -->` and
+`<!-- NAME:end -->`."""
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = README.parent / "docs"  # the pages of the long generated sections (benchmarks.md, datasets.md, speed.md)
 
 
 def replace_section(name: str, markdown: str, readme: Path = README) -> None:

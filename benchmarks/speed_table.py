@@ -1,4 +1,4 @@
-"""Speed table of the seven algorithms on this machine, written into README.md (section `speed`) by one command.
+"""Speed table of the seven algorithms on this machine, written into docs/speed.md (section `speed`) by one command.
 
     python benchmarks/speed_table.py --bench --quickstart all     # everything (~1 h on 2 cores)
     python benchmarks/speed_table.py --bench                      # re-time the updates, quickstarts kept
@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from readme_tables import README, update_readme  # noqa: E402
+from readme_tables import DOCS, update_readme  # noqa: E402
 
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--bench_args", default="", help="extra bench_updates.py arguments, e.g. '--block 200'")
     p.add_argument("--quickstart", default="", help="comma-separated algorithms (or 'all') whose quickstart to run")
     p.add_argument("--results_dir", default=str(RESULTS))
-    p.add_argument("--readme", default=str(README))
+    p.add_argument("--readme", default=str(DOCS / "speed.md"), help="page whose `speed` section is replaced")
     p.add_argument("--no_readme", action="store_true")
     args = p.parse_args(argv)
     results = Path(args.results_dir)

@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = ROOT / "benchmarks" / "protocols"
 RESULTS = ROOT / "benchmarks" / "results"
 KNOWN_ALGORITHMS = ("iql", "cal_ql", "o2sac", "o2td3", "o2ppo", "aca", "pex")  # the collection (some still coming)
-RESERVED = ("config_path", "seed", "run_dir", "resume", "dataset_id")  # set by the runner, not by overrides
+RESERVED = ("config_path", "seed", "run_dir", "resume", "overwrite", "dataset_id")  # set by the runner, not by overrides
 DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
 DEFAULT_COMMAND = ["{python}", "algorithms/{algo}.py", "--config_path", "{config}", "--seed", "{seed}",
                    "--run_dir", "{run_dir}"]
@@ -342,8 +342,9 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
                               f"{shlex.join(map(str, recorded or []))}\n    now:  "
                               f"{shlex.join(plan.recorded_args(run))}\n    delete that run dir (or its "
                               "done.json to resume it with the new arguments) or change output_root")
-        elif (rd / "checkpoints").is_dir() and any((rd / "checkpoints").iterdir()):
-            run.status = "resume"
+        elif ((rd / "checkpoints").is_dir() and any((rd / "checkpoints").iterdir())) or \
+                any(_count_lines(rd / f) for _, f in run.eval_files()):
+            run.status = "resume"  # (a run killed before its first checkpoint restarts: the script says so)
     if errors:
         raise SweepError("\n  ".join(errors))
     return plan
@@ -453,6 +454,24 @@ def run_env(protocol: dict) -> dict:
 _procs, _procs_lock, _stopping = set(), threading.Lock(), threading.Event()
 
 
+def _exit_with_parent():
+    """In the child before exec (Linux): SIGTERM it when the sweep dies, even by SIGKILL, so no run is orphaned
+    (a SIGTERMed run writes a checkpoint at its next block boundary and exits)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _load_prctl():
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
 def run_one(plan: Plan, run: Run, env: dict, wrap=(), poll_s: float = 1.0) -> tuple:
     """Run (or resume) one run as a subprocess; write done.json on success. Returns (run, ok, message)."""
     rd = plan.root / run.run_dir
@@ -467,7 +486,7 @@ def run_one(plan: Plan, run: Run, env: dict, wrap=(), poll_s: float = 1.0) -> tu
         if _stopping.is_set():
             return run, False, "not started (interrupted)"
         proc = subprocess.Popen(cmd, cwd=plan.root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_exit_with_parent)
         with _procs_lock:
             _procs.add(proc)
         try:
@@ -548,7 +567,8 @@ def execute(plan: Plan, jobs: int = 1, wrap=(), poll_s: float = 1.0) -> list:
         with _procs_lock:
             for proc in _procs:  # only the runs this process started (each in its own session)
                 os.killpg(proc.pid, signal.SIGTERM)
-        print("interrupted: running runs stopped; re-run the same command to resume them", flush=True)
+        print("interrupted: running runs stop at their next checkpoint; re-run the same command to resume them",
+              flush=True)
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()

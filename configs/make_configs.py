@@ -5,8 +5,8 @@
 
 Every value comes from the algorithm's TrainConfig defaults (the main benchmark's values, AntMaze for both
 algorithms) plus the per-group overrides below, so the YAMLs cannot drift from the dataclasses: change a
-default or an override here and re-run. Sources of the overrides: ALGORITHMS.md sections 4 (Cal-QL) and 5
-(IQL), i.e. the official Cal-QL scripts and CORL's IQL configs.
+default or an override here and re-run. Sources of the overrides: the official Cal-QL scripts and CORL's IQL
+configs.
 """
 import argparse
 import io

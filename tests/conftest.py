@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hang_watchdog import pytest_runtest_protocol  # noqa: F401  (a hung test ends the session with its stacks)
+from hang_watchdog import pytest_runtest_logreport, pytest_runtest_protocol  # noqa: F401  (a hung test ends the session)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "algorithms"))
@@ -96,3 +96,27 @@ def assert_nan_loss_stops(module, config, match):
     with pytest.raises(FloatingPointError, match=match):
         module.train(config)
     assert not (Path(config.run_dir) / "checkpoints" / "latest").exists()
+
+
+def assert_ctrl_c_resumes(module, make_config, function, calls, monkeypatch, expected_dir, seeds=None):
+    """Send SIGINT (as Ctrl-C does) while `module.function` runs for the `calls`-th time: train() must stop with a
+    checkpoint (Interrupted, restoring the SIGINT handler), and `--resume` must then end with exactly the evaluation
+    records of the uninterrupted run in `expected_dir`."""
+    import signal
+    fn, count = getattr(module, function), []
+
+    def wrapped(*args, **kwargs):
+        count.append(1)
+        if len(count) == calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        return fn(*args, **kwargs)
+    monkeypatch.setattr(module, function, wrapped)
+    config = make_config()
+    with pytest.raises(module.Interrupted, match="checkpoint written .* --resume"):
+        module.train(config)
+    monkeypatch.setattr(module, function, fn)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    got, expected = seed_dirs(config.run_dir, seeds), seed_dirs(expected_dir, seeds)
+    assert len(read_evals(got[-1])) < len(read_evals(expected[-1]))
+    module.train(make_config(resume=True))
+    assert [read_evals(d) for d in got] == [read_evals(d) for d in expected]

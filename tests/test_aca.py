@@ -1,9 +1,10 @@
 """ACA: maths against NumPy (policy log-probs, soft-clip bound, R <- Z initialisation, the SAC+ML / baseline-Z /
 aligned-critic losses, the w schedule), ensemble init, and tiny end-to-end runs (offline -> online with an empty
 buffer and with top-N seeding, resume, offline checkpoint reuse, clear errors, several seeds in one process)."""
+import json
 import math
 import os
-import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 
 import aca
 import data
-from conftest import assert_nan_loss_stops, assert_resume_matches, buffer_rows, read_evals
+from conftest import (assert_ctrl_c_resumes, assert_nan_loss_stops, assert_resume_matches, buffer_rows,
+                      kill_after_checkpoints, read_evals)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -395,25 +397,53 @@ def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkey
                           reference_run[1])
 
 
-def test_offline_checkpoint_reuse_and_wrong_checkpoints(reference_run, tmp_path):
+@pytest.mark.parametrize("function,calls,num_seeds", [("update_block", 2, 1), ("update_online", 3, 1),
+                                                      ("update_online", 3, 2)])
+def test_ctrl_c_checkpoints_and_resumes_exactly(reference_run, multi_run, tmp_path, monkeypatch, function,
+                                                calls, num_seeds):
+    """SIGINT stops SAC+ML at the next block boundary, fine-tuning at the next episode end (of every seed), with a
+    checkpoint; --resume then ends with exactly the uninterrupted run's records (the switch and w schedule
+    included)."""
+    assert_ctrl_c_resumes(aca, lambda **kw: tiny_config(reference_run[0], tmp_path, num_seeds=num_seeds, **kw),
+                          function, calls, monkeypatch, reference_run[1] if num_seeds == 1 else multi_run[0],
+                          seeds=None if num_seeds == 1 else (0, 1))
+
+
+def test_resume_from_the_offline_checkpoint_realigns(reference_run, tmp_path, monkeypatch):
+    """--resume past a damaged `latest` falls back to the offline checkpoint (phase "align", SAC+ML state): the
+    switch is redone and the run ends with the uninterrupted run's records."""
+    kill_after_checkpoints(aca, tiny_config(reference_run[0], tmp_path), 4, monkeypatch)  # an online checkpoint
+    (tmp_path / "checkpoints" / "latest" / "state.npz").unlink()
+    assert aca.load_meta(tmp_path / "checkpoints" / "offline")["phase"] == "align"
+    aca.train(tiny_config(reference_run[0], tmp_path, resume=True))
+    assert read_evals(tmp_path) == reference_run[3]
+
+
+def test_offline_checkpoint_reuse_and_wrong_checkpoints(reference_run, tmp_path, monkeypatch):
     dataset_id, ref_dir, _, reference = reference_run
     aca.train(tiny_config(dataset_id, tmp_path / "reuse", offline_checkpoint=str(ref_dir / "checkpoints" / "offline")))
     # the loaded state scores like the end of pre-training, and fine-tuning continues exactly as in the source run
     assert read_evals(tmp_path / "reuse") == reference[1:]
-    with pytest.raises(ValueError, match="online-phase checkpoint"):
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the checks")
+    monkeypatch.setattr(aca.data, "load_dataset", no_data)  # every refusal below comes before the data
+    with pytest.raises(aca.RunError, match="online-phase checkpoint"):
         aca.train(tiny_config(dataset_id, tmp_path / "a", offline_checkpoint=str(ref_dir / "checkpoints" / "latest")))
     other = tmp_path / "iql_run" / "checkpoints" / "offline"  # another script's checkpoint (no ACA tag)
     other.mkdir(parents=True)
     np.savez(other / "state.npz", x=np.zeros(1))
-    with open(other / "meta.pkl", "wb") as f:
-        pickle.dump({"phase": "online", "updates": 10}, f)
-    with pytest.raises(ValueError, match="not written by algorithms/aca.py"):
+    (other / "meta.json").write_text(json.dumps({"phase": "online", "updates": 10}))
+    shutil.copy(ref_dir / "config.yaml", other / "config.yaml")
+    with pytest.raises(aca.RunError, match="not written by algorithms/aca.py"):
         aca.train(tiny_config(dataset_id, tmp_path / "b", offline_checkpoint=str(other)))
-    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+    with pytest.raises(aca.RunError, match="no intact checkpoint there"):
         aca.train(tiny_config(dataset_id, tmp_path / "c", offline_checkpoint=str(tmp_path / "missing")))
-    with pytest.raises(ValueError, match="holds 1 seed.*--num_seeds 1"):
+    with pytest.raises(aca.RunError, match=r"holds 1 seed\(s\); run with --num_seeds 1"):
         aca.train(tiny_config(dataset_id, tmp_path / "d", num_seeds=2,
                               offline_checkpoint=str(ref_dir / "checkpoints" / "offline")))
+    # all refused before anything was written
+    assert not any((tmp_path / d / "checkpoints").exists() for d in "abcd")
 
 
 def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):

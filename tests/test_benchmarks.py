@@ -1,6 +1,11 @@
 """Benchmark sweep and report: the report's numbers on a hand-made CSV, the runner's skip/resume logic with a fake
 algorithm script, --collect idempotence, clear input errors, and one tiny real IQL run through the smoke protocol."""
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 import json
 import math
 from pathlib import Path
@@ -49,6 +54,10 @@ if a.offline_checkpoint and not Path(a.offline_checkpoint).exists():
 rd.mkdir(parents=True, exist_ok=True)
 with open(rd / "calls.log", "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\\n")
+if (rd / "hang").exists():  # for the orphan test: say who we are, then wait to be killed
+    import os, time
+    (rd / "pid").write_text(str(os.getpid()))
+    time.sleep(600)
 seeds = [a.seed + i for i in range(a.num_seeds)]
 evs = {s: rd / "eval.jsonl" if a.num_seeds == 1 else rd / f"seed{s}" / "eval.jsonl" for s in seeds}
 ck = rd / "checkpoints" / "n"
@@ -133,9 +142,12 @@ def test_report_numbers_curves_and_readme(tmp_path):
     proto.write_text(yaml.safe_dump({"name": "fake", "seeds": [0, 1, 2], "datasets": [DATASET],
                                      "algorithms": {"A": {"online_steps": 10000, "wandb_mode": "disabled"},
                                                     "B": None, "C": {"offline_updates": 50000}}}))
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- results:begin -->\nold\n<!-- results:end -->\ntail\n")
-    assert report.main([str(proto), "--results_dir", str(tmp_path), "--readme", str(readme)]) == 0
+    readme, doc = tmp_path / "README.md", tmp_path / "docs" / "benchmarks.md"
+    readme.write_text("# x\n<!-- results_headline:begin -->\nold\n<!-- results_headline:end -->\ntail\n")
+    doc.parent.mkdir()
+    doc.write_text("# y\n<!-- results:begin -->\nold\n<!-- results:end -->\ntail\n")
+    args = [str(proto), "--results_dir", str(tmp_path), "--readme", str(readme), "--doc", str(doc)]
+    assert report.main(args) == 0
     md = (tmp_path / "sweep_fake.md").read_text()
     row_a = next(line for line in md.splitlines() if line.startswith("| A |"))
     cells = [c.strip() for c in row_a.strip("|").split("|")]
@@ -149,10 +161,50 @@ def test_report_numbers_curves_and_readme(tmp_path):
     assert "wandb_mode" not in md and "No results yet: C." in md and "last" in md and "best" in md
     png = tmp_path / "sweep_fake_curves.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
-    text = readme.read_text()
+    assert "![learning curves](sweep_fake_curves.png)" in md  # image links relative to the page they are in
+    text = doc.read_text()  # the full report in the docs page
     assert "old" not in text and row_a in text and text.endswith("<!-- results:end -->\ntail\n")
+    assert "![learning curves](../sweep_fake_curves.png)" in text
+    text = readme.read_text()  # the README's short table: pre-training -> online last ± std, and a link to the page
+    assert "old" not in text and text.endswith("<!-- results_headline:end -->\ntail\n")
+    assert "| A | 60.0 → 80.0 ± 10.0 |" in text and "| B | 40.0 → 60.0 |" in text and "| C |" not in text
+    assert "[docs/benchmarks.md](docs/benchmarks.md)" in text
     readme.write_text("# no markers\n")  # the files are still written; the missing markers are a clear error
-    assert report.main([str(proto), "--results_dir", str(tmp_path), "--readme", str(readme)]) == 2
+    assert report.main(args) == 2
+
+
+def test_committed_generated_sections_match_their_generators():
+    """Each generated section sits once, in the page its generator writes by default (README.md: the short results
+    table; docs/: the long ones), and holds exactly what the generator writes from the committed results files."""
+    import re
+    import dataset_report
+    import speed_table
+    from readme_tables import DOCS, README
+    sections = {}
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
+        for m in re.finditer(r"<!-- (\w+):begin -->\n(.*?)\n<!-- \1:end -->", page.read_text(), re.S):
+            assert m.group(1) not in sections, f"section {m.group(1)} twice"
+            sections[m.group(1)] = (page, m.group(2))
+    results = ROOT / "benchmarks" / "results"
+    protocol = sweep.load_protocol("reduced")
+    rows = report.read_rows(results / "sweep_reduced.csv")
+    summary = report.summarize(rows)
+    algos = report.ordered({a for a, _ in summary}, list(protocol["algorithms"]))
+    datasets = report.ordered({d for _, d in summary}, list(protocol["datasets"]))
+    png = results / "sweep_reduced_curves.png"
+    expected = {
+        "results_headline": (README, report.headline(protocol, summary, algos, datasets, "docs/benchmarks.md")),
+        "results": (DOCS / "benchmarks.md", report.markdown(protocol, summary, rows, algos, datasets,
+                                                            results / "sweep_reduced.csv", png, False, DOCS)),
+        "speed": (DOCS / "speed.md", speed_table.table(json.loads((results / "bench_updates.json").read_text()),
+                                                       json.loads((results / "quickstart_times.json").read_text()))),
+        "datasets": (dataset_report.DOC, dataset_report.markdown(json.loads((results / "datasets.json").read_text()))),
+        **{s: (DOCS / "benchmarks.md", (results / f"{s}_probe.md").read_text())
+           for s in ("pex_switch", "alignment", "cal_ql_offline")}}
+    for name, (page, text) in expected.items():
+        assert sections[name][0] == page, (name, sections[name][0])
+        assert sections[name][1] == text.strip(), f"section {name} differs from what its generator writes"
+    assert sections["behavior"][0] == dataset_report.DOC  # needs the training curves' files: its place only
 
 
 def test_mean_curve_interpolates_onto_common_steps():
@@ -190,6 +242,38 @@ def test_finished_runs_skipped_unfinished_resumed(fake_root, tmp_path):
     assert len(times) == 5 and times == sorted(times)
     assert sweep.main([str(proto)], root=root, results_dir=results) == 0  # all finished: nothing runs
     assert len((seed1 / "calls.log").read_text().splitlines()) == 2
+
+
+def test_killed_sweep_leaves_no_orphan_run(fake_root, tmp_path):
+    """SIGKILL of the sweep (no chance to clean up) still ends its running run: the run is told to stop (SIGTERM)
+    when its parent dies, so a re-run of the sweep never finds a second process on the same run directory."""
+    root, proto = fake_root
+    write_protocol(proto, seeds=[0])
+    seed0 = root / "out" / "fake" / DATASET / "seed0"
+    seed0.mkdir(parents=True)
+    (seed0 / "hang").write_text("")
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import sweep; "
+            "sweep.main([sys.argv[2]], root=Path(sys.argv[3]), results_dir=Path(sys.argv[4]))")
+    sweeper = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "benchmarks"), str(proto), str(root),
+                                str(tmp_path / "results")])
+    deadline = time.time() + 60
+    while not (seed0 / "pid").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    child = int((seed0 / "pid").read_text())
+    sweeper.kill()
+    sweeper.wait()
+
+    def alive(pid):
+        try:
+            return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 10
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    if alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the run outlived the killed sweep")
 
 
 def test_collect_is_idempotent(fake_root, tmp_path):
@@ -406,7 +490,7 @@ def test_bench_updates_all_algorithms_tiny(tmp_path):
     o2sac_cfg = yaml.safe_load((ROOT / "configs" / "o2sac" / "o2o" / "hopper" / "medium-v0.yaml").read_text())
     assert saved["o2sac"]["updates_per_env_step"] == o2sac_cfg["utd"]  # the config's UTD
     assert saved["o2ppo"]["updates_per_env_step"] is None  # on-policy: env + act only
-    # the README speed table from that JSON and a quickstart record (speed_table.py without re-running anything)
+    # the speed table (docs/speed.md) from that JSON and a quickstart record (speed_table.py, nothing re-run)
     import speed_table
     (tmp_path / "bench_updates.json").write_text(out.read_text())
     (tmp_path / "quickstart_times.json").write_text(json.dumps({"iql": {

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cal_ql
-from conftest import assert_nan_loss_stops, assert_resume_matches, read_evals
+from conftest import assert_ctrl_c_resumes, assert_nan_loss_stops, assert_resume_matches, read_evals
 
 # Tiny budgets; every run in this file shares these static shapes, so the update block compiles once.
 TINY = dict(offline_updates=200, online_steps=300, update_block=50, offline_eval_every=100, online_eval_every=100,
@@ -159,6 +159,18 @@ def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkey
     # killed after the first online evaluation
     assert_resume_matches(cal_ql, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), 4, monkeypatch,
                           reference_run[1])
+
+
+def test_resume_falls_back_to_the_offline_checkpoint(reference_run, tmp_path, monkeypatch):
+    """A damaged `latest` (no `latest.old`): --resume restarts from `offline` and ends as the uninterrupted run."""
+    assert_resume_matches(cal_ql, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), 4, monkeypatch,
+                          reference_run[1], after_kill=lambda rd: (rd / "checkpoints" / "latest" / "state.npz").unlink())
+
+
+@pytest.mark.parametrize("function,calls", [("update_block", 2), ("update_few", 2)])  # offline; online
+def test_ctrl_c_checkpoints_and_resumes_exactly(reference_run, tmp_path, monkeypatch, function, calls):
+    assert_ctrl_c_resumes(cal_ql, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), function, calls,
+                          monkeypatch, reference_run[1])
 
 
 def test_offline_checkpoint_round_trip_and_corl_variant(reference_run, tmp_path):

@@ -24,6 +24,19 @@ def test_resume_flag_parses_in_any_position(module):
     assert module.parse_config(["--resume", "--seed", "3"]).resume is True
     cfg = module.parse_config(["--seed", "3", "--resume"])
     assert cfg.resume is True and cfg.seed == 3
+    cfg = module.parse_config(["--overwrite", "--seed", "3"])
+    assert cfg.overwrite is True and cfg.resume is False
+
+
+def test_run_dir_checks_come_before_the_data(module, tmp_path, monkeypatch):
+    """A previous run in run_dir is refused without --resume / --overwrite, before the dataset is touched."""
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the run-directory checks")
+    monkeypatch.setattr(data, "load_dataset", no_data)
+    (tmp_path / "eval.jsonl").write_text('{"phase": "offline"}\n')
+    cfg = module.TrainConfig(run_dir=str(tmp_path), wandb_mode="disabled")
+    with pytest.raises(module.RunError, match="holds a previous run; add --resume"):
+        module.train(cfg)
 
 
 def test_help_shows_each_fields_inline_comment(module, capsys):

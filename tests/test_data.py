@@ -1,5 +1,6 @@
 """The shared dataset utility: building, flattening, returns, scores and every error path."""
 import socket
+from pathlib import Path
 import subprocess
 import sys
 import time
@@ -261,3 +262,89 @@ def test_builder_cli_rejects_typos(capsys):
     with pytest.raises(SystemExit):
         make_datasets.main(["--env", "hoper", "--level", "medium"])
     assert "'hoper' is not one of" in capsys.readouterr().err
+
+
+
+def test_rollout_workers_end_with_their_parent(tmp_path):
+    """A dataset build killed by SIGKILL leaves no rollout worker running (the pool's workers get SIGTERM when the
+    process that started them dies)."""
+    import os
+    import signal
+    script = tmp_path / "build.py"
+    script.write_text(
+        "import multiprocessing as mp, os, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import make_datasets\n"
+        "def pid(_):\n    time.sleep(0.5)\n    return os.getpid()\n"
+        "if __name__ == '__main__':\n"
+        "    pool = mp.get_context('spawn').Pool(2, make_datasets.exit_with_parent, (os.getpid(),))\n"
+        "    print(' '.join(map(str, sorted(set(pool.map(pid, range(4), chunksize=1))))), flush=True)\n"
+        "    pool.map_async(time.sleep, [600, 600])\n"
+        "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def alive(pid):
+        try:
+            return "State:\tZ" not in (Path("/proc") / str(pid) / "status").read_text()
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 10
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, "rollout workers outlived their killed parent"
+
+
+@pytest.fixture
+def own_copy(tiny_dataset, tmp_path, monkeypatch):
+    """A private copy of the tiny hopper dataset (its files get damaged here), in a store of its own."""
+    import shutil
+    dataset_id = tiny_dataset("hopper", "medium")
+    src = data.dataset_dir(dataset_id)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
+    shutil.copytree(src, data.dataset_dir(dataset_id))
+    return dataset_id, data.dataset_dir(dataset_id)
+
+
+def test_damaged_cache_is_rebuilt(own_copy, capsys):
+    dataset_id, root = own_copy
+    expected = data.load_dataset(dataset_id, build=False, download=False)
+    cache = root / "o2o_flat_cache.npz"
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])  # truncated
+    got = data.load_dataset(dataset_id, build=False, download=False)
+    assert "unreadable" in capsys.readouterr().out
+    np.testing.assert_array_equal(got.observations, expected.observations)
+    np.load(cache)["rewards"]  # written again, whole
+
+
+def test_truncated_dataset_file_names_the_fix(own_copy):
+    dataset_id, root = own_copy
+    (root / "o2o_flat_cache.npz").unlink()
+    h5 = root / "data" / "main_data.hdf5"
+    h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 3])
+    with pytest.raises(data.DatasetError, match="make_datasets.py --env hopper --level medium --force"):
+        data.load_dataset(dataset_id, build=False, download=False)
+
+
+def test_garbled_dataset_file_is_caught_not_cached(own_copy):
+    """Bytes overwritten inside the observations: the NaNs are caught at load and never written into the cache."""
+    import h5py
+    dataset_id, root = own_copy
+    (root / "o2o_flat_cache.npz").unlink()
+    h5 = root / "data" / "main_data.hdf5"
+    with h5py.File(h5, "r") as f:
+        ds = f["episode_0"]["observations"]
+        assert not ds.compression  # stored raw: its bytes can be garbled in place
+        offset = ds.id.get_offset() if ds.chunks is None else ds.id.get_chunk_info(0).byte_offset
+    raw = bytearray(h5.read_bytes())
+    raw[offset + 64: offset + 96] = b"\xff" * 32  # float32 0xffffffff is NaN
+    h5.write_bytes(bytes(raw))
+    with pytest.raises(data.DatasetError, match="non-finite values in observations.*--force"):
+        data.load_dataset(dataset_id, build=False, download=False)
+    assert not (root / "o2o_flat_cache.npz").exists()

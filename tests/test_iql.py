@@ -54,7 +54,7 @@ def test_actor_lr_schedule():
     lr = iql.actor_lr_schedule(h)
     np.testing.assert_allclose(float(lr(0)), 3e-4, rtol=1e-6)
     np.testing.assert_allclose(float(lr(500)), 1.5e-4, rtol=1e-5)  # cosine decay offline (CORL)
-    np.testing.assert_allclose(float(lr(1000)), 3e-4, rtol=1e-6)  # constant online (decision 5)
+    np.testing.assert_allclose(float(lr(1000)), 3e-4, rtol=1e-6)  # constant online (deviation 1)
     corl = iql.actor_lr_schedule(h._replace(corl_cosine_restart=True))
     for k in (0, 250, 1000):  # PyTorch CosineAnnealingLR continued past T_max: rises again online
         np.testing.assert_allclose(float(corl(1000 + k)), 3e-4 * (1 - math.cos(math.pi * k / 1000)) / 2, atol=1e-9)

@@ -1,8 +1,11 @@
 """O2PPO: maths against NumPy (GAE with terminals vs truncations, reference advantage, per-sample vs broadcast
 mixing, clipped PPO loss, Monte-Carlo targets and reward scaling), actor compatibility with iql.py, and tiny
-end-to-end runs (three phases, each switch off, resume after a kill, offline checkpoints of o2ppo and iql.py)."""
+end-to-end runs (three phases, each switch off, resume after a kill or a Ctrl-C, offline checkpoints of o2ppo and
+iql.py)."""
+import json
 import math
-import pickle
+import os
+import signal
 from typing import Any, NamedTuple
 
 import jax
@@ -259,18 +262,63 @@ def test_end_to_end_three_phases(reference_run):
     assert times == sorted(times) and times[0] > 0
     for name in ("offline", "latest"):
         assert (run_dir / "checkpoints" / name / "state.npz").exists()
-    assert o2ppo.read_meta(run_dir / "checkpoints" / "latest")["phase"] == "done"
+    assert o2ppo.load_meta(run_dir / "checkpoints" / "latest")["phase"] == "done"
 
 
 @pytest.mark.parametrize("kill_after", [4, 6])  # 4: during re-evaluation, 6: online, mid-rollout
 def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch, kill_after):
     def after_kill(run_dir):
-        meta = o2ppo.read_meta(run_dir / "checkpoints" / "latest")
+        meta = o2ppo.load_meta(run_dir / "checkpoints" / "latest")
         assert meta["phase"] == ("reevaluation" if kill_after == 4 else "online")
         if kill_after == 6:
             assert 0 < meta["rollout"][0]["count"] < 128  # a partial rollout is part of the checkpoint
     assert_resume_matches(o2ppo, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), kill_after, monkeypatch,
                           reference_run[1], after_kill=after_kill)
+
+
+def test_resume_falls_back_to_the_offline_checkpoint(reference_run, tmp_path, monkeypatch):
+    """With `latest` unusable, --resume continues from checkpoints/offline (the end of pre-training) and still ends
+    with the uninterrupted run's records."""
+    def damage(run_dir):
+        (run_dir / "checkpoints" / "latest" / "meta.json").write_text("{not json")
+    assert_resume_matches(o2ppo, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), 6, monkeypatch,
+                          reference_run[1], after_kill=damage)
+
+
+def stop_after_calls(monkeypatch, module, name, calls):
+    """Send this process SIGINT (as Ctrl-C does) when `module.name` is called for the `calls`-th time."""
+    fn, count = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        count.append(1)
+        if len(count) == calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        return fn(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapped)
+
+
+# iql_block calls 1-4 (IQL), reeval_block 1-2 (re-evaluation), ppo_update 1-4 (full rollouts at 128, 256, ... steps)
+@pytest.mark.parametrize("where,calls,phase", [("iql_block", 2, "offline"), ("iql_block", 4, "reevaluation"),
+                                               ("reeval_block", 1, "reevaluation"), ("ppo_update", 1, "online")])
+def test_ctrl_c_checkpoints_and_resumes_exactly(reference_run, tmp_path, monkeypatch, where, calls, phase):
+    """SIGINT stops at the next block boundary (or phase end) of IQL and the re-evaluation and, online, at the next
+    online checkpoint (the first episode end after an evaluation, with the partial rollout); --resume then ends with
+    exactly the uninterrupted run's records."""
+    dataset_id, _, _, reference = reference_run
+    run_dir = tmp_path / "run"
+    stop_after_calls(monkeypatch, o2ppo, where, calls)
+    with pytest.raises(o2ppo.Interrupted, match="checkpoint written .* --resume"):
+        o2ppo.train(tiny_config(dataset_id, run_dir))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    evals = read_evals(run_dir)
+    assert len(evals) < len(reference) and evals == reference[:len(evals)]
+    meta = o2ppo.load_meta(run_dir / "checkpoints" / "latest")
+    assert meta["phase"] == phase and meta["eval_lines"] == [len(evals)]
+    if phase == "online":
+        assert 128 < meta["env_steps"][0] < 600 and meta["rollout"][0]["count"] == meta["env_steps"][0] % 128
+    monkeypatch.undo()
+    o2ppo.train(tiny_config(dataset_id, run_dir, resume=True))
+    assert read_evals(run_dir) == reference
 
 
 def test_own_offline_checkpoint_round_trip(reference_run, tmp_path):
@@ -319,7 +367,7 @@ def test_offline_checkpoint_from_iql_py(reference_run, tmp_path):
     multi.mkdir()
     with np.load(src / "state.npz") as z:
         np.savez(multi / "state.npz", **{k: np.stack([z[k], z[k] + 1.0]) for k in z.files})
-    (multi / "meta.pkl").write_bytes(pickle.dumps({"num_seeds": 2, "updates": [100, 100]}))
+    (multi / "meta.json").write_text(json.dumps({"num_seeds": 2, "updates": [100, 100]}))
     (multi / "config.yaml").write_text((src / "config.yaml").read_text().replace("seed: 0", "seed: 4"))
     h = o2ppo.make_hyper(tiny_config(dataset_id, tmp_path), 11, 3)
     single, mean0, _, _ = o2ppo.load_offline_actor(src, h, 0)
@@ -327,7 +375,7 @@ def test_offline_checkpoint_from_iql_py(reference_run, tmp_path):
     np.testing.assert_allclose(np.asarray(second["log_std"]), np.asarray(single["log_std"]) + 1.0)
     np.testing.assert_allclose(np.asarray(mean5), np.asarray(mean0) + 1.0)
     assert updates == 100
-    with pytest.raises(ValueError, match=r"holds seeds 4\.\.5"):
+    with pytest.raises(o2ppo.RunError, match=r"holds seeds 4\.\.5"):
         o2ppo.load_offline_actor(multi, h, 0)
 
 
@@ -340,22 +388,23 @@ class _Foreign(NamedTuple):
 def test_wrong_offline_checkpoint_fails_clearly(reference_run, tmp_path):
     dataset_id, ref_dir, _, _ = reference_run
     offline = str(ref_dir / "checkpoints" / "offline")
-    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+    with pytest.raises(o2ppo.RunError, match="no intact checkpoint there"):
         o2ppo.train(tiny_config(dataset_id, tmp_path / "a", offline_checkpoint=str(tmp_path)))
-    with pytest.raises(ValueError, match=r"has shape .* hidden_dims"):
+    with pytest.raises(o2ppo.RunError, match=r"has shape .* hidden_dims"):
         o2ppo.train(tiny_config(dataset_id, tmp_path / "b", offline_checkpoint=offline, hidden_dims=[16, 16]))
-    with pytest.raises(ValueError, match="its actor differs: missing"):
+    with pytest.raises(o2ppo.RunError, match="its actor differs: missing"):
         o2ppo.train(tiny_config(dataset_id, tmp_path / "c", offline_checkpoint=offline, hidden_dims=[32, 32, 32]))
     # a checkpoint of another actor type (e.g. a tanh-Gaussian actor with state-dependent std)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     tree = _Foreign(o2ppo.Trainable({"Dense_0": {"kernel": np.zeros((11, 6))}}, ()), np.zeros(11), np.ones(11))
     o2ppo.save_tree(foreign / "state.npz", tree)
-    (foreign / "meta.pkl").write_bytes(pickle.dumps({"updates": 5}))
-    with pytest.raises(ValueError, match="its actor differs"):
+    (foreign / "meta.json").write_text(json.dumps({"updates": 5}))
+    (foreign / "config.yaml").write_text("cql_weight: 5.0\n")
+    with pytest.raises(o2ppo.RunError, match="its actor differs"):
         o2ppo.train(tiny_config(dataset_id, tmp_path / "d", offline_checkpoint=str(foreign)))
     o2ppo.save_tree(foreign / "state.npz", {"policy": np.zeros(3)})
-    with pytest.raises(ValueError, match=r"holds no '.actor.params'"):
+    with pytest.raises(o2ppo.RunError, match=r"holds no '.actor.params'"):
         o2ppo.train(tiny_config(dataset_id, tmp_path / "e", offline_checkpoint=str(foreign)))
 
 
@@ -394,7 +443,7 @@ def test_num_seeds_matches_single_seed_runs(reference_run, multi_seed_run, tmp_p
         # online: the same schedule and w_t; returns agree closely (tiny round-off can grow through the dynamics)
         assert [e["w_t"] for e in got] == [e["w_t"] for e in expected]
         np.testing.assert_allclose([e["return"] for e in got], [e["return"] for e in expected], rtol=0.05)
-    meta = o2ppo.read_meta(run_dir / "checkpoints" / "latest")
+    meta = o2ppo.load_meta(run_dir / "checkpoints" / "latest")
     assert meta["num_seeds"] == 2 and meta["phase"] == "done" and np.shape(meta["act_key"]) == (2, 2)
     with np.load(run_dir / "checkpoints" / "latest" / "state.npz") as z:
         assert all(z[k].shape[0] == 2 for k in z.files)  # every leaf has the seed axis
@@ -402,16 +451,32 @@ def test_num_seeds_matches_single_seed_runs(reference_run, multi_seed_run, tmp_p
 
 def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, multi_seed_run, tmp_path, monkeypatch):
     def after_kill(run_dir):  # killed at the first joint online checkpoint
-        meta = o2ppo.read_meta(run_dir / "checkpoints" / "latest")
+        meta = o2ppo.load_meta(run_dir / "checkpoints" / "latest")
         assert meta["phase"] == "online" and len(meta["rollout"]) == 2
     assert_resume_matches(o2ppo, lambda **kw: tiny_config(reference_run[0], tmp_path, num_seeds=2, **kw), 6,
                           monkeypatch, multi_seed_run[1], seeds=(0, 1), after_kill=after_kill)
 
 
+def test_num_seeds_ctrl_c_resumes_exactly(reference_run, multi_seed_run, tmp_path, monkeypatch):
+    """Online, a stop request waits for the next joint checkpoint (the seeds wait for each other only where an
+    uninterrupted run does too); the resumed run repeats the uninterrupted --num_seeds 2 run exactly."""
+    dataset_id, multi_dir = reference_run[0], multi_seed_run[1]
+    run_dir = tmp_path / "run"
+    stop_after_calls(monkeypatch, o2ppo, "ppo_update", 1)
+    with pytest.raises(o2ppo.Interrupted, match="online env steps"):
+        o2ppo.train(tiny_config(dataset_id, run_dir, num_seeds=2))
+    meta = o2ppo.load_meta(run_dir / "checkpoints" / "latest")
+    assert meta["phase"] == "online" and all(200 <= t < 600 for t in meta["env_steps"])
+    monkeypatch.undo()
+    o2ppo.train(tiny_config(dataset_id, run_dir, num_seeds=2, resume=True))
+    for seed in (0, 1):
+        assert read_evals(run_dir / f"seed{seed}") == read_evals(multi_dir / f"seed{seed}")
+
+
 def test_num_seeds_offline_checkpoint(reference_run, multi_seed_run, tmp_path):
     dataset_id, ref_dir, _, reference = reference_run
     multi_dir = multi_seed_run[1]
-    with pytest.raises(ValueError, match=r"holds 1 seed\(s\), this run trains 2"):
+    with pytest.raises(o2ppo.RunError, match=r"holds 1 seed\(s\), this run trains 2"):
         o2ppo.train(tiny_config(dataset_id, tmp_path / "a", num_seeds=2,
                                 offline_checkpoint=str(ref_dir / "checkpoints" / "offline")))
     # one seed of the two-seed offline checkpoint: seed 1's actor, as in the two-seed run

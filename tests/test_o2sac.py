@@ -2,8 +2,8 @@
 eps schedule, KL estimate), ensemble init, the lambda-on-first-update rule, tiny end-to-end runs (all phases, each
 ablation switch, resume after a kill, offline checkpoint reuse from this script and from cal_ql.py, bad inputs), and
 --num_seeds 2 against the single-seed runs (resume, offline checkpoints, the cal_ql.py hand-off seed by seed)."""
+import json
 import math
-import pickle
 from typing import Any, NamedTuple
 
 import jax
@@ -13,7 +13,7 @@ import pytest
 
 import cal_ql
 import o2sac
-from conftest import assert_nan_loss_stops, assert_resume_matches, buffer_rows, read_evals
+from conftest import assert_ctrl_c_resumes, assert_nan_loss_stops, assert_resume_matches, buffer_rows, read_evals
 
 # Tiny budgets; every run in this file shares these static shapes, so each jitted block compiles once per Hyper.
 TINY = dict(offline_updates=100, ope_steps=100, align_steps=100, online_steps=300, update_block=50, online_block=10,
@@ -263,6 +263,18 @@ def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkey
                           reference_run[1])
 
 
+def test_resume_falls_back_to_the_offline_checkpoint(reference_run, tmp_path, monkeypatch):
+    """A damaged `latest` (no `latest.old`): --resume restarts from `offline` and ends as the uninterrupted run."""
+    assert_resume_matches(o2sac, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), 9, monkeypatch,
+                          reference_run[1], after_kill=lambda rd: (rd / "checkpoints" / "latest" / "state.npz").unlink())
+
+
+@pytest.mark.parametrize("function,calls", [("cql_block", 1), ("reconstruct_block", 3), ("online_updates", 3)])
+def test_ctrl_c_checkpoints_and_resumes_exactly(reference_run, tmp_path, monkeypatch, function, calls):
+    assert_ctrl_c_resumes(o2sac, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), function, calls,
+                          monkeypatch, reference_run[1])
+
+
 def test_offline_checkpoint_reuse_equals_the_full_run(reference_run, tmp_path):
     dataset_id, ref_dir, _, reference = reference_run
     o2sac.train(tiny_config(dataset_id, tmp_path, offline_checkpoint=str(ref_dir / "checkpoints" / "offline")))
@@ -340,14 +352,13 @@ def test_offline_checkpoint_from_cal_ql_and_wrong_forms(reference_run, tmp_path)
     o2sac.save_tree(bad / "state.npz", _GaussianActorState(
         o2sac.Trainable({"Dense_0": {"kernel": np.zeros((11, 32)), "bias": np.zeros(32)}, "log_std": np.zeros(3)}, ()),
         o2sac.Trainable({"Dense_0": {"kernel": np.zeros((11, 1))}}, ()), ds.obs_mean, ds.obs_std))
-    with open(bad / "meta.pkl", "wb") as f:
-        pickle.dump({"phase": "online"}, f)
+    (bad / "meta.json").write_text(json.dumps({"phase": "online"}))
     with pytest.raises(ValueError, match="IQL-style Gaussian actor.*O2SAC needs a tanh-Gaussian actor"):
         o2sac.load_offline_start(str(bad), cfg, h_cql, ds.obs_mean, ds.obs_std)
     with pytest.raises(ValueError, match="not an offline one"):
         o2sac.load_offline_start(str(ref_dir / "checkpoints" / "latest"), cfg, h_cql, ds.obs_mean, ds.obs_std)
-    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
-        o2sac.load_offline_start(str(tmp_path / "missing"), cfg, h_cql, ds.obs_mean, ds.obs_std)
+    with pytest.raises(o2sac.RunError, match="no intact checkpoint there"):
+        o2sac.train(tiny_config(dataset_id, tmp_path / "run", offline_checkpoint=str(tmp_path / "missing")))
 
 
 def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):

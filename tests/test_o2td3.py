@@ -1,9 +1,11 @@
 """O2TD3: maths against NumPy (alignment target, multiplier loss, threshold schedule, target smoothing), the policy
 delay and multiplier direction of the online update, ensemble init, and tiny end-to-end runs (all phases, each
-phase switch off, the naive all-off baseline, resume after a kill, offline checkpoints of o2td3.py and iql.py,
-clear errors for wrong checkpoints), and --num_seeds 2 against the single-seed runs."""
+phase switch off, the naive all-off baseline, resume after a kill or a Ctrl-C, offline checkpoints of o2td3.py and
+iql.py, clear errors for wrong checkpoints), and --num_seeds 2 against the single-seed runs."""
+import json
 import math
-import pickle
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -186,6 +188,52 @@ def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkey
                           reference_run[1])
 
 
+def test_resume_falls_back_to_the_offline_checkpoint(reference_run, tmp_path, monkeypatch):
+    """With `latest` unusable, --resume continues from checkpoints/offline (saved between pre-training and
+    fine-tuning) and still ends with the uninterrupted run's records."""
+    def damage(run_dir):
+        (run_dir / "checkpoints" / "latest" / "state.npz").unlink()
+    assert_resume_matches(o2td3, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), 7, monkeypatch,
+                          reference_run[1], after_kill=damage)
+
+
+def stop_after_calls(monkeypatch, module, name, calls):
+    """Send this process SIGINT (as Ctrl-C does) when `module.name` is called for the `calls`-th time."""
+    fn, count = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        count.append(1)
+        if len(count) == calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        return fn(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapped)
+
+
+# update_block calls 1-4: TD3+BC, 5-6: re-evaluation, 7-8: alignment; update_online: one call per env step after
+# the 50 warm-up steps
+@pytest.mark.parametrize("where,calls,phase", [("update_block", 2, "offline"), ("update_block", 6, "alignment"),
+                                               ("update_block", 7, "alignment"), ("update_online", 3, "online")])
+def test_ctrl_c_checkpoints_and_resumes_exactly(reference_run, tmp_path, monkeypatch, where, calls, phase):
+    """SIGINT stops at the next block boundary (or phase end) of the update-only phases and, online, at the next
+    episode end, with a checkpoint and no extra evaluation; --resume then ends with exactly the uninterrupted run's
+    records."""
+    dataset_id, _, _, reference = reference_run
+    run_dir = tmp_path / "run"
+    stop_after_calls(monkeypatch, o2td3, where, calls)
+    with pytest.raises(o2td3.Interrupted, match="checkpoint written .* --resume"):
+        o2td3.train(tiny_config(dataset_id, run_dir))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    evals = read_evals(run_dir)
+    assert len(evals) < len(reference) and evals == reference[:len(evals)]
+    meta = o2td3.load_meta(run_dir / "checkpoints" / "latest")
+    assert meta["phase"] == phase and meta["eval_lines"] == [len(evals)]
+    if phase == "online":
+        assert 50 < meta["env_steps"][0] < 300
+    monkeypatch.undo()
+    o2td3.train(tiny_config(dataset_id, run_dir, resume=True))
+    assert read_evals(run_dir) == reference
+
+
 def test_offline_checkpoint_round_trip(reference_run, tmp_path):
     dataset_id, ref_dir, _, reference = reference_run
     o2td3.train(tiny_config(dataset_id, tmp_path, offline_checkpoint=str(ref_dir / "checkpoints" / "offline")))
@@ -245,31 +293,37 @@ def test_start_from_iql_checkpoint(reference_run, tmp_path):
     assert evals[0]["normalized_score"] == pytest.approx(iql_offline["normalized_score"], rel=1e-6)
     assert [e["phase"] for e in evals] == ["offline", "reevaluation", "alignment", "online"]
     # wrong forms / mismatches fail clearly
-    with pytest.raises(ValueError, match=r"hidden sizes are \[32, 32\].*actor_hidden"):
+    with pytest.raises(o2td3.RunError, match=r"hidden sizes are \[32, 32\].*actor_hidden"):
         o2td3.train(tiny_config(dataset_id, tmp_path / "x1", offline_checkpoint=source, actor_hidden=[16, 16]))
-    with pytest.raises(ValueError, match="no TD3 critics"):
+    with pytest.raises(o2td3.RunError, match="no TD3 critics"):
         o2td3.train(tiny_config(dataset_id, tmp_path / "x2", offline_checkpoint=source, policy_reevaluation=False))
-    with pytest.raises(ValueError, match="normalises observations differently"):
+    with pytest.raises(o2td3.RunError, match="normalises observations differently"):
         o2td3.train(tiny_config(dataset_id, tmp_path / "x3", offline_checkpoint=source, normalize=False))
 
 
-def test_wrong_checkpoint_forms_fail_clearly(reference_run, tmp_path):
+def test_wrong_checkpoint_forms_fail_clearly(reference_run, tmp_path, monkeypatch):
+    """A missing or wrong-form --offline_checkpoint fails with one RunError before the dataset is loaded; a
+    checkpoint of the right form with other network sizes fails when it is loaded."""
     dataset_id, ref_dir, _, _ = reference_run
-    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the checks")
+    monkeypatch.setattr(o2td3.data, "load_dataset", no_data)
+    with pytest.raises(o2td3.RunError, match="no intact checkpoint there"):
         o2td3.train(tiny_config(dataset_id, tmp_path / "a", offline_checkpoint=str(tmp_path / "missing")))
-    with pytest.raises(ValueError, match="fine-tuning checkpoint of o2td3.py"):
+    with pytest.raises(o2td3.RunError, match="fine-tuning checkpoint of o2td3.py"):
         o2td3.train(tiny_config(dataset_id, tmp_path / "b", offline_checkpoint=str(ref_dir / "checkpoints" / "latest")))
-    with pytest.raises(ValueError, match="shape"):  # same form, other network sizes
-        o2td3.train(tiny_config(dataset_id, tmp_path / "c", offline_checkpoint=str(ref_dir / "checkpoints" / "offline"),
-                                critic_hidden=[16, 16]))
     fake = tmp_path / "fake"  # e.g. a checkpoint of a stochastic-actor algorithm
     fake.mkdir()
     np.savez(fake / "state.npz", x=np.zeros(1))
-    with open(fake / "meta.pkl", "wb") as f:
-        pickle.dump({"phase": "online"}, f)
+    (fake / "meta.json").write_text(json.dumps({"phase": "online"}))
     (fake / "config.yaml").write_text("cql_weight: 5.0\npolicy_hidden: [32, 32]\n")
-    with pytest.raises(ValueError, match="not a checkpoint o2td3.py can start from"):
+    with pytest.raises(o2td3.RunError, match="not a checkpoint o2td3.py can start from"):
         o2td3.train(tiny_config(dataset_id, tmp_path / "d", offline_checkpoint=str(fake)))
+    monkeypatch.undo()
+    with pytest.raises(o2td3.RunError, match="shape"):  # same form, other network sizes
+        o2td3.train(tiny_config(dataset_id, tmp_path / "c", offline_checkpoint=str(ref_dir / "checkpoints" / "offline"),
+                                critic_hidden=[16, 16]))
 
 
 def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
@@ -318,6 +372,22 @@ def test_num_seeds_resume_after_kill_matches_uninterrupted(reference_run, multi_
                           multi_dir, seeds=(0, 1))  # killed during fine-tuning
 
 
+def test_num_seeds_ctrl_c_resumes_exactly(reference_run, multi_run, tmp_path, monkeypatch):
+    """After a stop request each seed waits at its next episode end for the other (masked no-op updates); the
+    resumed run still repeats the uninterrupted --num_seeds 2 run exactly."""
+    dataset_id, multi_dir = reference_run[0], multi_run[0]
+    run_dir = tmp_path / "run"
+    stop_after_calls(monkeypatch, o2td3, "update_online", 3)
+    with pytest.raises(o2td3.Interrupted, match="online env steps"):
+        o2td3.train(tiny_config(dataset_id, run_dir, num_seeds=2))
+    meta = o2td3.load_meta(run_dir / "checkpoints" / "latest")
+    assert meta["phase"] == "online" and all(50 < t < 300 for t in meta["env_steps"])
+    monkeypatch.undo()
+    o2td3.train(tiny_config(dataset_id, run_dir, num_seeds=2, resume=True))
+    for seed in (0, 1):
+        assert read_evals(run_dir / f"seed{seed}") == read_evals(multi_dir / f"seed{seed}")
+
+
 def test_num_seeds_offline_checkpoint(reference_run, multi_run, tmp_path):
     """An N=2 offline checkpoint restarts both seeds exactly; a checkpoint of another seed count fails clearly."""
     dataset_id, ref_dir, _, _ = reference_run
@@ -327,9 +397,9 @@ def test_num_seeds_offline_checkpoint(reference_run, multi_run, tmp_path):
     for seed in (0, 1):
         got, expected = read_evals(tmp_path / "ok" / f"seed{seed}"), read_evals(multi_dir / f"seed{seed}")
         assert got[:4] == expected[1:5]  # the loaded actors, re-evaluation, alignment, first online evaluation
-    with pytest.raises(ValueError, match="holds 2 seed.*--num_seeds 2"):
+    with pytest.raises(o2td3.RunError, match="holds 2 seed.*--num_seeds 2"):
         o2td3.train(tiny_config(dataset_id, tmp_path / "x1", offline_checkpoint=source))
-    with pytest.raises(ValueError, match="holds 1 seed.*--num_seeds 1"):
+    with pytest.raises(o2td3.RunError, match="holds 1 seed.*--num_seeds 1"):
         o2td3.train(tiny_config(dataset_id, tmp_path / "x2", num_seeds=2,
                                 offline_checkpoint=str(ref_dir / "checkpoints" / "offline")))
 
@@ -348,5 +418,5 @@ def test_num_seeds_start_from_multi_seed_iql_checkpoint(reference_run, tmp_path)
         iql_score = [e for e in read_evals(iql_dir / f"seed{seed}") if e["phase"] == "offline"][-1]["normalized_score"]
         evals = read_evals(tmp_path / "o2td3" / f"seed{seed}")
         assert evals[0]["phase"] == "offline" and evals[0]["normalized_score"] == pytest.approx(iql_score, rel=1e-6)
-    with pytest.raises(ValueError, match=r"holds iql.py seeds 0..1"):
+    with pytest.raises(o2td3.RunError, match=r"holds iql.py seeds 0..1"):
         o2td3.train(tiny_config(dataset_id, tmp_path / "x", seed=1, num_seeds=2, offline_checkpoint=source))

@@ -13,7 +13,8 @@ import pytest
 
 import iql
 import pex
-from conftest import assert_nan_loss_stops, assert_resume_matches, buffer_rows, read_evals
+from conftest import (assert_ctrl_c_resumes, assert_nan_loss_stops, assert_resume_matches, buffer_rows,
+                      kill_after_checkpoints, read_evals)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny budgets; every run in this file shares these static shapes, so the update blocks compile once. The IQL
@@ -217,6 +218,28 @@ def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkey
                           reference_run[1])
 
 
+@pytest.mark.parametrize("function,calls,num_seeds", [("update_block", 2, 1), ("update_online", 3, 1),
+                                                      ("update_online", 3, 2)])
+def test_ctrl_c_checkpoints_and_resumes_exactly(reference_run, multi_run, tmp_path, monkeypatch, function,
+                                                calls, num_seeds):
+    """SIGINT stops the IQL pre-training at the next block boundary, fine-tuning at the next episode end (of every
+    seed), with a checkpoint; --resume then ends with exactly the uninterrupted run's records (composite policy,
+    exploration keys and evaluation keys included)."""
+    assert_ctrl_c_resumes(pex, lambda **kw: tiny_config(reference_run[0], tmp_path, num_seeds=num_seeds, **kw),
+                          function, calls, monkeypatch, reference_run[1] if num_seeds == 1 else multi_run,
+                          seeds=None if num_seeds == 1 else (0, 1))
+
+
+def test_resume_from_the_offline_checkpoint_expands(reference_run, tmp_path, monkeypatch):
+    """--resume past a damaged `latest` falls back to the offline checkpoint (phase "expand", an IQL state): the
+    expansion is redone and the run ends with the uninterrupted run's records."""
+    kill_after_checkpoints(pex, tiny_config(reference_run[0], tmp_path), 4, monkeypatch)  # an online checkpoint
+    (tmp_path / "checkpoints" / "latest" / "state.npz").unlink()
+    assert pex.load_meta(tmp_path / "checkpoints" / "offline")["phase"] == "expand"
+    pex.train(tiny_config(reference_run[0], tmp_path, resume=True))
+    assert read_evals(tmp_path) == reference_run[3]
+
+
 def test_offline_checkpoint_round_trip(reference_run, tmp_path):
     dataset_id, ref_dir, _, reference = reference_run
     pex.train(tiny_config(dataset_id, tmp_path, offline_checkpoint=str(ref_dir / "checkpoints" / "offline")))
@@ -249,14 +272,18 @@ def test_iql_starts_from_pex_checkpoint(reference_run, tmp_path):
     assert read_evals(tmp_path)[0] == reference[1]
 
 
-def test_iql_checkpoint_with_other_sizes_fails_clearly(reference_run, iql_run, tmp_path):
+def test_iql_checkpoint_with_other_sizes_fails_clearly(reference_run, iql_run, tmp_path, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the checks")
+    monkeypatch.setattr(pex.data, "load_dataset", no_data)  # every refusal below comes before the data
     source = str(iql_run / "checkpoints" / "offline")
-    with pytest.raises(ValueError, match=r'network sizes.*hidden_dims.*--hidden_dims "\[32, 32\]"'):
+    with pytest.raises(pex.RunError, match=r'network sizes.*hidden_dims.*--hidden_dims "\[32, 32\]"'):
         pex.train(tiny_config(reference_run[0], tmp_path, offline_checkpoint=source, hidden_dims=[16, 16]))
-    with pytest.raises(ValueError, match=r"reward transformation.*--reward_bias 0.0"):
+    with pytest.raises(pex.RunError, match=r"reward transformation.*--reward_bias 0.0"):
         pex.train(tiny_config(reference_run[0], tmp_path, offline_checkpoint=source, reward_bias=-1.0))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(pex.RunError, match="no intact checkpoint there"):
         pex.train(tiny_config(reference_run[0], tmp_path, offline_checkpoint=str(tmp_path / "nothing")))
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_nan_loss_stops_with_step_and_name(reference_run, tmp_path):
@@ -321,5 +348,5 @@ def test_num_seeds_offline_checkpoints_with_iql(reference_run, multi_run, tmp_pa
                               offline_checkpoint=str(multi_run / "checkpoints" / "offline")))
     for seed in (0, 1):
         assert multi_evals(tmp_path / "back", seed)[0] == multi_evals(multi_run, seed)[1]
-    with pytest.raises(ValueError, match=r"holds 2 seed\(s\); run it with --num_seeds 2"):
+    with pytest.raises(pex.RunError, match=r"holds 2 seed\(s\); run with --num_seeds 2"):
         pex.train(tiny_config(dataset_id, tmp_path / "one", offline_checkpoint=str(source)))

@@ -5,17 +5,14 @@ tiny config; the Ctrl-C test runs every script, because each script's loops deci
 """
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import iql
-from conftest import read_evals
+from conftest import assert_ctrl_c_resumes, read_evals
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(offline_updates=200, online_steps=300, update_block=50, online_block=50, offline_eval_every=100,
@@ -38,18 +35,6 @@ def reference(dataset_id, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs_reference")
     iql.train(config(dataset_id, run_dir))
     return run_dir, read_evals(run_dir)
-
-
-def stop_after_calls(monkeypatch, module, name, calls):
-    """Send this process SIGINT (as Ctrl-C does) when `module.name` is called for the `calls`-th time."""
-    fn, count = getattr(module, name), []
-
-    def wrapped(*args, **kwargs):
-        count.append(1)
-        if len(count) == calls:
-            os.kill(os.getpid(), signal.SIGINT)
-        return fn(*args, **kwargs)
-    monkeypatch.setattr(module, name, wrapped)
 
 
 def killed_run(dataset_id, run_dir, monkeypatch, checkpoints):
@@ -159,19 +144,12 @@ def test_bad_resume_fails_before_loading_data(dataset_id, reference, tmp_path, m
         iql.train(config(dataset_id, blocker / "run"))
 
 
-@pytest.mark.parametrize("where,calls", [("update_block", 2), ("update_online", 3)])
-def test_ctrl_c_checkpoints_and_resumes_exactly(dataset_id, reference, tmp_path, monkeypatch, where, calls):
+@pytest.mark.parametrize("function,calls", [("update_block", 2), ("update_online", 3)])
+def test_ctrl_c_checkpoints_and_resumes_exactly(dataset_id, reference, tmp_path, monkeypatch, function, calls):
     """SIGINT stops at the next block boundary (online: the next episode end) with a checkpoint; --resume then
     ends with exactly the uninterrupted run's records."""
-    run_dir = tmp_path / "run"
-    stop_after_calls(monkeypatch, iql, where, calls)
-    with pytest.raises(iql.Interrupted, match="checkpoint written .* --resume"):
-        iql.train(config(dataset_id, run_dir))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert len(read_evals(run_dir)) < len(reference[1])
-    monkeypatch.undo()
-    iql.train(config(dataset_id, run_dir, resume=True))
-    assert read_evals(run_dir) == reference[1]
+    assert_ctrl_c_resumes(iql, lambda **kw: config(dataset_id, tmp_path / "run", **kw), function, calls, monkeypatch,
+                          reference[0])
 
 
 def test_command_line_errors_are_one_line(dataset_id, reference, tmp_path):

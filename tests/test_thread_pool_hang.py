@@ -44,19 +44,23 @@ def test_orthogonal_kernel_init_is_flax_orthogonal_without_lapack(algo):
 
 
 def test_hang_watchdog_ends_a_hung_session(tmp_path):
-    """A test running past O2O_TEST_TIME_LIMIT ends pytest at once with exit code 70, its id and its stack."""
+    """A test whose processes use no CPU for O2O_TEST_IDLE_LIMIT seconds ends pytest with exit code 70, its id, its
+    stack and the summary so far; a test that is slow but busy (here a child process spinning) is left alone."""
     (tmp_path / "test_stuck.py").write_text(textwrap.dedent("""
-        import time
+        import subprocess, sys, time
         def test_fine():
             pass
+        def test_slow_but_busy():
+            subprocess.run([sys.executable, "-c", "import time; t = time.time()\\nwhile time.time() - t < 6: pass"])
         def test_stuck():
             time.sleep(120)
     """))
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS), "O2O_TEST_TIME_LIMIT": "3"}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS), "O2O_TEST_IDLE_LIMIT": "3"}
     out = subprocess.run([sys.executable, "-m", "pytest", "-p", "hang_watchdog", "-q", "-p", "no:cacheprovider",
                           str(tmp_path / "test_stuck.py")], capture_output=True, text=True, env=env, timeout=60,
                          cwd=tmp_path)
     text = out.stdout + out.stderr
     assert out.returncode == 70, text
-    assert "HANG: test_stuck.py::test_stuck still running after 3 s" in text
-    assert 'test_stuck.py", line 6 in test_stuck' in text  # where it hangs, from every thread's stack
+    assert "HANG: test_stuck.py::test_stuck used 0.0" in text and "(O2O_TEST_IDLE_LIMIT)" in text
+    assert 'test_stuck.py", line 8 in test_stuck' in text  # where it hangs, from every thread's stack
+    assert "\n2 passed, 1 failed, 0 skipped (the session ended at the hung test)" in text
