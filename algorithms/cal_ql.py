@@ -50,6 +50,10 @@ its numbers equal the single-seed run's up to float32 round-off. Evaluations go 
      configs, as in the official code; on for the locomotion configs).
   7. MuJoCo-locomotion hyper-parameters are not in the official repository (issue nakamotoo/Cal-QL#5); the
      locomotion configs use CQL's MuJoCo settings (fixed weight 5, 256-256 networks) and are unverified.
+  8. One set of sampled actions per update serves every loss: the official step computes the policy, Q1, Q2, α
+     and α' losses in separate passes with fresh draws each, so its two critics see independent samples. Same
+     expected gradient, less noise between the critics here (no switch; step parity feeds the official passes
+     one shared draw and matches to float32 round-off).
 
 Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
 the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped

@@ -533,9 +533,7 @@ def prepare_rewards(cfg: TrainConfig, ds: data.OfflineData):
     """(offline rewards, return scale) with the reward transformation of the config applied."""
     scale = 1.0
     if cfg.normalize_reward_by_returns:
-        ends = np.flatnonzero(ds.episode_ends)
-        starts = np.concatenate([[0], ends[:-1] + 1])
-        returns = np.add.reduceat(ds.rewards.astype(np.float64), starts)
+        returns = data.episode_returns(ds)  # complete episodes only: a cut fragment has no episode return
         spread = returns.max() - returns.min()
         if spread <= 0:
             raise data.DatasetError(f"normalize_reward_by_returns: all episodes of {cfg.dataset_id} have the same "

@@ -98,19 +98,26 @@ def assert_nan_loss_stops(module, config, match):
     assert not (Path(config.run_dir) / "checkpoints" / "latest").exists()
 
 
-def assert_ctrl_c_resumes(module, make_config, function, calls, monkeypatch, expected_dir, seeds=None):
-    """Send SIGINT (as Ctrl-C does) while `module.function` runs for the `calls`-th time: train() must stop with a
-    checkpoint (Interrupted, restoring the SIGINT handler), and `--resume` must then end with exactly the evaluation
-    records of the uninterrupted run in `expected_dir`."""
+def stop_after_calls(monkeypatch, module, name, calls):
+    """Send this process SIGINT (as Ctrl-C does) when `module.name` is called for the `calls`-th time."""
     import signal
-    fn, count = getattr(module, function), []
+    fn, count = getattr(module, name), []
 
     def wrapped(*args, **kwargs):
         count.append(1)
         if len(count) == calls:
             os.kill(os.getpid(), signal.SIGINT)
         return fn(*args, **kwargs)
-    monkeypatch.setattr(module, function, wrapped)
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def assert_ctrl_c_resumes(module, make_config, function, calls, monkeypatch, expected_dir, seeds=None):
+    """Send SIGINT (as Ctrl-C does) while `module.function` runs for the `calls`-th time: train() must stop with a
+    checkpoint (Interrupted, restoring the SIGINT handler), and `--resume` must then end with exactly the evaluation
+    records of the uninterrupted run in `expected_dir`."""
+    import signal
+    fn = getattr(module, function)
+    stop_after_calls(monkeypatch, module, function, calls)
     config = make_config()
     with pytest.raises(module.Interrupted, match="checkpoint written .* --resume"):
         module.train(config)

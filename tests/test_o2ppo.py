@@ -4,7 +4,6 @@ end-to-end runs (three phases, each switch off, resume after a kill or a Ctrl-C,
 iql.py)."""
 import json
 import math
-import os
 import signal
 from typing import Any, NamedTuple
 
@@ -16,7 +15,7 @@ import pytest
 import data
 import iql
 import o2ppo
-from conftest import assert_nan_loss_stops, assert_resume_matches, read_evals
+from conftest import assert_nan_loss_stops, assert_resume_matches, read_evals, stop_after_calls
 
 # Tiny budgets; every run in this file shares these static shapes, so each jitted function compiles once per variant.
 TINY = dict(offline_updates=200, reevaluation_updates=100, online_steps=600, update_block=50, offline_eval_every=100,
@@ -283,18 +282,6 @@ def test_resume_falls_back_to_the_offline_checkpoint(reference_run, tmp_path, mo
         (run_dir / "checkpoints" / "latest" / "meta.json").write_text("{not json")
     assert_resume_matches(o2ppo, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), 6, monkeypatch,
                           reference_run[1], after_kill=damage)
-
-
-def stop_after_calls(monkeypatch, module, name, calls):
-    """Send this process SIGINT (as Ctrl-C does) when `module.name` is called for the `calls`-th time."""
-    fn, count = getattr(module, name), []
-
-    def wrapped(*args, **kwargs):
-        count.append(1)
-        if len(count) == calls:
-            os.kill(os.getpid(), signal.SIGINT)
-        return fn(*args, **kwargs)
-    monkeypatch.setattr(module, name, wrapped)
 
 
 # iql_block calls 1-4 (IQL), reeval_block 1-2 (re-evaluation), ppo_update 1-4 (full rollouts at 128, 256, ... steps)

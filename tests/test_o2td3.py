@@ -4,7 +4,6 @@ phase switch off, the naive all-off baseline, resume after a kill or a Ctrl-C, o
 iql.py, clear errors for wrong checkpoints), and --num_seeds 2 against the single-seed runs."""
 import json
 import math
-import os
 import signal
 
 import jax
@@ -14,7 +13,7 @@ import pytest
 
 import iql
 import o2td3
-from conftest import assert_nan_loss_stops, assert_resume_matches, buffer_rows, read_evals
+from conftest import assert_nan_loss_stops, assert_resume_matches, buffer_rows, read_evals, stop_after_calls
 
 # Tiny budgets; the runs share these static shapes, so each phase's update block compiles once per Hyper.
 TINY = dict(offline_updates=200, ope_updates=100, align_updates=100, online_steps=300, warmup_steps=50,
@@ -195,18 +194,6 @@ def test_resume_falls_back_to_the_offline_checkpoint(reference_run, tmp_path, mo
         (run_dir / "checkpoints" / "latest" / "state.npz").unlink()
     assert_resume_matches(o2td3, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), 7, monkeypatch,
                           reference_run[1], after_kill=damage)
-
-
-def stop_after_calls(monkeypatch, module, name, calls):
-    """Send this process SIGINT (as Ctrl-C does) when `module.name` is called for the `calls`-th time."""
-    fn, count = getattr(module, name), []
-
-    def wrapped(*args, **kwargs):
-        count.append(1)
-        if len(count) == calls:
-            os.kill(os.getpid(), signal.SIGINT)
-        return fn(*args, **kwargs)
-    monkeypatch.setattr(module, name, wrapped)
 
 
 # update_block calls 1-4: TD3+BC, 5-6: re-evaluation, 7-8: alignment; update_online: one call per env step after

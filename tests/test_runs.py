@@ -160,3 +160,24 @@ def test_command_line_errors_are_one_line(dataset_id, reference, tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"error: run_dir {run_dir} holds a previous run; add --resume to "
                                                "continue it or --overwrite to delete it and start again"]
+
+
+def test_ctrl_c_on_the_command_line(dataset_id, tmp_path):
+    """The real thing: SIGINT to a running script ends it with exit code 130 and one line saying how to continue;
+    --resume then finishes the run."""
+    import signal
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "algorithms" / "iql.py"), "--dataset_id", dataset_id, "--run_dir", str(run_dir)]
+    cmd += [f"--{k}={v}" for k, v in {**TINY, "offline_updates": 5000, "hidden_dims": "[32,32]"}.items()]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+    while not proc.stdout.readline().startswith("[eval] seed 0 offline updates=100"):  # training is under way
+        assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("stopped: checkpoint written after ")
+    assert "--resume" in err.strip().splitlines()[-1] and "Traceback" not in err
+    out = subprocess.run(cmd + ["--resume", "--offline_updates=200"], capture_output=True, text=True,
+                         env={**os.environ, "WANDB_MODE": "disabled"})
+    assert out.returncode == 1 and "offline_updates: 5000 -> 200" in out.stderr  # a changed budget is refused

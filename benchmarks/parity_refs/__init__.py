@@ -1,0 +1,1 @@
+"""Reference-side adapters of benchmarks/parity.py (one module per reference repository)."""

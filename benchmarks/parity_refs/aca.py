@@ -1,0 +1,409 @@
+"""Step parity of algorithms/aca.py against the official ACA (ZishunYu/Actor-Critic-Alignment, PyTorch, d3rlpy 1.1.0).
+
+The official agents (`sacml_agent/sacml.py` + `sacml_impl.py` offline, `aca_agent/aca.py` + `aca_impl.py` online,
+`utility.py::critic_init` at the switch) run unmodified on d3rlpy 1.1.0. That d3rlpy builds on Python 3.11 (with
+Cython < 3) but wants its own environment (gym 0.23, old scikit-learn stack), so the reference side runs in a
+separate virtualenv (benchmarks/parity-requirements.txt, section ACA): this module, run there as
+`python -m parity_refs.aca --reference-side IN.npz OUT.npz` (from benchmarks/), reads our weights, batches and noise,
+performs the official updates and writes parameters, Adam first moments and losses back. Its python is
+$O2O_ACA_PYTHON, else <parity cache>/venv-aca/bin/python, else this interpreter if it has d3rlpy.
+
+Adapters on the reference side, nothing else: our weights loaded into the d3rlpy modules (torch layouts);
+batches as d3rlpy Transitions; `torch.distributions.Normal.rsample` returns loc + eps * scale with our unit
+normals in call order (temperature sample, next-state sample(s), actor sample; checked to be used up); the
+switch is `run_aca.py`'s glue (SAC+ML checkpoint saved and loaded into ACA, temperature reset, pi0 = deep copy)
+around the official `critic_init`, with stand-ins for its env and dataset arguments (it only reads the
+observation size and one transition for its own assertion). AntMaze's online reward shift: `run_aca.py` uses
+d3rlpy's ConstantShiftRewardScaler, which d3rlpy 1.1.0 does not have (it came with a later d3rlpy), so a
+RewardScaler with the same transform (r + shift) is passed.
+
+Compared per setting (MuJoCo: squashed policy, hopper-medium config; AntMaze: Gaussian policy with a std
+parameter, umaze config, sparse rewards): one SAC+ML update (temperature, critic, baseline Z, actor, target
+EMA) from fresh Adam states; the switch (R from Z, targets); one ACA update continuing from there with the
+SAC+ML optimiser states (as the official load_model keeps them); the rewards each side trains on; the w schedule
+over its whole decay. Gradients are compared through Adam's first moments. One ACA update, not more: a second
+one was measured too, and on MuJoCo one ReLU pre-activation of a critic (2.5e-7 in float64) fell on the other
+side of 0 in our float32 run, which moved that sample's gradient contribution (critic Adam m 1.0e-4 relative);
+our update recomputed in float64 matched the official float32 one to 1e-7 there. Our defaults are the official
+behaviour for the update (deviations 1-7 and 9 of algorithms/aca.py concern data, scheduling or round-off; 8's
+switch `online_reset_optimizers` defaults to the official false).
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import common
+
+ALGO, REFERENCE = "aca", "aca"
+CONFIGS = {"mujoco": "o2o/hopper/medium-v0.yaml", "antmaze": "D4RL/antmaze/umaze-v1.yaml"}
+DIMS = {"mujoco": (11, 3), "antmaze": (29, 8)}  # (obs, act) of hopper and D4RL AntMaze
+OFFLINE_NOISE, ONLINE_NOISE = ("temp", "next", "z_next", "pi"), ("temp", "next", "pi")
+# looser bounds, each with its reason (the rows' notes repeat it)
+LOOSER_TOL = 3e-5
+LOOSER_ACTOR_LOSS = ("looser bound 3e-5: the loss (about -0.15) is the mean of terms about 20x larger (T log pi, R, "
+                     "w softclip(log pi0), up to ~3), whose float32 values differ by ~1e-6 between XLA and torch; "
+                     "its gradient rows stay within 1e-5")
+LOOSER_LOG_TEMP = ("looser bound 3e-5: log T is reset to 0 at the switch, so after this step it is one Adam update "
+                   "(~3e-4), and optax computes Adam's bias correction 1 - 0.999^t in float32 (relative error ~1e-5 "
+                   "at t = 2) where torch uses float64")
+# our module -> (d3rlpy impl attribute, its optimiser)
+MODULES = {"actor": ("_policy", "_actor_optim"), "critic": ("_q_func", "_critic_optim"),
+           "baseline": ("_z_func", "_baseline_optim"), "log_temp": ("_log_temp", "_temp_optim"),
+           "critic_target": ("_targ_q_func", None)}
+
+
+# ---------------------------------------------------------------------------------------------- weight layouts
+def to_torch(kind: str, params, n_hidden: int, squashed: bool = True) -> dict:
+    """Our params (or a tree of their shape, e.g. Adam moments) as the d3rlpy module's state_dict arrays.
+    kind: actor | critic | baseline (ensembles, leading member axis) | log_temp."""
+    a = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    if kind == "log_temp":
+        return {"_parameter": a(params).reshape(1, 1)}
+
+    def mlp(p, prefix, j=None):
+        pick = (lambda x: a(x)) if j is None else (lambda x: a(x)[j])
+        out = {}
+        for i in range(n_hidden):
+            out[f"{prefix}_encoder._fcs.{i}.weight"] = pick(p[f"TorchLinear_{i}"]["kernel"]).T
+            out[f"{prefix}_encoder._fcs.{i}.bias"] = pick(p[f"TorchLinear_{i}"]["bias"])
+        return out
+    if kind == "actor":
+        out = mlp(params, "")
+        out["_mu.weight"] = a(params[f"TorchLinear_{n_hidden}"]["kernel"]).T
+        out["_mu.bias"] = a(params[f"TorchLinear_{n_hidden}"]["bias"])
+        if squashed:
+            out["_logstd.weight"] = a(params[f"TorchLinear_{n_hidden + 1}"]["kernel"]).T
+            out["_logstd.bias"] = a(params[f"TorchLinear_{n_hidden + 1}"]["bias"])
+        else:
+            out["_logstd"] = a(params["log_std_param"])[None]
+        return out
+    member = {"critic": "_q_funcs", "baseline": "_z_funcs"}[kind]
+    out = {}
+    for j in range(a(params["TorchLinear_0"]["bias"]).shape[0]):
+        out.update(mlp(params, f"{member}.{j}.", j))
+        out[f"{member}.{j}._fc.weight"] = a(params[f"TorchLinear_{n_hidden}"]["kernel"])[j].T
+        out[f"{member}.{j}._fc.bias"] = a(params[f"TorchLinear_{n_hidden}"]["bias"])[j]
+    return out
+
+
+def from_torch(kind: str, sd: dict, n_hidden: int, squashed: bool = True):
+    """Inverse of to_torch (numpy arrays in our layout)."""
+    if kind == "log_temp":
+        return np.asarray(sd["_parameter"]).reshape(())
+
+    def mlp(prefix):
+        return {f"TorchLinear_{i}": {"kernel": np.asarray(sd[f"{prefix}_encoder._fcs.{i}.weight"]).T,
+                                     "bias": np.asarray(sd[f"{prefix}_encoder._fcs.{i}.bias"])}
+                for i in range(n_hidden)}
+    if kind == "actor":
+        out = mlp("")
+        out[f"TorchLinear_{n_hidden}"] = {"kernel": sd["_mu.weight"].T, "bias": sd["_mu.bias"]}
+        if squashed:
+            out[f"TorchLinear_{n_hidden + 1}"] = {"kernel": sd["_logstd.weight"].T, "bias": sd["_logstd.bias"]}
+        else:
+            out["log_std_param"] = np.asarray(sd["_logstd"])[0]
+        return out
+    member = {"critic": "_q_funcs", "baseline": "_z_funcs"}[kind]
+    n = len({k.split(".")[1] for k in sd if k.startswith(member + ".")})
+    members = []
+    for j in range(n):
+        m = mlp(f"{member}.{j}.")
+        m[f"TorchLinear_{n_hidden}"] = {"kernel": sd[f"{member}.{j}._fc.weight"].T,
+                                        "bias": sd[f"{member}.{j}._fc.bias"]}
+        members.append(m)
+    return {layer: {k: np.stack([m[layer][k] for m in members]) for k in members[0][layer]} for layer in members[0]}
+
+
+def _flat(sd: dict) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(sd[k], np.float64)) for k in sorted(sd)])
+
+
+# ---------------------------------------------------------------------------------------------- driver side
+def reference_python() -> str:
+    """The python of the environment with d3rlpy 1.1.0 (see the module docstring)."""
+    for candidate in (os.environ.get("O2O_ACA_PYTHON"), str(common.CACHE_DIR / "venv-aca" / "bin" / "python")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    if importlib.util.find_spec("d3rlpy") is not None:
+        return sys.executable
+    raise common.ReferenceMissing(
+        "ACA's reference side needs d3rlpy 1.1.0 (PyTorch) in its own virtualenv: create it as described in "
+        "benchmarks/parity-requirements.txt (section ACA) and set O2O_ACA_PYTHON to its python "
+        f"(or create it at {common.CACHE_DIR / 'venv-aca'})")
+
+
+def load_config(setting: str):
+    import yaml
+    aca = common.ours("aca")
+    return aca.TrainConfig(**yaml.safe_load((common.REPO_ROOT / "configs" / "aca" / CONFIGS[setting]).read_text()))
+
+
+def _raw_batch(rng, n: int, obs_dim: int, act_dim: int, sparse: bool) -> dict:
+    """Untransformed transitions: AntMaze-like sparse 0/1 rewards (termination at some goals) or dense ones."""
+    if sparse:
+        rew = (rng.random(n) < 0.2).astype(np.float32)
+        done = ((rew > 0) & (rng.random(n) < 0.5)).astype(np.float32)
+    else:
+        rew = rng.normal(1.0, 1.0, n).astype(np.float32)
+        done = (rng.random(n) < 0.05).astype(np.float32)
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    return {"obs": f32(rng.normal(size=(n, obs_dim))), "act": f32(rng.uniform(-0.99, 0.99, (n, act_dim))),
+            "rew": rew, "next_obs": f32(rng.normal(size=(n, obs_dim))), "done": done}
+
+
+def _run_reference(python: str, arrays: dict, meta: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="o2o-aca-parity-") as tmp:
+        inp, out = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(inp, meta=np.asarray(json.dumps(meta)), **arrays)
+        env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT / "benchmarks"), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([python, "-m", "parity_refs.aca", "--reference-side", str(inp), str(out)],
+                              cwd=common.REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ACA reference side failed ({python}):\n{proc.stderr[-4000:]}")
+        return dict(np.load(out))
+
+
+def _parity(rows: list, path: Path, python: str, setting: str, seed: int = 0):
+    import jax
+    import jax.numpy as jnp
+    aca = common.ours("aca")
+    cfg = load_config(setting)
+    obs_dim, act_dim = DIMS[setting]
+    h = aca.make_hyper(cfg, obs_dim, act_dim)
+    nh, sq, b = len(h.hidden), h.squashed, h.batch_size
+    rng = np.random.default_rng(seed)
+    state = aca.init_state(h, jax.random.PRNGKey(seed), np.zeros(obs_dim), np.ones(obs_dim), cfg.initial_temperature)
+    # a temperature away from 1 so that T enters the offline losses visibly (the switch resets it to 1)
+    state = state._replace(log_temp=aca.Trainable(jnp.asarray(-0.5, jnp.float32), state.log_temp.opt_state))
+    sparse = setting == "antmaze"
+    w0, decay, w_min = cfg.interpolation
+    w_steps = int(math.ceil((w0 - w_min) * decay * cfg.interpolation_unit / w0)) + 10  # past the end of the decay
+
+    stages = [("offline", OFFLINE_NOISE), ("online", ONLINE_NOISE)]
+    arrays, ours_batches = {}, {}
+    for stage, names in stages:
+        raw = _raw_batch(rng, b, obs_dim, act_dim, sparse)
+        arrays.update({f"{stage}/batch/{k}": v for k, v in raw.items()})
+        bias = cfg.reward_bias if stage == "offline" else cfg.online_reward_bias  # our train()'s transforms
+        ours_batches[stage] = aca.Buffer(jnp.asarray(raw["obs"]), jnp.asarray(raw["act"]),
+                                         jnp.asarray(raw["rew"] * cfg.reward_scale + bias),
+                                         jnp.asarray(raw["next_obs"]), jnp.asarray(raw["done"]))
+        for name in names:
+            arrays[f"{stage}/noise/{name}"] = rng.normal(size=(b, act_dim)).astype(np.float32)
+    weights = {"actor": to_torch("actor", state.actor.params, nh, sq),
+               "critic": to_torch("critic", state.critic.params, nh),
+               "critic_target": to_torch("critic", state.critic_target, nh),
+               "baseline": to_torch("baseline", state.baseline.params, nh),
+               "log_temp": to_torch("log_temp", state.log_temp.params, nh)}
+    arrays.update({f"init/{mod}/{k}": v for mod, sd in weights.items() for k, v in sd.items()})
+    meta = {"checkout": str(path), "obs_dim": obs_dim, "act_dim": act_dim, "hidden": list(h.hidden),
+            "n_critics": h.n_critics, "squashed": sq, "batch_size": b, "gamma": h.discount, "tau": h.tau,
+            "actor_lr": h.actor_lr, "critic_lr": h.critic_lr, "temp_lr": h.temp_lr, "baseline_lr": h.baseline_lr,
+            "alpha": h.ml_alpha, "target_entropy": cfg.target_entropy_coef * act_dim, "beta": h.beta,
+            "interpolation": [float(x) for x in cfg.interpolation],
+            "online_reward_shift": -1.0 if sparse else None,  # run_aca.py: ConstantShiftRewardScaler(-1) for AntMaze
+            "w_steps": w_steps}
+    ref = _run_reference(python, arrays, meta)
+
+    # ours: the same sequence
+    offline = jax.jit(aca.offline_update, static_argnames="h")
+    online = jax.jit(aca.online_update, static_argnames="h")
+    noise = lambda stage, names: {n: jnp.asarray(arrays[f"{stage}/noise/{n}"]) for n in names}  # noqa: E731
+    results = {}
+    state, results["offline"] = offline(state, ours_batches["offline"], noise("offline", OFFLINE_NOISE), h=h)
+    snapshots = {"offline": state}
+    state = aca.align(state, h, cfg.online_reset_optimizers)
+    snapshots["switch"] = state
+    state, results["online"] = online(state, ours_batches["online"], noise("online", ONLINE_NOISE), h=h)
+    snapshots["online"] = state
+
+    note = "default = official behaviour for the update"
+
+    def cmp(phase, quantity, ours, theirs, extra="", tol=common.TOLERANCE):
+        common.compare(rows, ALGO, REFERENCE, phase, setting, quantity, ours, theirs, tol=tol,
+                       note="; ".join(x for x in (note, extra) if x))
+
+    def ref_sd(stage, what, mod):
+        prefix = f"{stage}/{what}/{MODULES[mod][0]}/"
+        return {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}
+
+    def ours_sd(st, mod, moments=False):
+        kind = {"critic_target": "critic"}.get(mod, mod)
+        tree = st.critic_target if mod == "critic_target" else getattr(st, mod).params
+        if moments:
+            tree = getattr(st, mod).opt_state[0].mu
+        return to_torch(kind, tree, nh, sq)
+
+    for stage in ("offline", "switch", "online"):
+        phase = {"offline": "offline (SAC+ML)", "switch": "alignment (switch)", "online": "online (ACA)"}[stage]
+        st = snapshots[stage]
+        if stage == "switch":
+            for mod in ("critic", "critic_target", "log_temp", "actor"):
+                cmp(phase, f"params {mod}", _flat(ours_sd(st, mod)), _flat(ref_sd(stage, "param", mod)),
+                    "R from Z by the official critic_init" if mod.startswith("critic") else "")
+            continue
+        losses = ("temp_loss", "critic_loss", "baseline_loss", "actor_loss") if stage == "offline" else \
+            ("temp_loss", "critic_loss", "actor_loss")
+        for name in losses:
+            looser = stage == "online" and name == "actor_loss"
+            cmp(phase, name, results[stage][name], ref[f"{stage}/loss/{name}"],
+                LOOSER_ACTOR_LOSS if looser else "", LOOSER_TOL if looser else common.TOLERANCE)
+        trained = ("actor", "critic", "baseline", "log_temp") if stage == "offline" else ("actor", "critic", "log_temp")
+        for mod in trained:
+            cmp(phase, f"grad {mod} (Adam m)", _flat(ours_sd(st, mod, True)), _flat(ref_sd(stage, "m", mod)),
+                "continues the SAC+ML Adam state" if stage != "offline" else "")
+        for mod in trained + ("critic_target",):
+            looser = stage == "online" and mod == "log_temp"
+            cmp(phase, f"params {mod}", _flat(ours_sd(st, mod)), _flat(ref_sd(stage, "param", mod)),
+                LOOSER_LOG_TEMP if looser else "", LOOSER_TOL if looser else common.TOLERANCE)
+        cmp(phase, "rewards (transformed)", ours_batches[stage].rew, ref[f"{stage}/rewards"],
+            ("online: r - 1 (d3rlpy reward scaler)" if sparse else "") if stage != "offline" else "")
+    # the w schedule over its whole decay: w used by online update n = 0..w_steps (official: decremented in float64
+    # after every update by ACA._update_interpolation)
+    cmp("online (ACA)", f"w schedule (updates 0..{w_steps})",
+        aca.interpolation_weight(jnp.arange(w_steps + 1), h), ref["w_schedule"],
+        "deviation 5: closed form (float32) vs the official float64 decrement")
+
+
+def step_aca(reference_dir=None) -> list[dict]:
+    """Parity rows of our ACA against the official code: per setting (MuJoCo squashed, AntMaze Gaussian) one
+    SAC+ML update, the switch, one ACA update and the w schedule, on the same weights, batches and noise."""
+    path = common.reference_checkout("aca", reference_dir)
+    python = reference_python()
+    rows: list[dict] = []
+    for setting in CONFIGS:
+        _parity(rows, path, python, setting)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- reference side
+def _reference_side(inp: Path, out: Path):
+    """Runs in the d3rlpy 1.1.0 environment: the official updates on the given weights, batches and noise."""
+    import copy
+    import types
+    import warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    torch.set_num_threads(1)
+    arrays = dict(np.load(inp))
+    meta = json.loads(str(arrays.pop("meta")))
+    sys.path.insert(0, meta["checkout"])
+    from d3rlpy.dataset import Transition, TransitionMiniBatch
+    from d3rlpy.models.encoders import VectorEncoderFactory
+    from d3rlpy.preprocessing.reward_scalers import RewardScaler
+    from d3rlpy.torch_utility import TorchMiniBatch
+    from aca_agent.aca import ACA
+    from sacml_agent.sacml import SACML
+    import utility
+
+    class ShiftRewardScaler(RewardScaler):
+        """r + shift (the transform of the later d3rlpy's ConstantShiftRewardScaler used by run_aca.py)."""
+        TYPE = "constant_shift"
+
+        def __init__(self, shift: float):
+            self.shift = shift
+
+        def fit(self, episodes):
+            pass
+
+        def transform(self, reward):
+            return self.shift + reward
+
+        def reverse_transform(self, reward):
+            return reward - self.shift
+
+        def get_params(self, deep=False):
+            return {"shift": self.shift}
+
+    obs_dim, act_dim = meta["obs_dim"], meta["act_dim"]
+    enc = VectorEncoderFactory(hidden_units=meta["hidden"])
+    common_kw = dict(batch_size=meta["batch_size"], actor_learning_rate=meta["actor_lr"],
+                     critic_learning_rate=meta["critic_lr"], temp_learning_rate=meta["temp_lr"],
+                     actor_encoder_factory=enc, critic_encoder_factory=enc, baseline_encoder_factory=enc,
+                     baseline_learning_rate=meta["baseline_lr"], gamma=meta["gamma"], tau=meta["tau"],
+                     n_critics=meta["n_critics"], target_entropy=meta["target_entropy"],
+                     squashed_normal_policy=meta["squashed"], use_gpu=False)
+
+    queue: list = []
+
+    def rsample(self, sample_shape=torch.Size()):
+        eps = queue.pop(0)
+        assert tuple(sample_shape) == () and eps.shape == self.loc.shape, (sample_shape, eps.shape, self.loc.shape)
+        return self.loc + eps * self.scale
+    torch.distributions.Normal.rsample = rsample
+
+    def minibatch(stage):
+        o, a, r, no, d = (arrays[f"{stage}/batch/{k}"] for k in ("obs", "act", "rew", "next_obs", "done"))
+        return TransitionMiniBatch([Transition([obs_dim], act_dim, o[i], a[i], float(r[i]), no[i], float(d[i]))
+                                    for i in range(len(r))])
+
+    results = {}
+
+    def dump(stage, impl, metrics=None):
+        for mod, (attr, optim) in MODULES.items():
+            module = getattr(impl, attr)
+            for name, p in module.named_parameters():
+                results[f"{stage}/param/{attr}/{name}"] = p.detach().numpy().copy()
+                state = getattr(impl, optim).state.get(p, {}) if optim else {}
+                if "exp_avg" in state:
+                    results[f"{stage}/m/{attr}/{name}"] = state["exp_avg"].numpy().copy()
+        for k, v in (metrics or {}).items():
+            results[f"{stage}/loss/{k}"] = np.asarray(v, np.float64)
+
+    def update(algo, stage, names):
+        queue.extend(torch.from_numpy(arrays[f"{stage}/noise/{n}"]) for n in names)
+        batch = minibatch(stage)
+        results[f"{stage}/rewards"] = TorchMiniBatch(batch, "cpu:0", reward_scaler=algo._impl.reward_scaler) \
+            .rewards.numpy()[:, 0]
+        metrics = algo.update(batch)
+        assert not queue, f"{len(queue)} noise arrays unused in {stage}"
+        dump(stage, algo._impl, metrics)
+
+    # offline SAC+ML step on our initial weights (fresh Adam states)
+    sac = SACML(alpha=meta["alpha"], **common_kw)
+    sac.create_impl((obs_dim,), act_dim)
+    for mod, (attr, _) in MODULES.items():
+        prefix = f"init/{mod}/"
+        getattr(sac._impl, attr).load_state_dict(
+            {k[len(prefix):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)})
+    update(sac, "offline", OFFLINE_NOISE)
+
+    # the switch as in run_aca.py: load the SAC+ML checkpoint into ACA, T <- 1, pi0 <- copy(pi), critic_init
+    shift = meta["online_reward_shift"]
+    agent = ACA(beta=meta["beta"], interpolation=meta["interpolation"],
+                reward_scaler=ShiftRewardScaler(shift) if shift is not None else None, **common_kw)
+    agent.create_impl((obs_dim,), act_dim)
+    with tempfile.TemporaryDirectory() as tmp:
+        sac.save_model(str(Path(tmp) / "model.pt"))
+        agent.load_model(str(Path(tmp) / "model.pt"))
+    agent._impl._log_temp.state_dict()["_parameter"].copy_(torch.Tensor([0.0]))
+    agent._impl._reference_policy = copy.deepcopy(agent._impl._policy)
+    obs0 = arrays["online/batch/obs"][0]
+    env = types.SimpleNamespace(observation_space=types.SimpleNamespace(_shape=(obs_dim,)))
+    dataset = types.SimpleNamespace(episodes=[[types.SimpleNamespace(observation=obs0,
+                                                                     action=arrays["online/batch/act"][0])]])
+    utility.critic_init(agent, env, dataset)
+    dump("switch", agent._impl)
+    update(agent, "online", ONLINE_NOISE)
+    agent._impl._weight = agent._interpolation[0]  # the weight schedule alone, from its start
+    w = [agent._impl._weight]
+    for _ in range(meta["w_steps"]):
+        agent._update_interpolation()
+        w.append(agent._impl._weight)
+    results["w_schedule"] = np.asarray(w, np.float64)
+    np.savez(out, **results)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference-side", nargs=2, metavar=("IN", "OUT"), required=True)
+    args = parser.parse_args()
+    _reference_side(Path(args.reference_side[0]), Path(args.reference_side[1]))
