@@ -1247,14 +1247,18 @@ class Run:
 
 
 def main(train_fn, cfg):
-    """Command-line entry: run problems and interruptions are one line on stderr, no traceback."""
+    """Command-line entry: run problems and interruptions are one line on stderr (its last line), no traceback."""
+    import gc
     try:
         train_fn(cfg)
+        return
     except Interrupted as e:
-        print(e, file=sys.stderr)
-        sys.exit(130)
+        message, code = str(e), 130
     except (RunError, data.DatasetError) as e:
-        sys.exit(f"error: {e}")
+        message, code = f"error: {e}", 1
+    gc.collect()  # the failed run's frames go: its progress bars write their last line before ours
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 def parse_config(argv=None) -> TrainConfig:
