@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         tmp.replace(path)
         (out / "step.md").write_text(markdown(results))
-        if args.readme:
+        if args.readme and out.resolve() == DEFAULT_OUT.resolve():  # the README quotes the committed results only
             from readme_tables import replace_section
             replace_section("parity", readme_table(results))
     ran = [a for a in ADAPTERS if args.algo in (a, "all")]

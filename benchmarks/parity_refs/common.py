@@ -558,17 +558,29 @@ def _leaves(tree, prefix=""):
 
 
 def compare_trees(rows: list, algo: str, reference: str, phase: str, setting: str, quantity: str, ours, ref,
-                  tol: float = TOLERANCE, note: str = "") -> dict:
+                  tol: float = TOLERANCE, note: str = "", floor: float = 0.0) -> dict:
     """One row for two param trees (nested dicts, same keys): the leaf with the largest relative difference (each
-    leaf relative to its own max |ref|, so small leaves such as biases are not hidden by large ones)."""
+    leaf relative to its own max |ref|, so small leaves such as biases are not hidden by large ones). `floor` > 0:
+    a leaf's scale is at least floor x the tree's largest |ref|: for gradients, where a leaf that is a sum
+    cancelling to near 0 (e.g. a log-std multiplier's sum of g * raw over the batch) carries the round-off of its
+    summands, not of its sum."""
     a, b = dict(_leaves(ours)), dict(_leaves(ref))
     if a.keys() != b.keys():
         raise ValueError(f"{quantity}: trees differ: ours only {sorted(a.keys() - b.keys())}, "
                          f"reference only {sorted(b.keys() - a.keys())}")
-    worst = max(a, key=lambda k: rel_diff(a[k], b[k])[0])
+    low = floor * max((float(np.max(np.abs(to_numpy(x)))) for x in b.values() if np.size(x)), default=0.0)
+
+    def rel(k):
+        diff = rel_diff(a[k], b[k])[1]
+        scale = max(float(np.max(np.abs(to_numpy(b[k])))) if np.size(b[k]) else 0.0, low)
+        return diff / scale if scale > 0 else diff
+    worst = max(a, key=rel)
     where = f"worst of {len(a)} leaves: {worst}" if len(a) > 1 else ""
-    return compare(rows, algo, reference, phase, setting, quantity, a[worst], b[worst], tol,
-                   "; ".join(x for x in (note, where) if x))
+    row = compare(rows, algo, reference, phase, setting, quantity, a[worst], b[worst], tol,
+                  "; ".join(x for x in (note, where) if x))
+    if floor:
+        row.update(max_rel_diff=rel(worst), passed=bool(rel(worst) <= tol))
+    return row
 
 
 def compare_all(rows: list, algo: str, reference: str, phase: str, setting: str, quantities: dict,
