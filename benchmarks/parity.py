@@ -154,9 +154,13 @@ def run_algo(algo: str, reference_dir=None) -> dict:
         except common.ReferenceMissing as e:
             run.update(status="not run", message=str(e))
         except ModuleNotFoundError as e:
-            if e.name != f"parity_refs.{mod_name}":
+            if e.name == f"parity_refs.{mod_name}":
+                run.update(status="not run", message=f"no adapter benchmarks/parity_refs/{mod_name}.py yet")
+            elif e.name and e.name.split(".")[0] == "torch":
+                run.update(status="not run", message="torch is not installed: pip install -r "
+                                                     "benchmarks/parity-requirements.txt")
+            else:
                 raise
-            run.update(status="not run", message=f"no adapter benchmarks/parity_refs/{mod_name}.py yet")
         except Exception as e:  # noqa: BLE001 - one broken adapter must not hide the others' results
             traceback.print_exc()
             run.update(status="error", message=f"{type(e).__name__}: {e}")

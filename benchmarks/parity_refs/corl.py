@@ -18,9 +18,9 @@ B = C.BATCH
 
 
 def _reference(reference_dir, file: str):
+    path = C.reference_checkout("corl", reference_dir)
     import pyrallis  # noqa: F401  (imported before reference_on_path so they stay loaded afterwards)
     import torch  # noqa: F401
-    path = C.reference_checkout("corl", reference_dir)
     with C.reference_on_path(path, C.reference_stand_ins()):
         return C.load_file(path / "algorithms" / "finetune" / file, "corl_" + file[:-3])
 

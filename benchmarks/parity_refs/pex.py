@@ -38,8 +38,8 @@ def _ours_hidden():
 
 def _reference(reference_dir, ds):
     """(IQL, PEX, GaussianPolicy, DoubleCriticNetwork, ValueNetwork, get_env_and_dataset) of the checkout."""
-    import torch  # noqa: F401  (imported before reference_on_path so it stays loaded afterwards)
     path = C.reference_checkout("pex", reference_dir)
+    import torch  # noqa: F401  (imported before reference_on_path so it stays loaded afterwards)
     with _ours_hidden(), C.reference_on_path(path, C.reference_stand_ins(ds)):
         from pex.algorithms.iql import IQL
         from pex.algorithms.pex import PEX
