@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 
 import iql
-from conftest import assert_ctrl_c_resumes, read_evals
+from conftest import assert_ctrl_c_resumes, kill_after_checkpoints, read_evals
+from test_iql import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = dict(offline_updates=200, online_steps=300, update_block=50, online_block=50, offline_eval_every=100,
-            online_eval_every=100, eval_episodes=2, hidden_dims=[32, 32], expectile=0.7, beta=3.0,
-            reward_bias=0.0, normalize_reward_by_returns=True, terminate_on_success=False, wandb_mode="disabled")
-
-
-def config(dataset_id, run_dir, **overrides):
-    return iql.TrainConfig(dataset_id=dataset_id, run_dir=str(run_dir), **{**TINY, **overrides})
+config = tiny_config  # IQL's tiny budgets (tests/test_iql.py)
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +33,8 @@ def reference(dataset_id, tmp_path_factory):
 
 
 def killed_run(dataset_id, run_dir, monkeypatch, checkpoints):
-    """A run killed right after its `checkpoints`-th checkpoint write (as by SIGKILL: nothing else runs)."""
-    save, calls = iql.save_checkpoint, []
-
-    def save_then_die(*args, **kwargs):
-        save(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == checkpoints:
-            raise SystemExit("simulated kill")
-    monkeypatch.setattr(iql, "save_checkpoint", save_then_die)
-    with pytest.raises(SystemExit):
-        iql.train(config(dataset_id, run_dir))
-    monkeypatch.setattr(iql, "save_checkpoint", save)
+    """A run killed right after its `checkpoints`-th checkpoint write (nothing else runs, as with SIGKILL)."""
+    kill_after_checkpoints(iql, config(dataset_id, run_dir), checkpoints, monkeypatch)
 
 
 @pytest.mark.parametrize("damage", ["between_renames", "latest_state_missing", "latest_state_garbled",
