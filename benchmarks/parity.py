@@ -1,7 +1,16 @@
-"""Step parity: one update of each o2o-jax algorithm file equals one update of its reference implementation.
+"""Parity with the reference implementations: one update step (`step`) and whole training runs (`learn`).
 
     python benchmarks/parity.py step iql|cal_ql|aca|pex|o2sac|o2td3|o2ppo|all [--reference_dir DIR] [--out DIR]
+    python benchmarks/parity.py learn iql|...|all [--reference_dir DIR] [--report_only]
 
+`learn` trains ours and the reference on the same datasets with the same hyper-parameters, budgets and evaluation
+schedule (protocol benchmarks/protocols/parity_learn.yaml, run by the sweep runner: resumable, finished runs kept;
+the reference side through parity_refs/run_reference.py), then writes benchmarks/results/parity/learn.{csv,json,md,
+png}: every evaluation, the overlay of both implementations' curves (mean +- std over seeds), and per algorithm and
+dataset both final scores, the difference with a 95% bootstrap interval, the verdict fixed in advance (`match` when
+the interval contains 0 or lies within +-5 normalised points) and the wall time and updates/s of both sides.
+
+`step`:
 An adapter per reference (benchmarks/parity_refs/) builds the reference's networks and ours with the same weights,
 feeds both the same batch and the same noise, runs one update on each side and compares the losses, the gradients
 (Adam's first moments) and the updated parameters; each row is the largest difference relative to the reference's
@@ -14,7 +23,11 @@ directory of parity_refs/common.py, cloned when the network answers. A missing r
 Results of earlier runs for other algorithms are kept in step.json / step.md (one section per algorithm).
 """
 import argparse
+import csv
 import importlib
+import io
+import os
+import signal
 import json
 import platform
 import sys
@@ -22,10 +35,13 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from parity_refs import common  # noqa: E402
+import sweep  # noqa: E402
 
 # algorithm -> (adapter module in parity_refs, function); several adapters = several references
 ADAPTERS = {
@@ -38,7 +54,7 @@ ADAPTERS = {
     "o2ppo": [("ocr_cft", "step_o2ppo")],
 }
 DEFAULT_OUT = HERE / "results" / "parity"
-REFERENCE_OF = {"calql_official": "calql"}  # adapter module -> its key in common.REFERENCES (else the same name)
+REFERENCE_OF = common.REFERENCE_KEY  # adapter module -> its key in common.REFERENCES (else the same name)
 BY_DESIGN = "default differs by design"
 
 
@@ -169,6 +185,257 @@ def run_algo(algo: str, reference_dir=None) -> dict:
     return entry
 
 
+# ---------------------------------------------------------------------------------------------- learning parity
+LEARN_PROTOCOL = "parity_learn"
+MATCH_BAND = 5.0  # normalised points: "match" when the 95% interval of the difference lies within +-MATCH_BAND
+MIN_SEEDS = 3
+LEARN_COLUMNS = ["implementation", "entry"] + sweep.CSV_COLUMNS
+REFERENCE_NAMES = {"corl": "CORL", "calql_official": "Cal-QL (official)", "ocr_cft": "OCR-CFT",
+                   "pex": "PEX (official)", "aca": "ACA (official)"}
+
+
+def implementation(entry: dict) -> str:
+    """'ours', or the reference adapter an entry's command runs (run_reference.py REFERENCE ALGO ...)."""
+    command = entry.get("command")
+    if not command:
+        return "ours"
+    i = next(i for i, part in enumerate(command) if str(part).endswith("run_reference.py"))
+    return str(command[i + 1])
+
+
+def learn_entries(protocol: dict, algo: str) -> list:
+    """The protocol's entries (ours and references) of one algorithm, or of all with algo 'all'."""
+    return [name for name, o in protocol["algorithms"].items()
+            if algo == "all" or str(o.get("script", name)) == algo]
+
+
+def bootstrap_diff(ours: list, ref: list, n: int = 10000, seed: int = 0) -> tuple:
+    """(mean(ours) - mean(ref), 2.5th and 97.5th percentiles of that difference when each side's seeds are
+    resampled with replacement, n times)."""
+    a, b = np.asarray(ours, float), np.asarray(ref, float)
+    rng = np.random.default_rng(seed)
+    diffs = a[rng.integers(0, len(a), (n, len(a)))].mean(1) - b[rng.integers(0, len(b), (n, len(b)))].mean(1)
+    return float(a.mean() - b.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def learn_verdict(n_ours: int, n_ref: int, lo: float, hi: float, min_seeds: int = MIN_SEEDS) -> str:
+    """Fixed before any run: 'match' when the 95% interval of ours - reference contains 0 or lies within
+    +-MATCH_BAND normalised points, 'differs' otherwise; 'incomplete' below min_seeds finished seeds a side."""
+    if min(n_ours, n_ref) < min_seeds:
+        return f"incomplete ({n_ours} / {n_ref} seeds)"
+    return "match" if lo <= 0.0 <= hi or (lo >= -MATCH_BAND and hi <= MATCH_BAND) else "differs"
+
+
+def learn_rows(plan) -> list:
+    """Every evaluation of the plan's runs (sweep's CSV rows) with the implementation and protocol entry."""
+    out = []
+    for run in plan.runs:
+        entry = plan.protocol["algorithms"][run.algo]
+        for row in sweep.run_rows(plan, run):
+            out.append({**row, "implementation": implementation(entry), "entry": run.algo,
+                        "algorithm": run.script.stem})
+    return out
+
+
+def _final(rows: list, online: bool):
+    rows = [r for r in rows if (r["phase"] == "online") == online and r["normalized_score"] is not None]
+    return rows[-1]["normalized_score"] if rows else None
+
+
+def learn_summary(plan, rows: list) -> list:
+    """Per algorithm and dataset: each side's finished seeds, final offline and online scores, wall time and
+    updates/s, and the difference of the final online scores with its bootstrap interval and verdict."""
+    done = {}  # (entry, dataset, seed) -> done.json of a finished run
+    for run in plan.runs:
+        path = plan.root / run.run_dir / "done.json"
+        if path.exists():
+            for seed in run.seeds:
+                done[(run.algo, run.dataset, seed)] = json.loads(path.read_text())
+    by = {}
+    for r in rows:
+        by.setdefault((r["algorithm"], r["dataset"], r["implementation"], r["entry"]), {}).setdefault(
+            r["seed"], []).append(r)
+    out = []
+    for algo, dataset in dict.fromkeys((a, d) for a, d, _, _ in by):
+        sides = {}
+        for (a, d, impl, entry), per_seed in by.items():
+            if (a, d) != (algo, dataset):
+                continue
+            fin = {s: rs for s, rs in per_seed.items() if (entry, d, s) in done}
+            walls = [done[(entry, d, s)]["wall_time_s"] for s in fin]
+            updates = [max(r["updates"] or 0 for r in rs) for rs in fin.values()]
+            sides[impl] = {
+                "entry": entry, "seeds": sorted(fin), "online": [_final(rs, True) for rs in fin.values()],
+                "offline": [_final(rs, False) for rs in fin.values()], "wall_time_s": walls,
+                "updates_per_s": [u / w for u, w in zip(updates, walls) if w],
+                "load_avg_at_end": [done[(entry, d, s)].get("load_avg_at_end", [None])[0] for s in fin]}
+        ours = sides.get("ours")
+        for impl, ref in sides.items():
+            if impl == "ours" or ours is None:
+                continue
+            item = {"algorithm": algo, "dataset": dataset, "reference": impl, "ours": ours, "ref": ref}
+            for phase in ("offline", "online"):
+                a = [x for x in ours[phase] if x is not None]
+                b = [x for x in ref[phase] if x is not None]
+                if a and b:
+                    diff, lo, hi = bootstrap_diff(a, b)
+                    item[phase] = {"ours_mean": float(np.mean(a)), "ours_std": float(np.std(a, ddof=1)) if len(a) > 1
+                                   else 0.0, "ref_mean": float(np.mean(b)), "ref_std": float(np.std(b, ddof=1))
+                                   if len(b) > 1 else 0.0, "diff": diff, "ci95": [lo, hi],
+                                   "verdict": learn_verdict(len(a), len(b), lo, hi)}
+            if ours["wall_time_s"] and ref["wall_time_s"]:
+                item["speedup_wall"] = float(np.mean(ref["wall_time_s"]) / np.mean(ours["wall_time_s"]))
+            out.append(item)
+    return out
+
+
+def learn_markdown(summary: list, protocol: dict) -> str:
+    lines = ["# Learning parity: ours vs the reference, same data, hyper-parameters and budgets", "",
+             f"Generated by `python benchmarks/parity.py learn ...` (do not edit) from the runs of protocol "
+             f"`{protocol['path']}` (budgets and switches there). Scores: D4RL-normalised, the last evaluation of "
+             f"each phase, mean ± std over finished seeds. Difference = ours − reference, with a 95% bootstrap "
+             f"interval (seeds resampled on each side). Verdict fixed before the runs: *match* when the interval "
+             f"contains 0 or lies within ±{MATCH_BAND:g} points, else *differs*. Wall time: the whole process "
+             f"(start-up, data load, compilation, evaluations); updates/s = all updates of the run / wall time.", "",
+             "| algorithm | dataset | reference | seeds | offline: ours / reference | online: ours / reference | "
+             "online difference [95% CI] | verdict | wall time per run, min: ours / reference (speed-up) | "
+             "updates/s: ours / reference |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for it in summary:
+        o, r = it["ours"], it["ref"]
+        off, on = it.get("offline"), it.get("online")
+        fmt = (lambda p: f"{p['ours_mean']:.1f} ± {p['ours_std']:.1f} / {p['ref_mean']:.1f} ± {p['ref_std']:.1f}"
+               if p else "–")
+        diff = f"{on['diff']:+.1f} [{on['ci95'][0]:+.1f}, {on['ci95'][1]:+.1f}]" if on else "–"
+        verdict_ = on["verdict"] if on else "not run"
+        wall = (f"{np.mean(o['wall_time_s']) / 60:.1f} / {np.mean(r['wall_time_s']) / 60:.1f} "
+                f"({it['speedup_wall']:.1f}x)" if "speedup_wall" in it else "–")
+        ups = (f"{np.mean(o['updates_per_s']):.0f} / {np.mean(r['updates_per_s']):.0f}"
+               if o["updates_per_s"] and r["updates_per_s"] else "–")
+        lines.append(f"| {it['algorithm']} | {it['dataset']} | {REFERENCE_NAMES.get(it['reference'], it['reference'])}"
+                     f" | {len(o['seeds'])} / {len(r['seeds'])} | {fmt(off)} | {fmt(on)} | {diff} | {verdict_} | "
+                     f"{wall} | {ups} |")
+    return "\n".join(lines) + "\n"
+
+
+def learn_plot(rows: list, path: Path):
+    """Overlay per algorithm and dataset: mean ± std over seeds of each implementation's evaluations against the
+    training step (offline updates, then offline updates + online env steps)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = list(dict.fromkeys((r["algorithm"], r["dataset"]) for r in rows))
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    for ax, (algo, dataset) in zip(axes[0], groups):
+        mine = [r for r in rows if (r["algorithm"], r["dataset"]) == (algo, dataset)]
+        offline_end = max((r["updates"] or 0) for r in mine if r["phase"] != "online")
+        for impl in dict.fromkeys(r["implementation"] for r in mine):
+            per_seed = {}
+            for r in mine:
+                if r["implementation"] == impl and r["normalized_score"] is not None:
+                    x = offline_end + r["env_steps"] if r["phase"] == "online" else r["updates"]
+                    per_seed.setdefault(r["seed"], []).append((x, r["normalized_score"]))
+            n = min(len(v) for v in per_seed.values())  # the i-th evaluation of every seed
+            xs = np.median([[x for x, _ in v[:n]] for v in per_seed.values()], 0)
+            ys = np.array([[y for _, y in v[:n]] for v in per_seed.values()])
+            label = "ours" if impl == "ours" else REFERENCE_NAMES.get(impl, impl)
+            ax.plot(xs, ys.mean(0), label=f"{label} ({len(per_seed)} seeds)")
+            ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
+        ax.axvline(offline_end, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{algo}: {dataset}", fontsize=9)
+        ax.set_xlabel("offline updates, then + online env steps")
+        ax.set_ylabel("normalised score")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def learn_readme(summary: list) -> str:
+    lines = ["Learning parity: ours and the reference trained with the same data, hyper-parameters, budgets and "
+             "evaluations, 3 seeds each (`python benchmarks/parity.py learn all --reference_dir DIR`; every "
+             "evaluation, the curves and the budgets in [benchmarks/results/parity/learn.md]"
+             "(benchmarks/results/parity/learn.md)). Final online score, mean ± std; verdict fixed in advance: "
+             f"*match* when the 95% bootstrap interval of the difference contains 0 or lies within ±{MATCH_BAND:g}.",
+             "", "| algorithm | dataset | reference | final score: ours / reference | difference [95% CI] | verdict | "
+             "speed-up (wall time per run) |", "|---|---|---|---|---|---|---|"]
+    for it in summary:
+        on = it.get("online")
+        if not on:
+            continue
+        lines.append(f"| {it['algorithm']} | {it['dataset']} | {REFERENCE_NAMES.get(it['reference'], it['reference'])}"
+                     f" | {on['ours_mean']:.1f} ± {on['ours_std']:.1f} / {on['ref_mean']:.1f} ± {on['ref_std']:.1f} | "
+                     f"{on['diff']:+.1f} [{on['ci95'][0]:+.1f}, {on['ci95'][1]:+.1f}] | {on['verdict']} | "
+                     + (f"{it['speedup_wall']:.1f}x |" if "speedup_wall" in it else "– |"))
+    return "\n".join(lines)
+
+
+def learn_report(protocol: dict, out: Path, readme: bool = True, root: Path = sweep.ROOT) -> list:
+    """(Re)write learn.csv/json/md/png from the run directories of the whole protocol (a pure function of them);
+    returns the summary."""
+    plan = sweep.build_plan(protocol, root, check_overrides=False)
+    rows = learn_rows(plan)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, LEARN_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: sweep._fmt(r[k]) for k in LEARN_COLUMNS})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "learn.csv").write_text(buf.getvalue())
+    summary = learn_summary(plan, rows)
+    (out / "learn.json").write_text(json.dumps({"protocol": protocol["path"], "match_band": MATCH_BAND,
+                                                "summary": summary}, indent=1) + "\n")
+    (out / "learn.md").write_text(learn_markdown(summary, protocol) + "\n![curves](learn.png)\n")
+    learn_plot(rows, out / "learn.png")
+    if readme and out.resolve() == DEFAULT_OUT.resolve():
+        from readme_tables import replace_section
+        replace_section("parity_learn", learn_readme(summary))
+    print(f"wrote {out / 'learn.csv'} ({len(rows)} evaluations), learn.json, learn.md, learn.png")
+    for it in summary:
+        on = it.get("online")
+        print(f"  {it['algorithm']} {it['dataset']} vs {it['reference']}: " +
+              (f"{on['diff']:+.1f} [{on['ci95'][0]:+.1f}, {on['ci95'][1]:+.1f}] {on['verdict']}" if on else "no runs"))
+    return summary
+
+
+def learn(algo: str, reference_dir=None, out: Path = DEFAULT_OUT, report_only: bool = False,
+          protocol_name: str = LEARN_PROTOCOL, readme: bool = True) -> int:
+    """Run (or resume) the learning-parity runs of `algo`, ours and reference interleaved seed by seed, then
+    rewrite the report from all finished runs."""
+    try:
+        protocol = sweep.load_protocol(protocol_name)
+        entries = learn_entries(protocol, algo)
+        if not entries:
+            raise sweep.SweepError(f"protocol {protocol['path']} has no entry for {algo}")
+        plan = sweep.build_plan(protocol, sweep.ROOT, only=[f"algo={e}" for e in entries])
+    except sweep.SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ok = True
+    if not report_only:
+        if reference_dir:
+            os.environ["O2O_PARITY_REFERENCE_DIR"] = str(Path(reference_dir).resolve())
+        order = list(protocol["algorithms"])
+        family = {e: str(protocol["algorithms"][e].get("script", e)) for e in order}
+        # ours then the reference, dataset by dataset and seed by seed: machine drift hits both sides alike
+        plan.runs.sort(key=lambda r: (order.index(next(e for e in order if family[e] == family[r.algo])),
+                                      protocol["datasets"].index(r.dataset), r.seed, order.index(r.algo)))
+        print(sweep.describe(plan, commands=False), flush=True)
+        signal.signal(signal.SIGTERM, sweep._interrupt)
+        try:
+            results = sweep.execute(plan)
+        except KeyboardInterrupt:
+            learn_report(protocol, out, readme)
+            return 130
+        failed = [(r, m) for r, good, m in results if not good]
+        for r, m in failed:
+            print(f"FAILED {r.label}: {m}", file=sys.stderr)
+        ok = not failed
+    learn_report(protocol, out, readme)
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,7 +444,16 @@ def main(argv=None) -> int:
     step.add_argument("--reference_dir", default=None, help="directory holding the reference checkouts")
     step.add_argument("--out", default=str(DEFAULT_OUT), help="output directory of step.json / step.md")
     step.add_argument("--no_readme", dest="readme", action="store_false", help="do not rewrite README's section")
+    lrn = sub.add_parser("learn", help="training runs of ours and the reference, same data, settings and budgets")
+    lrn.add_argument("algo", choices=list(ADAPTERS) + ["all"])
+    lrn.add_argument("--reference_dir", default=None, help="directory holding the reference checkouts")
+    lrn.add_argument("--out", default=str(DEFAULT_OUT), help="output directory of learn.{csv,json,md,png}")
+    lrn.add_argument("--report_only", action="store_true", help="only rewrite the report from the finished runs")
+    lrn.add_argument("--protocol", default=LEARN_PROTOCOL, help="protocol name or YAML path (default parity_learn)")
+    lrn.add_argument("--no_readme", dest="readme", action="store_false", help="do not rewrite README's section")
     args = parser.parse_args(argv)
+    if args.command == "learn":
+        return learn(args.algo, args.reference_dir, Path(args.out), args.report_only, args.protocol, args.readme)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

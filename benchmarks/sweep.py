@@ -8,7 +8,9 @@
 
 A protocol (benchmarks/protocols/*.yaml) names `algorithms` (each with overrides of its TrainConfig, e.g.
 budgets; an entry `o2td3-naive: {script: o2td3, ...}` runs a variant of algorithms/o2td3.py under its own
-label; `offline_from: <entry>` starts each of its runs from that earlier entry's offline checkpoint of the
+label; an entry's own `command` replaces the protocol's for its runs, e.g. to run a reference implementation
+with the same config and overrides (benchmarks/parity.py learn), and its own `datasets` (a subset of the
+protocol's) limits it to those; `offline_from: <entry>` starts each of its runs from that earlier entry's offline checkpoint of the
 same dataset and seeds, `--offline_checkpoint <its run dir>/checkpoints/offline`, so variants that differ
 only online share one pre-training and start from the same offline policy), `datasets`, `seeds`, optional
 `common` overrides for every algorithm, `env` variables, `output_root` and `command` (the command template;
@@ -179,6 +181,7 @@ class Run:
     status: str = "new"  # new | resume | done
     multi_seed: bool = False  # the protocol sets num_seeds: pass --num_seeds len(seeds)
     source: Path = None  # offline_from: the run dir whose checkpoints/offline this run starts from
+    command: list = None  # the entry's own command template (else the protocol's)
 
     @property
     def seed(self) -> int:
@@ -195,7 +198,9 @@ class Run:
         return [(s, Path(f"seed{s}") / "eval.jsonl") for s in self.seeds]
 
     def args(self, command) -> list:
-        """The command line without --resume (also what done.json records)."""
+        """The command line without --resume (also what done.json records); the entry's own `command`, if it has
+        one, replaces the protocol's `command`."""
+        command = self.command or command
         fmt = dict(python=sys.executable, algo=self.script.stem, config=str(self.config), seed=self.seed,
                    run_dir=str(self.run_dir), dataset=self.dataset)
         out = [str(part).format(**fmt) for part in command]
@@ -218,7 +223,7 @@ class Plan:
     def recorded_args(self, run):
         """The arguments compared with done.json: the command minus the interpreter path."""
         args = run.args(self.protocol["command"])
-        return args[1:] if self.protocol["command"][0] == "{python}" else args
+        return args[1:] if (run.command or self.protocol["command"])[0] == "{python}" else args
 
 
 def parse_only(only: list) -> dict:
@@ -287,6 +292,14 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
         fields = config_fields(root / script) if check_overrides else None
         merged = {**protocol["common"], **(overrides or {})}
         merged.pop("script", None)
+        command = merged.pop("command", None)
+        entry_datasets = merged.pop("datasets", None)
+        if entry_datasets is not None and (not isinstance(entry_datasets, list) or set(entry_datasets) - set(datasets)):
+            errors.append(f"{a}: datasets must be a list of the protocol's datasets, got {entry_datasets!r}")
+            entry_datasets = None
+        if command is not None and (not isinstance(command, list) or not command):
+            errors.append(f"{a}: command must be a non-empty list (a command template), got {command!r}")
+            command = None
         num_seeds = merged.pop("num_seeds", None)
         source = merged.pop("offline_from", None)
         if source is not None:
@@ -313,7 +326,7 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
                 where = "common" if k in protocol["common"] and k not in overrides else a
                 errors.append(f"{a}: override '{k}' (from `{where}`) is not a field of TrainConfig in "
                               f"{script}{_suggest(k, fields)}")
-        for d in datasets:
+        for d in datasets if entry_datasets is None else [d for d in datasets if d in entry_datasets]:
             config = Path("configs") / scripts[a] / f"{d}.yaml"
             if not (root / config).exists():
                 errors.append(f"{a}: no config {config} for dataset '{d}' (generate it with "
@@ -327,7 +340,7 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
                 run_dir = Path(protocol["output_root"]) / a / d / name
                 plan.runs.append(Run(a, d, group, script, config, run_dir, merged, multi_seed=num_seeds is not None,
                                      source=None if source is None else
-                                     Path(protocol["output_root"]) / source / d / name))
+                                     Path(protocol["output_root"]) / source / d / name, command=command))
     if errors:
         raise SweepError("\n  ".join(["protocol " + protocol["path"] + ":"] + errors))
 
@@ -517,6 +530,7 @@ def run_one(plan: Plan, run: Run, env: dict, wrap=(), poll_s: float = 1.0) -> tu
     _write_json(rd / "done.json", {
         "algorithm": run.algo, "dataset": run.dataset, "seeds": run.seeds, "args": plan.recorded_args(run),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_time_s": round(total, 1),
+        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
         "attempts": len(timer.attempts), "per_seed": per_seed})
     return run, True, f"done in {total / 60:.1f} min (this attempt {timer.attempts[-1]['seconds'] / 60:.1f} min)"
 

@@ -670,3 +670,147 @@ def antmaze_episodes(rng, limit: int) -> list:
     ep = synthetic_episode
     return [ep(rng, np.zeros(limit), False), ep(rng, np.r_[np.zeros(59), 1.0], True), ep(rng, middle, False),
             ep(rng, at_limit, False), ep(rng, np.zeros(30), False)]
+
+
+# ---- learning runs: the reference trains on our dataset and env through gym/d4rl/wandb stand-ins ----
+class OldGymEnv:
+    """The gym < 0.26 API that the references expect, over this repository's gymnasium env of a dataset
+    (`data.make_env`): reset() -> obs, step(a) -> (obs, r, done, info) with info['TimeLimit.truncated'] at a time
+    limit, seed(s) seeds the next reset, get_normalized_score(return) as D4RL's (a fraction, not x100),
+    get_dataset() the dataset in D4RL's layout, `_max_episode_steps` the time limit."""
+
+    def __init__(self, dataset_id: str, env=None):
+        data = ours("data")
+        self.dataset_id = dataset_id
+        self.env = data.make_env(dataset_id, eval_env=True) if env is None else env
+        self.ref_min_score, self.ref_max_score = data.reference_scores(dataset_id)
+        self.observation_space, self.action_space = self.env.observation_space, self.env.action_space
+        self._max_episode_steps = self.env.spec.max_episode_steps
+        self.spec = types.SimpleNamespace(id=dataset_id, max_episode_steps=self._max_episode_steps)
+        self.metadata, self.reward_range = getattr(self.env, "metadata", {}), (-float("inf"), float("inf"))
+        self._next_seed = None
+
+    @property
+    def unwrapped(self):
+        return self
+
+    def seed(self, seed=None):
+        self._next_seed = None if seed is None else int(seed)
+        return [seed]
+
+    def reset(self, **_):
+        obs, _ = self.env.reset(seed=self._next_seed)
+        self._next_seed = None
+        return obs
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(np.asarray(action, np.float32))
+        info = dict(info)
+        if truncated and not terminated:
+            info["TimeLimit.truncated"] = True
+        return obs, float(reward), bool(terminated or truncated), info
+
+    def get_normalized_score(self, score):
+        return (score - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+
+    def get_dataset(self, **_):
+        return qlearning_dataset(ours("data").load_dataset(self.dataset_id))
+
+    def render(self, *_, **__):
+        return None
+
+    def close(self):
+        self.env.close()
+
+
+class Wrapper:
+    """gym.Wrapper (old API): delegates everything to `env`."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def __getattr__(self, name):
+        if name == "env":
+            raise AttributeError(name)
+        return getattr(self.env, name)
+
+    def reset(self, **kwargs):
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        return self.env.step(action)
+
+
+class TransformObservation(Wrapper):
+    def __init__(self, env, f):
+        super().__init__(env)
+        self.f = f
+
+    def reset(self, **kwargs):
+        return self.f(self.env.reset(**kwargs))
+
+    def step(self, action):
+        obs, reward, done, info = self.env.step(action)
+        return self.f(obs), reward, done, info
+
+
+class TransformReward(Wrapper):
+    def __init__(self, env, f):
+        super().__init__(env)
+        self.f = f
+
+    def step(self, action):
+        obs, reward, done, info = self.env.step(action)
+        return obs, self.f(reward), done, info
+
+
+class WandbRecorder:
+    """A wandb stand-in that hands every `wandb.log(dict, step=...)` to `on_log(dict, step)` (the adapter turns
+    the reference's evaluation logs into eval.jsonl records); init/finish/config do nothing."""
+
+    def __init__(self, on_log):
+        self.on_log = on_log
+
+    def module(self) -> types.ModuleType:
+        class Run:
+            def __getattr__(self, _):
+                return lambda *a, **k: None
+        return module("wandb", init=lambda *a, **k: Run(), log=lambda d, step=None, **k: self.on_log(dict(d), step),
+                      finish=lambda *a, **k: None, config={}, run=Run(), save=lambda *a, **k: None,
+                      watch=lambda *a, **k: None)
+
+
+def learning_stand_ins(dataset_id: str, on_log) -> dict:
+    """sys.modules entries for a reference's training run on `dataset_id`: gym.make(any name) is that dataset's env
+    (OldGymEnv), d4rl serves its data (qlearning_dataset(env) / env.get_dataset() / get_normalized_score), wandb
+    logs go to `on_log`."""
+    import gymnasium
+    ds_env = lambda *_, **__: OldGymEnv(dataset_id)  # noqa: E731
+    wrappers = module("gym.wrappers", TransformObservation=TransformObservation, TransformReward=TransformReward,
+                      TimeLimit=Wrapper, RecordEpisodeStatistics=Wrapper)
+    gym = module("gym", Env=OldGymEnv, Wrapper=Wrapper, wrappers=wrappers, spaces=gymnasium.spaces, make=ds_env,
+                 __version__="0.23.1")
+
+    def get_normalized_score(_name, score):
+        lo, hi = ours("data").reference_scores(dataset_id)
+        return (np.asarray(score) - lo) / (hi - lo)
+    def serve(*_, **__):
+        return qlearning_dataset(ours("data").load_dataset(dataset_id))
+    d4rl = module("d4rl", qlearning_dataset=serve, get_normalized_score=get_normalized_score,
+                  gym_mujoco=module("d4rl.gym_mujoco"))
+    return {"gym": gym, "gym.wrappers": wrappers, "gym.spaces": gymnasium.spaces, "d4rl": d4rl,
+            "d4rl.gym_mujoco": d4rl.gym_mujoco, "wandb": WandbRecorder(on_log).module()}
+
+
+REFERENCE_KEY = {"calql_official": "calql"}  # adapter module -> its key in REFERENCES (else the same name)
+
+
+def require(cfg, reference: str, **expected):
+    """ValueError naming every field of our config whose value the reference cannot run (it hard-codes another)."""
+    def value(k):
+        v = getattr(cfg, k)
+        return tuple(v) if isinstance(v, list) else v
+    bad = [f"{k}={value(k)!r} (the reference has {v!r})" for k, v in expected.items() if value(k) != v]
+    if bad:
+        raise ValueError(f"{reference} cannot run this config: " + ", ".join(bad) + "; set those fields to the "
+                         "reference's values in the parity protocol")

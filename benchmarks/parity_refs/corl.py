@@ -312,3 +312,40 @@ def step_cal_ql(reference_dir=None) -> list:
     cmp("offline", "Adroit cloned, CORL config (fixed CQL weight 1, Q 3x256, raw rewards)", _calql_step(
         ref, cal_ql, cal_ql.TrainConfig(**corl_adroit), _calql_batch(rng, 45, 24, False), True, True))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- learning runs
+def learn_iql(cfg, reference_dir, log) -> dict:
+    """CORL finetune/iql.py's own train() on our dataset with our config's hyper-parameters (parity.py learn).
+
+    CORL evaluates every `eval_freq` updates in both phases (one update per env step online): our
+    offline_eval_every and online_eval_every must be equal. Its actor LR is a CosineAnnealingLR stepped through
+    both phases (our `corl_cosine_restart: true`); its networks are 2 critics of 256x256 (fixed)."""
+    C.require(cfg, "CORL finetune/iql.py", n_critics=2, hidden_dims=(256, 256), exp_adv_max=100.0, reward_scale=1.0,
+              reward_bias=0.0, offline_cosine=True, terminate_on_success=False, num_seeds=1)
+    if cfg.offline_eval_every != cfg.online_eval_every:
+        raise ValueError(f"CORL evaluates every eval_freq updates in both phases: set offline_eval_every "
+                         f"({cfg.offline_eval_every}) = online_eval_every ({cfg.online_eval_every})")
+    path = C.reference_checkout("corl", reference_dir)
+    lo, hi = C.ours("data").reference_scores(cfg.dataset_id)
+
+    def on_log(logged, step):
+        if "eval/d4rl_normalized_score" in logged:
+            score = float(logged["eval/d4rl_normalized_score"])
+            online = step > cfg.offline_updates
+            log("online" if online else "offline", step, step - cfg.offline_updates if online else 0, score,
+                lo + score / 100.0 * (hi - lo))
+    import pyrallis  # noqa: F401
+    import torch  # noqa: F401
+    with C.reference_on_path(path, C.learning_stand_ins(cfg.dataset_id, on_log)):
+        ref = C.load_file(path / "algorithms" / "finetune" / "iql.py", "corl_iql")
+        config = ref.TrainConfig(
+            device="cpu", env=cfg.dataset_id, seed=cfg.seed, eval_seed=cfg.eval_seed, eval_freq=cfg.offline_eval_every,
+            n_episodes=cfg.eval_episodes, offline_iterations=cfg.offline_updates, online_iterations=cfg.online_steps,
+            actor_dropout=cfg.actor_dropout, batch_size=cfg.batch_size, discount=cfg.discount, tau=cfg.tau,
+            beta=cfg.beta, iql_tau=cfg.expectile, normalize=cfg.normalize,
+            normalize_reward=cfg.normalize_reward_by_returns, vf_lr=cfg.value_lr, qf_lr=cfg.critic_lr,
+            actor_lr=cfg.actor_lr)
+        ref.train.__wrapped__(config)  # under @pyrallis.wrap(): the undecorated function takes the config
+    return {"reference_config": {k: v for k, v in vars(config).items() if not k.startswith("_")},
+            "updates": cfg.offline_updates + cfg.online_steps}

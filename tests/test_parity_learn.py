@@ -1,0 +1,215 @@
+"""Learning parity (benchmarks/parity.py learn): the stand-ins that let a reference train on our data and env, the
+reference runner's early checks, the sweep runner's per-entry command, and the report's statistics and verdicts on
+fake runs. No network; the one test that trains a reference needs torch and $O2O_PARITY_REFS (skipped otherwise).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+import data
+import parity
+import sweep
+from parity_refs import common, run_reference
+
+ROOT = sweep.ROOT
+
+
+# ---- stand-ins: data, env API, wandb
+def test_learning_stand_ins_serve_our_dataset(tiny_dataset):
+    ds_id = tiny_dataset("hopper", "medium")
+    ds = data.load_dataset(ds_id)
+    mods = common.learning_stand_ins(ds_id, lambda d, step: None)
+    env = mods["gym"].make("any-name-v2")
+    for served in (mods["d4rl"].qlearning_dataset(env), env.get_dataset()):
+        assert set(served) == {"observations", "actions", "next_observations", "rewards", "terminals", "timeouts"}
+        for key, arr in served.items():
+            assert np.array_equal(arr, getattr(ds, key)), key
+    lo, hi = data.reference_scores(ds_id)
+    assert env.get_normalized_score(lo + 0.25 * (hi - lo)) == pytest.approx(0.25)
+    assert mods["d4rl"].get_normalized_score("x", np.array([hi])) == pytest.approx(1.0)
+    assert env._max_episode_steps == 1000 and env.spec.id == ds_id
+
+
+def test_old_gym_env_api(tiny_dataset):
+    env = common.OldGymEnv(tiny_dataset("hopper", "medium"))
+    env.seed(3)
+    first = env.reset()
+    env.seed(3)
+    assert isinstance(first, np.ndarray) and np.array_equal(env.reset(), first)  # seed() seeds the next reset
+    obs, reward, done, info = env.step(np.zeros(env.action_space.shape, np.float32))
+    assert obs.shape == first.shape and isinstance(reward, float) and isinstance(done, bool)
+    assert "TimeLimit.truncated" not in info
+    wrapped = common.TransformObservation(env, lambda o: o * 0 + 7.0)
+    assert np.all(wrapped.reset() == 7.0) and np.all(wrapped.step(np.zeros(3, np.float32))[0] == 7.0)
+    assert wrapped._max_episode_steps == 1000  # attributes reach the env through the wrapper
+    assert common.TransformReward(env, lambda r: 5.0).step(np.zeros(3, np.float32))[1] == 5.0
+
+
+def test_old_gym_env_marks_time_limits(tiny_dataset):
+    class Limited:  # a gymnasium env that is truncated at its second step
+        observation_space = action_space = None
+        spec = type("Spec", (), {"max_episode_steps": 2})()
+
+        def reset(self, seed=None):
+            self.t = 0
+            return np.zeros(2), {}
+
+        def step(self, action):
+            self.t += 1
+            return np.zeros(2), 1.0, False, self.t == 2, {}
+    env = common.OldGymEnv(tiny_dataset("hopper", "medium"), env=Limited())
+    env.reset()
+    assert env.step(0)[2:] == (False, {})
+    assert env.step(0)[2:] == (True, {"TimeLimit.truncated": True})
+
+
+def test_wandb_stand_in_forwards_logs():
+    logged = []
+    wandb = common.WandbRecorder(lambda d, step: logged.append((d, step))).module()
+    wandb.init(project="p").save()
+    wandb.log({"eval/score": 1.0}, step=7)
+    wandb.finish()
+    assert logged == [({"eval/score": 1.0}, 7)]
+
+
+# ---- the reference runner's early checks (before any reference import or data load)
+def test_run_reference_refuses_fields_the_reference_cannot_run(tmp_path, capsys):
+    config = str(ROOT / "configs" / "iql" / "o2o" / "hopper" / "medium-replay-v0.yaml")
+    rc = run_reference.main(["corl", "iql", "--config_path", config, "--run_dir", str(tmp_path), "--n_critics", "3",
+                             "--offline_eval_every", "1000", "--online_eval_every", "1000", "--offline_updates", "1000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "n_critics=3" in err[0] and "parity protocol" in err[0]
+    rc = run_reference.main(["corl", "iql", "--config_path", config, "--run_dir", str(tmp_path),
+                             "--offline_eval_every", "1000", "--online_eval_every", "500"])
+    assert rc == 1 and "offline_eval_every (1000) = online_eval_every (500)" in capsys.readouterr().err
+    assert run_reference.main(["nope", "iql"]) == 2
+    assert run_reference.main(["pex", "iql", "--config_path", config, "--run_dir", str(tmp_path)]) == 2
+    assert "parity_refs/pex.py has no learn_iql" in capsys.readouterr().err
+    assert not (tmp_path / "eval.jsonl").exists() or (tmp_path / "eval.jsonl").read_text() == ""
+
+
+# ---- protocol: per-entry command and datasets
+def _protocol(tmp_path, seeds=(0, 1, 2)):
+    proto = {"name": "pl_test", "output_root": str(tmp_path / "runs"), "seeds": list(seeds),
+             "datasets": ["o2o/hopper/medium-replay-v0", "o2o/walker2d/medium-v0"],
+             "algorithms": {"iql": {"offline_updates": 1000},
+                            "iql@corl": {"script": "iql", "offline_updates": 1000, "datasets": [
+                                "o2o/hopper/medium-replay-v0"], "command": [
+                                "{python}", "benchmarks/parity_refs/run_reference.py", "corl", "{algo}",
+                                "--config_path", "{config}", "--seed", "{seed}", "--run_dir", "{run_dir}"]}}}
+    path = tmp_path / "pl_test.yaml"
+    path.write_text(yaml.safe_dump(proto))
+    return sweep.load_protocol(path)
+
+
+def test_entry_command_and_datasets(tmp_path):
+    protocol = _protocol(tmp_path)
+    plan = sweep.build_plan(protocol, ROOT)
+    ref = [r for r in plan.runs if r.algo == "iql@corl"]
+    assert len(ref) == 3 and {r.dataset for r in ref} == {"o2o/hopper/medium-replay-v0"}
+    args = ref[0].args(protocol["command"])
+    assert args[1:5] == ["benchmarks/parity_refs/run_reference.py", "corl", "iql", "--config_path"]
+    assert "--offline_updates" in args and plan.recorded_args(ref[0]) == args[1:]
+    assert [parity.implementation(protocol["algorithms"][e]) for e in ("iql", "iql@corl")] == ["ours", "corl"]
+    assert parity.learn_entries(protocol, "iql") == ["iql", "iql@corl"]
+    protocol["algorithms"]["iql@corl"]["datasets"] = ["o2o/halfcheetah/medium-v0"]
+    with pytest.raises(sweep.SweepError, match="datasets must be a list of the protocol's datasets"):
+        sweep.build_plan(protocol, ROOT)
+
+
+# ---- statistics and verdicts
+def test_bootstrap_and_verdict():
+    diff, lo, hi = parity.bootstrap_diff([50, 52, 51], [50, 52, 51])
+    assert diff == 0 and lo <= 0 <= hi
+    assert parity.learn_verdict(3, 3, lo, hi) == "match"
+    diff, lo, hi = parity.bootstrap_diff([70, 71, 72], [50, 51, 52])
+    assert diff == pytest.approx(20) and 18 <= lo < hi <= 22
+    assert parity.learn_verdict(3, 3, lo, hi) == "differs"
+    assert parity.learn_verdict(3, 3, 1.0, 4.0) == "match"  # within +-5 although 0 is outside
+    assert parity.learn_verdict(3, 3, -6.0, -1.0) == "differs"
+    assert parity.learn_verdict(2, 3, -1.0, 1.0) == "incomplete (2 / 3 seeds)"
+    a = parity.bootstrap_diff([1, 2, 3], [0, 5, 9], seed=1)
+    assert a == parity.bootstrap_diff([1, 2, 3], [0, 5, 9], seed=1)  # reproducible
+
+
+def _fake_run(plan, run_dir, seed, offline, online, wall, updates=(1000, 2000)):
+    run_dir.mkdir(parents=True)
+    run = next(r for r in plan.runs if ROOT / r.run_dir == run_dir)
+    records = [{"seed": seed, "phase": "offline", "updates": updates[0], "env_steps": 0, "normalized_score": offline,
+                "return": 1.0, "wall_time": wall / 2},
+               {"seed": seed, "phase": "online", "updates": updates[1], "env_steps": updates[1] - updates[0],
+                "normalized_score": online, "return": 2.0, "wall_time": wall}]
+    (run_dir / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "done.json").write_text(json.dumps({"wall_time_s": wall, "load_avg_at_end": [1.0, 1.0, 1.0],
+                                                   "args": plan.recorded_args(run)}))
+
+
+def test_learn_report_on_fake_runs(tmp_path):
+    protocol = _protocol(tmp_path)
+    root = tmp_path / "runs"
+    hopper = "o2o/hopper/medium-replay-v0"
+    plan = sweep.build_plan(protocol, ROOT)
+    for seed, (ours_score, ref_score) in enumerate([(60.0, 58.0), (62.0, 61.0), (59.0, 63.0)]):
+        _fake_run(plan, root / "iql" / hopper / f"seed{seed}", seed, 40.0 + seed, ours_score, 100.0)
+        _fake_run(plan, root / "iql@corl" / hopper / f"seed{seed}", seed, 41.0, ref_score, 250.0)
+    _fake_run(plan, root / "iql" / "o2o/walker2d/medium-v0" / "seed0", 0, 1.0, 2.0, 10.0)  # no reference: not compared
+    out = tmp_path / "out"
+    summary = parity.learn_report(protocol, out, readme=False, root=ROOT)
+    assert len(summary) == 1
+    item = summary[0]
+    assert item["reference"] == "corl" and item["ours"]["seeds"] == [0, 1, 2]
+    assert item["online"]["ours_mean"] == pytest.approx(60.333, abs=1e-3)
+    assert item["online"]["diff"] == pytest.approx(60.333 - 60.667, abs=1e-3)
+    assert item["online"]["verdict"] == "match" and item["speedup_wall"] == pytest.approx(2.5)
+    assert item["ours"]["updates_per_s"] == [20.0] * 3
+    rows = (out / "learn.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 7 and rows[0].startswith("implementation,entry,algorithm,dataset,seed")
+    assert json.loads((out / "learn.json").read_text())["summary"][0]["online"]["verdict"] == "match"
+    assert (out / "learn.png").stat().st_size > 0 and "| iql | o2o/hopper/medium-replay-v0 | CORL | 3 / 3 |" in \
+        (out / "learn.md").read_text()
+    assert "| 60.3 ± 1.5 / 60.7 ± 2.5 | -0.3 [" in parity.learn_readme(summary)
+    # an unfinished run (no done.json) is plotted and listed but not counted
+    (root / "iql@corl" / hopper / "seed2" / "done.json").unlink()
+    item = parity.learn_report(protocol, out, readme=False, root=ROOT)[0]
+    assert item["ref"]["seeds"] == [0, 1] and item["online"]["verdict"] == "incomplete (3 / 2 seeds)"
+
+
+def test_committed_learning_parity_matches_its_generator():
+    """The README section is what parity.py writes from the committed learn.json (when the runs exist)."""
+    path = ROOT / "benchmarks" / "results" / "parity" / "learn.json"
+    if not path.exists():
+        pytest.skip("no learning-parity results committed yet")
+    section = (ROOT / "README.md").read_text().split("<!-- parity_learn:begin -->\n")[1].split(
+        "\n<!-- parity_learn:end -->")[0]
+    assert section == parity.learn_readme(json.loads(path.read_text())["summary"]).strip()
+
+
+# ---- a real reference run (torch + checkout)
+def test_corl_iql_learns_on_our_data(tiny_dataset, tmp_path):
+    pytest.importorskip("torch")
+    refs = os.environ.get("O2O_PARITY_REFS")
+    if not refs:
+        pytest.skip("reference checkouts not available: set O2O_PARITY_REFS to a directory holding them")
+    ds_id = tiny_dataset("hopper", "medium")
+    config = str(ROOT / "configs" / "iql" / "quickstart.yaml")
+    os.environ["O2O_PARITY_REFERENCE_DIR"] = refs
+    try:
+        rc = run_reference.main(["corl", "iql", "--config_path", config, "--dataset_id", ds_id, "--seed", "1",
+                                 "--run_dir", str(tmp_path), "--offline_updates", "40", "--update_block", "20",
+                                 "--offline_eval_every", "20", "--online_steps", "20", "--online_eval_every", "20",
+                                 "--eval_episodes", "1", "--hidden_dims", "[256, 256]", "--corl_cosine_restart",
+                                 "true"])
+    finally:
+        os.environ.pop("O2O_PARITY_REFERENCE_DIR", None)
+    assert rc == 0
+    records = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["updates"], r["env_steps"]) for r in records] == [
+        ("offline", 20, 0), ("offline", 40, 0), ("online", 60, 20)]
+    lo, hi = data.reference_scores(ds_id)
+    for r in records:
+        assert r["normalized_score"] == pytest.approx(100 * (r["return"] - lo) / (hi - lo))
+    info = json.loads((tmp_path / "reference.json").read_text())
+    assert info["commit"] == common.REFERENCES["corl"][1] and info["reference_config"]["iql_tau"] == 0.7
