@@ -5,6 +5,8 @@
     python benchmarks/sweep.py reduced --only algo=iql,dataset=o2o/hopper/medium-v0 --only algo=cal_ql
     python benchmarks/sweep.py reduced --collect       # only (re)build benchmarks/results/sweep_reduced.csv
     python benchmarks/report.py reduced                # table, curves and README section from that CSV
+    python benchmarks/sweep.py reduced --backend ray [--address auto] [--cpus_per_run C] [--gpus_per_run G]
+                                                       # one Ray task per run, same plan and results (docs/cluster.md)
 
 A protocol (benchmarks/protocols/*.yaml) names `algorithms` (each with overrides of its TrainConfig, e.g.
 budgets; an entry `o2td3-naive: {script: o2td3, ...}` runs a variant of algorithms/o2td3.py under its own
@@ -589,6 +591,113 @@ def execute(plan: Plan, jobs: int = 1, wrap=(), poll_s: float = 1.0) -> list:
     return results
 
 
+# ---------------------------------------------------------------------------------------------- Ray backend
+class RunFailed(Exception):
+    """A run's process failed (Ray retries the task: the retry resumes from the run's checkpoints)."""
+
+
+def ray_run(root: str, protocol_path: str, run_dir: str, poll_s: float = 1.0) -> str:
+    """Body of one Ray task, on whichever node Ray picks: the run's status is read again from the (shared) run dir,
+    so a retried task resumes (--resume) what its killed attempt checkpointed, and a finished run is not redone.
+    Exactly the local backend's run_one: the same command, done.json, eval_times.json and sweep.log."""
+    protocol = load_protocol(protocol_path)
+    plan = build_plan(protocol, Path(root))
+    run = next((r for r in plan.runs if str(r.run_dir) == run_dir), None)
+    if run is None:
+        raise RunFailed(f"{run_dir} is not a run of {protocol_path} any more")
+    if run.status == "done":
+        return "already finished"
+    if run.source is not None and not (plan.root / run.source / "done.json").exists():
+        raise RunFailed(f"needs {run.source} finished first (offline_from); it is not")
+    _wait_for_lock(plan.root / run.run_dir)
+    try:
+        _, ok, message = run_one(plan, run, run_env(protocol), (), poll_s)
+    except KeyboardInterrupt:  # ray.cancel: the run writes a checkpoint at its next block boundary and exits
+        with _procs_lock:
+            procs = list(_procs)
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=300)
+        raise
+    if not ok:
+        raise RunFailed(message)
+    return message
+
+
+def _wait_for_lock(run_dir: Path, timeout: float = 600.0):
+    """Wait until no process holds the run dir's lock (the scripts' flock on run_dir/.lock): the process of a lost
+    task's attempt stops at its next block boundary (SIGTERM from PR_SET_PDEATHSIG) before the retry may start."""
+    import fcntl
+    path, t0 = run_dir / ".lock", time.time()
+    if not path.exists():
+        return
+    with open(path, "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            except OSError:
+                if time.time() - t0 > timeout:
+                    return  # the script itself refuses with the holder's pid
+                time.sleep(1.0)
+
+
+def execute_ray(plan: Plan, address=None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, retries: int = 2,
+                poll_s: float = 1.0, init_kwargs=None) -> list:
+    """Every unfinished run of the plan as one Ray task (resources cpus_per_run / gpus_per_run; a failed or lost
+    task retried up to `retries` times, resuming). `address`: 'auto' or HOST:PORT joins a running cluster; None
+    starts a local one. Every node must see the repository and `output_root` at the same paths (a shared
+    filesystem, e.g. the image's /o2o-jax with output_root on a shared mount). Returns [(run, ok, message)]."""
+    import ray
+    bench = str(Path(__file__).resolve().parent)
+
+    def task(root, protocol_path, run_dir, poll_s_, *after):  # pickled by value: imports this module on the worker
+        import sys as _sys
+        if bench not in _sys.path:
+            _sys.path.insert(0, bench)
+        import sweep as _sweep
+        return _sweep.ray_run(root, protocol_path, run_dir, poll_s_)
+
+    todo = [r for r in plan.runs if r.status != "done"]
+    if todo:  # datasets built once, here, into the (shared) store: concurrent first builds of one dataset would race
+        prepare_datasets(plan, run_env(plan.protocol))
+    t0 = time.time()
+    if not ray.is_initialized():
+        ray.init(address=address, **(init_kwargs or {}))
+    print(f"ray: connected in {time.time() - t0:.1f} s; cluster resources {ray.cluster_resources()}", flush=True)
+    remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=retries,
+                        retry_exceptions=True)(task)
+    protocol_path = str(Path(plan.protocol["path"]) if Path(plan.protocol["path"]).is_absolute()
+                        else plan.root / plan.protocol["path"])
+    refs = {}
+    for run in todo:  # an offline_from run waits for its source's task (Ray resolves the argument first)
+        after = [refs[run.source]] if run.source in refs else []
+        refs[run.run_dir] = remote.remote(str(plan.root), protocol_path, str(run.run_dir), poll_s, *after)
+        print(f"submitted {run.label}", flush=True)
+    by_ref = {ref: run for run, ref in zip(todo, refs.values())}
+    pending, results = list(by_ref), []
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            run = by_ref[ready[0]]
+            try:
+                res = (run, True, ray.get(ready[0]))
+            except Exception as e:  # noqa: BLE001 - RunFailed or a lost worker, after the retries
+                cause = getattr(e, "cause", None) or e
+                res = (run, False, str(cause).strip().splitlines()[-1])
+            results.append(res)
+            print(f"[{len(results)}/{len(todo)}] {run.label}: {'ok, ' if res[1] else 'FAILED: '}{res[2]}", flush=True)
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref)  # the running runs checkpoint and stop; re-run the sweep to resume them
+        print("interrupted: running runs stop at their next checkpoint; re-run the same command to resume them",
+              flush=True)
+        raise
+    return results
+
+
 # ---------------------------------------------------------------------------------------------- collect
 def read_records(path: Path) -> list:
     """Complete JSON lines of an eval.jsonl (a half-written last line of a running run is ignored)."""
@@ -671,7 +780,24 @@ def main(argv=None, root: Path = ROOT, results_dir: Path = RESULTS) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1: the CPU is shared)")
     p.add_argument("--strict", action="store_true", help="an algorithm without script/configs is an error")
     p.add_argument("--wrap", default="", help="prefix every run's command, e.g. --wrap 'nice -n 10'")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: subprocesses on this machine (--jobs at a time); ray: one Ray task per run")
+    p.add_argument("--address", default=None, help="ray: 'auto' or HOST:PORT of a running cluster (default: start a "
+                                                     "local one)")
+    p.add_argument("--cpus_per_run", type=float, default=1.0, help="ray: CPUs each run declares")
+    p.add_argument("--gpus_per_run", type=float, default=0.0, help="ray: GPUs each run declares")
+    p.add_argument("--retries", type=int, default=2, help="ray: retries of a failed or lost run (each resumes)")
     args = p.parse_args(argv)
+    if args.backend == "ray" and (args.wrap or args.jobs != 1):
+        print("error: --wrap and --jobs are local-backend options (Ray schedules by --cpus_per_run/--gpus_per_run)",
+              file=sys.stderr)
+        return 2
+    if args.backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("error: --backend ray needs Ray: pip install -r requirements.txt (it pins ray)", file=sys.stderr)
+            return 2
     try:
         protocol = load_protocol(args.protocol)
         plan = build_plan(protocol, root, only=args.only, strict=args.strict)
@@ -690,7 +816,10 @@ def main(argv=None, root: Path = ROOT, results_dir: Path = RESULTS) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)  # a killed sweep stops its runs too (they resume later)
-    results = execute(plan, args.jobs, shlex.split(args.wrap))
+    if args.backend == "ray":
+        results = execute_ray(plan, args.address, args.cpus_per_run, args.gpus_per_run, args.retries)
+    else:
+        results = execute(plan, args.jobs, shlex.split(args.wrap))
     failed = [(r, m) for r, ok, m in results if not ok]
     collect(build_plan(protocol, root, check_overrides=False), results_dir)
     print(f"{len(results) - len(failed)} runs finished now, {sum(r.status == 'done' for r in plan.runs)} were "
@@ -699,4 +828,5 @@ def main(argv=None, root: Path = ROOT, results_dir: Path = RESULTS) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import sweep as _module  # run as the module `sweep`, not __main__: Ray workers import the same names
+    sys.exit(_module.main())

@@ -22,7 +22,8 @@ DATASET = "o2o/hopper/medium-v0"
 
 # A stand-in for algorithms/<algo>.py: same CLI shape, eval.jsonl (run_dir/seed<S>/eval.jsonl with --num_seeds > 1)
 # + checkpoints, --resume continues from the checkpointed eval count; a file `crash_after` in the run dir makes
-# one attempt exit 3 after that many evals. Its records carry no wall_time (the runner times them).
+# one attempt exit 3 after that many evals, a file `kill_parent` makes it SIGKILL the process that started it (a
+# lost Ray worker; never with the local backend: that is the test). Its records carry no wall_time.
 FAKE_SCRIPT = '''
 import argparse, json, sys
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ for ev in evs.values():
     ev.write_text("".join(line + "\\n" for line in lines))
 crash = int((rd / "crash_after").read_text()) if (rd / "crash_after").exists() else -1
 (rd / "crash_after").unlink(missing_ok=True)
+kill = int((rd / "kill_parent").read_text()) if (rd / "kill_parent").exists() else -1
+(rd / "kill_parent").unlink(missing_ok=True)
 plan = [("offline", u, 0) for u in range(1, a.offline_updates + 1)] + \\
        [("online", a.offline_updates, 100 * s) for s in range(1, a.online_steps + 1)]
 for i in range(start, len(plan)):
@@ -83,6 +86,10 @@ for i in range(start, len(plan)):
         (ck.parent / "offline").write_text("offline state")
     if i + 1 - start == crash:
         sys.exit(3)
+    if i + 1 - start == kill:
+        import os, signal, time
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(60)  # ended by PR_SET_PDEATHSIG (set by sweep.py) when its parent dies
 '''
 
 
