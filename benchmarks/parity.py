@@ -299,7 +299,8 @@ def learn_markdown(summary: list, protocol: dict) -> str:
              f"(start-up, data load, compilation, evaluations); updates/s = all updates of the run / wall time.", "",
              "| algorithm | dataset | reference | seeds | offline: ours / reference | online: ours / reference | "
              "online difference [95% CI] | verdict | wall time per run, min: ours / reference (speed-up) | "
-             "updates/s: ours / reference |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "updates/s: ours / reference | highest load average at a run's end |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for it in summary:
         o, r = it["ours"], it["ref"]
         off, on = it.get("offline"), it.get("online")
@@ -313,8 +314,15 @@ def learn_markdown(summary: list, protocol: dict) -> str:
                if o["updates_per_s"] and r["updates_per_s"] else "–")
         lines.append(f"| {it['algorithm']} | {it['dataset']} | {REFERENCE_NAMES.get(it['reference'], it['reference'])}"
                      f" | {len(o['seeds'])} / {len(r['seeds'])} | {fmt(off)} | {fmt(on)} | {diff} | {verdict_} | "
-                     f"{wall} | {ups} |")
+                     f"{wall} | {ups} | {_max_load(o, r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _max_load(*sides) -> str:
+    """The highest 1-minute load average at the end of a finished run of these sides (2 cores here: above ~2.5 the
+    run shared the CPU with other work and its wall time is inflated)."""
+    loads = [x for side in sides for x in side.get("load_avg_at_end", []) if x is not None]
+    return f"{max(loads):.1f}" if loads else "–"
 
 
 def learn_plot(rows: list, path: Path):
@@ -418,9 +426,11 @@ def learn(algo: str, reference_dir=None, out: Path = DEFAULT_OUT, report_only: b
             os.environ["O2O_PARITY_REFERENCE_DIR"] = str(Path(reference_dir).resolve())
         order = list(protocol["algorithms"])
         family = {e: str(protocol["algorithms"][e].get("script", e)) for e in order}
-        # ours then the reference, dataset by dataset and seed by seed: machine drift hits both sides alike
-        plan.runs.sort(key=lambda r: (order.index(next(e for e in order if family[e] == family[r.algo])),
-                                      protocol["datasets"].index(r.dataset), r.seed, order.index(r.algo)))
+        # dataset by dataset (every algorithm on the first dataset before any on the second), and within an
+        # algorithm ours then the reference seed by seed: machine drift hits both sides alike
+        plan.runs.sort(key=lambda r: (protocol["datasets"].index(r.dataset),
+                                      order.index(next(e for e in order if family[e] == family[r.algo])), r.seed,
+                                      order.index(r.algo)))
         print(sweep.describe(plan, commands=False), flush=True)
         signal.signal(signal.SIGTERM, sweep._interrupt)
         try:

@@ -27,12 +27,16 @@ side of 0 in our float32 run, which moved that sample's gradient contribution (c
 our update recomputed in float64 matched the official float32 one to 1e-7 there. Our defaults are the official
 behaviour for the update (deviations 1-7 and 9 of algorithms/aca.py concern data, scheduling or round-off; 8's
 switch `online_reset_optimizers` defaults to the official false).
+
+Learning parity (`learn_aca`, parity.py learn): the official `run_sacml.py` then `run_aca.py` train on our dataset
+and env in the same venv, which then also needs our env and data packages (`learning_python`).
 """
 import argparse
 import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -402,8 +406,183 @@ def _reference_side(inp: Path, out: Path):
     np.savez(out, **results)
 
 
+# ---------------------------------------------------------------------------------------------- learning runs
+EVAL_MARK = "@@o2o-eval "  # prefix of the reference side's evaluation lines on its stdout
+OFFICIAL_LEVELS = {"random": "mjc_r", "medium": "mjc_m", "medium-replay": "mjc_mr", "medium-expert": "mjc_me",
+                   "expert": "mjc_e"}  # utility.get_config's file per D4RL level (MuJoCo)
+LEARN_PACKAGES = "gymnasium==1.4.0 mujoco==4.0.0 imageio==2.38.2 minari==0.5.4 pillow==13.0.0"  # our env and data
+# (gymnasium[mujoco] imports imageio, Minari's HDF5 storage PIL) in the ACA venv
+
+
+def learning_python() -> str:
+    """reference_python(), which for a learning run must also import our env and data (gymnasium, MuJoCo, Minari)."""
+    python = reference_python()
+    probe = subprocess.run([python, "-c", "import gymnasium.envs.mujoco, minari, PIL"], capture_output=True)
+    if probe.returncode != 0:
+        raise common.ReferenceMissing(f"ACA's learning runs step our env and read our data in the ACA venv: "
+                                      f"{python} -m pip install {LEARN_PACKAGES}")
+    return python
+
+
+def learn_aca(cfg, reference_dir, log) -> dict:
+    """The official pipeline on our dataset (parity.py learn): `run_sacml.py`'s main (SAC+ML pre-training) then
+    `run_aca.py`'s main (load its last model, T <- 1, pi0, critic_init, buffer_init, fit_online), unmodified, in the
+    ACA venv (`_reference_learn`). The official configs of the dataset's D4RL name (configs/{offline,online}/
+    mjc_*.yaml: alpha, squashed policy, target entropy, beta, interpolation, n_trajs) must equal ours; what the
+    scripts hard-code (learning rates, batch, ensembles, budgets, evaluation) is either required equal or, for
+    budgets, evaluation schedule and episodes and network widths, passed in by the adapter (see _reference_learn).
+    Evaluations: offline every `offline_eval_every` updates (d3rlpy epochs), online every `online_eval_every` env
+    steps; both budgets must be multiples of them. MuJoCo datasets only (run_aca.py's AntMaze reward scaler does
+    not exist in d3rlpy 1.1.0)."""
+    common.require(cfg, "official ACA (run_sacml.py / run_aca.py)", batch_size=256, actor_lr=3e-4, critic_lr=3e-4,
+                   temp_lr=3e-4, baseline_lr=3e-4, n_critics=2, tau=0.005, discount=0.99, initial_temperature=1.0,
+                   actor_grad_clip=0.25, interpolation_unit=1000, normalize=False, reward_scale=1.0,
+                   reward_bias=0.0, online_reward_bias=0.0, terminate_on_success=False,
+                   online_reset_optimizers=False, num_seeds=1, offline_checkpoint="")
+    data = common.ours("data")
+    parsed = data.parse_local_id(cfg.dataset_id)
+    if parsed is None:
+        raise ValueError(f"official ACA learning runs are set up for our MuJoCo datasets o2o/<env>/<level>-v0, not "
+                         f"{cfg.dataset_id}")
+    for budget, every in (("offline_updates", "offline_eval_every"), ("online_steps", "online_eval_every")):
+        b, e = getattr(cfg, budget), getattr(cfg, every)
+        if b <= 0 or b % e:
+            raise ValueError(f"official ACA evaluates once per d3rlpy epoch only (not at the end of a phase): "
+                             f"{budget} ({b}) must be a positive multiple of {every} ({e})")
+    import yaml
+    path = common.reference_checkout("aca", reference_dir)
+    env_name, level = parsed
+    official = {phase: yaml.safe_load((path / "configs" / phase / f"{OFFICIAL_LEVELS[level]}.yaml").read_text())
+                for phase in ("offline", "online")}
+    common.require(cfg, f"official ACA's configs/*/{OFFICIAL_LEVELS[level]}.yaml",
+                   ml_alpha=float(official["offline"]["alpha"]),
+                   squashed_policy=bool(official["online"]["squashed_normal_policy"]),
+                   target_entropy_coef=float(official["online"]["target_entropy_coef"]),
+                   beta=float(official["online"]["beta"]), n_trajs=int(official["online"]["n_trajs"]),
+                   interpolation=tuple(float(x) for x in official["online"]["interpolation"]))
+    python = learning_python()
+    work = Path(cfg.run_dir).resolve() / "reference"  # the scripts' cwd: d3rlpy_logs/ and configs/ (-> checkout)
+    shutil.rmtree(work, ignore_errors=True)  # d3rlpy refuses an existing experiment dir; a restart starts afresh
+    work.mkdir(parents=True)
+    (work / "configs").symlink_to(path / "configs")
+    spec = {"checkout": str(path), "dataset_id": cfg.dataset_id, "d4rl_name": f"{env_name}-{level}-v2",
+            "seed": cfg.seed, "hidden": list(cfg.hidden_dims), "eval_episodes": cfg.eval_episodes,
+            "offline_updates": cfg.offline_updates, "offline_eval_every": cfg.offline_eval_every,
+            "online_steps": cfg.online_steps, "online_eval_every": cfg.online_eval_every}
+    (work / "spec.json").write_text(json.dumps(spec, indent=1))
+    lo, hi = data.reference_scores(cfg.dataset_id)
+    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT / "benchmarks"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([python, "-m", "parity_refs.aca", "--learn", str(work / "spec.json")], cwd=work, env=env,
+                            stdout=subprocess.PIPE, text=True, bufsize=1)
+    r = {}
+    try:
+        for line in proc.stdout:  # the reference's evaluations become our records as they come (wall_time)
+            if line.startswith(EVAL_MARK):
+                r = json.loads(line[len(EVAL_MARK):])
+                log(r["phase"], r["updates"], r["env_steps"], 100.0 * (r["return"] - lo) / (hi - lo), r["return"],
+                    episodes=cfg.eval_episodes)
+            else:
+                print(line, end="", flush=True)
+    finally:
+        if proc.poll() is None and sys.exc_info()[0] is not None:  # interrupted: no orphaned reference run
+            proc.kill()
+    if proc.wait() != 0:
+        raise RuntimeError(f"the official ACA run failed ({python}, exit code {proc.returncode}); see its output above")
+    return {"reference_spec": spec, "reference_python": python, "updates": r.get("updates")}
+
+
+def _reference_learn(spec_path: Path):
+    """Runs in the ACA venv, cwd = the work dir: run_sacml.main then run_aca.main, with adapters only:
+      * data and env: d3rlpy's own get_d4rl builds its MDPDataset from `gym.make(name).get_dataset()`, which is our
+        dataset in D4RL's layout (common.OldGymEnv; `d4rl` is an empty stand-in); every gym.make is our env;
+      * budgets and evaluation (hard-coded in the scripts): SACML.fit gets n_steps = offline_updates,
+        n_steps_per_epoch = offline_eval_every and saves its last model only (linked as model_500000.pt, the name
+        run_aca.py loads); ACA.fit_online gets n_steps = online_steps, n_steps_per_epoch = online_eval_every; the
+        scorers (d3rlpy's evaluate_on_environment) run `eval_episodes` episodes and print one line per evaluation;
+        no progress bars;
+      * network widths: d3rlpy's default encoders are 256-256 MLPs; actor, critic and baseline encoders of both
+        agents get VectorEncoderFactory(hidden_units=our hidden_dims) (256-256 is the default itself);
+      * buffer_init's TorchMiniBatch(device="cuda") runs on the CPU."""
+    import warnings
+    warnings.filterwarnings("ignore")
+    import functools
+    spec = json.loads(spec_path.read_text())
+    import torch
+    torch.set_num_threads(1)
+    sys.modules["d4rl"] = common.module("d4rl")
+    import gym
+    import d3rlpy
+    import d3rlpy.online.iterators as iterators
+    from d3rlpy.models.encoders import VectorEncoderFactory
+    class Env(common.OldGymEnv):
+        """Our env, its spaces as gym's Boxes (d3rlpy's fit_online checks their class)."""
+        def __init__(self):
+            super().__init__(spec["dataset_id"])
+            self.observation_space, self.action_space = (gym.spaces.Box(s.low, s.high, dtype=s.dtype)
+                                                         for s in (self.observation_space, self.action_space))
+    gym.make = lambda *_, **__: Env()
+    sys.path.insert(0, spec["checkout"])
+    import run_aca
+    import run_sacml
+    import utility
+    from aca_agent.aca import ACA
+    from sacml_agent.sacml import SACML
+    progress = {"env_steps": 0}
+
+    def emit(phase, algo, score):
+        offline = phase == "offline"
+        print(EVAL_MARK + json.dumps({"phase": phase, "env_steps": 0 if offline else progress["env_steps"],
+                                      "updates": algo.grad_step + (0 if offline else spec["offline_updates"]),
+                                      "return": float(score)}), flush=True)
+
+    def scorer_factory(phase, original):
+        def factory(env, n_trials=10, epsilon=0.0, render=False):
+            scorer = original(env, n_trials=spec["eval_episodes"], epsilon=epsilon, render=render)
+
+            def score(algo, *args):
+                value = scorer(algo, *args)
+                emit(phase, algo, value)
+                return value
+            return score
+        return factory
+
+    def with_kwargs(method, **override):
+        @functools.wraps(method)
+        def wrapped(self, *args, **kwargs):
+            return method(self, *args, **{**kwargs, **override})
+        return wrapped
+
+    enc = VectorEncoderFactory(hidden_units=spec["hidden"])
+    encoders = dict(actor_encoder_factory=enc, critic_encoder_factory=enc, baseline_encoder_factory=enc)
+    n_epochs = spec["offline_updates"] // spec["offline_eval_every"]
+    SACML.__init__ = with_kwargs(SACML.__init__, **encoders)
+    ACA.__init__ = with_kwargs(ACA.__init__, **encoders)
+    SACML.fit = with_kwargs(SACML.fit, n_steps=spec["offline_updates"], n_steps_per_epoch=spec["offline_eval_every"],
+                            save_interval=n_epochs, show_progress=False)
+    ACA.fit_online = with_kwargs(ACA.fit_online, n_steps=spec["online_steps"], show_progress=False,
+                                 n_steps_per_epoch=spec["online_eval_every"],
+                                 callback=lambda algo, epoch, step: progress.update(env_steps=step))
+    d3rlpy.metrics.evaluate_on_environment = scorer_factory("offline", d3rlpy.metrics.evaluate_on_environment)
+    iterators.evaluate_on_environment = scorer_factory("online", iterators.evaluate_on_environment)
+    if not torch.cuda.is_available():
+        to_torch = utility.TorchMiniBatch
+        utility.TorchMiniBatch = lambda batch, device=None, **kwargs: to_torch(batch, "cpu:0", **kwargs)
+    # the scripts' options (their argparse has --gpu 0 = cuda:0 for d3rlpy's use_gpu; False = this CPU)
+    args = argparse.Namespace(dataset=spec["d4rl_name"], seed=spec["seed"], gpu=False)
+    run_sacml.main(args)
+    logdir = Path("d3rlpy_logs") / "SAC+ML" / spec["d4rl_name"] / str(spec["seed"]) / "exp"
+    if spec["offline_updates"] != 500000:  # run_aca.py loads model_500000.pt: the last SAC+ML model
+        (logdir / "model_500000.pt").symlink_to(f"model_{spec['offline_updates']}.pt")
+    run_aca.main(args)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference-side", nargs=2, metavar=("IN", "OUT"), required=True)
+    side = parser.add_mutually_exclusive_group(required=True)
+    side.add_argument("--reference-side", nargs=2, metavar=("IN", "OUT"))
+    side.add_argument("--learn", metavar="SPEC", help="a learning run (learn_aca's spec.json)")
     args = parser.parse_args()
-    _reference_side(Path(args.reference_side[0]), Path(args.reference_side[1]))
+    if args.learn:
+        _reference_learn(Path(args.learn))
+    else:
+        _reference_side(Path(args.reference_side[0]), Path(args.reference_side[1]))

@@ -1,4 +1,5 @@
-"""Step parity of algorithms/cal_ql.py against the official Cal-QL (nakamotoo/Cal-QL, JAX/Flax).
+"""Step parity of algorithms/cal_ql.py against the official Cal-QL (nakamotoo/Cal-QL, JAX/Flax); learning
+parity (`learn_cal_ql`, the official training main() on our data) at the bottom.
 
 The official `JaxCQL/conservative_sac.py` and `JaxCQL/model.py` run unmodified, imported from the checkout into
 this process (this repository's JAX and Flax), with three adapters and nothing else:
@@ -25,7 +26,10 @@ Gradients are compared through Adam's first moments (after the first step m = 0.
 official behaviour for the update (deviation 1 `online_calibration: false` is CORL's variant, not the default).
 """
 import contextlib
+import math
+import tempfile
 import types
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -382,3 +386,134 @@ def step_cal_ql(reference_dir=None) -> list[dict]:
     for setting in CONFIGS:
         _update_parity(rows, path, setting)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- learning parity
+def _learning_stand_ins() -> dict:
+    """ml_collections as far as JaxCQL/utils.py and conservative_sac_main.py use it: ConfigDict, a placeholder
+    (None) and DEFINE_config_dict (unused: the adapter hands main() its flags)."""
+    config_dict = common.module("ml_collections.config_dict", placeholder=lambda *_: None, ConfigDict=_ConfigDict)
+    config_flags = common.module("ml_collections.config_flags", DEFINE_config_dict=lambda *a, **k: None)
+    config_dict.config_dict, config_flags.config_flags = config_dict, config_flags  # `from x.y import y`
+    ml = common.module("ml_collections", ConfigDict=_ConfigDict, config_dict=config_dict, config_flags=config_flags)
+    return {"ml_collections": ml, "ml_collections.config_dict": config_dict,
+            "ml_collections.config_flags": config_flags}
+
+
+class _UnwrappedEnv(common.OldGymEnv):
+    """What the official samplers step, `gym.make(env).unwrapped`: a D4RL env without its TimeLimit, so `done` is
+    a true termination only (the samplers stop at spec.max_episode_steps themselves, our time limit). `spec.name`
+    routes the official MC-return code (see learn_cal_ql)."""
+
+    def __init__(self, dataset_id: str, name: str, seed=None):
+        super().__init__(dataset_id)
+        self.spec.name = name
+        self.seed(seed)
+
+    def step(self, action):
+        obs, reward, done, info = super().step(action)
+        return obs, reward, done and not info.get("TimeLimit.truncated", False), info
+
+
+def learn_cal_ql(cfg, reference_dir, log) -> dict:
+    """The official JaxCQL/conservative_sac_main.py main() (its own loop: offline epochs, then one trajectory +
+    len(trajectory) * UTD updates per epoch, evaluations by epoch / env-step counters) on our dataset with our
+    config's hyper-parameters (parity.py learn).
+
+    main() reads absl FLAGS: it is given an attribute dict built from its own FLAGS_DEF defaults and our config;
+    its WandBLogger (which needs a wandb_config.py with credentials, else stops in pdb) is replaced by a recorder
+    of its per-epoch metrics; viskit logs to <run_dir>/official. Evaluation schedule: offline epochs of
+    gcd(offline_eval_every, offline_updates) updates with an evaluation every offline_eval_every / gcd epochs and
+    at the end of pre-training, as ours; online main() evaluates when env_steps // online_eval_every grows and at
+    the end, as ours. Its extra evaluation of the initial policy (epoch 0) is not recorded.
+
+    Dense rewards: the official code computes MC returns only for AntMaze and Adroit-binary
+    (get_d4rl_dataset_with_mc_calculation and TrajSampler raise NotImplementedError for other names; sampler.py
+    comments that a dense-reward env needs `calc_return_to_go(..., is_sparse_reward=False)`). The adapter takes
+    that route: the env name holds 'antmaze' so both reach their calc_return_to_go call, and calc_return_to_go runs
+    with is_sparse_reward=False (plain discounted return-to-go, our mc_failure_rule 'none')."""
+    common.require(cfg, "official Cal-QL (JaxCQL/conservative_sac_main.py)", n_critics=2, normalize=False,
+                   online_calibration=True, mc_failure_rule="none", terminate_on_success=False, num_seeds=1,
+                   log_alpha_prime_init=1.0, offline_checkpoint="")
+    if cfg.online_steps == 0:
+        raise ValueError("the official loop ends at its end-of-pre-training evaluation when there is no online "
+                         "phase, ours logs one more (online) evaluation: set online_steps > 0")
+    path = common.reference_checkout("calql", reference_dir)
+    every = math.gcd(cfg.offline_eval_every, cfg.offline_updates)  # updates per offline epoch
+    epochs = cfg.offline_updates // every
+    name = f"{cfg.dataset_id} (antmaze branch, dense MC returns)"
+    probe = common.ours("data").make_env(cfg.dataset_id)
+    max_steps = probe.spec.max_episode_steps  # the replay buffer holds all online steps (ours: the same capacity)
+    probe.close()
+    envs, last = [], {}
+
+    def make(*_, **__):  # main() makes the dataset's env, then the eval sampler's, then the train sampler's
+        envs.append(_UnwrappedEnv(cfg.dataset_id, name, [None, cfg.eval_seed, cfg.seed][min(len(envs), 2)]))
+        return envs[-1]
+
+    def on_epoch(metrics):
+        last.update(metrics)
+        if "evaluation/average_return" not in metrics or (metrics["epoch"] == 0 and epochs > 0):
+            return
+        online = metrics["epoch"] > epochs  # the evaluation at epoch == n_pretrain_epochs ends pre-training
+        log("online" if online else "offline", metrics["grad_steps"], metrics["env_steps"] if online else 0,
+            100.0 * float(metrics["evaluation/average_normalized_return"]),
+            float(metrics["evaluation/average_return"]), length=float(metrics["evaluation/average_traj_length"]),
+            episodes=cfg.eval_episodes, epoch=int(metrics["epoch"]))
+
+    class Recorder:  # stands for utils.WandBLogger in main()
+        experiment_id = f"seed{cfg.seed}"
+
+        def __init__(self, config, variant):
+            self.variant = variant
+
+        def log(self, metrics, *_, **__):
+            on_epoch(metrics)
+
+    mods = common.learning_stand_ins(cfg.dataset_id, lambda *_: None)
+    mods["gym"].make = make
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(tempfile.mkdtemp())
+    arch = lambda hidden: "-".join(str(x) for x in hidden)  # noqa: E731
+    import absl.flags
+    no_define = {f"DEFINE_{kind}": lambda *a, **k: None for kind in ("bool", "integer", "float", "string")}
+    with common.reference_on_path(path, {**mods, **_learning_stand_ins()}), \
+            mock.patch.multiple(absl.flags, **no_define):  # importing main defines its flags: not in absl's FLAGS
+        from JaxCQL import conservative_sac_main as ref, replay_buffer, sampler
+        ours = dict(
+            env=name, seed=cfg.seed, batch_size=cfg.batch_size, reward_scale=cfg.reward_scale,
+            reward_bias=cfg.reward_bias, clip_action=cfg.clip_action, policy_arch=arch(cfg.policy_hidden),
+            qf_arch=arch(cfg.critic_hidden), orthogonal_init=cfg.orthogonal_init,
+            policy_log_std_multiplier=cfg.log_std_multiplier, policy_log_std_offset=cfg.log_std_offset,
+            n_train_step_per_epoch_offline=every, n_pretrain_epochs=epochs,
+            offline_eval_every_n_epoch=cfg.offline_eval_every // every, max_online_env_steps=cfg.online_steps,
+            online_eval_every_n_env_steps=cfg.online_eval_every, eval_n_trajs=cfg.eval_episodes,
+            replay_buffer_size=cfg.online_steps + max_steps, mixing_ratio=cfg.mixing_ratio,
+            use_cql=True, online_use_cql=True, cql_min_q_weight=cfg.cql_weight,
+            cql_min_q_weight_online=cfg.cql_weight_online, enable_calql=cfg.calibration, n_online_traj_per_epoch=1,
+            online_utd_ratio=cfg.online_utd, save_model=False)
+        cql = dict(
+            discount=cfg.discount, alpha_multiplier=cfg.alpha_multiplier, use_automatic_entropy_tuning=cfg.auto_alpha,
+            backup_entropy=cfg.backup_entropy, target_entropy=cfg.target_entropy, policy_lr=cfg.policy_lr,
+            qf_lr=cfg.critic_lr, optimizer_type="adam", soft_target_update_rate=cfg.tau,
+            cql_n_actions=cfg.cql_n_actions, cql_importance_sample=cfg.cql_importance_sample,
+            cql_lagrange=cfg.cql_lagrange, cql_target_action_gap=cfg.cql_target_action_gap, cql_temp=cfg.cql_temp,
+            cql_max_target_backup=cfg.cql_max_target_backup, cql_clip_diff_min=cfg.cql_clip_diff_min,
+            cql_clip_diff_max=cfg.cql_clip_diff_max)
+        unknown = (set(ours) - set(ref.FLAGS_DEF)) | (set(cql) - set(ref.FLAGS_DEF["cql"]))
+        assert not unknown, f"not flags of the official main(): {sorted(unknown)}"
+        flags = _ConfigDict({**ref.FLAGS_DEF, **ours, "cql": _ConfigDict({**ref.FLAGS_DEF["cql"], **cql}),
+                             "logging": _ConfigDict({**ref.FLAGS_DEF["logging"],
+                                                     "output_dir": str(run_dir / "official")})})
+        real_mc = replay_buffer.calc_return_to_go
+
+        def dense_mc(env_name, rewards, terminals, gamma, reward_scale, reward_bias, is_sparse_reward=None):
+            return real_mc(env_name, rewards, terminals, gamma, reward_scale, reward_bias, False)
+        ref.absl = common.module("absl", flags=common.module("absl.flags", FLAGS=flags))  # main()'s own FLAGS
+        ref.WandBLogger = Recorder
+        with mock.patch.object(replay_buffer, "calc_return_to_go", dense_mc), \
+                mock.patch.object(sampler, "calc_return_to_go", dense_mc), clip_keywords():
+            ref.main([])
+    for env in envs:
+        env.close()
+    return {"reference_config": {k: dict(v) if isinstance(v, dict) else v for k, v in flags.items()},
+            "updates": int(last.get("grad_steps", 0)), "env_steps": int(last.get("env_steps", 0))}

@@ -70,18 +70,24 @@ def reference_checkout(name: str, reference_dir=None, clone: bool = True) -> Pat
 
 @contextlib.contextmanager
 def reference_on_path(path: Path, stand_ins: dict):
-    """Import the reference from `path` with `stand_ins` ({module name: module}) in sys.modules; everything added to
-    sys.modules and sys.path is removed afterwards, so several references can be imported in one process."""
+    """Import the reference from `path` with `stand_ins` ({module name: module}) in sys.modules; the modules it added
+    (its own files, the stand-ins, any new top-level package) are removed from sys.modules and `path` from sys.path
+    afterwards, so several references can be imported in one process. Submodules that already-imported libraries
+    load lazily meanwhile (torch._dynamo, ...) stay: importing them twice breaks those libraries."""
     before = set(sys.modules)
+    tops = {k.split(".")[0] for k in before}
     saved = {k: sys.modules.get(k) for k in stand_ins}
     sys.modules.update(stand_ins)
     sys.path.insert(0, str(path))
+    root = str(Path(path).resolve())
     try:
         yield
     finally:
         sys.path.remove(str(path))
         for k in set(sys.modules) - before:
-            del sys.modules[k]
+            file = getattr(sys.modules[k], "__file__", None) or ""
+            if k.split(".")[0] not in tops or k in stand_ins or str(Path(file).resolve()).startswith(root + os.sep):
+                del sys.modules[k]
         for k, v in saved.items():
             if v is None:
                 sys.modules.pop(k, None)

@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import functools
 import io
+import os
 import sys
 import types
 from pathlib import Path
@@ -946,6 +947,355 @@ def _o2ppo_std_cap(rows, R, o2ppo):
     actor.reset_std(np.log(0.05))
     Rows(rows, "o2ppo", "online", "hopper expert, start of fine-tuning").value(
         "log std after the std cap", ours["log_std"], actor.log_std)
+
+
+
+# ---------------------------------------------------------------------------------------------- learning runs
+# `learn_<algo>(cfg, reference_dir, log)` (run_reference.py, parity.py learn): the reference's OWN scripts, offline
+# pre-training then fine-tuning, in one process on our dataset (common.learning_stand_ins), every hyper-parameter
+# mapped from our config. The scripts write and read their checkpoints relative to the working directory
+# ('../offline/model/...', '../finetune/model/...'): they run in <run_dir>/reference/work (cleared first, so a
+# restarted run never loads a stale re-evaluation / alignment checkpoint). Their evaluations reach us through their
+# tensorboardX add_scalar calls (a stand-in SummaryWriter) and become records (return = the score mapped back
+# through the dataset's reference returns). What the adapters change in the reference (nothing that it optimises):
+# the per-env config yaml the fine-tuning scripts load over their TrainConfig is not read (our config is the one
+# source; `load_train_config_auto` returns the config as given), replay buffers hold the data + online steps
+# instead of 2M rows, progress bars refresh every 10 s, O2PPO's hard-coded 1e6 value re-fit steps stop at our
+# `reevaluation_updates`, and the run ends at the last online evaluation (the reference would finish that episode
+# and save its models, which reaches no record). Not mappable, left as the reference has it: it evaluates with the
+# training seed (on the training env mid-episode: O2TD3 / O2SAC; our deviation 1), not with `eval_seed`.
+LOCOMOTION = ("halfcheetah", "hopper", "walker2d")
+
+
+class _Finished(Exception):
+    """Raised by the log hook at the last online evaluation: ends the reference's run there."""
+
+
+def _env_name(cfg) -> str:
+    """The env name the reference sees (the stand-ins ignore it): our dataset id without slashes, so its paths work
+    and its name tests ('hopper' and 'expert': O2PPO's std cap) see the dataset's env and level."""
+    return cfg.dataset_id.replace("/", "-")
+
+
+def _check_learnable(cfg, script: str, **expected):
+    """Refusals common to the three runs: MuJoCo locomotion only (the reference switches its AntMaze settings by
+    env name: per-env yaml, rewards r - 1, goal tests), one seed, no offline checkpoint, then `expected`."""
+    if not any(e in cfg.dataset_id for e in LOCOMOTION):
+        raise ValueError(f"{script}: learning parity runs the MuJoCo locomotion datasets only, not {cfg.dataset_id} "
+                         "(the reference selects its AntMaze settings by env name)")
+    common.require(cfg, script, num_seeds=1, offline_checkpoint="", terminate_on_success=False, **expected)
+
+
+def _uniform(cfg, script: str, name: str, width: int = None):
+    """(width, depth) of hidden widths `name` (the reference builds equal-width MLPs; `width`: the only one)."""
+    dims = list(getattr(cfg, name))
+    if len(set(dims)) != 1 or (width is not None and dims[0] != width):
+        need = f"{width} x depth" if width is not None else "one width"
+        raise ValueError(f"{script} cannot run this config: {name}={dims} (the reference builds {need}); set it in "
+                         "the parity protocol")
+    return dims[0], len(dims)
+
+
+def _divides(cfg, **pairs):
+    """ValueError unless each budget is a multiple of its evaluation period: the reference evaluates at multiples
+    only, ours also at the end of a phase."""
+    for budget, every in pairs.items():
+        if getattr(cfg, budget) <= 0 or getattr(cfg, budget) % getattr(cfg, every):
+            raise ValueError(f"the reference evaluates only at multiples of {every}: {budget} "
+                             f"({getattr(cfg, budget)}) must be a positive multiple of {every} "
+                             f"({getattr(cfg, every)}) to reproduce our evaluation schedule")
+
+
+def _buffer_size(cfg, online_steps: int) -> int:
+    """Rows for the reference's replay buffers: the dataset, or the online steps plus one episode (never wraps)."""
+    data = common.ours("data")
+    return max(len(data.load_dataset(cfg.dataset_id).rewards), online_steps) + 2000
+
+
+def _tqdm_stand_in(caps: dict):
+    """tqdm whose bars refresh every 10 s; a loop whose bar has a description in `caps` stops after that many
+    iterations (O2PPO's hard-coded 1e6 value re-fit steps)."""
+    import itertools
+    import tqdm as real
+
+    def bar(iterable=None, *args, **kwargs):
+        cap = caps.get(kwargs.get("desc"))
+        if cap is not None:
+            iterable, kwargs["total"] = itertools.islice(iterable, cap), cap
+        kwargs.setdefault("mininterval", 10.0)
+        return real.tqdm(iterable, *args, **kwargs)
+    return common.module("tqdm", tqdm=bar, trange=lambda *a, **k: bar(range(*a), **k))
+
+
+class _Scalars:
+    """tensorboardX stand-in: every add_scalar(tag, value, step) goes to `on_scalar`; records are written through
+    `log` with the working directory restored (run_reference's EvalLog may hold a relative path)."""
+
+    def __init__(self, cfg, log):
+        self.log, self.on_scalar, self.cwd = log, None, os.getcwd()
+        self.lo, self.hi = common.ours("data").reference_scores(cfg.dataset_id)
+
+    def module(self):
+        scalars = self
+
+        class SummaryWriter:
+            def __init__(self, *_, **__):
+                pass
+
+            def add_scalar(self, tag, value, global_step=None, *_, **__):
+                scalars.on_scalar(tag, value, global_step)
+
+            def __getattr__(self, _):  # flush, close, add_histogram, ...
+                return lambda *a, **k: None
+        return common.module("tensorboardX", SummaryWriter=SummaryWriter)
+
+    def record(self, phase, updates, env_steps, score, **extra):
+        """One record from a D4RL score (x100) of the reference's evaluation."""
+        score = float(score)
+        here = os.getcwd()
+        os.chdir(self.cwd)
+        try:
+            self.log(phase, updates, env_steps, score, self.lo + score / 100.0 * (self.hi - self.lo), **extra)
+        finally:
+            os.chdir(here)
+
+
+@contextlib.contextmanager
+def _learning(cfg, reference_dir, scalars: _Scalars, caps=None):
+    """The reference importable (root, finetune/, offline/ on sys.path; learning stand-ins for gym / d4rl /
+    tensorboardX / tqdm) with <run_dir>/reference/work (cleared) as the working directory. Yields the checkout."""
+    import shutil
+    path = common.reference_checkout(REF, reference_dir)
+    import pyrallis  # noqa: F401  (libraries the reference imports stay loaded)
+    import torch  # noqa: F401
+    import torch._inductor.config  # noqa: F401  (set_seed's use_deterministic_algorithms imports it: not under our tqdm)
+    import torch.utils.data  # noqa: F401
+    import yaml  # noqa: F401
+    work = Path(cfg.run_dir).resolve() / "reference" / "work"
+    shutil.rmtree(work.parent, ignore_errors=True)
+    work.mkdir(parents=True)
+    stand_ins = {**common.learning_stand_ins(cfg.dataset_id, lambda *_: None), "tensorboardX": scalars.module(),
+                 "tqdm": _tqdm_stand_in(caps or {})}
+    saved_path, cwd = list(sys.path), os.getcwd()
+    from unittest import mock
+    # torch >= 2.6 loads weights only by default; the reference's checkpoints (written by this run) hold modules
+    load = functools.partial(torch.load, weights_only=False)
+    try:
+        with common.reference_on_path(path, stand_ins), common.reference_on_path(path / "finetune", {}), \
+                common.reference_on_path(path / "offline", {}), mock.patch.object(torch, "load", load):
+            import importlib
+            for name in ("net", "utils", "dataset_utils"):
+                mod = importlib.import_module(name)
+                if not Path(mod.__file__).resolve().is_relative_to(path.resolve()):
+                    raise RuntimeError(f"'{name}' resolved to {mod.__file__}, not to the reference at {path}")
+            os.chdir(work)
+            yield path
+    except _Finished:
+        pass
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = saved_path  # the scripts append '..' to sys.path
+
+
+def _script(path: Path, rel: str):
+    """A pyrallis script of the reference (its TrainConfig and undecorated train), the per-env yaml loader off."""
+    mod = common.load_file(path / rel, "ocr_cft_learn_" + rel.replace("/", "_")[:-3])
+    mod.load_train_config_auto = lambda config, *_: config
+    return mod
+
+
+def _run(script, **fields) -> dict:
+    """script.train on TrainConfig(**fields) (under @pyrallis.wrap the undecorated function takes the config)."""
+    config = script.TrainConfig(**fields)
+    script.train.__wrapped__(config)
+    return {k: v for k, v in vars(config).items() if not k.startswith("_")}
+
+
+def _finetune_hook(cfg, rec: _Scalars, updates):
+    """The add_scalar hook of offline/{td3_bc,cql}.py + finetune/O2{TD3,SAC}.py. Their logs, in order:
+    'eval_normalized_return' (offline eval at step t = update - 1); 'reconstruct_return' first at 0 (the loaded
+    offline actor), then at alignment step i (eval after update i + 1); 'ope_target_q' every log_freq re-evaluation
+    updates (the re-evaluation record, which reuses the offline actor's score as ours does); 'normalized_return' at
+    0 (after alignment: the last alignment eval's actor, not recorded, as ours) and at each online eval step (the
+    env step). `updates(phase, k)` = (the record's `updates`, extra fields) after k updates / env steps of a phase."""
+    offline_score = []
+
+    def on_scalar(tag, value, step):
+        if tag == "eval_normalized_return":
+            phase, k, score = "offline", step + 1, value
+        elif tag == "reconstruct_return" and not offline_score:
+            offline_score.append(float(value))
+            return
+        elif tag == "ope_target_q":
+            phase, k, score = "reevaluation", step + 1, offline_score[0]
+        elif tag == "reconstruct_return":
+            phase, k, score = "alignment", step + 1, value
+        elif tag == "normalized_return" and step > 0:
+            phase, k, score = "online", step, value
+        else:
+            return
+        n, extra = updates(phase, k)
+        rec.record(phase, n, k if phase == "online" else 0, score, **extra)
+        if phase == "online" and k >= cfg.online_steps:
+            raise _Finished
+    return on_scalar
+
+
+def learn_o2td3(cfg, reference_dir, log) -> dict:
+    """OCR-CFT offline/td3_bc.py, then finetune/O2TD3.py (re-evaluation, alignment, constrained online TD3) on our
+    dataset with our config (parity.py learn). Records as ours: `updates` counts the phase's own updates (online:
+    env steps - warmup_steps); evaluations every offline_eval_every updates (TD3+BC, alignment: the reference's
+    eval_freq / log_freq) and online_eval_every env steps (eval_freq). Networks (256 x 2, 2 critics, no LayerNorm in
+    TD3+BC), the lambda LR and the 50/50 batches are hard-coded; it stores the noise-free action (our
+    store_executed_action: false)."""
+    script = "OCR-CFT O2TD3"
+    _check_learnable(cfg, script, actor_hidden=(256, 256), critic_hidden=(256, 256), n_critics=2,
+                     offline_critic_layernorm=False, lambda_lr=5e-5, mixing_ratio=0.5, reward_scale=1.0,
+                     reward_bias=0.0, store_executed_action=False, policy_reevaluation=True, value_alignment=True,
+                     constrained_finetuning=True)
+    _divides(cfg, offline_updates="offline_eval_every", ope_updates="offline_eval_every",
+             align_updates="offline_eval_every", online_steps="online_eval_every")
+    rec = _Scalars(cfg, log)
+    rec.on_scalar = _finetune_hook(cfg, rec, lambda phase, k: (
+        max(k - cfg.warmup_steps, 0) if phase == "online" else k, {}))
+    shared = dict(device="cpu", env=_env_name(cfg), seed=cfg.seed, n_episodes=cfg.eval_episodes,
+                  buffer_size=_buffer_size(cfg, cfg.online_steps), batch_size=cfg.batch_size, discount=cfg.discount,
+                  tau=cfg.tau, policy_noise=cfg.policy_noise, noise_clip=cfg.noise_clip, policy_freq=cfg.policy_freq,
+                  normalize=cfg.normalize, normalize_reward=False)
+    with _learning(cfg, reference_dir, rec) as path:
+        td3_bc, o2td3 = _script(path, "offline/td3_bc.py"), _script(path, "finetune/O2TD3.py")
+        offline = _run(td3_bc, **shared, eval_freq=cfg.offline_eval_every, max_timesteps=cfg.offline_updates,
+                       actor_lr=cfg.offline_actor_lr, qf_lr=cfg.offline_critic_lr, alpha=cfg.alpha_bc)
+        finetune = dict(**shared, qf_lr=cfg.critic_lr, eval_freq=cfg.online_eval_every,
+                        explore_noise=cfg.explore_noise, policy_lr=cfg.actor_lr, critic_layernorm=cfg.critic_layernorm,
+                        log_freq=cfg.offline_eval_every, ope_steps=cfg.ope_updates, align_steps=cfg.align_updates,
+                        warmup_steps=cfg.warmup_steps, online_steps=cfg.online_steps, threshold=cfg.threshold,
+                        end_threshold=cfg.end_threshold, end_steps=cfg.end_steps, distance_beta=cfg.distance_beta,
+                        lmbda=cfg.lmbda, loss_tau=cfg.loss_tau, buffer_load="half", offline_alg="TD3_BC",
+                        refer_with_optimal_pi=True)
+        _run(o2td3, **finetune)
+    return {"reference_config": {"offline/td3_bc.py": offline, "finetune/O2TD3.py": finetune},
+            "updates": cfg.offline_updates + cfg.ope_updates + cfg.align_updates
+            + max(cfg.online_steps - cfg.warmup_steps, 0)}
+
+
+def learn_o2sac(cfg, reference_dir, log) -> dict:
+    """OCR-CFT offline/cql.py, then finetune/O2SAC.py (re-evaluation, alignment, constrained online SAC with 10
+    updates per env step) on our dataset with our config (parity.py learn). Records as ours: `updates` counts all
+    updates so far (online: utd per env step after warm-up), `phase_updates` the phase's own; evaluations every
+    offline_eval_every CQL updates (eval_freq), reconstruct_eval_every re-evaluation / alignment updates (log_freq)
+    and online_eval_every env steps (eval_freq). Hard-coded there: the actor (3 x 256, log-std offset -1), critic
+    widths 256, 2 critics, 10 updates per env step, the lambda LR, the KL clamp -50, the 50/50 batches."""
+    script = "OCR-CFT O2SAC"
+    _check_learnable(cfg, script, policy_hidden=(256, 256, 256), n_critics=2, cql_n_critics=2, log_std_offset=-1.0,
+                     lmbda_lr=5e-5, ref_log_prob_min=-50.0, utd=10, mixing_ratio=0.5, auto_alpha=True,
+                     reward_scale=1.0, reward_bias=0.0, policy_reevaluation=True, value_alignment=True,
+                     constrained_finetuning=True)
+    _, q_depth = _uniform(cfg, script, "critic_hidden", 256)
+    _, cql_depth = _uniform(cfg, script, "cql_critic_hidden", 256)
+    _divides(cfg, offline_updates="offline_eval_every", ope_steps="reconstruct_eval_every",
+             align_steps="reconstruct_eval_every", online_steps="online_eval_every")
+    starts = {"offline": 0, "reevaluation": cfg.offline_updates, "alignment": cfg.offline_updates + cfg.ope_steps,
+              "online": cfg.offline_updates + cfg.ope_steps + cfg.align_steps}
+
+    def updates(phase, k):
+        own = cfg.utd * max(k - cfg.warmup_steps, 0) if phase == "online" else k
+        return starts[phase] + own, {"phase_updates": own}
+    rec = _Scalars(cfg, log)
+    rec.on_scalar = _finetune_hook(cfg, rec, updates)
+    shared = dict(device="cpu", env=_env_name(cfg), seed=cfg.seed, n_episodes=cfg.eval_episodes,
+                  buffer_size=_buffer_size(cfg, cfg.online_steps), batch_size=cfg.batch_size, discount=cfg.discount,
+                  alpha_multiplier=1.0, use_automatic_entropy_tuning=True, soft_target_update_rate=cfg.tau,
+                  target_update_period=1, orthogonal_init=True, normalize=cfg.normalize, normalize_reward=False,
+                  policy_log_std_multiplier=cfg.log_std_multiplier, actor_model="tanh")
+    with _learning(cfg, reference_dir, rec) as path:
+        cql, o2sac = _script(path, "offline/cql.py"), _script(path, "finetune/O2SAC.py")
+        offline = _run(cql, **shared, eval_freq=cfg.offline_eval_every, max_timesteps=cfg.offline_updates,
+                       backup_entropy=cfg.cql_backup_entropy, policy_lr=cfg.cql_policy_lr, qf_lr=cfg.cql_critic_lr,
+                       cql_n_actions=cfg.cql_n_actions, cql_importance_sample=cfg.cql_importance_sample,
+                       cql_lagrange=cfg.cql_lagrange, cql_target_action_gap=cfg.cql_target_action_gap,
+                       cql_temp=cfg.cql_temp, cql_alpha=cfg.cql_weight, cql_max_target_backup=cfg.cql_max_target_backup,
+                       cql_clip_diff_min=cfg.cql_clip_diff_min, cql_clip_diff_max=cfg.cql_clip_diff_max,
+                       q_n_hidden_layers=cql_depth, bc_steps=0)
+        finetune = dict(**shared, eval_freq=cfg.online_eval_every, q_n_hidden_layers=q_depth, policy_lr=cfg.policy_lr,
+                        alpha_lr=cfg.alpha_lr, qf_lr=cfg.critic_lr, critic_layernorm=cfg.critic_layernorm,
+                        double_critic=cfg.double_critic, log_freq=cfg.reconstruct_eval_every, ope_steps=cfg.ope_steps,
+                        align_steps=cfg.align_steps, warmup_steps=cfg.warmup_steps, online_steps=cfg.online_steps,
+                        alpha=cfg.alpha, threshold=cfg.threshold, end_threshold=cfg.end_threshold,
+                        end_steps=cfg.end_steps, lmbda=cfg.lmbda, loss_tau=cfg.loss_tau, buffer_load="half",
+                        offline_alg="CQL", refer_with_optimal_pi=True)
+        _run(o2sac, **finetune)
+    return {"reference_config": {"offline/cql.py": offline, "finetune/O2SAC.py": finetune},
+            "updates": starts["online"] + cfg.utd * max(cfg.online_steps - cfg.warmup_steps, 0)}
+
+
+def learn_o2ppo(cfg, reference_dir, log) -> dict:
+    """OCR-CFT offline/iql.py, then finetune/O2PPO.py (V re-fit to Monte-Carlo returns, constrained PPO) on our
+    dataset with our config (parity.py learn). O2PPO.py is an argparse script that sets its arguments from
+    ../config/finetune/O2PPO/<env>.yaml: the adapter writes that file from our config and runs the script as
+    __main__. Records as ours: `updates` counts the phase's own gradient steps (online: PPO minibatch steps);
+    evaluations every offline_eval_every IQL updates (eval_freq) and evaluate_freq env steps; the re-evaluation
+    records (ours: every reevaluation_eval_every updates, the actor is fixed) reuse the reference's evaluation of
+    the offline actor after the re-fit. Hard-coded there: actor and IQL nets 256 x 2, the re-fit's lr 1e-4 and batch
+    512 (its 1e6 steps stop at our reevaluation_updates), grad clip 0.5, Adam eps 1e-5, the std cap of
+    hopper-expert, its [N, 1] + [N] advantage broadcast and its returns across time limits (our switches
+    reference_advantage_broadcast_bug / mc_returns_across_timeouts: true)."""
+    import runpy
+    from unittest import mock
+    import yaml
+    script = "OCR-CFT O2PPO"
+    name = _env_name(cfg)
+    _check_learnable(cfg, script, hidden_dims=(256, 256), exp_adv_max=100.0, offline_cosine=True,
+                     orthogonal_init=True, iql_reward_scale=1.0, iql_reward_bias=0.0, policy_reevaluation=True,
+                     reevaluation_lr=1e-4, reevaluation_batch_size=512, max_grad_norm=0.5, adam_eps=1e-5,
+                     reference_advantage_broadcast_bug=True, mc_returns_across_timeouts=True,
+                     dynamic_reward_scaling=False, std_cap=0.05 if "hopper" in name and "expert" in name else 0.0)
+    v_width, v_depth = _uniform(cfg, script, "value_hidden_dims")
+    _divides(cfg, offline_updates="offline_eval_every", online_steps="evaluate_freq")
+    per_rollout = cfg.ppo_epochs * (cfg.rollout_length // cfg.minibatch_size)
+    reeval = sorted(set(range(cfg.reevaluation_eval_every, cfg.reevaluation_updates + 1,
+                              cfg.reevaluation_eval_every)) | {cfg.reevaluation_updates})
+    rec = _Scalars(cfg, log)
+
+    def on_scalar(tag, value, step):
+        if tag == "eval_normalized_return":  # offline/iql.py at step t = update - 1
+            rec.record("offline", step + 1, 0, value)
+        elif tag == "normalized_return" and step == 0:  # the offline actor, after the V re-fit
+            for k in reeval:
+                rec.record("reevaluation", k, 0, value)
+        elif tag == "normalized_return" and 0 < step <= cfg.online_steps:
+            rec.record("online", step // cfg.rollout_length * per_rollout, step, value)
+            if step == cfg.online_steps:
+                raise _Finished
+    rec.on_scalar = on_scalar
+    args = dict(max_train_steps=cfg.online_steps, evaluate_freq=cfg.evaluate_freq, batch_size=cfg.rollout_length,
+                mini_batch_size=cfg.minibatch_size, hidden_width=256, v_hidden_width=v_width, v_depth=v_depth,
+                lr_a=cfg.ppo_actor_lr, lr_c=cfg.ppo_critic_lr, gamma=cfg.discount, lamda=cfg.gae_lambda,
+                epsilon=cfg.clip_ratio, K_epochs=cfg.ppo_epochs, use_adv_norm=cfg.adv_norm,
+                use_state_norm=cfg.normalize, use_reward_norm=False, use_reward_scaling=False,
+                entropy_coef=cfg.entropy_coef, use_lr_decay=cfg.lr_decay, use_grad_clip=True, set_adam_eps=True,
+                use_tanh=False, offline_alg="IQL", is_shuffle=True, r_scale=1.0, is_clip_value=False,
+                scale_strategy="normal", is_decay_pi=False, std_upper_bound=0, alpha=cfg.alpha,
+                end_steps=cfg.end_steps, use_auxi=cfg.constrained_finetuning,
+                refer_with_optimal_pi=cfg.refer_with_optimal_pi, update_n=cfg.update_n,
+                eval_episodes=cfg.eval_episodes)
+    with _learning(cfg, reference_dir, rec, caps={"value upladating ......": cfg.reevaluation_updates}) as path:
+        iql = _script(path, "offline/iql.py")
+        offline = _run(iql, device="cpu", env=name, seed=cfg.seed, eval_freq=cfg.offline_eval_every,
+                       n_episodes=cfg.eval_episodes, max_timesteps=cfg.offline_updates,
+                       buffer_size=_buffer_size(cfg, 0), batch_size=cfg.iql_batch_size, discount=cfg.discount,
+                       tau=cfg.tau, beta=cfg.beta, iql_tau=cfg.expectile, normalize=cfg.normalize,
+                       normalize_reward=False, vf_lr=cfg.value_lr, qf_lr=cfg.critic_lr, actor_lr=cfg.actor_lr,
+                       actor_dropout=None, orthogonal_init=True)
+        higher, lower = name.split("-")[0].lower(), "_".join(name.split("-")[1:]).lower()
+        config = Path("..") / "config" / "finetune" / "O2PPO" / higher / f"{lower}.yaml"  # where O2PPO.py reads
+        config.parent.mkdir(parents=True)
+        config.write_text(yaml.safe_dump(args))
+        with mock.patch.object(sys, "argv", ["O2PPO.py", "--env_name", name, "--seed", str(cfg.seed)]):
+            runpy.run_path(str(path / "finetune" / "O2PPO.py"), run_name="__main__")
+    return {"reference_config": {"offline/iql.py": offline, "finetune/O2PPO.py": args},
+            "updates": cfg.offline_updates + cfg.reevaluation_updates
+            + cfg.online_steps // cfg.rollout_length * per_rollout}
 
 
 STEPS = {"o2sac": step_o2sac, "o2td3": step_o2td3, "o2ppo": step_o2ppo}

@@ -9,7 +9,9 @@ alike on both sides (as in corl.py). The reference returns no losses: they are r
 (V, Q, policy, in that order).
 """
 import contextlib
+import os
 import sys
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -23,11 +25,13 @@ B = C.BATCH
 @contextlib.contextmanager
 def _ours_hidden():
     """The reference is the package `pex`; our algorithms/pex.py is the module `pex`, found first whenever
-    algorithms/ is on sys.path (a namespace package loses to a module). Hide ours while the reference imports."""
+    algorithms/ is on sys.path (a namespace package loses to a module), and so is this file when
+    parity_refs/run_reference.py runs as a script (its directory first on sys.path). Hide both while the reference
+    imports."""
     ours = sys.modules.pop("pex", None)
-    path = str(C.REPO_ROOT / "algorithms")
+    hidden = {str(C.REPO_ROOT / "algorithms"), str(Path(__file__).resolve().parent)}
     saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if p != path]
+    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) not in hidden]
     try:
         yield
     finally:
@@ -155,3 +159,107 @@ def step_pex(reference_dir=None) -> list:
                                                online=True),
         by_design="deviation 4 (the new policy's action is clipped to [-1, 1] before the gate and AWR)")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- learning runs
+class _Finished(Exception):
+    """Raised by the evaluation hook after the last online evaluation: the budget is spent (the official loop
+    would run on to the end of the episode, updating, with nothing left to evaluate)."""
+
+
+def learn_pex(cfg, reference_dir, log) -> dict:
+    """The official pipeline on our dataset (parity.py learn): `main_offline.py` (IQL pre-training, saves
+    <log_dir>/offline_ckpt), then `main_online.py --algorithm pex --ckpt_path` that checkpoint, each run as a
+    script (runpy, its own argparse) with every option mapped from our config.
+
+    Adapters only: the gym/d4rl/wandb stand-ins (common.learning_stand_ins); `Tensor.cuda` is the identity (the
+    official `sample_batch` moves every offline batch to CUDA; this is a CPU run); the evaluation hook wraps the
+    official `eval_policy` (the same episodes on the training env, mid-episode: our deviation 1) and records its
+    returns; IQL.update is counted for the `updates` field. Evaluations: offline every `eval_period` updates, online
+    every `eval_period` env steps (our offline/online_eval_every: the budgets must be multiples of them); the run
+    stops after the evaluation at `online_steps`."""
+    C.require(cfg, "official PEX", n_critics=2, offline_fraction=0.5, exp_adv_max=100.0, offline_cosine=True,
+              actor_init="xavier", log_std_min=-5.0, eval_epsilon=0.1, reset_optimizers=True, normalize=False,
+              normalize_reward_by_returns=False, reward_scale=1.0, reward_bias=-1.0 if "antmaze" in cfg.dataset_id
+              else 0.0, terminate_on_success=False, clip_actions=False, num_seeds=1, offline_checkpoint="")
+    if not any(s in cfg.dataset_id for s in ("halfcheetah", "hopper", "walker2d", "antmaze")):
+        raise ValueError(f"official PEX's get_env_and_dataset knows rewards of halfcheetah/hopper/walker2d/antmaze "
+                         f"datasets only, not {cfg.dataset_id}")
+    if not cfg.actor_lr == cfg.critic_lr == cfg.value_lr:
+        raise ValueError(f"official PEX has one --learning_rate: set actor_lr ({cfg.actor_lr}) = critic_lr "
+                         f"({cfg.critic_lr}) = value_lr ({cfg.value_lr})")
+    if len(set(cfg.hidden_dims)) != 1:
+        raise ValueError(f"official PEX's MLPs have --hidden_num layers of --hidden_dim: hidden_dims "
+                         f"{cfg.hidden_dims} must be one width repeated")
+    for budget, every in (("offline_updates", "offline_eval_every"), ("online_steps", "online_eval_every")):
+        b, e = getattr(cfg, budget), getattr(cfg, every)
+        if b <= 0 or b % e:
+            raise ValueError(f"official PEX evaluates every --eval_period steps only (not at the end of a phase): "
+                             f"{budget} ({b}) must be a positive multiple of {every} ({e})")
+    if cfg.initial_collection_steps < cfg.batch_size - cfg.batch_size // 2:
+        raise ValueError(f"official PEX samples the online half-batch without replacement: initial_collection_steps "
+                         f"({cfg.initial_collection_steps}) must be >= {cfg.batch_size - cfg.batch_size // 2}")
+    import runpy
+    import shutil
+    import torch
+    import torch._dynamo  # noqa: F401  (torch imports it lazily at the first optimiser, inspecting every loaded
+    # module: the reference's namespace package `pex` has no file and would fail that inspection)
+    path = C.reference_checkout("pex", reference_dir)
+    work = Path(cfg.run_dir) / "reference"
+    shutil.rmtree(work, ignore_errors=True)  # the scripts refuse an existing log_dir; a restart starts afresh
+    work.mkdir(parents=True)
+    common_args = ["--env_name", cfg.dataset_id, "--seed", cfg.seed, "--discount", cfg.discount, "--hidden_dim",
+                   cfg.hidden_dims[0], "--hidden_num", len(cfg.hidden_dims), "--batch_size", cfg.batch_size,
+                   "--learning_rate", cfg.actor_lr, "--target_update_rate", cfg.tau, "--tau", cfg.expectile,
+                   "--beta", cfg.beta, "--eval_episode_num", cfg.eval_episodes]
+    argv = {"offline": ["--log_dir", work / "offline", *common_args, "--num_steps", cfg.offline_updates,
+                        "--eval_period", cfg.offline_eval_every],
+            "online": ["--algorithm", "pex", "--log_dir", work / "online", *common_args, "--ckpt_path",
+                       work / "offline" / "offline_ckpt", "--total_env_steps", cfg.online_steps,
+                       "--initial_collection_steps", cfg.initial_collection_steps, "--updates_per_step", 1,
+                       "--inv_temperature", cfg.inv_temperature, "--eval_period", cfg.online_eval_every]}
+    argv = {k: [str(x) for x in v] for k, v in argv.items()}
+    run = {"phase": "offline", "updates": 0, "online_evals": 0, "returns": []}
+    os.environ.setdefault("TQDM_MININTERVAL", "30")  # the scripts' trange: a line per 30 s in the run's log
+
+    stand_ins = C.learning_stand_ins(cfg.dataset_id, lambda *_: None)
+    serve = stand_ins["d4rl"].qlearning_dataset  # D4RL's has no 'timeouts' (main_offline passes every key to update)
+    stand_ins["d4rl"].qlearning_dataset = lambda env: {k: v for k, v in serve(env).items() if k != "timeouts"}
+    with _ours_hidden(), C.reference_on_path(path, stand_ins):
+        from pex.algorithms.iql import IQL
+        from pex.utils import util
+        evaluate_policy, eval_policy, update = util.evaluate_policy, util.eval_policy, IQL.update
+
+        def counted_update(self, *args, **kwargs):
+            run["updates"] += 1
+            return update(self, *args, **kwargs)
+
+        def recorded_episode(*args, **kwargs):
+            run["returns"].append(evaluate_policy(*args, **kwargs))
+            return run["returns"][-1]
+
+        def recorded_eval(env, env_name, alg, max_episode_steps, n_episodes):
+            run["returns"] = []
+            eval_policy(env, env_name, alg, max_episode_steps, n_episodes)  # prints; its episodes are recorded
+            returns = np.asarray(run["returns"])
+            scores = 100.0 * sys.modules["d4rl"].get_normalized_score(cfg.dataset_id, returns)
+            online = run["phase"] == "online"
+            run["online_evals"] += online  # online: called when the env-step count is a multiple of eval_period
+            env_steps = run["online_evals"] * cfg.online_eval_every if online else 0
+            log(run["phase"], run["updates"], env_steps, float(scores.mean()), float(returns.mean()),
+                return_std=float(returns.std()), episodes=len(returns))
+            if online and env_steps >= cfg.online_steps:
+                raise _Finished
+
+        with mock.patch.object(util, "evaluate_policy", recorded_episode), \
+                mock.patch.object(util, "eval_policy", recorded_eval), \
+                mock.patch.object(IQL, "update", counted_update), \
+                mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self):
+            for phase, script in (("offline", "main_offline.py"), ("online", "main_online.py")):
+                run["phase"] = phase
+                with mock.patch.object(sys, "argv", [script] + argv[phase]):
+                    try:
+                        runpy.run_path(str(path / script), run_name="__main__")
+                    except _Finished:
+                        pass
+    return {"reference_argv": argv, "updates": run["updates"]}

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+# benchmarks/ instead of this script's directory: parity_refs/ holds adapters named like reference packages (pex)
+sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 from parity_refs import common  # noqa: E402
 
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
         print(f"error: parity_refs/{reference}.py has no learn_{algo}: no learning run of {algo} against {reference}",
               file=sys.stderr)
         return 2
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.run_dir).resolve()  # absolute: adapters may change the working directory
+    cfg.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         print("run_reference.py: the reference keeps no resumable state; restarting the run from scratch", flush=True)
