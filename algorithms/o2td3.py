@@ -635,13 +635,23 @@ def sampled_update(state, offline: Buffer, online: Buffer, online_size, t, phase
 # Multi-seed: every state leaf, the online buffer and the per-seed counters carry a leading seed axis; the
 # offline rows are shared (in_axes None). One seed's numbers equal a single-seed run's up to float32
 # round-off (XLA sums batched matmuls in a different order).
+def over_seeds(f, *args):
+    """jax.vmap(f) over the leading seed axis of every argument; with one seed, f on the arguments without it (the
+    axis put back on the results). Under vmap the policy_freq lax.cond has a per-seed predicate and becomes a select
+    that computes the delayed actor step at every update; unbatched it stays a branch."""
+    if jax.tree.leaves(args)[0].shape[0] > 1:
+        return jax.vmap(f)(*args)
+    out = f(*jax.tree.map(lambda x: x[0], args))
+    return jax.tree.map(lambda x: x[None], out)
+
+
 @partial(jax.jit, static_argnames=("phase", "h"))
 def update_block(state, offline: Buffer, phase: str, h: Hyper):
     """`h.block` updates of an offline-data `phase` per seed in one lax.scan (vmapped over seeds), batches sampled
     inside; metrics of shape [seeds, h.block]."""
     def one_seed(state):
         return jax.lax.scan(lambda s, i: sampled_update(s, offline, None, 0, i, phase, h), state, jnp.arange(h.block))
-    return jax.vmap(one_seed)(state)
+    return over_seeds(one_seed, state)
 
 
 @partial(jax.jit, static_argnames=("h",))
@@ -656,7 +666,7 @@ def update_online(state: O2TD3State, offline: Buffer, online: Buffer, online_siz
             new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, s)
             return new, jax.tree.map(lambda m: jnp.where(keep, m, jnp.zeros_like(m)), metrics)
         return jax.lax.scan(body, state, jnp.arange(h.online_block))
-    return jax.vmap(one_seed)(state, online, online_size, t_first, n)
+    return over_seeds(one_seed, state, online, online_size, t_first, n)
 
 
 @partial(jax.jit, donate_argnums=(0,))

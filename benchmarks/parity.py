@@ -296,7 +296,9 @@ def learn_markdown(summary: list, protocol: dict) -> str:
              f"each phase, mean ± std over finished seeds. Difference = ours − reference, with a 95% bootstrap "
              f"interval (seeds resampled on each side). Verdict fixed before the runs: *match* when the interval "
              f"contains 0 or lies within ±{MATCH_BAND:g} points, else *differs*. Wall time: the whole process "
-             f"(start-up, data load, compilation, evaluations); updates/s = all updates of the run / wall time.", "",
+             f"(start-up, data load, compilation, evaluations); updates/s = all updates of the run / wall time. Runs: two "
+             f"at a time, each pinned to its own CPU core (OMP_NUM_THREADS=1; `parity.py learn --jobs 2`), ours "
+             f"and the reference alike: each side's speed is one core's.", "",
              "| algorithm | dataset | reference | seeds | offline: ours / reference | online: ours / reference | "
              "online difference [95% CI] | verdict | wall time per run, min: ours / reference (speed-up) | "
              "updates/s: ours / reference | highest load average at a run's end |",
@@ -408,9 +410,10 @@ def learn_report(protocol: dict, out: Path, readme: bool = True, root: Path = sw
 
 
 def learn(algo: str, reference_dir=None, out: Path = DEFAULT_OUT, report_only: bool = False,
-          protocol_name: str = LEARN_PROTOCOL, readme: bool = True) -> int:
-    """Run (or resume) the learning-parity runs of `algo`, ours and reference interleaved seed by seed, then
-    rewrite the report from all finished runs."""
+          protocol_name: str = LEARN_PROTOCOL, readme: bool = True, jobs: int = 2, pin: bool = True) -> int:
+    """Run (or resume) the learning-parity runs of `algo`, ours and reference interleaved seed by seed, `jobs` at
+    a time (pinned: each run on its own share of the CPUs, so two runs on 2 cores get one core each), then rewrite
+    the report from all finished runs."""
     try:
         protocol = sweep.load_protocol(protocol_name)
         entries = learn_entries(protocol, algo)
@@ -434,7 +437,7 @@ def learn(algo: str, reference_dir=None, out: Path = DEFAULT_OUT, report_only: b
         print(sweep.describe(plan, commands=False), flush=True)
         signal.signal(signal.SIGTERM, sweep._interrupt)
         try:
-            results = sweep.execute(plan)
+            results = sweep.execute(plan, jobs, pin=pin)
         except KeyboardInterrupt:
             learn_report(protocol, out, readme)
             return 130
@@ -461,9 +464,13 @@ def main(argv=None) -> int:
     lrn.add_argument("--report_only", action="store_true", help="only rewrite the report from the finished runs")
     lrn.add_argument("--protocol", default=LEARN_PROTOCOL, help="protocol name or YAML path (default parity_learn)")
     lrn.add_argument("--no_readme", dest="readme", action="store_false", help="do not rewrite README's section")
+    lrn.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    lrn.add_argument("--no_pin", dest="pin", action="store_false",
+                     help="do not pin each running run to its own share of the CPUs")
     args = parser.parse_args(argv)
     if args.command == "learn":
-        return learn(args.algo, args.reference_dir, Path(args.out), args.report_only, args.protocol, args.readme)
+        return learn(args.algo, args.reference_dir, Path(args.out), args.report_only, args.protocol, args.readme,
+                     args.jobs, args.pin)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

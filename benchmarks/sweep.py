@@ -49,9 +49,11 @@ import argparse
 import ast
 import csv
 import difflib
+import functools
 import io
 import json
 import os
+import queue
 import shlex
 import signal
 import subprocess
@@ -469,6 +471,13 @@ def run_env(protocol: dict) -> dict:
 _procs, _procs_lock, _stopping = set(), threading.Lock(), threading.Event()
 
 
+def _start_child(cpus=None):
+    """In the child before exec: exit with the parent (below), and the CPU affinity of a pinned run."""
+    _exit_with_parent()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
 def _exit_with_parent():
     """In the child before exec (Linux): SIGTERM it when the sweep dies, even by SIGKILL, so no run is orphaned
     (a SIGTERMed run writes a checkpoint at its next block boundary and exits)."""
@@ -487,11 +496,14 @@ def _load_prctl():
 _PRCTL = _load_prctl()
 
 
-def run_one(plan: Plan, run: Run, env: dict, wrap=(), poll_s: float = 1.0) -> tuple:
-    """Run (or resume) one run as a subprocess; write done.json on success. Returns (run, ok, message)."""
+def run_one(plan: Plan, run: Run, env: dict, wrap=(), poll_s: float = 1.0, cpus=None) -> tuple:
+    """Run (or resume) one run as a subprocess; write done.json on success. Returns (run, ok, message).
+    `cpus`: the CPUs the run is pinned to (its affinity; OMP_NUM_THREADS = their number unless env sets it)."""
     rd = plan.root / run.run_dir
     rd.mkdir(parents=True, exist_ok=True)
     resume = run.status == "resume"
+    if cpus:
+        env = {"OMP_NUM_THREADS": str(len(cpus)), **env}
     cmd = list(wrap) + run.args(plan.protocol["command"]) + (["--resume"] if resume else [])
     timer = EvalTimer(rd, [f for _, f in run.eval_files()], fresh=not resume)
     with open(rd / "sweep.log", "a") as log:
@@ -501,7 +513,7 @@ def run_one(plan: Plan, run: Run, env: dict, wrap=(), poll_s: float = 1.0) -> tu
         if _stopping.is_set():
             return run, False, "not started (interrupted)"
         proc = subprocess.Popen(cmd, cwd=plan.root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_exit_with_parent)
+                                start_new_session=True, preexec_fn=functools.partial(_start_child, cpus))
         with _procs_lock:
             _procs.add(proc)
         try:
@@ -532,7 +544,7 @@ def run_one(plan: Plan, run: Run, env: dict, wrap=(), poll_s: float = 1.0) -> tu
     _write_json(rd / "done.json", {
         "algorithm": run.algo, "dataset": run.dataset, "seeds": run.seeds, "args": plan.recorded_args(run),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_time_s": round(total, 1),
-        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()], **({"cpus": sorted(cpus)} if cpus else {}),
         "attempts": len(timer.attempts), "per_seed": per_seed})
     return run, True, f"done in {total / 60:.1f} min (this attempt {timer.attempts[-1]['seconds'] / 60:.1f} min)"
 
@@ -549,14 +561,28 @@ def prepare_datasets(plan: Plan, env: dict):
             print("warning: preparing the datasets failed (see above); the runs will report it", flush=True)
 
 
-def execute(plan: Plan, jobs: int = 1, wrap=(), poll_s: float = 1.0) -> list:
-    """Run every unfinished run of the plan, `jobs` at a time. Returns [(run, ok, message)]."""
+def cpu_groups(jobs: int) -> list:
+    """This process's CPUs split into `jobs` disjoint groups of equal size (for --pin)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if jobs > len(cpus):
+        raise SweepError(f"--pin: {jobs} runs at a time need at least {jobs} CPUs, this process has {len(cpus)}")
+    size = len(cpus) // jobs
+    return [set(cpus[i * size:(i + 1) * size]) for i in range(jobs)]
+
+
+def execute(plan: Plan, jobs: int = 1, wrap=(), poll_s: float = 1.0, pin: bool = False) -> list:
+    """Run every unfinished run of the plan, `jobs` at a time. Returns [(run, ok, message)]. `pin`: each running
+    run gets its own equal share of the CPUs (affinity; OMP_NUM_THREADS to match), so concurrent runs do not
+    compete for cores (e.g. --jobs 2 on 2 cores: one core each)."""
     env = run_env(plan.protocol)
     todo = [r for r in plan.runs if r.status != "done"]
     if jobs > 1 and todo:
         prepare_datasets(plan, env)
     results = []
     finished = {r.run_dir: threading.Event() for r in todo}  # set when a run of this sweep ends (ok or not)
+    free = queue.Queue()
+    for group in cpu_groups(jobs) if pin else [None] * max(1, jobs):
+        free.put(group)
 
     def one(i_run):
         i, run = i_run
@@ -570,7 +596,11 @@ def execute(plan: Plan, jobs: int = 1, wrap=(), poll_s: float = 1.0) -> list:
                     print(f"{tag}: FAILED: {res[2]}", flush=True)
                     return res
             print(f"{tag}: {'resuming' if run.status == 'resume' else 'starting'}", flush=True)
-            res = run_one(plan, run, env, wrap, poll_s)
+            cpus = free.get()
+            try:
+                res = run_one(plan, run, env, wrap, poll_s, cpus)
+            finally:
+                free.put(cpus)
             print(f"{tag}: {'ok, ' if res[1] else 'FAILED: '}{res[2]}", flush=True)
             return res
         finally:
@@ -780,6 +810,8 @@ def main(argv=None, root: Path = ROOT, results_dir: Path = RESULTS) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1: the CPU is shared)")
     p.add_argument("--strict", action="store_true", help="an algorithm without script/configs is an error")
     p.add_argument("--wrap", default="", help="prefix every run's command, e.g. --wrap 'nice -n 10'")
+    p.add_argument("--pin", action="store_true", help="give each of the --jobs running runs its own share of the "
+                                                      "CPUs (affinity), e.g. --jobs 2 --pin: one core each on 2")
     p.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local: subprocesses on this machine (--jobs at a time); ray: one Ray task per run")
     p.add_argument("--address", default=None, help="ray: 'auto' or HOST:PORT of a running cluster (default: start a "
@@ -788,8 +820,8 @@ def main(argv=None, root: Path = ROOT, results_dir: Path = RESULTS) -> int:
     p.add_argument("--gpus_per_run", type=float, default=0.0, help="ray: GPUs each run declares")
     p.add_argument("--retries", type=int, default=2, help="ray: retries of a failed or lost run (each resumes)")
     args = p.parse_args(argv)
-    if args.backend == "ray" and (args.wrap or args.jobs != 1):
-        print("error: --wrap and --jobs are local-backend options (Ray schedules by --cpus_per_run/--gpus_per_run)",
+    if args.backend == "ray" and (args.wrap or args.jobs != 1 or args.pin):
+        print("error: --wrap, --jobs and --pin are local-backend options (Ray schedules by --cpus_per_run/--gpus_per_run)",
               file=sys.stderr)
         return 2
     if args.backend == "ray":
@@ -799,6 +831,8 @@ def main(argv=None, root: Path = ROOT, results_dir: Path = RESULTS) -> int:
             print("error: --backend ray needs Ray: pip install -r requirements.txt (it pins ray)", file=sys.stderr)
             return 2
     try:
+        if args.pin:
+            cpu_groups(args.jobs)
         protocol = load_protocol(args.protocol)
         plan = build_plan(protocol, root, only=args.only, strict=args.strict)
     except SweepError as e:
@@ -819,7 +853,11 @@ def main(argv=None, root: Path = ROOT, results_dir: Path = RESULTS) -> int:
     if args.backend == "ray":
         results = execute_ray(plan, args.address, args.cpus_per_run, args.gpus_per_run, args.retries)
     else:
-        results = execute(plan, args.jobs, shlex.split(args.wrap))
+        try:
+            results = execute(plan, args.jobs, shlex.split(args.wrap), pin=args.pin)
+        except SweepError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     failed = [(r, m) for r, ok, m in results if not ok]
     collect(build_plan(protocol, root, check_overrides=False), results_dir)
     print(f"{len(results) - len(failed)} runs finished now, {sum(r.status == 'done' for r in plan.runs)} were "

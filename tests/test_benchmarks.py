@@ -55,6 +55,8 @@ if a.offline_checkpoint and not Path(a.offline_checkpoint).exists():
 rd.mkdir(parents=True, exist_ok=True)
 with open(rd / "calls.log", "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\\n")
+import os
+(rd / "affinity").write_text(json.dumps([sorted(os.sched_getaffinity(0)), os.environ.get("OMP_NUM_THREADS")]))
 if (rd / "hang").exists():  # for the orphan test: say who we are, then wait to be killed
     import os, time
     (rd / "pid").write_text(str(os.getpid()))
@@ -119,6 +121,24 @@ def write_protocol(path, **changes):
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def test_pin_gives_each_running_run_its_own_cpus(fake_root, tmp_path):
+    import os
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs")
+    root, proto = fake_root
+    assert sweep.main([str(proto), "--jobs", "2", "--pin"], root=root, results_dir=tmp_path) == 0
+    seen = [json.loads((root / "out" / "fake" / DATASET / f"seed{s}" / "affinity").read_text()) for s in (0, 1)]
+    (a, omp_a), (b, omp_b) = seen
+    assert a and b and not set(a) & set(b) and omp_a == str(len(a)) and omp_b == str(len(b))
+    done = json.loads((root / "out" / "fake" / DATASET / "seed0" / "done.json").read_text())
+    assert done["cpus"] == a
+    n = len(os.sched_getaffinity(0))
+    assert sweep.main([str(proto), "--jobs", str(n + 1), "--pin"], root=root, results_dir=tmp_path) == 2
+    assert sweep.cpu_groups(2)[0] | sweep.cpu_groups(2)[1] <= set(os.sched_getaffinity(0))
+    with pytest.raises(sweep.SweepError, match="need at least"):
+        sweep.cpu_groups(n + 1)
 
 
 # ---- report

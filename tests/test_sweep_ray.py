@@ -73,7 +73,7 @@ def test_failed_run_is_retried_then_reported(cluster, fake_root, tmp_path, capsy
 def test_ray_options_are_checked(fake_root, capsys):  # noqa: F811
     root, proto = fake_root
     assert sweep.main([str(proto), "--backend", "ray", "--jobs", "2"], root=root) == 2
-    assert "--wrap and --jobs are local-backend options" in capsys.readouterr().err
+    assert "--wrap, --jobs and --pin are local-backend options" in capsys.readouterr().err
 
 
 def test_real_iql_run_identical_on_both_backends(cluster, tiny_dataset, tmp_path):
