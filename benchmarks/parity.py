@@ -296,9 +296,9 @@ def learn_markdown(summary: list, protocol: dict) -> str:
              f"each phase, mean ± std over finished seeds. Difference = ours − reference, with a 95% bootstrap "
              f"interval (seeds resampled on each side). Verdict fixed before the runs: *match* when the interval "
              f"contains 0 or lies within ±{MATCH_BAND:g} points, else *differs*. Wall time: the whole process "
-             f"(start-up, data load, compilation, evaluations); updates/s = all updates of the run / wall time. Runs: two "
-             f"at a time, each pinned to its own CPU core (OMP_NUM_THREADS=1; `parity.py learn --jobs 2`), ours "
-             f"and the reference alike: each side's speed is one core's.", "",
+             f"(start-up, data load, compilation, evaluations); updates/s = all updates of the run / wall time. "
+             f"Runs: two at a time, each pinned to its own CPU core (OMP_NUM_THREADS=1; `parity.py learn --jobs 2`), "
+             f"ours and the reference alike: each side's speed is one core's.", "",
              "| algorithm | dataset | reference | seeds | offline: ours / reference | online: ours / reference | "
              "online difference [95% CI] | verdict | wall time per run, min: ours / reference (speed-up) | "
              "updates/s: ours / reference | highest load average at a run's end |",
@@ -339,6 +339,8 @@ def learn_plot(rows: list, path: Path):
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
     for ax, (algo, dataset) in zip(axes[0], groups):
         mine = [r for r in rows if (r["algorithm"], r["dataset"]) == (algo, dataset)]
+        done = {r["implementation"] for r in mine if r["finished"]}
+        mine = [r for r in mine if r["finished"] or r["implementation"] not in done]  # finished runs, where any
         offline_end = max((r["updates"] or 0) for r in mine if r["phase"] != "online")
         for impl in dict.fromkeys(r["implementation"] for r in mine):
             per_seed = {}
@@ -375,7 +377,8 @@ def learn_readme(summary: list) -> str:
         if not on:
             continue
         lines.append(f"| {it['algorithm']} | {it['dataset']} | {REFERENCE_NAMES.get(it['reference'], it['reference'])}"
-                     f" | {on['ours_mean']:.1f} ± {on['ours_std']:.1f} / {on['ref_mean']:.1f} ± {on['ref_std']:.1f} | "
+                     f" | {on['ours_mean']:.1f} ± {on['ours_std']:.1f} / {on['ref_mean']:.1f} ± "
+                     f"{on['ref_std']:.1f} | "
                      f"{on['diff']:+.1f} [{on['ci95'][0]:+.1f}, {on['ci95'][1]:+.1f}] | {on['verdict']} | "
                      + (f"{it['speedup_wall']:.1f}x |" if "speedup_wall" in it else "– |"))
     return "\n".join(lines)

@@ -142,6 +142,7 @@ def build_unifloral(update: str, opts) -> Built:
         step_fn = mod.make_train_step(args, actor.apply, q.apply, data)
         per_step = args.num_critic_updates_per_step  # critic steps per actor step: our updates per step
     else:
+        args.num_critics = 2  # its default is SAC-N's 10; CQL (and ours, JAX-CORL's) uses 2
         actor, q, alpha = mod.TanhGaussianActor(ACT_DIM), mod.VectorQ(args.num_critics), mod.EntropyCoef()
         actor_lr = args.actor_lr if args.actor_lr is not None else args.lr
         state = mod.AgentTrainState(

@@ -2,7 +2,8 @@
 
     python benchmarks/ray_overhead.py [--rounds 2] [--only algo=iql]
 
-Each round runs the smoke protocol (benchmarks/protocols/smoke.yaml, output in a temporary directory) with the local
+Each round runs the smoke protocol (benchmarks/protocols/smoke.yaml, its dataset built with --build_size transitions
+in a temporary Minari store, output in a temporary directory) with the local
 backend, then with `--backend ray` (a local Ray cluster started by the sweep), as two fresh `sweep.py` processes.
 Per backend: the sweep's wall time, the sum of its runs' own wall times (done.json: the script's process), and their
 difference per run (the runner's overhead: for Ray the cluster start-up, scheduling and worker start-up). Writes
@@ -50,7 +51,8 @@ def markdown(res: dict) -> str:
     lines = [f"Measured {res['date']} by `python benchmarks/ray_overhead.py` ({res['rounds']} rounds, local and Ray "
              f"alternating; {res['cpus']} CPUs, load average {res['load_before']} before, {res['load_after']} after; "
              f"protocol smoke{' ' + ' '.join(res['only']) if res['only'] else ''}, {res['measurements'][0]['runs']} "
-             "runs per sweep). Overhead per run = (sweep wall time - the runs' own wall times) / runs.", "",
+             f"runs per sweep, its dataset built with {res.get('dataset_size', '?')} transitions). Overhead per run = "
+             "(sweep wall time - the runs' own wall times) / runs.", "",
              "| round | backend | sweep wall time (s) | runs' own time (s) | overhead per run (s) | ray.init (s) |",
              "|---|---|---|---|---|---|"]
     for i, m in enumerate(res["measurements"]):
@@ -63,20 +65,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--only", action="append", default=[], help="as sweep.py --only (default: the whole protocol)")
+    p.add_argument("--build_size", type=int, default=20000, help="transitions of the smoke dataset built for it")
     p.add_argument("--no_doc", dest="doc", action="store_false")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "algorithms"))
-    import data
-    data.ensure_dataset(yaml.safe_load((HERE / "protocols" / "smoke.yaml").read_text())["datasets"][0])  # not timed
-    load_before = [round(x, 2) for x in os.getloadavg()]
     measurements = []
     with tempfile.TemporaryDirectory() as tmp:
+        # the smoke protocol's dataset, built small in a store of its own (the overhead does not depend on its size)
+        os.environ["MINARI_DATASETS_PATH"] = str(Path(tmp) / "minari")
+        sys.path.insert(0, str(ROOT / "algorithms"))
+        import data
+        data.ensure_dataset(yaml.safe_load((HERE / "protocols" / "smoke.yaml").read_text())["datasets"][0],
+                            build_size=args.build_size)
+        load_before = [round(x, 2) for x in os.getloadavg()]
         for r in range(args.rounds):
             for backend in ("local", "ray"):
                 m = one(backend, Path(tmp) / f"round{r}", args.only)
                 print(m, flush=True)
                 measurements.append(m)
     res = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "only": args.only, "cpus": os.cpu_count(),
+           "dataset_size": args.build_size,
            "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
            "measurements": measurements}
     OUT.write_text(json.dumps(res, indent=1) + "\n")

@@ -12,7 +12,8 @@ A protocol (benchmarks/protocols/*.yaml) names `algorithms` (each with overrides
 budgets; an entry `o2td3-naive: {script: o2td3, ...}` runs a variant of algorithms/o2td3.py under its own
 label; an entry's own `command` replaces the protocol's for its runs, e.g. to run a reference implementation
 with the same config and overrides (benchmarks/parity.py learn), and its own `datasets` (a subset of the
-protocol's) limits it to those; `offline_from: <entry>` starts each of its runs from that earlier entry's offline checkpoint of the
+protocol's) limits it to those; `offline_from: <entry>` starts each of its runs from that earlier entry's
+offline checkpoint of the
 same dataset and seeds, `--offline_checkpoint <its run dir>/checkpoints/offline`, so variants that differ
 only online share one pre-training and start from the same offline policy), `datasets`, `seeds`, optional
 `common` overrides for every algorithm, `env` variables, `output_root` and `command` (the command template;
@@ -821,8 +822,8 @@ def main(argv=None, root: Path = ROOT, results_dir: Path = RESULTS) -> int:
     p.add_argument("--retries", type=int, default=2, help="ray: retries of a failed or lost run (each resumes)")
     args = p.parse_args(argv)
     if args.backend == "ray" and (args.wrap or args.jobs != 1 or args.pin):
-        print("error: --wrap, --jobs and --pin are local-backend options (Ray schedules by --cpus_per_run/--gpus_per_run)",
-              file=sys.stderr)
+        print("error: --wrap, --jobs and --pin are local-backend options (Ray schedules by --cpus_per_run / "
+              "--gpus_per_run)", file=sys.stderr)
         return 2
     if args.backend == "ray":
         try:

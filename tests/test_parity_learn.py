@@ -79,7 +79,8 @@ def test_wandb_stand_in_forwards_logs():
 def test_run_reference_refuses_fields_the_reference_cannot_run(tmp_path, capsys):
     config = str(ROOT / "configs" / "iql" / "o2o" / "hopper" / "medium-replay-v0.yaml")
     rc = run_reference.main(["corl", "iql", "--config_path", config, "--run_dir", str(tmp_path), "--n_critics", "3",
-                             "--offline_eval_every", "1000", "--online_eval_every", "1000", "--offline_updates", "1000"])
+                             "--offline_eval_every", "1000", "--online_eval_every", "1000",
+                             "--offline_updates", "1000"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "n_critics=3" in err[0] and "parity protocol" in err[0]
     rc = run_reference.main(["corl", "iql", "--config_path", config, "--run_dir", str(tmp_path),
