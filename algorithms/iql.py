@@ -151,14 +151,15 @@ RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "onlin
 
 
 class Hyper(NamedTuple):
-    """Static (hashable) hyper-parameters the jitted functions are specialised on."""
+    """The static (hashable) arguments of the jitted functions: the env's dimensions and the config fields the maths
+    reads, under the config's own names (make_hyper copies them from TrainConfig by name)."""
     obs_dim: int
     act_dim: int
-    hidden: tuple
+    hidden_dims: tuple
     n_critics: int
-    dropout: float
+    actor_dropout: float
     batch_size: int
-    block: int
+    update_block: int
     online_block: int
     discount: float
     tau: float
@@ -174,10 +175,8 @@ class Hyper(NamedTuple):
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
-    return Hyper(obs_dim, act_dim, tuple(cfg.hidden_dims), cfg.n_critics, float(cfg.actor_dropout),
-                 cfg.batch_size, cfg.update_block, cfg.online_block, cfg.discount, cfg.tau, cfg.expectile, cfg.beta, cfg.exp_adv_max,
-                 cfg.actor_lr, cfg.critic_lr, cfg.value_lr, cfg.offline_updates, cfg.offline_cosine,
-                 cfg.corl_cosine_restart)
+    static = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 (a list is not hashable)
+    return Hyper(obs_dim=obs_dim, act_dim=act_dim, **{k: static(getattr(cfg, k)) for k in Hyper._fields[2:]})
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -241,7 +240,8 @@ def critic_ensemble(hidden: tuple, n: int) -> nn.Module:
 
 
 def networks(h: Hyper):
-    return GaussianActor(h.act_dim, h.hidden, h.dropout), critic_ensemble(h.hidden, h.n_critics), VNet(h.hidden)
+    return (GaussianActor(h.act_dim, h.hidden_dims, h.actor_dropout), critic_ensemble(h.hidden_dims, h.n_critics),
+            VNet(h.hidden_dims))
 
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -377,22 +377,17 @@ def sample_batch(offline: Buffer, online: Buffer, online_size, key, h: Hyper) ->
     return jax.tree.map(lambda a, b: jnp.where(from_offline.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), off, on)
 
 
-def sampled_update(state: IQLState, offline: Buffer, online: Buffer, online_size, h: Hyper):
-    """Draw a batch on device, then one IQL update (one seed)."""
-    key, k_idx, k_upd = jax.random.split(state.key, 3)
-    batch = sample_batch(offline, online, online_size, k_idx, h)
-    return iql_update(state._replace(key=key), batch, k_upd, h)
-
-
 # Multi-seed: every state leaf, the online buffer and the per-seed counters carry a leading seed axis; the
 # offline rows are shared (in_axes None). One seed's numbers equal a single-seed run's up to float32
-# round-off (XLA sums batched matmuls in a different order).
+# round-off (XLA sums batched matmuls in a different order). Each update draws its batch on device first.
 @partial(jax.jit, static_argnames=("h",))
-def update_block(state: IQLState, offline: Buffer, online: Buffer, online_size, h: Hyper):
-    """`h.block` updates per seed in one lax.scan (vmapped over seeds); metrics of shape [seeds, h.block]."""
+def scan_updates(state: IQLState, offline: Buffer, online: Buffer, online_size, h: Hyper):
+    """`h.update_block` updates per seed in one lax.scan (vmapped over seeds); metrics [seeds, h.update_block]."""
     def one_seed(state, online, online_size):
-        return jax.lax.scan(lambda s, _: sampled_update(s, offline, online, online_size, h), state, None,
-                            length=h.block)
+        def body(s, _):
+            key, k_idx, k_upd = jax.random.split(s.key, 3)
+            return iql_update(s._replace(key=key), sample_batch(offline, online, online_size, k_idx, h), k_upd, h)
+        return jax.lax.scan(body, state, None, length=h.update_block)
     return jax.vmap(one_seed)(state, online, online_size)
 
 
@@ -402,7 +397,9 @@ def update_online(state: IQLState, offline: Buffer, online: Buffer, online_size,
     block was shorter keeps its state for the remaining steps); metrics [seeds, h.online_block], zero where masked."""
     def one_seed(state, online, online_size, n):
         def body(s, i):
-            new, metrics = sampled_update(s, offline, online, online_size, h)
+            key, k_idx, k_upd = jax.random.split(s.key, 3)
+            new, metrics = iql_update(s._replace(key=key), sample_batch(offline, online, online_size, k_idx, h),
+                                      k_upd, h)
             keep = i < n
             new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, s)
             return new, jax.tree.map(lambda m: jnp.where(keep, m, jnp.zeros_like(m)), metrics)
@@ -547,6 +544,198 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / "iql" / cfg.dataset_id.replace("/", "_") / seeds
 
 
+class World(NamedTuple):
+    """What a run trains on: the data on device, the envs (one training env per seed, one evaluation env), the
+    static hyper-parameters and the reward transformation."""
+    offline: Buffer  # all dataset rows, shared by the seeds
+    envs: list
+    eval_env: Any
+    h: Hyper
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    return_scale: float  # 1000 / return range (normalize_reward_by_returns), else 1
+    refs: Optional[tuple]  # (ref_min, ref_max) return of the normalised score, None when the dataset has none
+
+    def reward(self, r, cfg):
+        return r * self.return_scale * cfg.reward_scale + cfg.reward_bias
+
+    def close(self):
+        for env in self.envs + [self.eval_env]:
+            env.close()
+
+
+def load_world(cfg: TrainConfig, n_seeds: int) -> World:
+    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in range(n_seeds)], data.make_env(cfg.dataset_id)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    try:
+        refs = data.reference_scores(cfg.dataset_id)
+    except data.DatasetError as e:
+        print(f"warning: {e}; logging raw returns only")
+        refs = None
+    rewards, return_scale = prepare_rewards(cfg, ds)
+    offline = Buffer(jnp.asarray(ds.observations), jnp.asarray(ds.actions), jnp.asarray(rewards),
+                     jnp.asarray(ds.next_observations), jnp.asarray(ds.terminals.astype(np.float32)))
+    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+    return World(offline, envs, eval_env, make_hyper(cfg, obs_dim, act_dim), obs_mean, obs_std, return_scale, refs)
+
+
+@dataclass
+class Progress:
+    """Per-seed bookkeeping (one entry per seed) and the host state of a run: the checkpoint's meta.json."""
+    phase: str  # offline | load_offline | online | done
+    num_seeds: int
+    updates: np.ndarray  # gradient steps done
+    env_steps: np.ndarray  # online env steps done
+    online_size: np.ndarray  # online rows in the buffer
+    saved_rows: np.ndarray  # online rows already written to checkpoints/buffer
+    next_eval: np.ndarray  # env step of the next online evaluation
+    episodes: np.ndarray  # online episodes finished
+    eval_lines: np.ndarray  # lines of each seed's eval.jsonl that this state has logged
+    act_key: np.ndarray  # [seeds, 2] exploration RNG keys
+    env_rng: list  # training-env RNG snapshots at the checkpoint (None before the first reset)
+    last_eval: list  # the last evaluation record
+    wandb_id: Optional[str] = None
+    wall_time: float = 0.0  # seconds of run time before this attempt
+
+    COUNTERS = ("updates", "env_steps", "online_size", "saved_rows", "next_eval", "episodes", "eval_lines")
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, seeds: list) -> "Progress":
+        zeros = lambda: np.zeros(len(seeds), np.int64)  # noqa: E731
+        return cls("offline", len(seeds), zeros(), zeros(), zeros(), zeros(),
+                   np.full(len(seeds), cfg.online_eval_every, np.int64), zeros(), zeros(),
+                   np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), [None] * len(seeds),
+                   [None] * len(seeds))
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Progress":
+        return cls(**{**meta, **{k: np.asarray(meta[k], np.int64) for k in cls.COUNTERS}})
+
+    def meta(self) -> dict:
+        return {**asdict(self), **{k: getattr(self, k).tolist() for k in self.COUNTERS}}
+
+
+def start_or_resume(cfg: TrainConfig, run, world: World, seeds: list):
+    """(state, progress, online buffer): fresh, or restored from run.resume_from (state, counters, RNG keys, online
+    rows), or the offline state of run.offline_from to fine-tune."""
+    h, N = world.h, len(seeds)
+    online = Buffer(*(jnp.zeros((N, cfg.online_steps + cfg.online_block) + shape, jnp.float32) for shape in
+                      ((h.obs_dim,), (h.act_dim,), (), (h.obs_dim,), ())))  # per seed, + slack for a full chunk
+    state = stack_seeds([init_state(h, jax.random.PRNGKey(s), world.obs_mean, world.obs_std) for s in seeds])
+    prog = Progress.start(cfg, seeds)
+    if run.resume_from is not None:
+        state, meta = load_state(run.resume_from, state, cfg)
+        prog = Progress.from_meta(meta)
+        for i, s in enumerate(seeds):
+            rows = load_buffer_rows(run.run_dir / "checkpoints" / "buffer" / f"seed{s}", int(prog.online_size[i]))
+            if rows is not None:
+                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
+        print(f"resumed from {run.resume_from}: phase {prog.phase}, {prog.updates.tolist()} updates, "
+              f"{prog.env_steps.tolist()} online env steps")
+    elif run.offline_from is not None:
+        state, src = load_state(run.offline_from, state, cfg)
+        prog.updates = np.asarray(src["updates"] if N > 1 else np.ravel(src["updates"])[:1], np.int64)
+        prog.act_key, prog.phase = np.asarray(src["act_key"]).reshape(N, -1), "load_offline"
+        print(f"loaded offline state from {run.offline_from} ({src['updates']} updates)")
+    return state, prog, online
+
+
+class Recorder:
+    """Evaluations (eval.jsonl, wandb, console) and checkpoints of a run: `evaluate` and `checkpoint`."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, seeds: list, world: World, prog: Progress, t_start: float):
+        self.cfg, self.run_dir, self.seeds, self.world, self.t_start = cfg, run_dir, seeds, world, t_start
+        self.wall_before, self.goal_task = prog.wall_time, "antmaze" in cfg.dataset_id
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(cfg, f)
+        prog.wandb_id = prog.wandb_id or f"{cfg.name}-{int(time.time())}"
+        self.logger = Logger(cfg, run_dir, seeds, prog.wandb_id, prog.eval_lines.tolist())
+
+    def evaluate(self, state, prog: Progress, phase: str, which=None):
+        cfg, w = self.cfg, self.world
+        for i in range(len(self.seeds)) if which is None else which:
+            params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
+            record = {"seed": self.seeds[i], "phase": phase, "updates": int(prog.updates[i]),
+                      "env_steps": int(prog.env_steps[i])}
+            record.update(evaluate(w.eval_env, lambda o: act_deterministic(params, mean_, std_, o, w.h),
+                                   cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success, self.goal_task, w.refs))
+            record["wall_time"] = round(self.wall_before + time.time() - self.t_start, 2)  # s since the run started
+            self.logger.log_eval(i, record)
+            prog.eval_lines[i], prog.last_eval[i] = self.logger.eval_lines[i], record
+
+    def score(self, prog: Progress, which=None) -> float:
+        records = [prog.last_eval[i] for i in (range(len(self.seeds)) if which is None else which)]
+        return float(np.mean([r.get("normalized_score", r["return"]) for r in records]))
+
+    def checkpoint(self, state, prog: Progress, online: Buffer, act_key, name: str = "latest"):
+        """Online rows appended to checkpoints/buffer, then state + meta atomically into checkpoints/<name>."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        prog.act_key = np.asarray(act_key)
+        for i, s in enumerate(self.seeds):
+            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), int(prog.saved_rows[i]),
+                             int(prog.online_size[i]))
+        prog.saved_rows = prog.online_size.copy()
+        prog.wall_time = self.wall_before + time.time() - self.t_start
+        save_state(ckpt_dir / name, state, prog.meta(), self.cfg)
+
+
+class Episodes:
+    """The training envs' current episodes, one entry per seed, and one block of collected transitions."""
+
+    def __init__(self, cfg: TrainConfig, h: Hyper, prog: Progress, envs: list, seeds: list):
+        N = len(seeds)
+        for i, env in enumerate(envs):
+            if prog.env_rng[i] is not None:
+                env_rng_restore(env, prog.env_rng[i], seeds[i])
+        self.first_reset = np.array([snapshot is None for snapshot in prog.env_rng])
+        self.chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
+                      (("obs", (h.obs_dim,)), ("act", (h.act_dim,)), ("rew", ()), ("next_obs", (h.obs_dim,)),
+                       ("done", ()))}
+        self.obs = np.zeros((N, h.obs_dim), np.float32)
+        self.at_start = np.ones(N, bool)
+        self.ret, self.length, self.recent = np.zeros(N), np.zeros(N, np.int64), [[] for _ in range(N)]
+        self.due = np.zeros(N, bool)  # waiting for the synchronised evaluation + checkpoint
+
+
+def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes, act_key, seeds, logger):
+    """Up to online_block env steps per seed with the current policy, into ep.chunk; a seed's block also ends at an
+    episode end. Returns (steps per seed, the advanced exploration keys)."""
+    N = len(seeds)
+    n = np.zeros(N, np.int32)
+    active = ~ep.due & (prog.env_steps < cfg.online_steps)
+    while active.any():
+        for i in np.flatnonzero(active):
+            if ep.at_start[i]:
+                ep.obs[i] = world.envs[i].reset(seed=seeds[i] if ep.first_reset[i] else None)[0]
+                ep.first_reset[i], ep.at_start[i], ep.ret[i], ep.length[i] = False, False, 0.0, 0
+        actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, ep.obs, act_key,
+                                       jnp.asarray(active), world.h)
+        actions = np.asarray(actions)
+        for i in np.flatnonzero(active):
+            next_obs, r, term, trunc, info = world.envs[i].step(actions[i])
+            term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+            j, c = n[i], ep.chunk
+            c["obs"][i, j], c["act"][i, j], c["next_obs"][i, j] = ep.obs[i], actions[i], next_obs
+            c["done"][i, j], c["rew"][i, j] = float(term), world.reward(r, cfg)
+            n[i], prog.env_steps[i] = j + 1, prog.env_steps[i] + 1
+            ep.ret[i], ep.length[i] = ep.ret[i] + float(r), ep.length[i] + 1
+            ep.obs[i] = next_obs
+            if term or trunc:
+                prog.episodes[i] += 1
+                ep.recent[i] = (ep.recent[i] + [float(ep.ret[i])])[-10:]
+                logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": float(ep.ret[i]),
+                            "online/episode_length": int(ep.length[i]), "online/env_steps": int(prog.env_steps[i])})
+                ep.at_start[i] = True
+            if ep.at_start[i] or n[i] == cfg.online_block or prog.env_steps[i] >= cfg.online_steps:
+                active[i] = False
+    return n, act_key
+
+
 def train(cfg: TrainConfig) -> dict:
     """Offline pre-training then online fine-tuning of `num_seeds` seeds at once; returns the last evaluation
     record(s) and paths."""
@@ -554,206 +743,94 @@ def train(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    ckpt_dir = run_dir / "checkpoints"
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     N = len(seeds)
     cfg.name = cfg.name or f"iql-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    goal_task = "antmaze" in cfg.dataset_id
     with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
         src_seeds = load_meta(run.offline_from).get("num_seeds", 1) if run.offline_from else N
         if src_seeds != N:
             raise RunError(f"--offline_checkpoint {run.offline_from} holds {src_seeds} seed(s); run with --num_seeds "
                            f"{src_seeds}")
-        # data and envs (one training env per seed, one evaluation env)
-        ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-        envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
-        obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-        if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
-            raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
-                                    f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-        try:
-            refs = data.reference_scores(cfg.dataset_id)
-        except data.DatasetError as e:
-            print(f"warning: {e}; logging raw returns only")
-            refs = None
-        rewards, return_scale = prepare_rewards(cfg, ds)
-        h = make_hyper(cfg, obs_dim, act_dim)
-        obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
-        obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-
-        # offline rows on device, shared by the seeds; online rows per seed (+ slack for a full chunk)
-        offline = Buffer(jnp.asarray(ds.observations), jnp.asarray(ds.actions), jnp.asarray(rewards),
-                         jnp.asarray(ds.next_observations), jnp.asarray(ds.terminals.astype(np.float32)))
-        online_capacity = cfg.online_steps + cfg.online_block
-        online = Buffer(*(jnp.zeros((N, online_capacity) + shape, jnp.float32) for shape in
-                          ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
-        del rewards
-
-        state = stack_seeds([init_state(h, jax.random.PRNGKey(s), obs_mean, obs_std) for s in seeds])
-        meta = {"phase": "offline", "num_seeds": N, "updates": [0] * N, "env_steps": [0] * N, "online_size": [0] * N,
-                "saved_rows": [0] * N, "next_eval": [cfg.online_eval_every] * N,
-                "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
-                "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
-                "last_eval": [None] * N, "wall_time": 0.0}
-        if run.resume_from is not None:
-            state, meta = load_state(run.resume_from, state, cfg)
-            for i, s in enumerate(seeds):
-                rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
-                if rows is not None:
-                    online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
-            print(f"resumed from {run.resume_from}: phase {meta['phase']}, {meta['updates']} updates, "
-                  f"{meta['env_steps']} online env steps")
-        elif run.offline_from is not None:
-            state, src_meta = load_state(run.offline_from, state, cfg)
-            meta.update(updates=list(src_meta["updates"]) if N > 1 else [int(np.ravel(src_meta["updates"])[0])],
-                        act_key=np.asarray(src_meta["act_key"]).reshape(N, -1), phase="load_offline")
-            print(f"loaded offline state from {run.offline_from} ({src_meta['updates']} updates)")
-        with open(run_dir / "config.yaml", "w") as f:
-            pyrallis.dump(cfg, f)
-        if meta["wandb_id"] is None:
-            meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-        logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
-        act_key = jnp.asarray(meta["act_key"])
-        wall_before = meta["wall_time"]
-
-        def run_eval(phase, which=None):
-            for i in range(N) if which is None else which:
-                params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
-                record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
-                          "env_steps": int(meta["env_steps"][i])}
-                record.update(evaluate(eval_env, lambda o: act_deterministic(params, mean_, std_, o, h),
-                                       cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success, goal_task, refs))
-                record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-                logger.log_eval(i, record)
-                meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
-
-        def checkpoint(name="latest"):
-            meta["act_key"] = np.asarray(act_key)
-            for i, s in enumerate(seeds):
-                save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
-                                 meta["online_size"][i])
-            meta["saved_rows"] = list(meta["online_size"])
-            meta["wall_time"] = wall_before + time.time() - t_start
-            save_state(ckpt_dir / name, state, meta, cfg)
-
-        def score(i):
-            return meta["last_eval"][i].get("normalized_score", meta["last_eval"][i]["return"])
+        world = load_world(cfg, N)
+        h = world.h
+        state, prog, online = start_or_resume(cfg, run, world, seeds)
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
 
         # ---- offline pre-training (all seeds in one vmapped scan per block)
-        if meta["phase"] == "offline":
-            bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="IQL offline", mininterval=5)
-            sizes = jnp.zeros((N,), jnp.int32)
-            while meta["updates"][0] < cfg.offline_updates:
-                state, metrics = update_block(state, offline, online, sizes, h)
-                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
-                meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
+        if prog.phase == "offline":
+            bar = tqdm(total=cfg.offline_updates, initial=int(prog.updates[0]), desc="IQL offline", mininterval=5)
+            while prog.updates[0] < cfg.offline_updates:
+                state, metrics = scan_updates(state, world.offline, online, jnp.zeros((N,), jnp.int32), h)
+                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, prog.updates)
+                prog.updates += cfg.update_block
                 bar.update(cfg.update_block)
-                logger.log({**logged, "offline/updates": meta["updates"][0]})
-                if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
-                    run_eval("offline")
-                    bar.set_postfix(score=np.mean([score(i) for i in range(N)]))
-                    if meta["updates"][0] < cfg.offline_updates:
-                        checkpoint()
-                if run.stop and meta["updates"][0] < cfg.offline_updates:
-                    checkpoint()
-                    run.interrupt_if_asked(f"after {meta['updates'][0]} offline updates")
+                rec.logger.log({**logged, "offline/updates": int(prog.updates[0])})
+                if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == cfg.offline_updates:
+                    rec.evaluate(state, prog, "offline")
+                    bar.set_postfix(score=rec.score(prog))
+                    if prog.updates[0] < cfg.offline_updates:
+                        rec.checkpoint(state, prog, online, act_key)
+                if run.stop and prog.updates[0] < cfg.offline_updates:
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"after {int(prog.updates[0])} offline updates")
             bar.close()
-            if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
-                run_eval("offline")
-            meta["phase"] = "online"
-            checkpoint("offline")
-            checkpoint()
-        elif meta["phase"] == "load_offline":
-            run_eval("offline")  # the score before fine-tuning
-            meta["phase"] = "online"
-            checkpoint("offline")
-            checkpoint()
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
+                rec.evaluate(state, prog, "offline")
+        elif prog.phase == "load_offline":
+            rec.evaluate(state, prog, "offline")  # the score before fine-tuning
+        if prog.phase in ("offline", "load_offline"):
+            prog.phase = "online"
+            rec.checkpoint(state, prog, online, act_key, "offline")
+            rec.checkpoint(state, prog, online, act_key)
 
         # ---- online fine-tuning. Each seed follows exactly the single-seed schedule: collect up to online_block
         # env steps (a block also ends at an episode end), append them, then as many updates. Seeds whose block
         # ended early wait for the others; a seed due for evaluation (first episode end after every
         # online_eval_every steps) waits until every seed is due, so checkpoints fall on episode ends of all seeds.
-        if meta["phase"] == "online":
-            for i, env in enumerate(envs):
-                if meta["env_rng"][i] is not None:
-                    env_rng_restore(env, meta["env_rng"][i], seeds[i])
-            first_reset = [meta["env_rng"][i] is None for i in range(N)]
-            chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
-                     (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
-            obs = np.zeros((N, obs_dim), np.float32)
-            at_episode_start = [True] * N
-            ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
-            due = [False] * N  # waiting for the synchronised evaluation + checkpoint
-            bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="IQL online", mininterval=5)
-            while min(meta["env_steps"]) < cfg.online_steps:
-                n = np.zeros(N, np.int32)
-                active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
-                while active.any():
-                    for i in np.flatnonzero(active):
-                        if at_episode_start[i]:
-                            obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
-                            first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
-                    actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
-                                                   jnp.asarray(active), h)
-                    actions = np.asarray(actions)
-                    for i in np.flatnonzero(active):
-                        next_obs, r, term, trunc, info = envs[i].step(actions[i])
-                        term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                        j = n[i]
-                        chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
-                        chunk["done"][i, j] = float(term)
-                        chunk["rew"][i, j] = r * return_scale * cfg.reward_scale + cfg.reward_bias
-                        n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
-                        ep_ret[i], ep_len[i] = ep_ret[i] + float(r), ep_len[i] + 1
-                        obs[i] = next_obs
-                        if term or trunc:
-                            meta["episodes"][i] += 1
-                            recent[i] = (recent[i] + [ep_ret[i]])[-10:]
-                            logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
-                                        "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
-                            at_episode_start[i] = True
-                        if at_episode_start[i] or n[i] == cfg.online_block or meta["env_steps"][i] >= cfg.online_steps:
-                            active[i] = False
-                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
-                                       jnp.asarray(meta["online_size"], jnp.int32))
-                meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
-                state, metrics = update_online(state, offline, online, jnp.asarray(meta["online_size"], jnp.int32),
+        if prog.phase == "online":
+            ep = Episodes(cfg, h, prog, world.envs, seeds)
+            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="IQL online", mininterval=5)
+            while prog.env_steps.min() < cfg.online_steps:
+                n, act_key = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
+                                       jnp.asarray(prog.online_size, jnp.int32))
+                prog.online_size += n
+                state, metrics = update_online(state, world.offline, online, jnp.asarray(prog.online_size, jnp.int32),
                                                jnp.asarray(n), h)
-                logged = block_metrics(metrics, n, "online", seeds, meta["updates"])
-                meta["updates"] = [u + int(b) for u, b in zip(meta["updates"], n)]
-                logger.log({**logged, "online/env_steps": sum(meta["env_steps"]), "online/updates": sum(meta["updates"])})
+                logged = block_metrics(metrics, n, "online", seeds, prog.updates)
+                prog.updates += n
+                rec.logger.log({**logged, "online/env_steps": int(prog.env_steps.sum()),
+                                "online/updates": int(prog.updates.sum())})
                 bar.update(int(n.sum()))
-                for i in range(N):
-                    if (n[i] > 0 and at_episode_start[i] and (meta["env_steps"][i] >= meta["next_eval"][i] or run.stop)
-                            and meta["env_steps"][i] < cfg.online_steps):
-                        due[i] = True  # (a stop request: checkpoint at every seed's next episode end, no evaluation)
-                if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
-                    which = [i for i in range(N) if due[i] and meta["env_steps"][i] >= meta["next_eval"][i]]
+                ep.due |= ((n > 0) & ep.at_start & ((prog.env_steps >= prog.next_eval) | run.stop)
+                           & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
+                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
+                    which = [i for i in range(N) if ep.due[i] and prog.env_steps[i] >= prog.next_eval[i]]
                     for i in which:
-                        while meta["next_eval"][i] <= meta["env_steps"][i]:
-                            meta["next_eval"][i] += cfg.online_eval_every
+                        while prog.next_eval[i] <= prog.env_steps[i]:
+                            prog.next_eval[i] += cfg.online_eval_every
                     if which:
-                        run_eval("online", which)
-                        bar.set_postfix(score=np.mean([score(i) for i in which]),
-                                        train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
-                    meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
-                    due = [False] * N
-                    checkpoint()
-                    run.interrupt_if_asked(f"at {meta['env_steps']} online env steps")
+                        rec.evaluate(state, prog, "online", which)
+                        bar.set_postfix(score=rec.score(prog, which),
+                                        train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
+                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
+                    ep.due[:] = False
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
             bar.close()
-            run_eval("online")
-            meta["phase"] = "done"
-            checkpoint()
-        elif meta["phase"] == "done":
+            rec.evaluate(state, prog, "online")
+            prog.phase = "done"
+            rec.checkpoint(state, prog, online, act_key)
+        elif prog.phase == "done":
             print(f"run in {run_dir} already finished")
-        logger.close()
-        for env in envs + [eval_env]:
-            env.close()
-        summaries = [summarize(path) for path in logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
-               "env_steps": meta["env_steps"][0], **summaries[0]}
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
+               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
         if N > 1:
-            out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
                        per_seed=summaries)
         return out
 

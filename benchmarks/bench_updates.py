@@ -9,7 +9,7 @@ Offline updates. Data: `--rows` (1M) random transitions with obs 11, act 3 (Hopp
 networks and hyper-parameters from configs/<algo>/o2o/hopper/medium-v0.yaml (`--block` replaces update_block).
 Each algorithm's offline pre-training update runs exactly as its script's train() runs it, with one seed (a
 leading seed axis of 1, the state from the module's `stack_seeds`): jitted lax.scan blocks of `--block` updates,
-batches sampled inside the scan. The updates timed: iql `update_block`, cal_ql `update_block` (CQL + calibration,
+batches sampled inside the scan. The updates timed: iql `scan_updates`, cal_ql `update_block` (CQL + calibration,
 the offline cql_weight), o2sac `cql_block` (CQL pre-training), o2td3 `update_block` in phase "offline" (TD3+BC),
 o2ppo `iql_block` (its IQL pre-training), aca `update_block` (SAC + ML), pex `update_block` with an IQLState (its
 IQL pre-training); the online buffers these take are empty (size 0: every row offline, as in the offline phase).
@@ -167,8 +167,8 @@ def load_config(module, name, block):
     return cfg, str(path.relative_to(ROOT))
 
 
-HYPER_FIELDS = {"hidden": "hidden", "policy_hidden": "policy_hidden", "actor_hidden": "actor_hidden",
-                "critic_hidden": "critic_hidden", "n_critics": "n_critics",
+HYPER_FIELDS = {"hidden": "hidden", "hidden_dims": "hidden", "policy_hidden": "policy_hidden",
+                "actor_hidden": "actor_hidden", "critic_hidden": "critic_hidden", "n_critics": "n_critics",
                 "n_actions": "cql_n_actions", "batch_size": "batch_size", "iql_batch_size": "batch_size"}
 
 
@@ -234,7 +234,7 @@ def setup_iql(args):
     iql, cfg, h, offline, info = prepare("iql", args)
     return Setup(
         info, iql, lambda key: iql.init_state(h, key, *NORM),
-        lambda n: Call(iql.update_block, (offline, *empty_online(offline, n)), {"h": h}),
+        lambda n: Call(iql.scan_updates, (offline, *empty_online(offline, n)), {"h": h}),
         one_update(iql.iql_update, first_rows(offline, h.batch_size), KEY, h=h), explore(iql, h))
 
 

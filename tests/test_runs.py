@@ -129,7 +129,7 @@ def test_bad_resume_fails_before_loading_data(dataset_id, reference, tmp_path, m
         iql.train(config(dataset_id, blocker / "run"))
 
 
-@pytest.mark.parametrize("function,calls", [("update_block", 2), ("update_online", 3)])
+@pytest.mark.parametrize("function,calls", [("scan_updates", 2), ("update_online", 3)])
 def test_ctrl_c_checkpoints_and_resumes_exactly(dataset_id, reference, tmp_path, monkeypatch, function, calls):
     """SIGINT stops at the next block boundary (online: the next episode end) with a checkpoint; --resume then
     ends with exactly the uninterrupted run's records."""
