@@ -381,6 +381,10 @@ def learn_readme(summary: list) -> str:
                      f"{on['ref_std']:.1f} | "
                      f"{on['diff']:+.1f} [{on['ci95'][0]:+.1f}, {on['ci95'][1]:+.1f}] | {on['verdict']} | "
                      + (f"{it['speedup_wall']:.1f}x |" if "speedup_wall" in it else "– |"))
+    done = {(it["algorithm"], it["dataset"]) for it in summary if it.get("online")}
+    todo = [a for a in ADAPTERS if not any(algo == a for algo, _ in done)]
+    if todo:
+        lines += ["", f"Not finished yet (the runs resume where they stopped): {', '.join(todo)}."]
     return "\n".join(lines)
 
 
@@ -468,10 +472,17 @@ def main(argv=None) -> int:
     lrn.add_argument("--protocol", default=LEARN_PROTOCOL, help="protocol name or YAML path (default parity_learn)")
     lrn.add_argument("--no_readme", dest="readme", action="store_false", help="do not rewrite README's section")
     lrn.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    lrn.add_argument("--runs_root", default=None, help="with --report_only: the checkout whose output_root holds "
+                                                       "the runs (e.g. a git worktree that ran them)")
     lrn.add_argument("--no_pin", dest="pin", action="store_false",
                      help="do not pin each running run to its own share of the CPUs")
     args = parser.parse_args(argv)
     if args.command == "learn":
+        if args.runs_root and not args.report_only:
+            parser.error("--runs_root goes with --report_only (runs are made in this checkout)")
+        if args.runs_root:
+            learn_report(sweep.load_protocol(args.protocol), Path(args.out), args.readme, Path(args.runs_root))
+            return 0
         return learn(args.algo, args.reference_dir, Path(args.out), args.report_only, args.protocol, args.readme,
                      args.jobs, args.pin)
 

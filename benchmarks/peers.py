@@ -15,10 +15,12 @@ updates/s is the median over rounds. Updates: one update = what our file calls o
 and, every 2nd update, the actor step; unifloral's TD3+BC step is its num_critic_updates_per_step critic steps and
 one actor step, so it counts as that many updates). FLOPs per update: XLA's cost analysis of one lowered update
 (JAX: a conditional counts its costliest branch), torch's FlopCounterMode over one trainer.train (CORL).
-Writes benchmarks/results/peers.json and the `peers` section of docs/speed.md (table + the same run's matmul rate,
-load average before and after).
+Writes benchmarks/results/peers.json, the `peers` section of docs/speed.md (table + the same run's matmul rate,
+load average before and after) and the README's short table (`peers_headline`); --from_json rewrites both from the
+JSON.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -71,6 +73,16 @@ def jax_flops(lowered, per: float = 1.0) -> float:
     return float(cost.get("flops", float("nan"))) / per
 
 
+@contextlib.contextmanager
+def unrolled_scans():
+    """jax.lax.scan unrolled while a program is lowered for its FLOP count: XLA counts a loop body once."""
+    from unittest import mock
+    import jax
+    scan = jax.lax.scan
+    with mock.patch.object(jax.lax, "scan", lambda *a, **k: scan(*a, **{**k, "unroll": True})):
+        yield
+
+
 def build_ours(update: str, opts) -> Built:
     import jax
     import bench_updates as B
@@ -83,8 +95,9 @@ def build_ours(update: str, opts) -> Built:
     def step():
         holder[0], metrics = run(holder[0])
         jax.block_until_ready(holder[0])
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return Built(step=step, per_call=opts.block, flops=jax_flops(setup.one.lower(setup.init(B.KEY))),
-                 info={**setup.info, "block": opts.block})
+                 info={**setup.info, "block": opts.block, "commit": head.stdout.strip() or "this repo"})
 
 
 def _peer_module(name: str, rel: str, opts):
@@ -154,7 +167,8 @@ def build_unifloral(update: str, opts) -> Built:
     steps = max(1, opts.block // per_step)
     block = jax.jit(lambda rs: jax.lax.scan(step_fn, rs, None, length=steps))
     holder = [(jax.random.PRNGKey(1), state)]
-    flops = jax_flops(jax.jit(step_fn).lower(holder[0], None), per_step)
+    with unrolled_scans():  # its TD3+BC step scans num_critic_updates_per_step critic steps
+        flops = jax_flops(jax.jit(step_fn).lower(holder[0], None), per_step)
 
     def step():
         holder[0], _ = block(holder[0])
@@ -175,14 +189,15 @@ def build_jax_corl(update: str, opts) -> Built:
         cols["dones_float"] = d["terminals"]
     data = mod.Transition(**cols)
     key = jax.random.PRNGKey(0)
+    config = mod.config  # the module's own instance (defaults: no command line); some of its code reads the global
     if update == "iql":
-        config, algo = mod.IQLConfig(), mod.IQL()
+        algo = mod.IQL()
         state = mod.create_iql_train_state(key, data.observations[0], data.actions[0], config)
     elif update == "td3bc":
-        config, algo = mod.TD3BCConfig(), mod.TD3BC()
+        algo = mod.TD3BC()
         state = mod.create_td3bc_train_state(key, data.observations[0], data.actions[0], config)
     else:
-        config, algo = mod.CQLConfig(), mod.CQL()
+        algo = mod.CQL()
         config.action_dim = ACT_DIM
         if config.target_entropy >= 0.0:
             config.target_entropy = -float(ACT_DIM)
@@ -349,6 +364,37 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(res: dict) -> str:
+    """README's short table: per update, ours against the fastest JAX peer and CORL (2 threads)."""
+    lines = ["Offline updates/s on this 2-core CPU, measured interleaved with the peers in one run (`python "
+             "benchmarks/peers.py`; every implementation, FLOPs and notes: [docs/speed.md](docs/speed.md)).", "",
+             "| update | ours | fastest JAX peer | ours / it | CORL (PyTorch, 2 threads) | ours / CORL |",
+             "|---|---|---|---|---|---|"]
+    for update, rows in res["updates"].items():
+        ours = rows.get("ours", {}).get("updates_per_s")
+        if ours is None:
+            continue
+        jax_peers = [(r["updates_per_s"], name) for name, r in rows.items()
+                     if name in ("unifloral", "jax_corl") and "updates_per_s" in r]
+        best = max(jax_peers, default=None)
+        corl = rows.get("corl_t2", {}).get("updates_per_s")
+        names = {"unifloral": "unifloral", "jax_corl": "JAX-CORL"}
+        lines.append(f"| {update} | {ours:.1f} | " + (f"{best[0]:.1f} ({names[best[1]]}) | {ours / best[0]:.2f}x | "
+                                                      if best else "– | – | ")
+                     + (f"{corl:.1f} | {ours / corl:.2f}x |" if corl else "– | – |"))
+    if "cql" in res["updates"]:
+        flops = {k: r["flops"] / 1e9 for k, r in res["updates"]["cql"].items() if "flops" in r}
+        lines += ["", "cql: each implementation's own default CQL, not the same networks: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in flops.items()) + " GFLOP per update (ours: O2SAC's pre-training CQL, 3x256 "
+            "critics, Q at 31 actions per state); the work rate per FLOP is in docs/speed.md."]
+    return "\n".join(lines)
+
+
+def write_docs(res: dict) -> int:
+    from readme_tables import README, update_readme
+    return update_readme("peers", markdown(res), DOC) or update_readme("peers_headline", headline(res), README)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--updates", default=",".join(IMPLS))
@@ -360,10 +406,13 @@ def main(argv=None) -> int:
     p.add_argument("--peer_dir", default=None, help="directory holding the checkouts unifloral/, jax_corl/, corl/")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--no_doc", dest="doc", action="store_false")
+    p.add_argument("--from_json", action="store_true", help="only rewrite the docs' tables from --out")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "UPDATE"), help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.worker:
         return worker(*opts.worker, opts)
+    if opts.from_json:
+        return write_docs(json.loads(Path(opts.out).read_text()))
     updates = [u for u in opts.updates.split(",") if u]
     bad = [u for u in updates if u not in IMPLS]
     if bad:
@@ -413,8 +462,7 @@ def main(argv=None) -> int:
     text = markdown(res)
     print(text)
     if opts.doc and Path(opts.out).resolve() == OUT.resolve():
-        from readme_tables import update_readme
-        return update_readme("peers", text, DOC)
+        return write_docs(res)
     return 0
 
 

@@ -31,6 +31,7 @@ def one(backend: str, work: Path, only: list) -> dict:
     proto = yaml.safe_load((HERE / "protocols" / "smoke.yaml").read_text())
     proto["output_root"] = str(work / backend)
     path = work / f"smoke_{backend}.yaml"
+    work.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(proto))
     cmd = [sys.executable, str(HERE / "sweep.py"), str(path)] + [x for o in only for x in ("--only", o)]
     cmd += ["--backend", "ray", "--cpus_per_run", "2"] if backend == "ray" else []
