@@ -33,7 +33,8 @@ def one(backend: str, work: Path, only: list) -> dict:
     path = work / f"smoke_{backend}.yaml"
     work.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(proto))
-    cmd = [sys.executable, str(HERE / "sweep.py"), str(path)] + [x for o in only for x in ("--only", o)]
+    cmd = [sys.executable, str(HERE / "sweep.py"), str(path), "--results_dir", str(work)] + \
+        [x for o in only for x in ("--only", o)]
     cmd += ["--backend", "ray", "--cpus_per_run", "2"] if backend == "ray" else []
     t0 = time.time()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})

@@ -811,6 +811,7 @@ def main(argv=None, root: Path = ROOT, results_dir: Path = RESULTS) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1: the CPU is shared)")
     p.add_argument("--strict", action="store_true", help="an algorithm without script/configs is an error")
     p.add_argument("--wrap", default="", help="prefix every run's command, e.g. --wrap 'nice -n 10'")
+    p.add_argument("--results_dir", default=None, help="where the CSV goes (default benchmarks/results)")
     p.add_argument("--pin", action="store_true", help="give each of the --jobs running runs its own share of the "
                                                       "CPUs (affinity), e.g. --jobs 2 --pin: one core each on 2")
     p.add_argument("--backend", choices=("local", "ray"), default="local",
@@ -821,6 +822,7 @@ def main(argv=None, root: Path = ROOT, results_dir: Path = RESULTS) -> int:
     p.add_argument("--gpus_per_run", type=float, default=0.0, help="ray: GPUs each run declares")
     p.add_argument("--retries", type=int, default=2, help="ray: retries of a failed or lost run (each resumes)")
     args = p.parse_args(argv)
+    results_dir = Path(args.results_dir) if args.results_dir else results_dir
     if args.backend == "ray" and (args.wrap or args.jobs != 1 or args.pin):
         print("error: --wrap, --jobs and --pin are local-backend options (Ray schedules by --cpus_per_run / "
               "--gpus_per_run)", file=sys.stderr)
