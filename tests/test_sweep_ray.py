@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-import yaml
 
 import sweep
 from test_benchmarks import DATASET, ROOT, fake_root, read_csv, write_protocol  # noqa: F401 (fixture)
@@ -90,4 +89,3 @@ def test_real_iql_run_identical_on_both_backends(cluster, tiny_dataset, tmp_path
         assert sweep.main(args, results_dir=tmp_path / backend) == 0
         outs[backend] = _rows_without_time(tmp_path / backend / "sweep_smoke.csv")
     assert len(outs["local"]) > 4 and outs["ray"] == outs["local"]
-    assert yaml.safe_load((tmp_path / "smoke_ray.yaml").read_text())["output_root"] == str(tmp_path / "ray")

@@ -444,11 +444,8 @@ def learn_aca(cfg, reference_dir, log) -> dict:
     if parsed is None:
         raise ValueError(f"official ACA learning runs are set up for our MuJoCo datasets o2o/<env>/<level>-v0, not "
                          f"{cfg.dataset_id}")
-    for budget, every in (("offline_updates", "offline_eval_every"), ("online_steps", "online_eval_every")):
-        b, e = getattr(cfg, budget), getattr(cfg, every)
-        if b <= 0 or b % e:
-            raise ValueError(f"official ACA evaluates once per d3rlpy epoch only (not at the end of a phase): "
-                             f"{budget} ({b}) must be a positive multiple of {every} ({e})")
+    common.require_multiples(cfg, "official ACA (once per d3rlpy epoch)", offline_updates="offline_eval_every",
+                             online_steps="online_eval_every")
     import yaml
     path = common.reference_checkout("aca", reference_dir)
     env_name, level = parsed

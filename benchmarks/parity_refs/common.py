@@ -103,12 +103,8 @@ def module(name: str, **attrs) -> types.ModuleType:
 
 
 def wandb_stand_in() -> types.ModuleType:
-    """wandb for reference code: init/log/finish do nothing, config is a dict."""
-    class Run:
-        def __getattr__(self, _):
-            return lambda *a, **k: None
-    return module("wandb", init=lambda *a, **k: Run(), log=lambda *a, **k: None, finish=lambda *a, **k: None,
-                  config={}, run=Run(), save=lambda *a, **k: None, watch=lambda *a, **k: None)
+    """wandb for reference code: init/log/finish do nothing, config is a dict (WandbRecorder, logs dropped)."""
+    return WandbRecorder(lambda *_: None).module()
 
 
 def to_numpy(x) -> np.ndarray:
@@ -820,3 +816,13 @@ def require(cfg, reference: str, **expected):
     if bad:
         raise ValueError(f"{reference} cannot run this config: " + ", ".join(bad) + "; set those fields to the "
                          "reference's values in the parity protocol")
+
+
+def require_multiples(cfg, reference: str, **pairs):
+    """ValueError unless each budget field is a positive multiple of its evaluation period field (pairs: budget=
+    period): `reference` evaluates only at multiples of its period, ours also at the end of a phase."""
+    for budget, every in pairs.items():
+        b, e = getattr(cfg, budget), getattr(cfg, every)
+        if b <= 0 or b % e:
+            raise ValueError(f"{reference} evaluates only at multiples of its period: {budget} ({b}) must be a "
+                             f"positive multiple of {every} ({e}) to reproduce our evaluation schedule")

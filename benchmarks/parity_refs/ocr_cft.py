@@ -996,16 +996,6 @@ def _uniform(cfg, script: str, name: str, width: int = None):
     return dims[0], len(dims)
 
 
-def _divides(cfg, **pairs):
-    """ValueError unless each budget is a multiple of its evaluation period: the reference evaluates at multiples
-    only, ours also at the end of a phase."""
-    for budget, every in pairs.items():
-        if getattr(cfg, budget) <= 0 or getattr(cfg, budget) % getattr(cfg, every):
-            raise ValueError(f"the reference evaluates only at multiples of {every}: {budget} "
-                             f"({getattr(cfg, budget)}) must be a positive multiple of {every} "
-                             f"({getattr(cfg, every)}) to reproduce our evaluation schedule")
-
-
 def _buffer_size(cfg, online_steps: int) -> int:
     """Rows for the reference's replay buffers: the dataset, or the online steps plus one episode (never wraps)."""
     data = common.ours("data")
@@ -1153,7 +1143,7 @@ def learn_o2td3(cfg, reference_dir, log) -> dict:
                      offline_critic_layernorm=False, lambda_lr=5e-5, mixing_ratio=0.5, reward_scale=1.0,
                      reward_bias=0.0, store_executed_action=False, policy_reevaluation=True, value_alignment=True,
                      constrained_finetuning=True)
-    _divides(cfg, offline_updates="offline_eval_every", ope_updates="offline_eval_every",
+    common.require_multiples(cfg, script, offline_updates="offline_eval_every", ope_updates="offline_eval_every",
              align_updates="offline_eval_every", online_steps="online_eval_every")
     rec = _Scalars(cfg, log)
     rec.on_scalar = _finetune_hook(cfg, rec, lambda phase, k: (
@@ -1193,7 +1183,7 @@ def learn_o2sac(cfg, reference_dir, log) -> dict:
                      constrained_finetuning=True)
     _, q_depth = _uniform(cfg, script, "critic_hidden", 256)
     _, cql_depth = _uniform(cfg, script, "cql_critic_hidden", 256)
-    _divides(cfg, offline_updates="offline_eval_every", ope_steps="reconstruct_eval_every",
+    common.require_multiples(cfg, script, offline_updates="offline_eval_every", ope_steps="reconstruct_eval_every",
              align_steps="reconstruct_eval_every", online_steps="online_eval_every")
     starts = {"offline": 0, "reevaluation": cfg.offline_updates, "alignment": cfg.offline_updates + cfg.ope_steps,
               "online": cfg.offline_updates + cfg.ope_steps + cfg.align_steps}
@@ -1251,7 +1241,7 @@ def learn_o2ppo(cfg, reference_dir, log) -> dict:
                      reference_advantage_broadcast_bug=True, mc_returns_across_timeouts=True,
                      dynamic_reward_scaling=False, std_cap=0.05 if "hopper" in name and "expert" in name else 0.0)
     v_width, v_depth = _uniform(cfg, script, "value_hidden_dims")
-    _divides(cfg, offline_updates="offline_eval_every", online_steps="evaluate_freq")
+    common.require_multiples(cfg, script, offline_updates="offline_eval_every", online_steps="evaluate_freq")
     per_rollout = cfg.ppo_epochs * (cfg.rollout_length // cfg.minibatch_size)
     reeval = sorted(set(range(cfg.reevaluation_eval_every, cfg.reevaluation_updates + 1,
                               cfg.reevaluation_eval_every)) | {cfg.reevaluation_updates})

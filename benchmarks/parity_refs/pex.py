@@ -191,11 +191,8 @@ def learn_pex(cfg, reference_dir, log) -> dict:
     if len(set(cfg.hidden_dims)) != 1:
         raise ValueError(f"official PEX's MLPs have --hidden_num layers of --hidden_dim: hidden_dims "
                          f"{cfg.hidden_dims} must be one width repeated")
-    for budget, every in (("offline_updates", "offline_eval_every"), ("online_steps", "online_eval_every")):
-        b, e = getattr(cfg, budget), getattr(cfg, every)
-        if b <= 0 or b % e:
-            raise ValueError(f"official PEX evaluates every --eval_period steps only (not at the end of a phase): "
-                             f"{budget} ({b}) must be a positive multiple of {every} ({e})")
+    C.require_multiples(cfg, "official PEX (every --eval_period steps)", offline_updates="offline_eval_every",
+                             online_steps="online_eval_every")
     if cfg.initial_collection_steps < cfg.batch_size - cfg.batch_size // 2:
         raise ValueError(f"official PEX samples the online half-batch without replacement: initial_collection_steps "
                          f"({cfg.initial_collection_steps}) must be >= {cfg.batch_size - cfg.batch_size // 2}")
