@@ -3,88 +3,45 @@ Minari dataset, then online fine-tuning of an aligned critic Q = R + w * softcli
 
 Paper:  Yu, Zhang, "Actor-Critic Alignment for Offline-to-Online Reinforcement Learning", ICML 2023,
         PMLR 202:40452-40474, https://proceedings.mlr.press/v202/yu23k.html.
-Official code: https://github.com/ZishunYu/Actor-Critic-Alignment @ 3a082bd555bcdb96f262dd3214358403ae03a371
-        (`run_sacml.py`, `run_aca.py`, `sacml_agent/sacml_impl.py`, `aca_agent/aca_impl.py`, `utility.py`,
-        `configs/{offline,online}/*.yaml`), built on d3rlpy 1.1.0 (networks, losses' reductions, online loop).
+Reference implementation followed here: the official code, https://github.com/ZishunYu/Actor-Critic-Alignment
+        @ 3a082bd555bcdb96f262dd3214358403ae03a371 (`run_sacml.py`, `run_aca.py`, `sacml_agent/`, `aca_agent/`,
+        `utility.py`, `configs/{offline,online}/`), built on d3rlpy 1.1.0 (networks, loss reductions, online loop).
+Design notes (what is implemented in full, the switch, several seeds, checkpoints): docs/aca.md.
 
-What is implemented (official semantics unless listed below):
-  * networks (d3rlpy defaults): ReLU MLPs `hidden_dims` with PyTorch-default init; actor either d3rlpy's
-    SquashedNormalPolicy (MuJoCo: tanh(N(mu(s), sigma(s))), log-std head clipped to [-20, 2], log-prob with the
-    stable tanh Jacobian, given actions clamped to +-0.999999 before atanh) or NonSquashedNormalPolicy with a
-    state-independent std parameter (AntMaze: N(tanh(mu(s)), sigma), log sigma = -5 + 5 sigmoid(theta), samples
-    clamped to [-1, 1]); deterministic action tanh(mu(s)); a vmapped critic ensemble Q_j(s, a) and a vmapped
-    baseline ensemble Z_j(s) of the same size `n_critics` (members initialised independently);
-  * offline SAC+ML, per gradient step and in this order (each step sees the previous steps' updates):
-      temperature  L_T = -mean(log T * (log pi(a~|s) - H)),  H = target_entropy_coef * |A|, T = exp(log T) (init 1);
-      critic       y = r + gamma (1-d) [min_j Qbar_j(s', a') - T log pi(a'|s')], L_Q = sum_j mean (Q_j(s,a) - y)^2;
-      baseline Z   calibrated so that log pi(a|s) + Z(s) satisfies the soft Bellman equation on the data:
-                   y_Z = r + gamma (1-d) [log pi(a''|s') + min_j Z_j(s') - T log pi(a''|s')] (current Z, no target
-                   net), L_Z = sum_j mean (log pi(a|s) + Z_j(s) - y_Z)^2 with log pi(a|s) of the data action detached;
-      actor        L_pi = lambda * mean(T log pi(a~|s) - min_j Q_j(s, a~)) - mean log pi(a|s),
-                   lambda = ml_alpha / stopgrad(mean |min_j Q_j(s, a~)|)   (SAC + max-likelihood, Q normalised);
-      Polyak update of Qbar (rate `tau`);
-  * the switch (`run_aca.py`, `utility.py::critic_init`): temperature reset to T = 1; pi0 = frozen copy of pi;
-    each R_j initialised from Z_j: all layers copied, the first layer's action columns set to 0, so R_j(s, a) ==
-    Z_j(s) for every a; Rbar = R; the optimiser states of the SAC+ML run are kept (as d3rlpy's load_model does);
-  * online: Q_j(s, a) = R_j(s, a) + w * softclip(log pi0(a|s)), softclip(x) = softplus(x - c(s)) + c(s) with
-    c(s) = min(log pi0(mu0 - beta sigma0 | s), log pi0(mu0 + beta sigma0 | s)) (squashed: evaluated on the pre-tanh
-    values); per gradient step: temperature, critic
-        y = r + gamma (1-d) [min_j Rbar_j(s', a') + w softclip(log pi0(a'|s')) - T log pi(a'|s')],
-        L_R = sum_j mean (R_j(s, a) + w softclip(log pi0(a|s)) - y)^2,
-    actor  L_pi = mean(T log pi(a~|s) - min_j R_j(s, a~) - w softclip(log pi0(a~|s))) (gradient through a~ into
-    log pi0 as well), global grad-norm clip 0.25; Polyak update of Rbar; then w <- max(w - w0 / (k * 1000), w_min)
-    with `interpolation` = [w0, k, w_min];
-  * online data: exploration by sampling pi; one gradient step per env step once the online buffer holds more
-    than `batch_size` transitions; the buffer starts EMPTY (the paper's headline setting, official n_trajs = 0
-    for random/medium/AntMaze) or, with `n_trajs` > 0, seeded with the n_trajs highest-return offline episodes
-    (official medium-replay/medium-expert/expert: 50); no other offline data is used online;
-  * deterministic evaluation (tanh(mu(s))) on a separate env seeded with `eval_seed`; each eval record also holds
-    the temperature, w, and means at the evaluation states s (a = the deterministic action): Q(s, a) offline;
-    R(s, a), the aligned Q(s, a) and log pi0(a|s) online; min_j Z_j(s); and the soft-clip bound c(s) (mean/min/max;
-    offline computed with the current pi, i.e. what pi0 would be).
+What is implemented (official semantics unless listed below; the maths in the update functions' docstrings):
+  * offline SAC+ML with a baseline ensemble Z(s) calibrated so that log pi(a|s) + Z(s) satisfies the soft Bellman
+    equation on the data (`offline_update`); the switch: T <- 1, pi0 <- frozen pi, R_j <- Z_j (`align`);
+  * online ACA on Q = R + w softclip(log pi0), w decaying linearly per update (`interpolation`) (`online_update`);
+  * d3rlpy's networks: ReLU MLPs, PyTorch init; a tanh-squashed Gaussian (MuJoCo) or a Gaussian with a std
+    parameter (AntMaze) (`squashed_policy`); critic and baseline ensembles of `n_critics` members;
+  * online data only online: the buffer starts empty or with the `n_trajs` highest-return offline episodes; one
+    update per env step once it holds more than `batch_size` rows; deterministic evaluation on an env seeded with
+    `eval_seed`, each record with the temperature, w and value statistics at the evaluation states.
 
 Deviations (and the switch that restores the reference behaviour where one exists):
-  1. Online updates run in jitted blocks: the agent collects up to `online_block` env steps with a fixed policy
-     (a block also ends at an episode end), appends them, then does the updates due for them (one per env step
-     after the buffer exceeds `batch_size`) in one jitted masked lax.fori_loop. The official loop updates after
-     every env step (`online_block: 1` is that, but slower).
-  2. Online evaluation and checkpoints happen at the first episode end after every `online_eval_every` env steps
-     (official: exactly every 1000 steps, mid-episode), so a resumed run reproduces an uninterrupted one exactly.
-     Offline, evaluation runs every `offline_eval_every` updates (official: 10 episodes every 1000 updates, for
-     logging only).
-  3. Transitions come from algorithms/data.py: only true terminations are terminal, time-limit truncations
-     bootstrap. d3rlpy 1.1.0's online buffer additionally flags the transition before a
-     termination as terminal and drops the last transition of time-limited episodes; that is not reproduced.
-  4. Updates start when the online buffer holds more than `batch_size` transitions (d3rlpy's len(buffer) lags
-     one transition behind, a 1-step difference).
-  5. w is computed in closed form from the online update count, max(w0 - n w0 / (k * 1000), w_min) (official:
-     decremented in float64 every step: equal up to rounding); the "1000" is `interpolation_unit`.
-  6. Datasets are this project's local `o2o/<env>/<level>-v0` suite (Gymnasium v5 envs) and Minari's
-     `D4RL/antmaze/*-v1` (official: D4RL *-v2 through d3rlpy). `terminate_on_success` (AntMaze configs) ends an
-     episode as terminal when info['success'] is True, as D4RL's AntMaze `eval=True` envs do.
-  7. AntMaze rewards: the official code shifts rewards by -1 online only (d3rlpy reward scaler in `run_aca.py`),
-     not during SAC+ML; the AntMaze configs reproduce this (`reward_bias: 0`, `online_reward_bias: -1`); set both
-     to -1 for a consistent shift. Seeded offline episodes get the online transformation, as in d3rlpy.
-  8. `online_reset_optimizers: true` gives fresh Adam states at the switch (official: kept from SAC+ML, including
-     the critic's, whose weights are replaced by Z's).
-  9. torch's Softplus switches to the identity above 20; jax.nn.softplus is exact (difference < 1e-8).
-
-Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
-vmapped over a leading seed axis (offline rows shared on device; each seed has its own online buffer, seeded
-with the same top-n_trajs episodes, its own w schedule and counters) and one training env per seed, acted for in
-one jitted call per env step. SAC+ML, the switch and ACA are all vmapped; each seed follows exactly its
-single-seed schedule (blocks, evaluations, checkpoints), so its numbers equal the single-seed run's up to float32
-round-off (XLA's batched matmuls sum in another order). Evaluation records go to run_dir/seed<S>/eval.jsonl.
+  1. Online updates run in jitted blocks of up to `online_block` env steps collected with a fixed policy (a block
+     also ends at an episode end); official: an update after every env step (`online_block: 1`, slower).
+  2. Online evaluation + checkpoint at the first episode end after every `online_eval_every` env steps (official:
+     every 1000 steps, mid-episode); offline every `offline_eval_every` updates (official: 1000, logging only).
+  3. Only true terminations are terminal, time-limit truncations bootstrap (d3rlpy 1.1.0's online buffer also flags
+     the transition before a termination and drops the last one of time-limited episodes: not reproduced).
+  4. Updates start when the online buffer holds more than `batch_size` rows (d3rlpy's count lags by one).
+  5. w in closed form, max(w0 - n w0 / (k * `interpolation_unit`), w_min) (official: float64 decrements).
+  6. Datasets: this project's `o2o/<env>/<level>-v0` (Gymnasium v5) and Minari's `D4RL/antmaze/*-v1` (official:
+     D4RL *-v2); `terminate_on_success` (AntMaze) ends an episode as terminal on info['success'] (D4RL eval=True).
+  7. AntMaze rewards shift by -1 online only, as the official code (`reward_bias: 0`, `online_reward_bias: -1`);
+     set both to -1 for a consistent shift. Seeded offline episodes get the online transformation (as d3rlpy).
+  8. `online_reset_optimizers: true` gives fresh Adam states at the switch (official: kept from SAC+ML).
+  9. torch's Softplus is the identity above 20; jax.nn.softplus is exact (difference < 1e-8).
 
 Usage:
     python algorithms/aca.py --config_path configs/aca/quickstart.yaml
     python algorithms/aca.py --config_path configs/aca/quickstart.yaml --resume          # continue a killed run
-    python algorithms/aca.py --config_path ... --offline_checkpoint runs/.../checkpoints/offline
+    python algorithms/aca.py --config_path ... --offline_checkpoint runs/.../checkpoints/offline  # aca.py's own
     python algorithms/aca.py --config_path configs/aca/quickstart.yaml --num_seeds 4     # seeds 0..3 at once
-`--offline_checkpoint` takes an offline checkpoint written by this script (it needs the Z baseline, which only
-SAC+ML trains) with the same number of seeds. Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per
-evaluation; seed<S>/eval.jsonl per seed when num_seeds > 1), checkpoints/{latest,offline}, checkpoints/buffer/seed<S>/
-(online transitions), wandb/ (mode `wandb_mode`, or the WANDB_MODE environment variable when set).
+Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation; seed<S>/eval.jsonl per seed when
+num_seeds > 1), checkpoints/{latest,offline}, checkpoints/buffer/seed<S>/ (online transitions), wandb/ (mode
+`wandb_mode`, or the WANDB_MODE environment variable when set).
 """
 
 import inspect
@@ -115,6 +72,7 @@ LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # d3rlpy SquashedNormalPolicy clamp of th
 PARAM_LOG_STD_MIN, PARAM_LOG_STD_MAX = -5.0, 0.0  # official NonSquashedNormalPolicy (use_std_parameter=True)
 ATANH_CLIP = 0.999999  # d3rlpy clamps given actions before atanh
 STATS_CHUNK = 1024  # evaluation states per jitted statistics call
+OFFLINE_NOISE, ONLINE_NOISE = ("temp", "next", "z_next", "pi"), ("temp", "next", "pi")  # policy samples per update
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -199,14 +157,15 @@ RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "onlin
 
 
 class Hyper(NamedTuple):
-    """Static (hashable) hyper-parameters the jitted functions are specialised on."""
+    """The static (hashable) arguments of the jitted functions: the env's dimensions and the config fields the maths
+    reads, under the config's own names (make_hyper copies them from TrainConfig by name)."""
     obs_dim: int
     act_dim: int
-    hidden: tuple
+    hidden_dims: tuple
     n_critics: int
-    squashed: bool
+    squashed_policy: bool
     batch_size: int
-    block: int
+    update_block: int
     online_block: int
     discount: float
     tau: float
@@ -215,20 +174,16 @@ class Hyper(NamedTuple):
     temp_lr: float
     baseline_lr: float
     ml_alpha: float
-    target_entropy: float  # H in L_T = -log T (log pi - H): target_entropy_coef * |A| (entropy target -H)
+    target_entropy_coef: float
     beta: float
-    w0: float
-    w_step: float  # w decrement per online gradient step, w0 / (k * unit)
-    w_min: float
+    interpolation: tuple
+    interpolation_unit: int
     actor_grad_clip: float
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
-    w0, k, w_min = (float(x) for x in cfg.interpolation)
-    return Hyper(obs_dim, act_dim, tuple(cfg.hidden_dims), cfg.n_critics, cfg.squashed_policy, cfg.batch_size,
-                 cfg.update_block, cfg.online_block, cfg.discount, cfg.tau, cfg.actor_lr, cfg.critic_lr, cfg.temp_lr,
-                 cfg.baseline_lr, cfg.ml_alpha, cfg.target_entropy_coef * act_dim, cfg.beta, w0,
-                 w0 / (k * cfg.interpolation_unit), w_min, cfg.actor_grad_clip)
+    static = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 (a list is not hashable)
+    return Hyper(obs_dim=obs_dim, act_dim=act_dim, **{k: static(getattr(cfg, k)) for k in Hyper._fields[2:]})
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -298,8 +253,8 @@ def ensemble(module, n: int, n_inputs: int) -> nn.Module:
 
 def networks(h: Hyper):
     """(actor, critic ensemble Q_j(s, a) / R_j(s, a), baseline ensemble Z_j(s))."""
-    return (Actor(h.act_dim, h.hidden, h.squashed), ensemble(QNet, h.n_critics, 2)(hidden=h.hidden),
-            ensemble(VNet, h.n_critics, 1)(hidden=h.hidden))
+    return (Actor(h.act_dim, h.hidden_dims, h.squashed_policy), ensemble(QNet, h.n_critics, 2)(hidden=h.hidden_dims),
+            ensemble(VNet, h.n_critics, 1)(hidden=h.hidden_dims))
 
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -353,8 +308,10 @@ def soft_clip(x, c):
 
 
 def interpolation_weight(online_updates, h: Hyper):
-    """w used by the online update number `online_updates` (0-based): max(w0 - n * w0 / (k * unit), w_min)."""
-    return jnp.maximum(h.w0 - online_updates * h.w_step, h.w_min)
+    """w used by the online update number `online_updates` (0-based): max(w0 - n * w0 / (k * unit), w_min) with
+    `interpolation` = [w0, k, w_min] and unit = `interpolation_unit`."""
+    w0, k, w_min = (float(x) for x in h.interpolation)
+    return jnp.maximum(w0 - online_updates * (w0 / (k * h.interpolation_unit)), w_min)
 
 
 def soft_bellman_target(rew, done, next_value, logp_next, temp, discount):
@@ -431,24 +388,6 @@ def init_state(h: Hyper, key, obs_mean, obs_std, initial_temperature: float = 1.
                     zero, zero, jnp.asarray(obs_mean, jnp.float32), jnp.asarray(obs_std, jnp.float32))
 
 
-@partial(jax.jit, static_argnames=("h", "reset_optimizers"))
-def align(state: ACAState, h: Hyper, reset_optimizers: bool = False) -> ACAState:
-    """The switch: T <- 1, pi0 <- pi (frozen), R_j <- Z_j (action columns zeroed), Rbar <- R."""
-    txs = optimizers(h)
-    r_params = critic_from_baseline(state.baseline.params, h.act_dim)
-    log_temp = jnp.zeros((), jnp.float32)
-    if reset_optimizers:
-        critic = Trainable(r_params, txs["critic"].init(r_params))
-        temp = Trainable(log_temp, txs["log_temp"].init(log_temp))
-        actor = Trainable(state.actor.params, txs["actor"].init(state.actor.params))
-    else:  # official: d3rlpy's load_model restores the SAC+ML optimiser states, the weights are set in place
-        critic = state.critic._replace(params=r_params)
-        temp = state.log_temp._replace(params=log_temp)
-        actor = state.actor
-    return state._replace(actor=actor, critic=critic, log_temp=temp, critic_target=r_params,
-                          ref_actor=state.actor.params, online_updates=jnp.zeros((), jnp.int32))
-
-
 def _step(trainable: Trainable, grads, tx) -> Trainable:
     updates, opt_state = tx.update(grads, trainable.opt_state, trainable.params)
     return Trainable(optax.apply_updates(trainable.params, updates), opt_state)
@@ -460,7 +399,7 @@ def _normalized(state: ACAState, batch: Buffer):
 
 def _temperature_step(state: ACAState, logp, h: Hyper):
     """L_T = -mean(log T (log pi(a~|s) - H)) with a fresh sample's log-prob (no gradient into the actor)."""
-    target = jax.lax.stop_gradient(logp - h.target_entropy)
+    target = jax.lax.stop_gradient(logp - h.target_entropy_coef * h.act_dim)
     loss_fn = lambda lt: -(lt * target).mean()  # noqa: E731
     loss, grad = jax.value_and_grad(loss_fn)(state.log_temp.params)
     return _step(state.log_temp, grad, optimizers(h)["log_temp"]), loss
@@ -468,8 +407,19 @@ def _temperature_step(state: ACAState, logp, h: Hyper):
 
 # ---------------------------------------------------------------------------------------------- update
 def offline_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
-    """One SAC+ML step (temperature, critic, baseline Z, actor, target EMA, in this order). `noise` holds the unit
-    normals of the four policy samples ("temp", "next", "z_next", "pi"), each [B, A]. Pure."""
+    """One SAC+ML step; each part sees the previous parts' updates. `noise`: the unit normals of the four policy
+    samples ("temp", "next", "z_next", "pi"), each [B, A], giving a~ ~ pi(.|s), a' ~ pi(.|s'), a'' ~ pi(.|s'),
+    a^ ~ pi(.|s) (reparameterised). Pure.
+
+      temperature  L_T = -mean(log T (log pi(a~|s) - H)),  H = target_entropy_coef * |A|,  T = exp(log T);
+      critic       y = r + gamma (1-d) [min_j Qbar_j(s', a') - T log pi(a'|s')],  L_Q = sum_j mean (Q_j(s,a) - y)^2;
+      baseline Z   calibrated so that log pi(a|s) + Z(s) satisfies the soft Bellman equation on the data:
+                   y_Z = r + gamma (1-d) [log pi(a''|s') + min_j Z_j(s') - T log pi(a''|s')] (current Z, no target
+                   net),  L_Z = sum_j mean (log pi(a|s) + Z_j(s) - y_Z)^2 (log pi(a|s) of the data action detached);
+      actor        L_pi = lambda mean(T log pi(a^|s) - min_j Q_j(s, a^)) - mean log pi(a|s),
+                   lambda = ml_alpha / stopgrad(mean |min_j Q_j(s, a^)|)  (SAC + max-likelihood, Q normalised);
+      target       Qbar <- tau Q + (1 - tau) Qbar.
+    """
     actor, critic, baseline = networks(h)
     txs = optimizers(h)
     sg = jax.lax.stop_gradient
@@ -479,12 +429,12 @@ def offline_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
     mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
 
     # 1. temperature
-    _, logp_t = sample_action(mean, log_std, noise["temp"], h.squashed)
+    _, logp_t = sample_action(mean, log_std, noise["temp"], h.squashed_policy)
     temp_tr, temp_loss = _temperature_step(state, logp_t, h)
     temp = jnp.exp(temp_tr.params)
 
     # 2. critic
-    a_next, logp_next = sample_action(next_mean, next_log_std, noise["next"], h.squashed)
+    a_next, logp_next = sample_action(next_mean, next_log_std, noise["next"], h.squashed_policy)
     q_next = critic.apply({"params": state.critic_target}, next_obs, a_next).min(0)
     y = soft_bellman_target(batch.rew, batch.done, q_next, logp_next, temp, h.discount)
 
@@ -496,10 +446,10 @@ def offline_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
     critic_tr = _step(state.critic, q_grads, txs["critic"])
 
     # 3. baseline Z: log pi(a|s) + Z(s) satisfies the soft Bellman equation (current Z at s', no target net)
-    a_z, logp_z = sample_action(next_mean, next_log_std, noise["z_next"], h.squashed)
+    a_z, logp_z = sample_action(next_mean, next_log_std, noise["z_next"], h.squashed_policy)
     z_next = baseline.apply({"params": state.baseline.params}, next_obs).min(0)
     y_z = soft_bellman_target(batch.rew, batch.done, logp_z + z_next, logp_z, temp, h.discount)
-    logp_data = log_prob(mean, log_std, batch.act, h.squashed)  # data actions under the current pi (detached)
+    logp_data = log_prob(mean, log_std, batch.act, h.squashed_policy)  # data actions under the current pi (detached)
 
     def baseline_loss(p):
         z = baseline.apply({"params": p}, obs)  # [E, B]
@@ -511,10 +461,10 @@ def offline_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
     # 4. actor: SAC loss normalised by mean |Q| (weight ml_alpha) + max-likelihood of the data actions
     def actor_loss(p):
         m, ls = actor.apply({"params": p}, obs)
-        a_pi, logp_pi = sample_action(m, ls, noise["pi"], h.squashed)
+        a_pi, logp_pi = sample_action(m, ls, noise["pi"], h.squashed_policy)
         q_pi = critic.apply({"params": critic_tr.params}, obs, a_pi).min(0)
         lam = h.ml_alpha / sg(jnp.abs(q_pi).mean())
-        ml = -log_prob(m, ls, batch.act, h.squashed).mean()
+        ml = -log_prob(m, ls, batch.act, h.squashed_policy).mean()
         return lam * (temp * logp_pi - q_pi).mean() + ml, (lam, ml, logp_pi)
 
     (a_loss, (lam, ml, logp_pi)), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(state.actor.params)
@@ -530,9 +480,40 @@ def offline_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
     return new, metrics
 
 
+@partial(jax.jit, static_argnames=("h", "reset_optimizers"))
+def align(state: ACAState, h: Hyper, reset_optimizers: bool = False) -> ACAState:
+    """The switch (official `run_aca.py`, `utility.py::critic_init`): T <- 1; pi0 <- pi (frozen); each R_j <- Z_j
+    with every layer copied and zero first-layer rows for the action inputs, so R_j(s, a) == Z_j(s) for every a;
+    Rbar <- R. The SAC+ML optimiser states are kept, as d3rlpy's load_model does (`reset_optimizers`: fresh)."""
+    txs = optimizers(h)
+    r_params = critic_from_baseline(state.baseline.params, h.act_dim)
+    log_temp = jnp.zeros((), jnp.float32)
+    if reset_optimizers:
+        critic = Trainable(r_params, txs["critic"].init(r_params))
+        temp = Trainable(log_temp, txs["log_temp"].init(log_temp))
+        actor = Trainable(state.actor.params, txs["actor"].init(state.actor.params))
+    else:  # official: d3rlpy's load_model restores the SAC+ML optimiser states, the weights are set in place
+        critic = state.critic._replace(params=r_params)
+        temp = state.log_temp._replace(params=log_temp)
+        actor = state.actor
+    return state._replace(actor=actor, critic=critic, log_temp=temp, critic_target=r_params,
+                          ref_actor=state.actor.params, online_updates=jnp.zeros((), jnp.int32))
+
+
+
+
 def online_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
-    """One ACA step (temperature, critic R, actor, target EMA; w from the online update count). `noise` holds the
-    unit normals of the three policy samples ("temp", "next", "pi"), each [B, A]. Pure."""
+    """One ACA step on the aligned critic Q_j(s, a) = R_j(s, a) + w softclip(log pi0(a|s)), in this order:
+    temperature (as offline), critic R, actor, target. w = interpolation_weight(online update count);
+    softclip(x) = softplus(x - c(s)) + c(s), a smooth max(x, c(s)), with c(s) = clip_bound of pi0 (`beta`).
+    `noise`: the unit normals of the three policy samples ("temp", "next", "pi"), each [B, A]. Pure.
+
+      critic  y = r + gamma (1-d) [min_j Rbar_j(s', a') + w softclip(log pi0(a'|s')) - T log pi(a'|s')],
+              L_R = sum_j mean (R_j(s, a) + w softclip(log pi0(a|s)) - y)^2;
+      actor   L_pi = mean(T log pi(a^|s) - min_j R_j(s, a^) - w softclip(log pi0(a^|s))) (the gradient also flows
+              through a^ into log pi0), global grad-norm clip `actor_grad_clip`;
+      target  Rbar <- tau R + (1 - tau) Rbar; the next step's w is max(w - w0 / (k * unit), w_min).
+    """
     actor, critic, _ = networks(h)
     txs = optimizers(h)
     sg = jax.lax.stop_gradient
@@ -545,19 +526,19 @@ def online_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
     ref_mean_all, ref_log_std_all = actor.apply({"params": state.ref_actor}, both)  # pi0, frozen
     ref_mean, ref_log_std = ref_mean_all[:b], ref_log_std_all[:b]
     ref_next_mean, ref_next_log_std = ref_mean_all[b:], ref_log_std_all[b:]
-    c = clip_bound(ref_mean, ref_log_std, h.beta, h.squashed)
-    c_next = clip_bound(ref_next_mean, ref_next_log_std, h.beta, h.squashed)
+    c = clip_bound(ref_mean, ref_log_std, h.beta, h.squashed_policy)
+    c_next = clip_bound(ref_next_mean, ref_next_log_std, h.beta, h.squashed_policy)
 
     def bonus(m0, ls0, cc, a):  # w * softclip(log pi0(a|s))
-        return w * soft_clip(log_prob(m0, ls0, a, h.squashed), cc)
+        return w * soft_clip(log_prob(m0, ls0, a, h.squashed_policy), cc)
 
     # 1. temperature
-    _, logp_t = sample_action(mean, log_std, noise["temp"], h.squashed)
+    _, logp_t = sample_action(mean, log_std, noise["temp"], h.squashed_policy)
     temp_tr, temp_loss = _temperature_step(state, logp_t, h)
     temp = jnp.exp(temp_tr.params)
 
     # 2. critic R: aligned Q = R + w softclip(log pi0) on both sides of the TD error
-    a_next, logp_next = sample_action(next_mean, next_log_std, noise["next"], h.squashed)
+    a_next, logp_next = sample_action(next_mean, next_log_std, noise["next"], h.squashed_policy)
     r_next = critic.apply({"params": state.critic_target}, next_obs, a_next).min(0)
     y = soft_bellman_target(batch.rew, batch.done, r_next + bonus(ref_next_mean, ref_next_log_std, c_next, a_next),
                             logp_next, temp, h.discount)
@@ -573,7 +554,7 @@ def online_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
     # 3. actor against the aligned Q (gradient also through a~ inside log pi0), grad-norm clip
     def actor_loss(p):
         m, ls = actor.apply({"params": p}, obs)
-        a_pi, logp_pi = sample_action(m, ls, noise["pi"], h.squashed)
+        a_pi, logp_pi = sample_action(m, ls, noise["pi"], h.squashed_policy)
         r_pi = critic.apply({"params": critic_tr.params}, obs, a_pi).min(0)
         q_pi = r_pi + bonus(ref_mean, ref_log_std, c, a_pi)
         return (temp * logp_pi - q_pi).mean(), (logp_pi, r_pi, q_pi)
@@ -584,7 +565,7 @@ def online_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
 
     # 4. targets
     critic_target = optax.incremental_update(critic_tr.params, state.critic_target, h.tau)
-    logp0_data = log_prob(ref_mean, ref_log_std, batch.act, h.squashed)
+    logp0_data = log_prob(ref_mean, ref_log_std, batch.act, h.squashed_policy)
     metrics = {"temp_loss": temp_loss, "alpha": temp, "critic_loss": r_loss, "actor_loss": a_loss, "w": w,
                "r": r_data.mean(), "q_pi": q_pi.mean(), "r_pi": r_pi.mean(), "target_q": y.mean(),
                "log_pi": logp_pi.mean(), "log_pi0_data": logp0_data.mean(), "clip_bound": c.mean(),
@@ -594,30 +575,32 @@ def online_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
     return new, sg(metrics)
 
 
-def sampled_update(state: ACAState, buffer: Buffer, size, h: Hyper, online: bool):
-    """Draw a batch from buffer rows [0, size) and the policy noise on device, then one offline/online update
-    (one seed)."""
-    key, k_idx, k_noise = jax.random.split(state.key, 3)
+
+
+def sample_batch(buffer: Buffer, size, k_idx, k_noise, names: tuple, h: Hyper):
+    """(batch, noise) of one seed: a uniform batch of buffer rows [0, size) and the unit normals of the policy
+    samples `names`, each [B, A]."""
     idx = jax.random.randint(k_idx, (h.batch_size,), 0, size)
     batch = jax.tree.map(lambda x: x[idx], buffer)
-    names = ("temp", "next", "pi") if online else ("temp", "next", "z_next", "pi")
     eps = jax.random.normal(k_noise, (len(names), h.batch_size, h.act_dim))
-    noise = dict(zip(names, eps))
-    update = online_update if online else offline_update
-    return update(state._replace(key=key), batch, noise, h)
+    return batch, dict(zip(names, eps))
 
 
 # Multi-seed: every state leaf, the online buffer and the per-seed counters carry a leading seed axis; the
 # offline rows are shared (closed over: in_axes None). One seed's numbers equal a single-seed run's up to float32
-# round-off (XLA sums batched matmuls in a different order).
+# round-off (XLA sums batched matmuls in a different order). Each update draws its batch on device first.
 @partial(jax.jit, static_argnames=("h",))
-def update_block(state: ACAState, offline: Buffer, h: Hyper):
-    """`h.block` SAC+ML updates per seed in one lax.scan (vmapped over seeds), batches sampled inside the scan
-    from the shared offline rows; metrics of shape [seeds, h.block]."""
+def scan_updates(state: ACAState, offline: Buffer, h: Hyper):
+    """`h.update_block` SAC+ML updates per seed in one lax.scan (vmapped over seeds), batches drawn from the shared
+    offline rows; metrics [seeds, h.update_block]."""
     n_off = offline.rew.shape[0]
 
     def one_seed(state):
-        return jax.lax.scan(lambda s, _: sampled_update(s, offline, n_off, h, False), state, None, length=h.block)
+        def body(s, _):
+            key, k_idx, k_noise = jax.random.split(s.key, 3)
+            batch, noise = sample_batch(offline, n_off, k_idx, k_noise, OFFLINE_NOISE, h)
+            return offline_update(s._replace(key=key), batch, noise, h)
+        return jax.lax.scan(body, state, None, length=h.update_block)
     return jax.vmap(one_seed)(state)
 
 
@@ -627,10 +610,14 @@ def update_online(state: ACAState, online: Buffer, online_size, n, h: Hyper):
     of max(n) steps (n traced: one compiled program for every count); a seed with fewer updates keeps its state
     (and its w schedule) for the remaining steps; metrics [seeds, h.online_block], zero where unused."""
     def one_seed(state, online, online_size, n_seed):
-        shapes = jax.eval_shape(lambda s: sampled_update(s, online, online_size, h, True)[1], state)
+        def step(s):
+            key, k_idx, k_noise = jax.random.split(s.key, 3)
+            batch, noise = sample_batch(online, online_size, k_idx, k_noise, ONLINE_NOISE, h)
+            return online_update(s._replace(key=key), batch, noise, h)
+        shapes = jax.eval_shape(lambda s: step(s)[1], state)
 
         def body(i, carry):
-            new, metrics = sampled_update(carry[0], online, online_size, h, True)
+            new, metrics = step(carry[0])
             keep = i < n_seed
             new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, carry[0])
             return new, jax.tree.map(lambda all_, m: all_.at[i].set(jnp.where(keep, m, 0)), carry[1], metrics)
@@ -660,7 +647,7 @@ def act_explore(actor_params, obs_mean, obs_std, obs, keys, active, h: Hyper):
     def one(params, mean_, std_, o, key, act):
         new_key, sub = jax.random.split(key)
         mean, log_std = networks(h)[0].apply({"params": params}, (o - mean_) / std_)
-        action, _ = sample_action(mean, log_std, jax.random.normal(sub, mean.shape), h.squashed)
+        action, _ = sample_action(mean, log_std, jax.random.normal(sub, mean.shape), h.squashed_policy)
         return action, jnp.where(act, new_key, key)
     return jax.vmap(one)(actor_params, obs_mean, obs_std, obs, keys, active)
 
@@ -669,7 +656,7 @@ def act_explore(actor_params, obs_mean, obs_std, obs, keys, active, h: Hyper):
 def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
     """Deterministic action of one seed's actor (evaluation)."""
     mean, _ = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
-    return deterministic_action(mean, h.squashed)
+    return deterministic_action(mean, h.squashed_policy)
 
 
 @partial(jax.jit, static_argnames=("h", "online"))
@@ -678,15 +665,15 @@ def _state_stats(state: ACAState, obs, mask, h: Hyper, online: bool):
     actor, critic, baseline = networks(h)
     x = (obs - state.obs_mean) / state.obs_std
     mean, _ = actor.apply({"params": state.actor.params}, x)
-    a = deterministic_action(mean, h.squashed)
+    a = deterministic_action(mean, h.squashed_policy)
     ref_mean, ref_log_std = actor.apply({"params": state.ref_actor if online else state.actor.params}, x)
-    c = clip_bound(ref_mean, ref_log_std, h.beta, h.squashed)
+    c = clip_bound(ref_mean, ref_log_std, h.beta, h.squashed_policy)
     crit = critic.apply({"params": state.critic.params}, x, a).min(0)
     z = baseline.apply({"params": state.baseline.params}, x).min(0)
     out = {"z_mean": z, "clip_low_mean": c}
     if online:
         w = interpolation_weight(state.online_updates, h)
-        logp0 = log_prob(ref_mean, ref_log_std, a, h.squashed)
+        logp0 = log_prob(ref_mean, ref_log_std, a, h.squashed_policy)
         out.update(r_mean=crit, q_mean=crit + w * soft_clip(logp0, c), log_pi0_mean=logp0)
     else:
         out.update(q_mean=crit)
@@ -718,15 +705,13 @@ def state_statistics(state: ACAState, observations: np.ndarray, h: Hyper, online
 
 
 def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, goal_task: bool, refs):
-    """Deterministic evaluation: `episodes` episodes, the first reset seeded with `seed` (reproducible).
-    Returns (record, visited observations)."""
-    returns, lengths, successes, visited = [], [], [], []
+    """Deterministic evaluation: `episodes` episodes, the first reset seeded with `seed` (reproducible)."""
+    returns, lengths, successes = [], [], []
     has_success = goal_task
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed if ep == 0 else None)
         ret, length, success, done = 0.0, 0, False, False
         while not done:
-            visited.append(np.asarray(obs, np.float32))
             obs, r, term, trunc, info = env.step(np.asarray(policy(np.asarray(obs, np.float32))))
             ret, length = ret + float(r), length + 1
             if "success" in info:
@@ -746,7 +731,7 @@ def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, 
         out["normalized_score_std"] = float(np.std(scores))
     if has_success:
         out["success_rate"] = float(np.mean(successes))
-    return out, np.stack(visited)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -856,6 +841,225 @@ def check_offline_source(src: Path, num_seeds: int):
         raise RunError(f"--offline_checkpoint {src} holds {n} seed(s); run with --num_seeds {n}")
 
 
+class World(NamedTuple):
+    """What a run trains on: the data on device, the envs (one training env per seed, one evaluation env), the
+    static hyper-parameters and the rows that start every seed's online buffer."""
+    offline: Buffer  # all dataset rows with the offline reward transformation, shared by the seeds (SAC+ML only)
+    seeded: Buffer  # (numpy) the top-n_trajs offline episodes with the online reward transformation
+    envs: list
+    eval_env: Any
+    h: Hyper
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    refs: Optional[tuple]  # (ref_min, ref_max) return of the normalised score, None when the dataset has none
+
+    @property
+    def n_seed(self) -> int:
+        """Seeded rows at the start of every online buffer (the online transitions follow them)."""
+        return len(self.seeded.rew)
+
+    def reward(self, r, cfg):
+        return r * cfg.reward_scale + cfg.online_reward_bias
+
+    def close(self):
+        for env in self.envs + [self.eval_env]:
+            env.close()
+
+
+def load_world(cfg: TrainConfig, n_seeds: int) -> World:
+    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in range(n_seeds)], data.make_env(cfg.dataset_id)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    try:
+        refs = data.reference_scores(cfg.dataset_id)
+    except data.DatasetError as e:
+        print(f"warning: {e}; logging raw returns only")
+        refs = None
+    offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (
+        ds.observations, ds.actions, ds.rewards * cfg.reward_scale + cfg.reward_bias, ds.next_observations,
+        ds.terminals)))
+    rows = top_episode_rows(ds.rewards, ds.episode_ends, cfg.n_trajs)
+    seeded = Buffer(*(x[rows] for x in (ds.observations, ds.actions, ds.rewards * cfg.reward_scale
+                                        + cfg.online_reward_bias, ds.next_observations,
+                                        ds.terminals.astype(np.float32))))
+    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+    return World(offline, seeded, envs, eval_env, make_hyper(cfg, obs_dim, act_dim), obs_mean, obs_std, refs)
+
+
+@dataclass
+class Progress:
+    """Per-seed bookkeeping (one entry per seed) and the host state of a run: the checkpoint's meta.json."""
+    algo: str  # "aca": --offline_checkpoint accepts only this script's checkpoints
+    phase: str  # offline | load_offline | align (SAC+ML done, the switch not yet) | online | done
+    num_seeds: int
+    updates: np.ndarray  # gradient steps done (offline + online)
+    env_steps: np.ndarray  # online env steps done
+    online_size: np.ndarray  # online rows in the buffer (after the seeded rows)
+    saved_rows: np.ndarray  # online rows already written to checkpoints/buffer
+    next_eval: np.ndarray  # env step of the next online evaluation
+    episodes: np.ndarray  # online episodes finished
+    eval_lines: np.ndarray  # lines of each seed's eval.jsonl that this state has logged
+    act_key: np.ndarray  # [seeds, 2] exploration RNG keys
+    env_rng: list  # training-env RNG snapshots at the checkpoint (None before the first reset)
+    last_eval: list  # the last evaluation record
+    wandb_id: Optional[str] = None
+    wall_time: float = 0.0  # seconds of run time before this attempt
+
+    COUNTERS = ("updates", "env_steps", "online_size", "saved_rows", "next_eval", "episodes", "eval_lines")
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, seeds: list) -> "Progress":
+        zeros = lambda: np.zeros(len(seeds), np.int64)  # noqa: E731
+        return cls("aca", "offline", len(seeds), zeros(), zeros(), zeros(), zeros(),
+                   np.full(len(seeds), cfg.online_eval_every, np.int64), zeros(), zeros(),
+                   np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), [None] * len(seeds),
+                   [None] * len(seeds))
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Progress":
+        return cls(**{**meta, **{k: np.asarray(meta[k], np.int64) for k in cls.COUNTERS}})
+
+    def meta(self) -> dict:
+        return {**asdict(self), **{k: getattr(self, k).tolist() for k in self.COUNTERS}}
+
+
+def start_or_resume(cfg: TrainConfig, run, world: World, seeds: list):
+    """(state, progress, online buffer): fresh, or restored from run.resume_from (state, counters, RNG keys, online
+    rows), or the SAC+ML state of run.offline_from to align and fine-tune."""
+    h, N, n_seed = world.h, len(seeds), world.n_seed
+    capacity = n_seed + cfg.online_steps + cfg.online_block
+
+    def column(x, shape):  # per seed: [seeded rows | online transitions | slack for a full chunk]
+        out = np.zeros((N, capacity) + shape, np.float32)
+        out[:, :n_seed] = x
+        return jnp.asarray(out)
+    online = Buffer(*(column(x, shape) for x, shape in
+                      zip(world.seeded, ((h.obs_dim,), (h.act_dim,), (), (h.obs_dim,), ()))))
+    state = stack_seeds([init_state(h, jax.random.PRNGKey(s), world.obs_mean, world.obs_std, cfg.initial_temperature)
+                         for s in seeds])
+    prog = Progress.start(cfg, seeds)
+    if run.resume_from is not None:
+        state, meta = load_state(run.resume_from, state, cfg)
+        prog = Progress.from_meta(meta)
+        for i, s in enumerate(seeds):
+            rows = load_buffer_rows(run.run_dir / "checkpoints" / "buffer" / f"seed{s}", int(prog.online_size[i]))
+            if rows is not None:
+                online = online._replace(**{k: getattr(online, k).at[i, n_seed:n_seed + len(v)].set(v)
+                                            for k, v in rows.items()})
+        print(f"resumed from {run.resume_from}: phase {prog.phase}, {prog.updates.tolist()} updates, "
+              f"{prog.env_steps.tolist()} online env steps")
+    elif run.offline_from is not None:
+        state, src = load_state(run.offline_from, state, cfg)
+        prog.updates = np.asarray(np.ravel(src["updates"]), np.int64)
+        prog.act_key, prog.phase = np.asarray(src["act_key"]).reshape(N, -1), "load_offline"
+        print(f"loaded SAC+ML state from {run.offline_from} ({src['updates']} updates)")
+    return state, prog, online
+
+
+class Recorder:
+    """Evaluations (eval.jsonl, wandb, console) and checkpoints of a run: `evaluate` and `checkpoint`."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, seeds: list, world: World, prog: Progress, t_start: float):
+        self.cfg, self.run_dir, self.seeds, self.world, self.t_start = cfg, run_dir, seeds, world, t_start
+        self.wall_before, self.goal_task = prog.wall_time, "antmaze" in cfg.dataset_id
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(cfg, f)
+        prog.wandb_id = prog.wandb_id or f"{cfg.name}-{int(time.time())}"
+        self.logger = Logger(cfg, run_dir, seeds, prog.wandb_id, prog.eval_lines.tolist())
+
+    def evaluate(self, state, prog: Progress, phase: str, which=None):
+        """The evaluation record also holds T, w (online) and the value statistics at the evaluation states."""
+        cfg, w = self.cfg, self.world
+        for i in range(len(self.seeds)) if which is None else which:
+            one, visited = seed_slice(state, i), []
+            record = {"seed": self.seeds[i], "phase": phase, "updates": int(prog.updates[i]),
+                      "env_steps": int(prog.env_steps[i])}
+
+            def policy(o, one=one, visited=visited):
+                visited.append(o)
+                return act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o, w.h)
+            record.update(evaluate(w.eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                                   self.goal_task, w.refs))
+            record["alpha"] = float(jnp.exp(one.log_temp.params))
+            if phase == "online":
+                record["w"] = float(interpolation_weight(one.online_updates, w.h))
+            record.update(state_statistics(one, np.stack(visited), w.h, online=phase == "online"))
+            record["wall_time"] = round(self.wall_before + time.time() - self.t_start, 2)  # s since the run started
+            self.logger.log_eval(i, record)
+            prog.eval_lines[i], prog.last_eval[i] = self.logger.eval_lines[i], record
+
+    def score(self, prog: Progress, which=None) -> float:
+        records = [prog.last_eval[i] for i in (range(len(self.seeds)) if which is None else which)]
+        return float(np.mean([r.get("normalized_score", r["return"]) for r in records]))
+
+    def checkpoint(self, state, prog: Progress, online: Buffer, act_key, name: str = "latest"):
+        """Online rows appended to checkpoints/buffer, then state + meta atomically into checkpoints/<name>."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        prog.act_key = np.asarray(act_key)
+        for i, s in enumerate(self.seeds):
+            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), int(prog.saved_rows[i]),
+                             int(prog.online_size[i]), offset=self.world.n_seed)
+        prog.saved_rows = prog.online_size.copy()
+        prog.wall_time = self.wall_before + time.time() - self.t_start
+        save_state(ckpt_dir / name, state, prog.meta(), self.cfg)
+
+
+class Episodes:
+    """The training envs' current episodes, one entry per seed, and one block of collected transitions."""
+
+    def __init__(self, cfg: TrainConfig, h: Hyper, prog: Progress, envs: list, seeds: list):
+        N = len(seeds)
+        for i, env in enumerate(envs):
+            if prog.env_rng[i] is not None:
+                env_rng_restore(env, prog.env_rng[i], seeds[i])
+        self.first_reset = np.array([snapshot is None for snapshot in prog.env_rng])
+        self.chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
+                      (("obs", (h.obs_dim,)), ("act", (h.act_dim,)), ("rew", ()), ("next_obs", (h.obs_dim,)),
+                       ("done", ()))}
+        self.obs = np.zeros((N, h.obs_dim), np.float32)
+        self.at_start = np.ones(N, bool)
+        self.ret, self.length, self.recent = np.zeros(N), np.zeros(N, np.int64), [[] for _ in range(N)]
+        self.due = np.zeros(N, bool)  # waiting for the synchronised evaluation + checkpoint
+
+
+def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes, act_key, seeds, logger):
+    """Up to online_block env steps per seed with the current policy, into ep.chunk; a seed's block also ends at an
+    episode end. Returns (steps per seed, the advanced exploration keys)."""
+    N = len(seeds)
+    n = np.zeros(N, np.int32)
+    active = ~ep.due & (prog.env_steps < cfg.online_steps)
+    while active.any():
+        for i in np.flatnonzero(active):
+            if ep.at_start[i]:
+                ep.obs[i] = world.envs[i].reset(seed=seeds[i] if ep.first_reset[i] else None)[0]
+                ep.first_reset[i], ep.at_start[i], ep.ret[i], ep.length[i] = False, False, 0.0, 0
+        actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, ep.obs, act_key,
+                                       jnp.asarray(active), world.h)
+        actions = np.asarray(actions)
+        for i in np.flatnonzero(active):
+            next_obs, r, term, trunc, info = world.envs[i].step(actions[i])
+            term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+            j, c = n[i], ep.chunk
+            c["obs"][i, j], c["act"][i, j], c["next_obs"][i, j] = ep.obs[i], actions[i], next_obs
+            c["done"][i, j], c["rew"][i, j] = float(term), world.reward(r, cfg)
+            n[i], prog.env_steps[i] = j + 1, prog.env_steps[i] + 1
+            ep.ret[i], ep.length[i] = ep.ret[i] + float(r), ep.length[i] + 1
+            ep.obs[i] = next_obs
+            if term or trunc:
+                prog.episodes[i] += 1
+                ep.recent[i] = (ep.recent[i] + [float(ep.ret[i])])[-10:]
+                logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": float(ep.ret[i]),
+                            "online/episode_length": int(ep.length[i]), "online/env_steps": int(prog.env_steps[i])})
+                ep.at_start[i] = True
+            if ep.at_start[i] or n[i] == cfg.online_block or prog.env_steps[i] >= cfg.online_steps:
+                active[i] = False
+    return n, act_key
+
+
 def train(cfg: TrainConfig) -> dict:
     """SAC+ML pre-training, the switch, then ACA fine-tuning of `num_seeds` seeds at once; returns the last
     evaluation record(s) and paths."""
@@ -863,235 +1067,105 @@ def train(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    ckpt_dir = run_dir / "checkpoints"
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     N = len(seeds)
     cfg.name = cfg.name or f"aca-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    goal_task = "antmaze" in cfg.dataset_id
     with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
         if run.offline_from is not None:
             check_offline_source(run.offline_from, N)
-        # data and envs (one training env per seed, one evaluation env)
-        ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-        envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
-        obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-        if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
-            raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
-                                    f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-        try:
-            refs = data.reference_scores(cfg.dataset_id)
-        except data.DatasetError as e:
-            print(f"warning: {e}; logging raw returns only")
-            refs = None
-        h = make_hyper(cfg, obs_dim, act_dim)
-        obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
-        obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-        # offline rows on device, shared by the seeds (SAC+ML only)
-        offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (
-            ds.observations, ds.actions, ds.rewards * cfg.reward_scale + cfg.reward_bias, ds.next_observations,
-            ds.terminals)))
+        world = load_world(cfg, N)
+        h = world.h
+        state, prog, online = start_or_resume(cfg, run, world, seeds)
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
 
-        # online buffer, one per seed: [seeded top-n_trajs offline episodes | online transitions | slack for a chunk]
-        seed_rows = top_episode_rows(ds.rewards, ds.episode_ends, cfg.n_trajs)
-        n_seed = len(seed_rows)
-        capacity = n_seed + cfg.online_steps + cfg.online_block
-
-        def column(x, shape):
-            out = np.zeros((N, capacity) + shape, np.float32)
-            out[:, :n_seed] = x[seed_rows]
-            return jnp.asarray(out)
-        online = Buffer(column(ds.observations, (obs_dim,)), column(ds.actions, (act_dim,)),
-                        column(ds.rewards * cfg.reward_scale + cfg.online_reward_bias, ()),
-                        column(ds.next_observations, (obs_dim,)), column(ds.terminals.astype(np.float32), ()))
-
-        state = stack_seeds([init_state(h, jax.random.PRNGKey(s), obs_mean, obs_std, cfg.initial_temperature)
-                             for s in seeds])
-        meta = {"algo": "aca", "phase": "offline", "num_seeds": N, "updates": [0] * N, "env_steps": [0] * N,
-                "online_size": [0] * N, "saved_rows": [0] * N, "next_eval": [cfg.online_eval_every] * N,
-                "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
-                "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
-                "last_eval": [None] * N, "wall_time": 0.0}
-        if run.resume_from is not None:
-            state, meta = load_state(run.resume_from, state, cfg)
-            for i, s in enumerate(seeds):
-                rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
-                if rows is not None:
-                    online = online._replace(**{k: getattr(online, k).at[i, n_seed:n_seed + len(v)].set(v)
-                                                for k, v in rows.items()})
-            print(f"resumed from {run.resume_from}: phase {meta['phase']}, {meta['updates']} updates, "
-                  f"{meta['env_steps']} online env steps")
-        elif run.offline_from is not None:
-            state, src_meta = load_state(run.offline_from, state, cfg)
-            meta.update(updates=[int(u) for u in np.ravel(src_meta["updates"])],
-                        act_key=np.asarray(src_meta["act_key"]).reshape(N, -1), phase="load_offline")
-            print(f"loaded SAC+ML state from {run.offline_from} ({src_meta['updates']} updates)")
-        with open(run_dir / "config.yaml", "w") as f:
-            pyrallis.dump(cfg, f)
-        if meta["wandb_id"] is None:
-            meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-        logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
-        act_key = jnp.asarray(meta["act_key"])
-        wall_before = meta["wall_time"]
-
-        def run_eval(phase, which=None):
-            for i in range(N) if which is None else which:
-                one = seed_slice(state, i)
-                record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
-                          "env_steps": int(meta["env_steps"][i])}
-                policy = lambda o: act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o, h)  # noqa: E731
-                result, visited = evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
-                                           goal_task, refs)
-                record.update(result)
-                record["alpha"] = float(jnp.exp(one.log_temp.params))
-                if phase == "online":
-                    record["w"] = float(interpolation_weight(one.online_updates, h))
-                record.update(state_statistics(one, visited, h, online=phase == "online"))
-                record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-                logger.log_eval(i, record)
-                meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
-
-        def checkpoint(name="latest"):
-            meta["act_key"] = np.asarray(act_key)
-            for i, s in enumerate(seeds):
-                save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
-                                 meta["online_size"][i], offset=n_seed)
-            meta["saved_rows"] = list(meta["online_size"])
-            meta["wall_time"] = wall_before + time.time() - t_start
-            save_state(ckpt_dir / name, state, meta, cfg)
-
-        def score(i):
-            return meta["last_eval"][i].get("normalized_score", meta["last_eval"][i]["return"])
-
-        def switch():
-            """End of pre-training: save the SAC+ML state as the offline checkpoint (phase "align"), then align
-            every seed (T, pi0, R <- Z). A run resumed from that checkpoint (phase "align") only aligns."""
-            nonlocal state
-            if meta["phase"] != "align":
-                meta["phase"] = "align"
-                checkpoint("offline")
-            state = align_seeds(state, h, cfg.online_reset_optimizers)
-            meta["phase"] = "online"
-            checkpoint()
-
-        # ---- offline pre-training (SAC+ML + baseline Z; all seeds in one vmapped scan per block)
-        if meta["phase"] == "offline":
-            bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="ACA offline (SAC+ML)",
+        # ---- offline pre-training: SAC+ML and the baseline Z (all seeds in one vmapped scan per block)
+        if prog.phase == "offline":
+            bar = tqdm(total=cfg.offline_updates, initial=int(prog.updates[0]), desc="ACA offline (SAC+ML)",
                        mininterval=5)
-            while meta["updates"][0] < cfg.offline_updates:
-                state, metrics = update_block(state, offline, h)
-                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
-                meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
+            while prog.updates[0] < cfg.offline_updates:
+                state, metrics = scan_updates(state, world.offline, h)
+                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, prog.updates)
+                prog.updates += cfg.update_block
                 bar.update(cfg.update_block)
-                logger.log({**logged, "offline/updates": meta["updates"][0]})
-                if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
-                    run_eval("offline")
-                    bar.set_postfix(score=np.mean([score(i) for i in range(N)]))
-                    if meta["updates"][0] < cfg.offline_updates:
-                        checkpoint()
-                if run.stop and meta["updates"][0] < cfg.offline_updates:
-                    checkpoint()
-                    run.interrupt_if_asked(f"after {meta['updates'][0]} offline updates")
+                rec.logger.log({**logged, "offline/updates": int(prog.updates[0])})
+                if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == cfg.offline_updates:
+                    rec.evaluate(state, prog, "offline")
+                    bar.set_postfix(score=rec.score(prog))
+                    if prog.updates[0] < cfg.offline_updates:
+                        rec.checkpoint(state, prog, online, act_key)
+                if run.stop and prog.updates[0] < cfg.offline_updates:
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"after {int(prog.updates[0])} offline updates")
             bar.close()
-            if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
-                run_eval("offline")
-            switch()
-        elif meta["phase"] == "load_offline":
-            run_eval("offline")  # the score before fine-tuning
-            switch()
-        elif meta["phase"] == "align":  # resumed from the offline checkpoint (`latest` was damaged)
-            switch()
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
+                rec.evaluate(state, prog, "offline")
+        elif prog.phase == "load_offline":
+            rec.evaluate(state, prog, "offline")  # the score before fine-tuning
+
+        # ---- the switch: the SAC+ML state is saved as the offline checkpoint (phase "align"), then every seed is
+        # aligned (T, pi0, R <- Z). A run resumed from that checkpoint (`latest` was damaged) only aligns.
+        if prog.phase in ("offline", "load_offline", "align"):
+            if prog.phase != "align":
+                prog.phase = "align"
+                rec.checkpoint(state, prog, online, act_key, "offline")
+            state = align_seeds(state, h, cfg.online_reset_optimizers)
+            prog.phase = "online"
+            rec.checkpoint(state, prog, online, act_key)
 
         # ---- online fine-tuning (ACA). Each seed follows exactly the single-seed schedule: collect up to
         # online_block env steps (a block also ends at an episode end), append them, then the updates due for them
         # (one per env step once its buffer holds more than batch_size rows; its own w schedule). Seeds whose block
         # ended early wait for the others; a seed due for evaluation (first episode end after every
         # online_eval_every steps) waits until every seed is due, so checkpoints fall on episode ends of all seeds.
-        if meta["phase"] == "online":
-            for i, env in enumerate(envs):
-                if meta["env_rng"][i] is not None:
-                    env_rng_restore(env, meta["env_rng"][i], seeds[i])
-            first_reset = [meta["env_rng"][i] is None for i in range(N)]
-            chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
-                     (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
-            obs = np.zeros((N, obs_dim), np.float32)
-            at_episode_start = [True] * N
-            ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
-            due = [False] * N  # waiting for the synchronised evaluation + checkpoint
-            bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="ACA online", mininterval=5)
-            while min(meta["env_steps"]) < cfg.online_steps:
-                n = np.zeros(N, np.int32)
-                active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
-                while active.any():
-                    for i in np.flatnonzero(active):
-                        if at_episode_start[i]:
-                            obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
-                            first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
-                    actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
-                                                   jnp.asarray(active), h)
-                    actions = np.asarray(actions)
-                    for i in np.flatnonzero(active):
-                        next_obs, r, term, trunc, info = envs[i].step(actions[i])
-                        term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                        j = n[i]
-                        chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
-                        chunk["done"][i, j] = float(term)
-                        chunk["rew"][i, j] = r * cfg.reward_scale + cfg.online_reward_bias
-                        n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
-                        ep_ret[i], ep_len[i] = ep_ret[i] + float(r), ep_len[i] + 1
-                        obs[i] = next_obs
-                        if term or trunc:
-                            meta["episodes"][i] += 1
-                            recent[i] = (recent[i] + [ep_ret[i]])[-10:]
-                            logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
-                                        "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
-                            at_episode_start[i] = True
-                        if at_episode_start[i] or n[i] == cfg.online_block or meta["env_steps"][i] >= cfg.online_steps:
-                            active[i] = False
-                starts = np.asarray([n_seed + size for size in meta["online_size"]], np.int32)
-                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
+        if prog.phase == "online":
+            ep = Episodes(cfg, h, prog, world.envs, seeds)
+            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="ACA online", mininterval=5)
+            while prog.env_steps.min() < cfg.online_steps:
+                n, act_key = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
+                starts = (world.n_seed + prog.online_size).astype(np.int32)  # buffer rows before this block
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
                                        jnp.asarray(starts))
-                meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
+                prog.online_size += n
                 # one update per env step whose transition made the buffer larger than batch_size (official rule)
                 n_updates = n - np.minimum(n, np.maximum(0, cfg.batch_size - starts))
+                logged = {}
                 if n_updates.any():
                     state, metrics = update_online(state, online, jnp.asarray(starts + n), jnp.asarray(n_updates), h)
-                    logged = block_metrics(metrics, n_updates, "online", seeds, meta["updates"])
-                    meta["updates"] = [u + int(b) for u, b in zip(meta["updates"], n_updates)]
-                else:
-                    logged = {}
-                logger.log({**logged, "online/env_steps": sum(meta["env_steps"]), "online/updates": sum(meta["updates"])})
+                    logged = block_metrics(metrics, n_updates, "online", seeds, prog.updates)
+                    prog.updates += n_updates
+                rec.logger.log({**logged, "online/env_steps": int(prog.env_steps.sum()),
+                                "online/updates": int(prog.updates.sum())})
                 bar.update(int(n.sum()))
-                for i in range(N):
-                    if (n[i] > 0 and at_episode_start[i] and (meta["env_steps"][i] >= meta["next_eval"][i] or run.stop)
-                            and meta["env_steps"][i] < cfg.online_steps):
-                        due[i] = True  # (a stop request: checkpoint at every seed's next episode end, no evaluation)
-                if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
-                    which = [i for i in range(N) if due[i] and meta["env_steps"][i] >= meta["next_eval"][i]]
+                ep.due |= ((n > 0) & ep.at_start & ((prog.env_steps >= prog.next_eval) | run.stop)
+                           & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
+                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
+                    which = [i for i in range(N) if ep.due[i] and prog.env_steps[i] >= prog.next_eval[i]]
                     for i in which:
-                        while meta["next_eval"][i] <= meta["env_steps"][i]:
-                            meta["next_eval"][i] += cfg.online_eval_every
+                        while prog.next_eval[i] <= prog.env_steps[i]:
+                            prog.next_eval[i] += cfg.online_eval_every
                     if which:
-                        run_eval("online", which)
-                        bar.set_postfix(score=np.mean([score(i) for i in which]),
-                                        train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
-                    meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
-                    due = [False] * N
-                    checkpoint()
-                    run.interrupt_if_asked(f"at {meta['env_steps']} online env steps")
+                        rec.evaluate(state, prog, "online", which)
+                        bar.set_postfix(score=rec.score(prog, which),
+                                        train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
+                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
+                    ep.due[:] = False
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
             bar.close()
-            run_eval("online")
-            meta["phase"] = "done"
-            checkpoint()
-        elif meta["phase"] == "done":
+            rec.evaluate(state, prog, "online")
+            prog.phase = "done"
+            rec.checkpoint(state, prog, online, act_key)
+        elif prog.phase == "done":
             print(f"run in {run_dir} already finished")
-        logger.close()
-        for env in envs + [eval_env]:
-            env.close()
-        summaries = [summarize(path) for path in logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
-               "env_steps": meta["env_steps"][0], "seeded_transitions": n_seed, **summaries[0]}
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
+               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]),
+               "seeded_transitions": world.n_seed, **summaries[0]}
         if N > 1:
-            out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
                        per_seed=summaries)
         return out
 

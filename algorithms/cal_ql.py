@@ -2,62 +2,43 @@
 
 Paper:  Nakamoto, Zhai, Singh, Sobol Mark, Ma, Finn, Kumar, Levine, "Cal-QL: Calibrated Offline RL
         Pre-Training for Efficient Online Fine-Tuning", NeurIPS 2023, https://arxiv.org/abs/2303.05479.
-Official code: https://github.com/nakamotoo/Cal-QL @ ac6eafec22e8d60836573e1f488c7f626ce8a77e (JAX,
-        `JaxCQL/conservative_sac.py`, `conservative_sac_main.py`, `replay_buffer.py`, `sampler.py`).
+Reference implementation followed here: the official code, https://github.com/nakamotoo/Cal-QL @
+        ac6eafec22e8d60836573e1f488c7f626ce8a77e (JAX, `JaxCQL/conservative_sac.py`, `conservative_sac_main.py`).
 Also compared: CORL `algorithms/finetune/cal_ql.py`, https://github.com/tinkoff-ai/CORL @
         6afec90484bbf47dee05fdf525e26a3ebe028e9b.
 
-What is implemented (official semantics unless listed below):
-  * SAC-style tanh-Gaussian actor (state-dependent log-std = m * raw + b with learnable scalars m=1, b=-1,
-    clipped to [-20, 2]) and a vmapped Q ensemble (`n_critics`, default 2) with orthogonal init;
-  * actor loss mean(alpha log pi(a~|s) - min_i Q_i(s, a~)); automatic entropy with target -|A|;
-  * critic: max-backup target y = r + gamma (1-d) max_k min_i Qbar_i(s', a'_k), a'_k ~ pi(.|s'), k = 1..10,
-    no entropy term (`backup_entropy`), plus the CQL regulariser per member
-        logsumexp over [Q(s, a_rand) - log 0.5^|A|, Q(s, a_next) - log pi(a_next|s'),
-                        Q(s, a_cur) - log pi(a_cur|s)]  - Q(s, a_data)       (10 actions of each kind)
-    where a_next ~ pi(.|s') is evaluated at s (as in the official code) and the Cal-QL calibration lower-
-    bounds the two policy terms by the Monte-Carlo return-to-go of the data transition: max(Q, G);
-  * Lagrange version (`cql_lagrange`, AntMaze) with log alpha' initialised to 1 and target gap 0.8, else
-    a fixed weight (`cql_weight`);
-  * ONE gradient call per update over all trainable parameters (actor, Q ensemble, log alpha,
-    log alpha'); stop-gradients make each loss move only its own parameters, exactly as the official
-    per-loss gradients do (all losses from one parameter snapshot);
-  * MC returns G with rewards `reward_scale * r + reward_bias`, computed per episode without bootstrap;
-    the "failed episode" rule (`mc_failure_rule: all`): an episode whose rewards all equal the failure
-    reward gets G = r_fail / (1 - gamma) everywhere (official AntMaze); dataset actions clipped to
-    +-`clip_action`;
-  * online: one full trajectory with the stochastic policy, its MC returns, append to a separate online
-    buffer, then len(trajectory) updates with batches of 50 % offline + 50 % online data (`mixing_ratio`);
-    calibration and the CQL term stay on (official); evaluation (deterministic, `eval_episodes`) whenever
-    the env-step count crosses a multiple of `online_eval_every`.
+What is implemented (official semantics unless listed below; the losses in calql_losses' docstring):
+  * tanh-Gaussian actor (log_std = m * raw + b, learnable m, b) and a vmapped Q ensemble (`n_critics`), orthogonal
+    init; SAC actor loss with automatic entropy (target -|A|);
+  * critic: TD target with a max over `cql_n_actions` next actions (no entropy term), plus the CQL regulariser whose
+    two policy-action terms are lower-bounded by the Monte-Carlo return-to-go G of the data transition (Cal-QL);
+    Lagrange CQL weight (`cql_lagrange`, AntMaze) or a fixed `cql_weight`; one gradient call per update;
+  * MC returns per episode without bootstrap, "failed" episodes (`mc_failure_rule`) get r_fail / (1 - gamma);
+  * online: one whole trajectory with the stochastic policy, its MC returns, then len(trajectory) * `online_utd`
+    updates on batches of `mixing_ratio` offline + the rest online rows; calibration and CQL stay on; evaluation
+    whenever the env-step count crosses a multiple of `online_eval_every`.
+Design notes (the full list, several seeds at once, orthogonal init, checkpoints): docs/cal_ql.md.
 
 Deviations (and the switch that restores the reference behaviour where one exists):
   1. `online_calibration: false` gives CORL's variant (calibration switched off for the online phase).
   2. Evaluation runs on a separate env seeded with `eval_seed` (official: a second env too).
   3. `terminate_on_success` (AntMaze configs) ends an episode as terminal when info['success'] is True,
      reproducing D4RL's AntMaze `eval=True` done-at-goal semantics on the continuing-task Minari envs.
-  4. Adroit: the official code uses the binary `*-binary-v0` Adroit tasks (its own data + mj_envs fork),
-     which Minari does not have; the Adroit configs use Minari's dense `D4RL/<task>/cloned-v2` data with raw
-     rewards (as CORL does) and the official Adroit network sizes and schedule.
-  5. Updates run in jitted lax.scan blocks of `update_block` updates; the remainder of a trajectory's updates
-     (fewer than a block) runs in one jitted lax.fori_loop. Same sequence of updates as the official loop.
-
-Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
-vmapped over a leading seed axis (offline rows shared on device, online rows per seed) and one training env
-per seed, acted for in one jitted call per env step. Each seed follows exactly its single-seed schedule, so
-its numbers equal the single-seed run's up to float32 round-off. Evaluations go to run_dir/seed<S>/eval.jsonl.
-  6. States are normalised with the dataset mean/std when `normalize` is on (off in the AntMaze/Adroit
-     configs, as in the official code; on for the locomotion configs).
-  7. MuJoCo-locomotion hyper-parameters are not in the official repository (issue nakamotoo/Cal-QL#5); the
+  4. Adroit: Minari's dense `D4RL/<task>/cloned-v2` data with raw rewards (as CORL), not the official binary
+     `*-binary-v0` tasks (not in Minari); the official Adroit network sizes and schedule.
+  5. Updates run in jitted lax.scan blocks of `update_block` updates (a smaller remainder in one masked
+     lax.fori_loop): the same sequence of updates as the official loop.
+  6. States are normalised with the dataset mean/std when `normalize` is on (off in the AntMaze/Adroit configs, as
+     in the official code; on for the locomotion configs).
+  7. MuJoCo-locomotion hyper-parameters are not in the official repository (issue nakamotoo/Cal-QL#5): the
      locomotion configs use CQL's MuJoCo settings (fixed weight 5, 256-256 networks) and are unverified.
-  8. One set of sampled actions per update serves every loss: the official step computes the policy, Q1, Q2, α
-     and α' losses in separate passes with fresh draws each, so its two critics see independent samples. Same
-     expected gradient, less noise between the critics here (no switch; step parity feeds the official passes
-     one shared draw and matches to float32 round-off).
+  8. One set of sampled actions per update serves every loss (official: fresh draws in each loss's pass): the
+     same expected gradient, less noise between the critics (no switch).
+  9. Orthogonal kernels by Householder QR in jnp ops (orthogonal_kernel_init): the official init up to float
+     round-off, without jaxlib 0.10.2's CPU LAPACK QR deadlock (no switch).
 
-Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
-the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped
-ensembles, several seeds) can deadlock XLA's thread pool (docs/testing.md, "A jaxlib 0.10.2 deadlock on CPU").
+Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, vmapped over a leading seed
+axis, each on its single-seed schedule; evaluations go to run_dir/seed<S>/eval.jsonl.
 
 Usage:
     python algorithms/cal_ql.py --config_path configs/cal_ql/quickstart.yaml
@@ -65,6 +46,7 @@ Usage:
     python algorithms/cal_ql.py --config_path ... --offline_checkpoint runs/.../checkpoints/offline
 Writes to `run_dir`: config.yaml, eval.jsonl, checkpoints/{latest,offline}, checkpoints/buffer/, wandb/.
 """
+
 import inspect
 import json
 import math
@@ -183,7 +165,8 @@ RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "onlin
 
 
 class Hyper(NamedTuple):
-    """Static (hashable) hyper-parameters the jitted functions are specialised on."""
+    """The static (hashable) arguments of the jitted functions: the env's dimensions and the config fields the maths
+    reads, under the config's own names (make_hyper copies them from TrainConfig by name)."""
     obs_dim: int
     act_dim: int
     policy_hidden: tuple
@@ -193,34 +176,34 @@ class Hyper(NamedTuple):
     log_std_multiplier: float
     log_std_offset: float
     batch_size: int
-    offline_rows: int  # rows of an online-phase batch drawn from the offline data
-    block: int
+    mixing_ratio: float
+    update_block: int
     discount: float
     tau: float
     policy_lr: float
     critic_lr: float
     auto_alpha: bool
     alpha_multiplier: float
-    target_entropy: float
+    target_entropy: float  # as configured: >= 0 means -act_dim (resolved in calql_losses)
     backup_entropy: bool
-    n_actions: int
-    importance_sample: bool
-    temp: float
-    max_target_backup: bool
-    clip_diff_min: float
-    clip_diff_max: float
-    lagrange: bool
-    target_action_gap: float
+    cql_n_actions: int
+    cql_importance_sample: bool
+    cql_temp: float
+    cql_max_target_backup: bool
+    cql_clip_diff_min: float
+    cql_clip_diff_max: float
+    cql_lagrange: bool
+    cql_target_action_gap: float
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
-    return Hyper(obs_dim, act_dim, tuple(cfg.policy_hidden), tuple(cfg.critic_hidden), cfg.n_critics,
-                 cfg.orthogonal_init, cfg.log_std_multiplier, cfg.log_std_offset, cfg.batch_size,
-                 int(cfg.batch_size * cfg.mixing_ratio), cfg.update_block, cfg.discount, cfg.tau, cfg.policy_lr,
-                 cfg.critic_lr, cfg.auto_alpha, cfg.alpha_multiplier,
-                 -float(act_dim) if cfg.target_entropy >= 0 else float(cfg.target_entropy), cfg.backup_entropy,
-                 cfg.cql_n_actions, cfg.cql_importance_sample, cfg.cql_temp, cfg.cql_max_target_backup,
-                 cfg.cql_clip_diff_min, cfg.cql_clip_diff_max, cfg.cql_lagrange, cfg.cql_target_action_gap)
+    static = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 (a list is not hashable)
+    return Hyper(obs_dim=obs_dim, act_dim=act_dim, **{k: static(getattr(cfg, k)) for k in Hyper._fields[2:]})
+
+
+def offline_rows(h: Hyper) -> int:
+    """Rows of an online-phase batch drawn from the offline data (the rest from the online rows)."""
+    return int(h.batch_size * h.mixing_ratio)
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -408,13 +391,26 @@ def _step(trainable: Trainable, grads, tx) -> Trainable:
 
 # ---------------------------------------------------------------------------------------------- update
 def calql_losses(params: dict, state: CalQLState, batch: Buffer, key, calibrate, cql_weight, h: Hyper):
-    """Sum of all Cal-QL losses from one parameter snapshot; stop-gradients keep each loss on its own params."""
+    """Sum of all Cal-QL losses from one parameter snapshot (stop-gradients keep each loss on its own parameters, as
+    the official per-loss gradients do) and the metrics. With a~ ~ pi(.|s), alpha = alpha_multiplier exp(log alpha):
+        alpha loss   -log alpha * (log pi(a~|s) + target entropy)                                  (auto_alpha)
+        actor loss   alpha log pi(a~|s) - min_i Q_i(s, a~)
+        TD target    y = r + gamma (1-d) max_k min_i Qbar_i(s', a'_k),  a'_k ~ pi(.|s'), k = 1..cql_n_actions
+                     (one a' without cql_max_target_backup; minus alpha log pi(a'|s') with backup_entropy)
+        CQL gap      D_i = logsumexp [Q_i(s, a_rand) - log 0.5^|A|,  C(Q_i(s, a_next)) - log pi(a_next|s'),
+                                      C(Q_i(s, a_cur)) - log pi(a_cur|s)]  -  Q_i(s, a)    (cql_n_actions each)
+                     a_rand ~ U[-1, 1], a_next ~ pi(.|s') evaluated at s (as official), a_cur ~ pi(.|s);
+                     Cal-QL: C(q) = max(q, G) with G the MC return-to-go of (s, a) when `calibrate`, else q
+                     (temperature cql_temp; cql_importance_sample false: logsumexp of the plain Q values, Q(s, a) too)
+        critic loss  sum_i [mean_B (Q_i(s, a) - y)^2 + alpha' w (mean_B clip(D_i) - cql_target_action_gap)]
+                     (cql_lagrange; else + w mean_B clip(D_i)),  w = cql_weight, alpha' = clip(exp(log alpha'), 0, 1e6)
+        alpha' loss  -mean_i alpha' w (mean_B clip(D_i) - cql_target_action_gap)                  (cql_lagrange)"""
     actor, critic = networks(h)
     sg = jax.lax.stop_gradient
     k_pi, k_next, k_rand, k_cur, k_cql_next = jax.random.split(key, 5)
     obs = (batch.obs - state.obs_mean) / state.obs_std
     next_obs = (batch.next_obs - state.obs_mean) / state.obs_std
-    b, n = obs.shape[0], h.n_actions
+    b, n = obs.shape[0], h.cql_n_actions
 
     mean_all, log_std_all = actor.apply({"params": params["actor"]}, jnp.concatenate([obs, next_obs]))
     mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
@@ -422,7 +418,8 @@ def calql_losses(params: dict, state: CalQLState, batch: Buffer, key, calibrate,
     # temperature and actor
     a_pi, logp_pi = tanh_gaussian_sample(mean, log_std, k_pi)
     if h.auto_alpha:
-        alpha_loss = -params["log_alpha"] * sg(logp_pi + h.target_entropy).mean()
+        target_entropy = -float(h.act_dim) if h.target_entropy >= 0 else float(h.target_entropy)  # >= 0: -|A|
+        alpha_loss = -params["log_alpha"] * sg(logp_pi + target_entropy).mean()
         alpha = jnp.exp(params["log_alpha"]) * h.alpha_multiplier
     else:
         alpha_loss, alpha = jnp.zeros(()), jnp.asarray(h.alpha_multiplier)
@@ -431,8 +428,8 @@ def calql_losses(params: dict, state: CalQLState, batch: Buffer, key, calibrate,
 
     # TD target (max-backup over n next actions, no entropy term by default)
     a_next, logp_next = tanh_gaussian_sample(sg(next_mean), sg(next_log_std), k_next,
-                                             n if h.max_target_backup else None)
-    if h.max_target_backup:
+                                             n if h.cql_max_target_backup else None)
+    if h.cql_max_target_backup:
         next_rep = jnp.broadcast_to(next_obs[:, None], (b, n, next_obs.shape[-1]))
         q_next = critic.apply({"params": state.critic_target}, next_rep, a_next).min(0)  # [B, n]
         best = jnp.argmax(q_next, -1)[:, None]
@@ -456,14 +453,14 @@ def calql_losses(params: dict, state: CalQLState, batch: Buffer, key, calibrate,
     g = batch.mc[None, :, None]
     bound_rate = 0.5 * ((q_cur < g).mean() + (q_nxt < g).mean())
     q_nxt, q_cur = calibrated(q_nxt, g, calibrate), calibrated(q_cur, g, calibrate)
-    ood = cql_logsumexp(q_rand, q_nxt, q_cur, sg(logp_nxt), sg(logp_cur), h.act_dim, h.temp, q_data,
-                        h.importance_sample)  # [E, B]
-    cql_diff = jnp.clip(ood - q_data, h.clip_diff_min, h.clip_diff_max).mean(-1)  # [E]
+    ood = cql_logsumexp(q_rand, q_nxt, q_cur, sg(logp_nxt), sg(logp_cur), h.act_dim, h.cql_temp, q_data,
+                        h.cql_importance_sample)  # [E, B]
+    cql_diff = jnp.clip(ood - q_data, h.cql_clip_diff_min, h.cql_clip_diff_max).mean(-1)  # [E]
     bellman = ((q_data - y) ** 2).mean(-1)  # [E]
-    if h.lagrange:
+    if h.cql_lagrange:
         alpha_prime = jnp.clip(jnp.exp(params["log_alpha_prime"]), 0.0, 1e6)
-        cql_loss = sg(alpha_prime) * cql_weight * (cql_diff - h.target_action_gap)
-        alpha_prime_loss = -(alpha_prime * cql_weight * (sg(cql_diff) - h.target_action_gap)).mean()
+        cql_loss = sg(alpha_prime) * cql_weight * (cql_diff - h.cql_target_action_gap)
+        alpha_prime_loss = -(alpha_prime * cql_weight * (sg(cql_diff) - h.cql_target_action_gap)).mean()
     else:
         alpha_prime, alpha_prime_loss = jnp.zeros(()), jnp.zeros(())
         cql_loss = cql_weight * cql_diff
@@ -489,47 +486,52 @@ def calql_update(state: CalQLState, batch: Buffer, key, calibrate, cql_weight, h
     return state._replace(critic_target=critic_target, updates=state.updates + 1, **new), metrics
 
 
-def sampled_update(state: CalQLState, offline: Buffer, offline_size, online: Buffer, online_size, calibrate,
-                   cql_weight, h: Hyper):
-    """Draw a batch on device (online_size == 0: all rows offline; else `h.offline_rows` offline + the rest
-    online), then one Cal-QL update."""
-    key, k_off, k_on, k_upd = jax.random.split(state.key, 4)
+def sample_batch(offline: Buffer, offline_size, online: Buffer, online_size, k_off, k_on, h: Hyper) -> Buffer:
+    """A batch drawn on device: online_size == 0 (offline phase): all rows uniform over the `offline_size` offline
+    rows; else offline_rows(h) offline rows followed by uniform draws from this seed's online rows."""
+    n_off = offline_rows(h)
     i_off = jax.random.randint(k_off, (h.batch_size,), 0, offline_size)
-    i_on = jax.random.randint(k_on, (h.batch_size - h.offline_rows,), 0, jnp.maximum(online_size, 1))
-    batch = jax.tree.map(
-        lambda off, on: jnp.where(online_size > 0, jnp.concatenate([off[i_off[:h.offline_rows]], on[i_on]]),
-                                  off[i_off]), offline, online)
-    return calql_update(state._replace(key=key), batch, k_upd, calibrate, cql_weight, h)
+    i_on = jax.random.randint(k_on, (h.batch_size - n_off,), 0, jnp.maximum(online_size, 1))
+    return jax.tree.map(lambda off, on: jnp.where(online_size > 0, jnp.concatenate([off[i_off[:n_off]], on[i_on]]),
+                                                  off[i_off]), offline, online)
 
 
 # Multi-seed: every state leaf, the online buffer and the per-seed counters carry a leading seed axis; the
 # offline rows are shared (in_axes None). One seed's numbers equal a single-seed run's up to float32
-# round-off (XLA sums batched matmuls in a different order).
+# round-off (XLA sums batched matmuls in a different order). Each update draws its batch on device first.
 @partial(jax.jit, static_argnames=("h",))
-def update_block(state: CalQLState, offline: Buffer, offline_size, online: Buffer, online_size, calibrate,
+def scan_updates(state: CalQLState, offline: Buffer, offline_size, online: Buffer, online_size, calibrate,
                  cql_weight, h: Hyper):
-    """`h.block` updates per seed in one lax.scan (vmapped over seeds); metrics of shape [seeds, h.block]."""
+    """`h.update_block` updates per seed in one lax.scan (vmapped over seeds); metrics [seeds, h.update_block]."""
     def one_seed(state, online, online_size):
-        args = (offline, offline_size, online, online_size, calibrate, cql_weight, h)
-        return jax.lax.scan(lambda s, _: sampled_update(s, *args), state, None, length=h.block)
+        def body(s, _):
+            key, k_off, k_on, k_upd = jax.random.split(s.key, 4)
+            batch = sample_batch(offline, offline_size, online, online_size, k_off, k_on, h)
+            return calql_update(s._replace(key=key), batch, k_upd, calibrate, cql_weight, h)
+        return jax.lax.scan(body, state, None, length=h.update_block)
     return jax.vmap(one_seed)(state, online, online_size)
 
 
 @partial(jax.jit, static_argnames=("h",))
 def update_few(state: CalQLState, offline: Buffer, offline_size, online: Buffer, online_size, n, calibrate,
                cql_weight, h: Hyper):
-    """`n[i]` <= h.block updates for seed i in one lax.fori_loop of max(n) steps (n traced: one compiled program
-    for every count); a seed with fewer updates keeps its state; metrics [seeds, h.block], zero where unused."""
+    """`n[i]` <= h.update_block updates for seed i in one lax.fori_loop of max(n) steps (n traced: one compiled
+    program for every count); a seed with fewer updates keeps its state; metrics [seeds, h.update_block], zero
+    where unused."""
     def one_seed(state, online, online_size, n_seed):
-        args = (offline, offline_size, online, online_size, calibrate, cql_weight, h)
-        shapes = jax.eval_shape(lambda s: sampled_update(s, *args)[1], state)
+        def update(s):
+            key, k_off, k_on, k_upd = jax.random.split(s.key, 4)
+            batch = sample_batch(offline, offline_size, online, online_size, k_off, k_on, h)
+            return calql_update(s._replace(key=key), batch, k_upd, calibrate, cql_weight, h)
+
+        shapes = jax.eval_shape(lambda s: update(s)[1], state)
 
         def body(i, carry):
-            new, metrics = sampled_update(carry[0], *args)
+            new, metrics = update(carry[0])
             keep = i < n_seed
             new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, carry[0])
             return new, jax.tree.map(lambda all_, m: all_.at[i].set(jnp.where(keep, m, 0)), carry[1], metrics)
-        zeros = jax.tree.map(lambda x: jnp.zeros((h.block,) + x.shape, x.dtype), shapes)
+        zeros = jax.tree.map(lambda x: jnp.zeros((h.update_block,) + x.shape, x.dtype), shapes)
         return jax.lax.fori_loop(0, jnp.max(n), body, (state, zeros))
     return jax.vmap(one_seed)(state, online, online_size, n)
 
@@ -558,26 +560,6 @@ def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
     """tanh(mean) of one seed's actor (evaluation)."""
     mean, _ = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
     return jnp.tanh(mean)
-
-
-# ---------------------------------------------------------------------------------------------- MC returns, eval
-def mc_returns(rewards, episode_ends, discount: float, rule: str, failure_reward: float):
-    """Discounted return-to-go per episode (no bootstrap); with `rule` 'all' ('last') an episode whose
-    rewards all equal (whose last reward equals) `failure_reward` gets failure_reward / (1 - discount)."""
-    g = data.monte_carlo_returns(rewards, episode_ends, discount)
-    if rule == "none" or len(rewards) == 0:
-        return g
-    ends = np.flatnonzero(episode_ends)
-    if len(ends) == 0 or ends[-1] != len(rewards) - 1:
-        ends = np.append(ends, len(rewards) - 1)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    is_fail = np.isclose(rewards, failure_reward)
-    if rule == "all":
-        failed = np.logical_and.reduceat(is_fail, starts)
-    else:
-        failed = is_fail[ends]
-    per_row = np.repeat(failed, ends - starts + 1)
-    return np.where(per_row, failure_reward / (1.0 - discount), g).astype(np.float32)
 
 
 def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, goal_task: bool, refs):
@@ -672,11 +654,34 @@ def block_metrics(metrics: dict, n, phase: str, seeds: list, updates_before) -> 
 
 
 # ---------------------------------------------------------------------------------------------- training
+def mc_returns(rewards, episode_ends, discount: float, rule: str, failure_reward: float):
+    """Discounted return-to-go per episode (no bootstrap); with `rule` 'all' ('last') an episode whose
+    rewards all equal (whose last reward equals) `failure_reward` gets failure_reward / (1 - discount)."""
+    g = data.monte_carlo_returns(rewards, episode_ends, discount)
+    if rule == "none" or len(rewards) == 0:
+        return g
+    ends = np.flatnonzero(episode_ends)
+    if len(ends) == 0 or ends[-1] != len(rewards) - 1:
+        ends = np.append(ends, len(rewards) - 1)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    is_fail = np.isclose(rewards, failure_reward)
+    if rule == "all":
+        failed = np.logical_and.reduceat(is_fail, starts)
+    else:
+        failed = is_fail[ends]
+    per_row = np.repeat(failed, ends - starts + 1)
+    return np.where(per_row, failure_reward / (1.0 - discount), g).astype(np.float32)
+
+
+def r_fail(cfg: TrainConfig) -> float:
+    """The transformed reward of `mc_failure_raw_reward` (the failure reward of the MC returns' failure rule)."""
+    return cfg.mc_failure_raw_reward * cfg.reward_scale + cfg.reward_bias
+
+
 def prepare_offline(cfg: TrainConfig, ds: data.OfflineData):
     """Transformed rewards, clipped actions and MC returns (with the failure rule) of the dataset."""
     rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
-    failure = cfg.mc_failure_raw_reward * cfg.reward_scale + cfg.reward_bias
-    mc = mc_returns(rewards, ds.episode_ends, cfg.discount, cfg.mc_failure_rule, failure)
+    mc = mc_returns(rewards, ds.episode_ends, cfg.discount, cfg.mc_failure_rule, r_fail(cfg))
     actions = np.clip(ds.actions, -cfg.clip_action, cfg.clip_action)
     return rewards, actions, mc
 
@@ -686,6 +691,201 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / "cal_ql" / cfg.dataset_id.replace("/", "_") / seeds
 
 
+class World(NamedTuple):
+    """What a run trains on: the data on device, the envs (one training env per seed, one evaluation env), the
+    static hyper-parameters and the reward transformation."""
+    offline: Buffer  # all dataset rows (transformed rewards, clipped actions, MC returns), shared by the seeds
+    envs: list
+    eval_env: Any
+    h: Hyper
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    max_len: int  # the env's time limit: the longest trajectory
+    refs: Optional[tuple]  # (ref_min, ref_max) return of the normalised score, None when the dataset has none
+
+    def reward(self, r, cfg):
+        return r * cfg.reward_scale + cfg.reward_bias
+
+    def close(self):
+        for env in self.envs + [self.eval_env]:
+            env.close()
+
+
+def load_world(cfg: TrainConfig, n_seeds: int) -> World:
+    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in range(n_seeds)], data.make_env(cfg.dataset_id)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    max_len = envs[0].spec.max_episode_steps if envs[0].spec is not None else None
+    if not max_len:
+        raise data.DatasetError(f"{cfg.dataset_id}: the env has no time limit; Cal-QL collects whole trajectories")
+    try:
+        refs = data.reference_scores(cfg.dataset_id)
+    except data.DatasetError as e:
+        print(f"warning: {e}; logging raw returns only")
+        refs = None
+    rewards, actions, mc = prepare_offline(cfg, ds)
+    offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, actions, rewards, ds.next_observations,
+                                                              ds.terminals, mc)))
+    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+    return World(offline, envs, eval_env, make_hyper(cfg, obs_dim, act_dim), obs_mean, obs_std, max_len, refs)
+
+
+@dataclass
+class Progress:
+    """Per-seed bookkeeping (one entry per seed) and the host state of a run: the checkpoint's meta.json."""
+    phase: str  # offline | load_offline | online | done
+    num_seeds: int
+    updates: np.ndarray  # gradient steps done
+    env_steps: np.ndarray  # online env steps done
+    online_size: np.ndarray  # online rows in the buffer
+    saved_rows: np.ndarray  # online rows already written to checkpoints/buffer
+    next_eval: np.ndarray  # env step of the next online evaluation
+    episodes: np.ndarray  # online episodes finished
+    eval_lines: np.ndarray  # lines of each seed's eval.jsonl that this state has logged
+    act_key: np.ndarray  # [seeds, 2] exploration RNG keys
+    env_rng: list  # training-env RNG snapshots at the checkpoint (None before the first reset)
+    last_eval: list  # the last evaluation record
+    wandb_id: Optional[str] = None
+    wall_time: float = 0.0  # seconds of run time before this attempt
+
+    COUNTERS = ("updates", "env_steps", "online_size", "saved_rows", "next_eval", "episodes", "eval_lines")
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, seeds: list) -> "Progress":
+        zeros = lambda: np.zeros(len(seeds), np.int64)  # noqa: E731
+        return cls("offline", len(seeds), zeros(), zeros(), zeros(), zeros(),
+                   np.full(len(seeds), cfg.online_eval_every, np.int64), zeros(), zeros(),
+                   np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), [None] * len(seeds),
+                   [None] * len(seeds))
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Progress":
+        return cls(**{**meta, **{k: np.asarray(meta[k], np.int64) for k in cls.COUNTERS}})
+
+    def meta(self) -> dict:
+        return {**asdict(self), **{k: getattr(self, k).tolist() for k in self.COUNTERS}}
+
+
+def start_or_resume(cfg: TrainConfig, run, world: World, seeds: list):
+    """(state, progress, online buffer): fresh, or restored from run.resume_from (state, counters, RNG keys, online
+    rows), or the offline state of run.offline_from to fine-tune."""
+    h, N = world.h, len(seeds)
+    online = Buffer(*(jnp.zeros((N, cfg.online_steps + world.max_len) + shape, jnp.float32) for shape in
+                      ((h.obs_dim,), (h.act_dim,), (), (h.obs_dim,), (), ())))  # the last trajectory may overshoot
+    state = stack_seeds([init_state(h, jax.random.PRNGKey(s), world.obs_mean, world.obs_std, cfg.log_alpha_prime_init)
+                         for s in seeds])
+    prog = Progress.start(cfg, seeds)
+    if run.resume_from is not None:
+        state, meta = load_state(run.resume_from, state, cfg)
+        prog = Progress.from_meta(meta)
+        for i, s in enumerate(seeds):
+            rows = load_buffer_rows(run.run_dir / "checkpoints" / "buffer" / f"seed{s}", int(prog.online_size[i]))
+            if rows is not None:
+                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
+        print(f"resumed from {run.resume_from}: phase {prog.phase}, {prog.updates.tolist()} updates, "
+              f"{prog.env_steps.tolist()} online env steps")
+    elif run.offline_from is not None:
+        state, src = load_state(run.offline_from, state, cfg)
+        prog.updates = np.asarray(src["updates"] if N > 1 else np.ravel(src["updates"])[:1], np.int64)
+        prog.act_key, prog.phase = np.asarray(src["act_key"]).reshape(N, -1), "load_offline"
+        print(f"loaded offline state from {run.offline_from} ({src['updates']} updates)")
+    return state, prog, online
+
+
+class Recorder:
+    """Evaluations (eval.jsonl, wandb, console) and checkpoints of a run: `evaluate` and `checkpoint`."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, seeds: list, world: World, prog: Progress, t_start: float):
+        self.cfg, self.run_dir, self.seeds, self.world, self.t_start = cfg, run_dir, seeds, world, t_start
+        self.wall_before, self.goal_task = prog.wall_time, "antmaze" in cfg.dataset_id
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(cfg, f)
+        prog.wandb_id = prog.wandb_id or f"{cfg.name}-{int(time.time())}"
+        self.logger = Logger(cfg, run_dir, seeds, prog.wandb_id, prog.eval_lines.tolist())
+
+    def evaluate(self, state, prog: Progress, phase: str, which=None):
+        cfg, w = self.cfg, self.world
+        for i in range(len(self.seeds)) if which is None else which:
+            params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
+            record = {"seed": self.seeds[i], "phase": phase, "updates": int(prog.updates[i]),
+                      "env_steps": int(prog.env_steps[i])}
+            record.update(evaluate(w.eval_env, lambda o: act_deterministic(params, mean_, std_, o, w.h),
+                                   cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success, self.goal_task, w.refs))
+            record["wall_time"] = round(self.wall_before + time.time() - self.t_start, 2)  # s since the run started
+            self.logger.log_eval(i, record)
+            prog.eval_lines[i], prog.last_eval[i] = self.logger.eval_lines[i], record
+
+    def score(self, prog: Progress, which=None) -> float:
+        records = [prog.last_eval[i] for i in (range(len(self.seeds)) if which is None else which)]
+        return float(np.mean([r.get("normalized_score", r["return"]) for r in records]))
+
+    def checkpoint(self, state, prog: Progress, online: Buffer, act_key, name: str = "latest"):
+        """Online rows appended to checkpoints/buffer, then state + meta atomically into checkpoints/<name>."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        prog.act_key = np.asarray(act_key)
+        for i, s in enumerate(self.seeds):
+            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), int(prog.saved_rows[i]),
+                             int(prog.online_size[i]))
+        prog.saved_rows = prog.online_size.copy()
+        prog.wall_time = self.wall_before + time.time() - self.t_start
+        save_state(ckpt_dir / name, state, prog.meta(), self.cfg)
+
+
+class Episodes:
+    """The training envs, one entry per seed, between trajectories, and the chunk holding each seed's last one."""
+
+    def __init__(self, world: World, prog: Progress, seeds: list):
+        N, h = len(seeds), world.h
+        for i, env in enumerate(world.envs):
+            if prog.env_rng[i] is not None:
+                env_rng_restore(env, prog.env_rng[i], seeds[i])
+        self.first_reset = np.array([snapshot is None for snapshot in prog.env_rng])
+        self.chunk = {k: np.zeros((N, world.max_len) + s, np.float32) for k, s in
+                      (("obs", (h.obs_dim,)), ("act", (h.act_dim,)), ("rew", ()), ("next_obs", (h.obs_dim,)),
+                       ("done", ()), ("mc", ()))}
+        self.obs = np.zeros((N, h.obs_dim), np.float32)
+        self.recent = [[] for _ in range(N)]
+        self.due = np.zeros(N, bool)  # waiting for the synchronised evaluation + checkpoint
+
+
+def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes, act_key, seeds):
+    """One whole trajectory with the stochastic policy for each seed that is neither due nor finished, into
+    ep.chunk with its MC returns. Returns (steps per seed, their episode returns to log, the advanced keys)."""
+    N = len(seeds)
+    n, ret = np.zeros(N, np.int32), [0.0] * N
+    active = ~ep.due & (prog.env_steps < cfg.online_steps)
+    collected = np.flatnonzero(active)
+    for i in collected:
+        ep.obs[i] = world.envs[i].reset(seed=seeds[i] if ep.first_reset[i] else None)[0]
+        ep.first_reset[i] = False
+    while active.any():
+        actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, ep.obs, act_key,
+                                       jnp.asarray(active), world.h)
+        actions = np.asarray(actions)
+        for i in np.flatnonzero(active):
+            next_obs, r, term, trunc, info = world.envs[i].step(actions[i])
+            term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+            j, c = n[i], ep.chunk
+            c["obs"][i, j], c["act"][i, j], c["next_obs"][i, j] = ep.obs[i], actions[i], next_obs
+            c["done"][i, j], c["rew"][i, j] = float(term), world.reward(r, cfg)
+            n[i], ret[i], ep.obs[i] = j + 1, ret[i] + float(r), next_obs
+            if term or trunc:
+                active[i] = False
+    for i in collected:
+        ends = np.zeros(n[i], bool)
+        ends[-1] = True
+        ep.chunk["mc"][i, :n[i]] = mc_returns(ep.chunk["rew"][i, :n[i]], ends, cfg.discount, cfg.mc_failure_rule,
+                                              r_fail(cfg))
+        prog.episodes[i] += 1
+        ep.recent[i] = (ep.recent[i] + [ret[i]])[-10:]
+    prog.env_steps += n
+    return n, {f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ret[i] for i in collected}, act_key
+
+
 def train(cfg: TrainConfig) -> dict:
     """Offline pre-training then online fine-tuning of `num_seeds` seeds at once; returns the last evaluation
     record(s) and paths."""
@@ -693,226 +893,108 @@ def train(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    ckpt_dir = run_dir / "checkpoints"
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     N = len(seeds)
     cfg.name = cfg.name or f"cal_ql-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    goal_task = "antmaze" in cfg.dataset_id
     with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
         src_seeds = load_meta(run.offline_from).get("num_seeds", 1) if run.offline_from else N
         if src_seeds != N:
             raise RunError(f"--offline_checkpoint {run.offline_from} holds {src_seeds} seed(s); run with --num_seeds "
                            f"{src_seeds}")
-        # data and envs (one training env per seed, one evaluation env)
-        ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-        envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
-        obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-        if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
-            raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
-                                    f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-        max_len = envs[0].spec.max_episode_steps if envs[0].spec is not None else None
-        if not max_len:
-            raise data.DatasetError(f"{cfg.dataset_id}: the env has no time limit; Cal-QL collects whole trajectories")
-        try:
-            refs = data.reference_scores(cfg.dataset_id)
-        except data.DatasetError as e:
-            print(f"warning: {e}; logging raw returns only")
-            refs = None
-        rewards, actions, mc = prepare_offline(cfg, ds)
-        failure_reward = cfg.mc_failure_raw_reward * cfg.reward_scale + cfg.reward_bias
-        n_off = len(ds)
-        h = make_hyper(cfg, obs_dim, act_dim)
-        obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
-        obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-        offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, actions, rewards, ds.next_observations,
-                                                                  ds.terminals, mc)))
-        del rewards, actions, mc
-        capacity = cfg.online_steps + max_len  # the last trajectory may overshoot online_steps
-        online = Buffer(*(jnp.zeros((N, capacity) + s, jnp.float32) for s in
-                          ((obs_dim,), (act_dim,), (), (obs_dim,), (), ())))
-
-        state = stack_seeds([init_state(h, jax.random.PRNGKey(s), obs_mean, obs_std, cfg.log_alpha_prime_init)
-                             for s in seeds])
-        meta = {"phase": "offline", "num_seeds": N, "updates": [0] * N, "env_steps": [0] * N, "online_size": [0] * N,
-                "saved_rows": [0] * N, "next_eval": [cfg.online_eval_every] * N,
-                "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
-                "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
-                "last_eval": [None] * N, "wall_time": 0.0}
-        if run.resume_from is not None:
-            state, meta = load_state(run.resume_from, state, cfg)
-            for i, s in enumerate(seeds):
-                rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
-                if rows is not None:
-                    online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
-            print(f"resumed from {run.resume_from}: phase {meta['phase']}, {meta['updates']} updates, "
-                  f"{meta['env_steps']} online env steps")
-        elif run.offline_from is not None:
-            state, src_meta = load_state(run.offline_from, state, cfg)
-            meta.update(updates=[int(u) for u in np.ravel(src_meta["updates"])],
-                        act_key=np.asarray(src_meta["act_key"]).reshape(N, -1), phase="load_offline")
-            print(f"loaded offline state from {run.offline_from} ({src_meta['updates']} updates)")
-        with open(run_dir / "config.yaml", "w") as f:
-            pyrallis.dump(cfg, f)
-        if meta["wandb_id"] is None:
-            meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-        logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
-        act_key = jnp.asarray(meta["act_key"])
-        wall_before = meta["wall_time"]
-
-        def run_eval(phase, which=None):
-            for i in range(N) if which is None else which:
-                params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
-                record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
-                          "env_steps": int(meta["env_steps"][i])}
-                record.update(evaluate(eval_env, lambda o: act_deterministic(params, mean_, std_, o, h),
-                                       cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success, goal_task, refs))
-                record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-                logger.log_eval(i, record)
-                meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
-
-        def checkpoint(name="latest"):
-            meta["act_key"] = np.asarray(act_key)
-            for i, s in enumerate(seeds):
-                save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
-                                 meta["online_size"][i])
-            meta["saved_rows"] = list(meta["online_size"])
-            meta["wall_time"] = wall_before + time.time() - t_start
-            save_state(ckpt_dir / name, state, meta, cfg)
-
-        def score(i):
-            return meta["last_eval"][i].get("normalized_score", meta["last_eval"][i]["return"])
-
-        def updates(n, phase, calibrate, weight):
-            """n[i] updates for seed i: blocks of update_block (a masked fori_loop when the seeds' counts differ or
-            are below a block); returns the mean metrics."""
-            nonlocal state
-            remaining, sums, total = np.asarray(n, np.int64).copy(), {}, 0
-            sizes = jnp.asarray(meta["online_size"], jnp.int32)
-            while remaining.max() > 0:
-                m = np.minimum(remaining, cfg.update_block)
-                if (m == cfg.update_block).all():
-                    state, metrics = update_block(state, offline, n_off, online, sizes, calibrate, weight, h)
-                else:
-                    state, metrics = update_few(state, offline, n_off, online, sizes, jnp.asarray(m, jnp.int32),
-                                                calibrate, weight, h)
-                logged = block_metrics(metrics, m, phase, seeds, meta["updates"])
-                sums = {k: sums.get(k, 0.0) + v * m.sum() for k, v in logged.items()}
-                total += int(m.sum())
-                meta["updates"] = [u + int(k) for u, k in zip(meta["updates"], m)]
-                remaining -= m
-            return {k: v / max(total, 1) for k, v in sums.items()}
+        world = load_world(cfg, N)
+        h, n_data = world.h, world.offline.rew.shape[0]  # dataset rows, shared by the seeds
+        state, prog, online = start_or_resume(cfg, run, world, seeds)
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
 
         # ---- offline pre-training (all seeds in one vmapped scan per block)
-        if meta["phase"] == "offline":
-            bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="Cal-QL offline", mininterval=5)
-            while meta["updates"][0] < cfg.offline_updates:
-                logged = updates([cfg.update_block] * N, "offline", cfg.calibration, cfg.cql_weight)
+        if prog.phase == "offline":
+            bar = tqdm(total=cfg.offline_updates, initial=int(prog.updates[0]), desc="Cal-QL offline", mininterval=5)
+            while prog.updates[0] < cfg.offline_updates:
+                state, metrics = scan_updates(state, world.offline, n_data, online, jnp.asarray(prog.online_size,
+                                              jnp.int32), cfg.calibration, cfg.cql_weight, h)
+                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, prog.updates)
+                prog.updates += cfg.update_block
                 bar.update(cfg.update_block)
-                logger.log({**logged, "offline/updates": meta["updates"][0]})
-                if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
-                    run_eval("offline")
-                    bar.set_postfix(score=np.mean([score(i) for i in range(N)]))
-                    if meta["updates"][0] < cfg.offline_updates:
-                        checkpoint()
-                if run.stop and meta["updates"][0] < cfg.offline_updates:
-                    checkpoint()
-                    run.interrupt_if_asked(f"after {meta['updates'][0]} offline updates")
+                rec.logger.log({**logged, "offline/updates": int(prog.updates[0])})
+                if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == cfg.offline_updates:
+                    rec.evaluate(state, prog, "offline")
+                    bar.set_postfix(score=rec.score(prog))
+                    if prog.updates[0] < cfg.offline_updates:
+                        rec.checkpoint(state, prog, online, act_key)
+                if run.stop and prog.updates[0] < cfg.offline_updates:
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"after {int(prog.updates[0])} offline updates")
             bar.close()
-            if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
-                run_eval("offline")
-            meta["phase"] = "online"
-            checkpoint("offline")
-            checkpoint()
-        elif meta["phase"] == "load_offline":
-            run_eval("offline")  # the score before fine-tuning
-            meta["phase"] = "online"
-            checkpoint("offline")
-            checkpoint()
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
+                rec.evaluate(state, prog, "offline")
+        elif prog.phase == "load_offline":
+            rec.evaluate(state, prog, "offline")  # the score before fine-tuning
+        if prog.phase in ("offline", "load_offline"):
+            prog.phase = "online"
+            rec.checkpoint(state, prog, online, act_key, "offline")
+            rec.checkpoint(state, prog, online, act_key)
 
         # ---- online fine-tuning: each seed collects one trajectory, its MC returns, then len(trajectory) *
         # online_utd updates (the single-seed schedule). A seed due for evaluation waits until every seed is due
         # (or finished), so checkpoints fall on episode ends of all seeds.
-        if meta["phase"] == "online":
-            for i, env in enumerate(envs):
-                if meta["env_rng"][i] is not None:
-                    env_rng_restore(env, meta["env_rng"][i], seeds[i])
-            first_reset = [meta["env_rng"][i] is None for i in range(N)]
-            online_weight = cfg.cql_weight if cfg.cql_weight_online < 0 else cfg.cql_weight_online
+        if prog.phase == "online":
+            ep = Episodes(world, prog, seeds)
+            weight = cfg.cql_weight if cfg.cql_weight_online < 0 else cfg.cql_weight_online
             calibrate = cfg.calibration and cfg.online_calibration
-            chunk = {k: np.zeros((N, max_len) + s, np.float32) for k, s in
-                     (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()),
-                      ("mc", ()))}
-            recent = [[] for _ in range(N)]
-            due = [False] * N
-            obs = np.zeros((N, obs_dim), np.float32)
-            bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="Cal-QL online", mininterval=5)
-            while min(meta["env_steps"]) < cfg.online_steps:
-                active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
-                collected = active.copy()
-                n, ep_ret = np.zeros(N, np.int32), [0.0] * N
-                for i in np.flatnonzero(active):
-                    obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
-                    first_reset[i] = False
-                while active.any():
-                    actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
-                                                   jnp.asarray(active), h)
-                    actions = np.asarray(actions)
-                    for i in np.flatnonzero(active):
-                        next_obs, r, term, trunc, info = envs[i].step(actions[i])
-                        term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                        j = n[i]
-                        chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
-                        chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
-                        n[i], ep_ret[i], obs[i] = j + 1, ep_ret[i] + float(r), next_obs
-                        if term or trunc:
-                            active[i] = False
-                for i in np.flatnonzero(collected):
-                    ends = np.zeros(n[i], bool)
-                    ends[-1] = True
-                    chunk["mc"][i, :n[i]] = mc_returns(chunk["rew"][i, :n[i]], ends, cfg.discount, cfg.mc_failure_rule,
-                                                       failure_reward)
-                    meta["episodes"][i] += 1
-                    recent[i] = (recent[i] + [ep_ret[i]])[-10:]
-                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
-                                       jnp.asarray(meta["online_size"], jnp.int32))
-                meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
-                meta["env_steps"] = [a + int(b) for a, b in zip(meta["env_steps"], n)]
-                logged = updates(n * cfg.online_utd, "online", calibrate, online_weight)
-                returns = {f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i]
-                           for i in np.flatnonzero(collected)}
-                logger.log({**logged, **returns, "online/env_steps": sum(meta["env_steps"]),
-                            "online/updates": sum(meta["updates"])})
+            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="Cal-QL online",
+                       mininterval=5)
+            while prog.env_steps.min() < cfg.online_steps:
+                n, returns, act_key = collect(cfg, world, state, prog, ep, act_key, seeds)
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
+                                       jnp.asarray(prog.online_size, jnp.int32))
+                prog.online_size += n
+                # n[i] * online_utd updates for seed i: whole blocks, then the remainder in one masked loop
+                todo, sums, sizes = np.asarray(n * cfg.online_utd, np.int64), {}, jnp.asarray(prog.online_size,
+                                                                                              jnp.int32)
+                while todo.max() > 0:
+                    m = np.minimum(todo, cfg.update_block)
+                    if (m == cfg.update_block).all():
+                        state, metrics = scan_updates(state, world.offline, n_data, online, sizes, calibrate, weight, h)
+                    else:
+                        state, metrics = update_few(state, world.offline, n_data, online, sizes,
+                                                    jnp.asarray(m, jnp.int32), calibrate, weight, h)
+                    logged = block_metrics(metrics, m, "online", seeds, prog.updates)
+                    sums = {k: sums.get(k, 0.0) + v * m.sum() for k, v in logged.items()}
+                    prog.updates += m
+                    todo -= m
+                logged = {k: v / max(int((n * cfg.online_utd).sum()), 1) for k, v in sums.items()}
+                rec.logger.log({**logged, **returns, "online/env_steps": int(prog.env_steps.sum()),
+                                "online/updates": int(prog.updates.sum())})
                 bar.update(int(n.sum()))
-                for i in np.flatnonzero(collected):
-                    if (meta["next_eval"][i] <= meta["env_steps"][i] or run.stop) and meta["env_steps"][i] < cfg.online_steps:
-                        due[i] = True  # (a stop request: checkpoint at every seed's next episode end, no evaluation)
-                if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
-                    which = [i for i in range(N) if due[i] and meta["env_steps"][i] >= meta["next_eval"][i]]
+                ep.due |= ((n > 0) & ((prog.env_steps >= prog.next_eval) | run.stop)
+                           & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
+                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
+                    which = [i for i in range(N) if ep.due[i] and prog.env_steps[i] >= prog.next_eval[i]]
                     for i in which:
-                        while meta["next_eval"][i] <= meta["env_steps"][i]:
-                            meta["next_eval"][i] += cfg.online_eval_every
+                        while prog.next_eval[i] <= prog.env_steps[i]:
+                            prog.next_eval[i] += cfg.online_eval_every
                     if which:
-                        run_eval("online", which)
-                        bar.set_postfix(score=np.mean([score(i) for i in which]),
-                                        train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
-                    meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
-                    due = [False] * N
-                    checkpoint()
-                    run.interrupt_if_asked(f"at {meta['env_steps']} online env steps")
+                        rec.evaluate(state, prog, "online", which)
+                        bar.set_postfix(score=rec.score(prog, which),
+                                        train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
+                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
+                    ep.due[:] = False
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
             bar.close()
-            run_eval("online")
-            meta["phase"] = "done"
-            checkpoint()
-        elif meta["phase"] == "done":
+            rec.evaluate(state, prog, "online")
+            prog.phase = "done"
+            rec.checkpoint(state, prog, online, act_key)
+        elif prog.phase == "done":
             print(f"run in {run_dir} already finished")
-        logger.close()
-        for env in envs + [eval_env]:
-            env.close()
-        summaries = [summarize(path) for path in logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
-               "env_steps": meta["env_steps"][0], **summaries[0]}
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
+               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
         if N > 1:
-            out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
                        per_seed=summaries)
         return out
 
@@ -928,6 +1010,7 @@ def summarize(eval_path: Path) -> dict:
         print(f"{key.replace('_', ' ')}: {out['before_finetuning']:.2f} after pre-training -> "
               f"{out['after_finetuning']:.2f} after fine-tuning (eval log: {eval_path})")
     return out
+
 
 
 # ====================================================================================================

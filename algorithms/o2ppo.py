@@ -3,88 +3,33 @@ re-evaluation on Monte-Carlo returns, then PPO fine-tuning constrained towards t
 
 Paper:  Luo, Xie, Wang, Huang, "Optimistic Critic Reconstruction and Constrained Fine-Tuning for General
         Offline-to-Online RL", NeurIPS 2024, https://arxiv.org/abs/2412.18855.
-Official code: https://github.com/QinwenLuo/OCR-CFT @ 77c49819e0814eb06dccd7f60db06ba58165317c
-        (`finetune/O2PPO.py`, `finetune/online_agent/ppo/*`, themselves derived from Uni-O4,
-        https://github.com/Lei-Kun/Uni-O4; the offline IQL is `offline/iql.py` + `net.py`, derived from CORL).
+Reference implementation: https://github.com/QinwenLuo/OCR-CFT @ 77c49819e0814eb06dccd7f60db06ba58165317c
+        (`finetune/O2PPO.py`, `finetune/online_agent/ppo/*`; the offline IQL is `offline/iql.py` + `net.py`).
+Design notes (the three phases in detail, evaluation records, several seeds, hand-offs): docs/o2ppo.md.
 
 What is implemented (official semantics unless listed under "Deviations"):
-  Phase 1 "offline", IQL pre-training (CORL semantics, as algorithms/iql.py): V by expectile regression on
-    min_i Qbar_i(s,a) - V(s); Q_i by TD to r + gamma (1-d) V(s') with the pre-update V; Polyak target;
-    advantage-weighted regression of a Gaussian actor (tanh-squashed mean MLP, state-independent log-std);
-    the actor LR decays to 0 over `offline_updates` (cosine, CORL); networks initialised like OCR's `net.py`
-    (orthogonal weights, zero biases; `orthogonal_init: false` = PyTorch default, CORL). The actor has the same
-    parameter tree as algorithms/iql.py's, so `--offline_checkpoint` accepts this script's checkpoints/offline
-    AND algorithms/iql.py's (only the actor and the state normalisation are taken; clear errors otherwise).
-  Phase 2 "reevaluation" (`policy_reevaluation`): a tanh MLP V (3 x 256, PyTorch-default init) is regressed
-    on the dataset's discounted Monte-Carlo returns (MSE, Adam lr 1e-4, batch 512). The IQL critics are not
-    used any more (as in the official code).
-  Phase 3 "online", constrained PPO (on-policy, no offline data):
-    * rollouts of `rollout_length` env steps, a ~ clip(N(mu(s), sigma^2), -1, 1), log pi_old of the clipped action;
-    * GAE as a reverse lax.scan: delta = r + gamma (1 - terminal) V(s') - V(s), A = delta + gamma lambda (1 - done) A'
-      (time-limit truncations bootstrap but cut the trace); V target = A + V(s) (before any modification);
-    * reference advantage (`constrained_finetuning`):
-        A_ref(s,a) = alpha / d * [softplus(log pi_ref(a|s) + H(pi_ref(.|s)) + 4 d) - 4 d] * |std(A)|
-        A <- (A + w_t A_ref) / (1 + w_t),  w_t = max(1 - t / end_steps, 0)  (t = env steps so far)
-      then A <- (A - mean) / (std + 1e-5);
-    * `ppo_epochs` epochs of shuffled minibatches (nested lax.scan): loss = -mean(min(rho A, clip(rho, 1 +- eps) A))
-      - entropy_coef * entropy, value loss MSE(V target, V(s)); separate Adam optimisers (eps 1e-5), each with a
-      global grad-norm clip 0.5, and learning rates decayed linearly in env steps (lr (1 - t / online_steps));
-    * deterministic evaluation (mean action) every `evaluate_freq` env steps; the reference policy pi_ref becomes
-      the evaluated policy whenever its score beats the best so far (initially the offline policy's score);
-    * `dynamic_reward_scaling` (halfcheetah configs): rewards are divided by the running std of the discounted
-      return (the official RewardScaling); the scaler runs over the dataset first (the V targets use scaled
-      rewards) and its state carries into the online phase (its return is reset at each episode start);
-    * `std_cap` (hopper *expert* configs): actor and reference log-std capped at log(std_cap) when fine-tuning
-      starts (official `reset_std(log 0.05)`).
-  Switches (OCR-CFT's components): `policy_reevaluation: false` starts PPO from a freshly initialised V;
-  `constrained_finetuning: false` is plain PPO (no reference advantage); `value_alignment` exists only for a
-  uniform interface with the other OCR-CFT files (O2SAC, O2TD3) and HAS NO EFFECT: the official O2PPO has no
-  alignment step. All three off = the naive "load the IQL actor and run PPO" baseline.
+  1. "offline": IQL pre-training as algorithms/iql.py (expectile V, TD Q to V(s'), Polyak target, AWR actor with
+     the LR cosine-decayed over `offline_updates`), networks initialised like OCR's `net.py` (orthogonal weights,
+     zero biases; `orthogonal_init: false` = PyTorch default). `--offline_checkpoint` also takes iql.py's.
+  2. "reevaluation" (`policy_reevaluation`): a tanh MLP V regressed on the dataset's discounted Monte-Carlo returns.
+  3. "online": PPO on rollouts of `rollout_length` steps, GAE, the reference advantage (`constrained_finetuning`)
+        A <- (A + w_t A_ref) / (1 + w_t),  A_ref = alpha / d * [softplus(log pi_ref + H(pi_ref) + 4 d) - 4 d] |std(A)|,
+     w_t = max(1 - t / end_steps, 0); pi_ref := the evaluated policy whenever it beats the best score so far.
+  `value_alignment` exists only for a uniform OCR-CFT interface and HAS NO EFFECT (the official O2PPO has none).
 
 Deviations (and the switch that restores the official behaviour where one exists):
-  1. Per-sample reference advantage. The official code adds A_ref of shape [N] to A of
-     shape [N, 1], which broadcasts to an [N, N] matrix: normalisation runs over N^2 entries, a minibatch takes
-     rows A[idx] of shape [M, N] and the loss averages the clipped objective over the N columns, so the
-     per-sample reference term is averaged away. `reference_advantage_broadcast_bug: true` reproduces exactly that.
-  2. Monte-Carlo returns of the value re-evaluation respect every episode end, time limits included (decision
-     3), and so do the resets of the reward scaler's discounted return. The official code cuts only at terminals
-     (it looks for a misspelled 'timesout' key), so its returns run across time-limit ends, the scaler is never
-     reset on halfcheetah, and rewards of terminal transitions are left unscaled. `mc_returns_across_timeouts:
-     true` reproduces all three.
-  3. Evaluation runs on a separate env seeded with `eval_seed` at every evaluation (official: a fresh env seeded
-     with the training seed), exactly every `evaluate_freq` env steps. Online checkpoints are written at the first
-     episode end after each evaluation (with the partial rollout, the reward scaler and the env RNG), so that a
-     resumed run reproduces an uninterrupted one bit for bit on CPU; Ctrl-C / SIGTERM stop the online phase at the
-     next such checkpoint (the IQL and re-evaluation phases: after the current block).
-  4. One state normalisation (dataset mean, std + 1e-3, as IQL was trained with) for actor and V; the official
-     O2PPO re-normalises with std + 1e-10 of `env.get_dataset()` while its IQL actor was trained with + 1e-3.
-  5. The run stops after exactly `online_steps` env steps (official: finishes the episode in progress); the
-     rollout length must be a multiple of the minibatch size (official: a smaller last minibatch).
-  6. Datasets are Minari's: AntMaze `D4RL/antmaze/*-v1` (official: D4RL antmaze-*-v2) with
-     `terminate_on_success` reproducing D4RL's done-at-goal; locomotion uses this project's local `o2o/...` suite.
+  1. Per-sample reference advantage; the official [N, 1] + [N] broadcast averages the reference term away:
+     `reference_advantage_broadcast_bug: true` reproduces it.
+  2. Monte-Carlo returns and reward-scaler resets respect every episode end, time limits included (official: only
+     terminals, a misspelled 'timesout' key): `mc_returns_across_timeouts: true` reproduces it.
+  3. Evaluation on a separate env seeded with `eval_seed`; online checkpoints at the first episode end after an
+     evaluation, so a resumed run reproduces an uninterrupted one bit for bit on CPU (no switch).
+  4. One state normalisation (dataset mean, std + 1e-3, as IQL was trained) for actor and V (official PPO: + 1e-10).
+  5. The run stops after exactly `online_steps` env steps; `rollout_length` must be a multiple of `minibatch_size`.
+  6. Minari datasets (AntMaze `D4RL/antmaze/*-v1`, `terminate_on_success` = D4RL's done-at-goal; locomotion: this
+     project's `o2o/...` suite).
   7. Not implemented (off in every official config): `is_decay_pi`, `is_clip_value`, `use_reward_norm`, the
      'normal'/'number' reward-scaling strategies, the unused TD(0) `PPO.ope`.
-
-Evaluation records (eval.jsonl, one per evaluation): seed, phase (offline | reevaluation | online), updates
-(gradient steps of that phase: IQL, re-evaluation, PPO minibatch steps), env_steps, return, normalized_score,
-discounted_return, w_t (reference weight at this env step), kl_to_ref (mean KL(pi || pi_ref) over the last
-rollout's states after the last PPO update: the evaluated policy vs the reference it was trained towards),
-value_start / value_mean (PPO V at the evaluation episodes' first states / along them; not in offline records),
-value_loss (reevaluation), best_score and reference_updated (online), wall_time.
-
-Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
-vmapped over a leading seed axis (IQL and re-evaluation blocks: one vmapped lax.scan, dataset rows shared on
-device) and one training env per seed, acted for in one jitted call per env step. Each seed follows exactly its
-single-seed schedule (rollouts, PPO updates, evaluations exactly every `evaluate_freq` of its env steps, reference
-updates, w_t, reward scaler), so its numbers equal the single-seed run's up to float32 round-off (XLA's batched
-matmuls sum in another order). Seeds wait for each other only for the joint online checkpoint: a seed at its
-checkpoint episode end pauses until every seed is at its own (or finished); afterwards their rollouts end at
-different steps, so each PPO call updates just the seeds whose rollout is full. Evaluation records go to
-run_dir/seed<S>/eval.jsonl.
-
-Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
-the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped
-ensembles, several seeds) can deadlock XLA's thread pool (docs/testing.md, "A jaxlib 0.10.2 deadlock on CPU").
 
 Usage:
     python algorithms/o2ppo.py --config_path configs/o2ppo/quickstart.yaml
@@ -231,13 +176,14 @@ RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "run_d
 
 
 class Hyper(NamedTuple):
-    """Static (hashable) hyper-parameters the jitted functions are specialised on."""
+    """The static (hashable) arguments of the jitted functions: the env's dimensions and the config fields the maths
+    reads, under the config's own names (make_hyper copies them from TrainConfig by name)."""
     obs_dim: int
     act_dim: int
-    hidden: tuple
-    value_hidden: tuple
-    orthogonal: bool
-    block: int
+    hidden_dims: tuple
+    value_hidden_dims: tuple
+    orthogonal_init: bool
+    update_block: int
     discount: float
     # IQL
     iql_batch_size: int
@@ -250,13 +196,13 @@ class Hyper(NamedTuple):
     value_lr: float
     offline_updates: int
     offline_cosine: bool
-    # re-evaluation
-    reeval_batch_size: int
-    reeval_lr: float
+    # value re-evaluation
+    reevaluation_batch_size: int
+    reevaluation_lr: float
     # PPO
-    rollout: int
-    minibatch: int
-    epochs: int
+    rollout_length: int
+    minibatch_size: int
+    ppo_epochs: int
     ppo_actor_lr: float
     ppo_critic_lr: float
     gae_lambda: float
@@ -269,18 +215,13 @@ class Hyper(NamedTuple):
     online_steps: int
     alpha: float
     end_steps: int
-    constrained: bool
-    broadcast_bug: bool
+    constrained_finetuning: bool
+    reference_advantage_broadcast_bug: bool
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
-    return Hyper(obs_dim, act_dim, tuple(cfg.hidden_dims), tuple(cfg.value_hidden_dims), cfg.orthogonal_init,
-                 cfg.update_block, cfg.discount, cfg.iql_batch_size, cfg.tau, cfg.expectile, cfg.beta,
-                 cfg.exp_adv_max, cfg.actor_lr, cfg.critic_lr, cfg.value_lr, cfg.offline_updates, cfg.offline_cosine,
-                 cfg.reevaluation_batch_size, cfg.reevaluation_lr, cfg.rollout_length, cfg.minibatch_size,
-                 cfg.ppo_epochs, cfg.ppo_actor_lr, cfg.ppo_critic_lr, cfg.gae_lambda, cfg.clip_ratio,
-                 cfg.entropy_coef, cfg.max_grad_norm, cfg.adam_eps, cfg.lr_decay, cfg.adv_norm, cfg.online_steps,
-                 cfg.alpha, cfg.end_steps, cfg.constrained_finetuning, cfg.reference_advantage_broadcast_bug)
+    static = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 (a list is not hashable)
+    return Hyper(obs_dim=obs_dim, act_dim=act_dim, **{k: static(getattr(cfg, k)) for k in Hyper._fields[2:]})
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -385,15 +326,15 @@ def critic_ensemble(hidden: tuple, orthogonal: bool, n: int = 2) -> nn.Module:
 
 
 def actor_net(h: Hyper) -> GaussianActor:
-    return GaussianActor(h.act_dim, h.hidden, h.orthogonal)
+    return GaussianActor(h.act_dim, h.hidden_dims, h.orthogonal_init)
 
 
 def ppo_value_net(h: Hyper) -> VNet:
-    return VNet(h.value_hidden, False, "tanh")  # PyTorch-default init (official ppo_net.MLP)
+    return VNet(h.value_hidden_dims, False, "tanh")  # PyTorch-default init (official ppo_net.MLP)
 
 
 def iql_networks(h: Hyper):
-    return actor_net(h), critic_ensemble(h.hidden, h.orthogonal), VNet(h.hidden, h.orthogonal)
+    return actor_net(h), critic_ensemble(h.hidden_dims, h.orthogonal_init), VNet(h.hidden_dims, h.orthogonal_init)
 
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -610,8 +551,9 @@ def init_ppo_value(h: Hyper, key):
 
 
 def make_reeval_state(h: Hyper, actor_params, value_params, key, obs_mean, obs_std) -> ReevalState:
-    return ReevalState(Trainable(actor_params, ()), Trainable(value_params, optax.adam(h.reeval_lr).init(value_params)),
-                       key, jnp.asarray(obs_mean, jnp.float32), jnp.asarray(obs_std, jnp.float32))
+    value = Trainable(value_params, optax.adam(h.reevaluation_lr).init(value_params))
+    return ReevalState(Trainable(actor_params, ()), value, key, jnp.asarray(obs_mean, jnp.float32),
+                       jnp.asarray(obs_std, jnp.float32))
 
 
 def cap_log_std(actor_params, std_cap: float):
@@ -640,7 +582,11 @@ def adam_step(trainable: Trainable, grads, tx, lr) -> Trainable:
 
 # ---------------------------------------------------------------------------------------------- phase 1: IQL
 def iql_update(state: IQLState, batch: Buffer, h: Hyper):
-    """One IQL step: V (expectile), Q (TD to pre-update V(s')), target EMA, actor (AWR). Pure."""
+    """One IQL step: V (expectile), Q (TD to pre-update V(s')), target EMA, actor (AWR). Pure.
+
+    L_V = mean |expectile - 1[u < 0]| u^2,  u = min_i Qbar_i(s,a) - V(s);
+    L_Q = mean_i mean (Q_i(s,a) - r - gamma (1-d) V_old(s'))^2;  Qbar <- tau Q + (1 - tau) Qbar;
+    L_pi = mean min(exp(beta u), exp_adv_max) * -log pi(a|s)  (u from the V step, detached)."""
     actor, critic, value = iql_networks(h)
     txs = iql_optimizers(h)
     obs = (batch.obs - state.obs_mean) / state.obs_std
@@ -686,9 +632,9 @@ def iql_update(state: IQLState, batch: Buffer, h: Hyper):
 # Multi-seed: every state leaf carries a leading seed axis; the dataset rows are shared (in_axes None). One
 # seed's numbers equal a single-seed run's up to float32 round-off (XLA sums batched matmuls in another order).
 @partial(jax.jit, static_argnames=("h",))
-def iql_block(state: IQLState, buffer: Buffer, h: Hyper):
-    """`h.block` IQL updates per seed in one lax.scan (vmapped over seeds), batches drawn inside the scan;
-    metrics of shape [seeds, h.block]."""
+def scan_offline_updates(state: IQLState, buffer: Buffer, h: Hyper):
+    """`h.update_block` IQL updates per seed in one lax.scan (vmapped over seeds), batches drawn inside the scan;
+    metrics of shape [seeds, h.update_block]."""
     size = buffer.rew.shape[0]
 
     def one(state, _):
@@ -697,7 +643,7 @@ def iql_block(state: IQLState, buffer: Buffer, h: Hyper):
         return iql_update(state._replace(key=key), jax.tree.map(lambda x: x[idx], buffer), h)
 
     def one_seed(state):
-        return jax.lax.scan(one, state, None, length=h.block)
+        return jax.lax.scan(one, state, None, length=h.update_block)
     return jax.vmap(one_seed)(state)
 
 
@@ -705,7 +651,7 @@ def iql_block(state: IQLState, buffer: Buffer, h: Hyper):
 def reeval_update(state: ReevalState, obs, returns, h: Hyper):
     """One regression step of V on Monte-Carlo returns: MSE(V(s), G) on a uniform batch."""
     key, k_idx = jax.random.split(state.key)
-    idx = jax.random.randint(k_idx, (h.reeval_batch_size,), 0, returns.shape[0])
+    idx = jax.random.randint(k_idx, (h.reevaluation_batch_size,), 0, returns.shape[0])
     o = (obs[idx] - state.obs_mean) / state.obs_std
     g = returns[idx]
 
@@ -714,16 +660,16 @@ def reeval_update(state: ReevalState, obs, returns, h: Hyper):
         return ((v - g) ** 2).mean(), v
 
     (v_loss, v), grads = jax.value_and_grad(loss, has_aux=True)(state.value.params)
-    value_tr = _step(state.value, grads, optax.adam(h.reeval_lr))
+    value_tr = _step(state.value, grads, optax.adam(h.reevaluation_lr))
     return state._replace(value=value_tr, key=key), {"value_loss": v_loss, "v": v.mean(), "mc_return": g.mean()}
 
 
 @partial(jax.jit, static_argnames=("h",))
-def reeval_block(state: ReevalState, obs, returns, h: Hyper):
-    """`h.block` re-evaluation steps per seed in one lax.scan (vmapped over seeds; the dataset's states and
-    Monte-Carlo returns shared); metrics of shape [seeds, h.block]."""
+def scan_reevaluation_updates(state: ReevalState, obs, returns, h: Hyper):
+    """`h.update_block` re-evaluation steps per seed in one lax.scan (vmapped over seeds; the dataset's states and
+    Monte-Carlo returns shared); metrics of shape [seeds, h.update_block]."""
     def one_seed(state):
-        return jax.lax.scan(lambda s, _: reeval_update(s, obs, returns, h), state, None, length=h.block)
+        return jax.lax.scan(lambda s, _: reeval_update(s, obs, returns, h), state, None, length=h.update_block)
     return jax.vmap(one_seed)(state)
 
 
@@ -743,11 +689,11 @@ def rollout_advantages(state: PPOState, roll: Rollout, env_steps, h: Hyper):
     adv = gae(roll.rew, v, v_next, roll.terminal, roll.done, h.discount, h.gae_lambda)
     v_target = adv + v
     t = jnp.asarray(env_steps, jnp.float32)
-    if h.constrained:
+    if h.constrained_finetuning:
         w = jnp.maximum(1.0 - t / h.end_steps, 0.0)
         ref_mean, ref_log_std = ppo_dist(state.ref_actor, obs, h)
         adv_ref = reference_advantage(ref_mean, ref_log_std, roll.act, h.alpha) * jnp.abs(jnp.std(adv, ddof=1))
-        mixed = mix_advantages(adv, adv_ref, w, h.broadcast_bug)
+        mixed = mix_advantages(adv, adv_ref, w, h.reference_advantage_broadcast_bug)
     else:
         w, adv_ref, mixed = jnp.zeros(()), jnp.zeros_like(adv), adv[:, None]
     if h.adv_norm:
@@ -759,13 +705,16 @@ def rollout_advantages(state: PPOState, roll: Rollout, env_steps, h: Hyper):
 
 def ppo_update_one(state: PPOState, roll: Rollout, env_steps, h: Hyper):
     """One PPO update of one seed on a full rollout collected before env step `env_steps`: advantages, then
-    `h.epochs` epochs of shuffled minibatches (nested lax.scan), actor step then value step per minibatch."""
+    `h.ppo_epochs` epochs of shuffled minibatches (nested lax.scan), actor step then value step per minibatch:
+
+    L_pi = -mean min(rho A, clip(rho, 1 - clip_ratio, 1 + clip_ratio) A) - entropy_coef * H,  rho = pi / pi_old;
+    L_V = mean (V target - V(s))^2; clipped Adam steps times lr (1 - (t - rollout_length) / online_steps)."""
     value = ppo_value_net(h)
     tx = ppo_optimizer(h)
     adv, v_target, obs, info = rollout_advantages(state, roll, env_steps, h)
     t = jnp.asarray(env_steps, jnp.float32)
     # official lr_decay(t) runs after each update: the update at env step t uses lr (1 - (t - N) / online_steps)
-    frac = jnp.maximum(1.0 - (t - h.rollout) / max(h.online_steps, 1), 0.0) if h.lr_decay else jnp.ones(())
+    frac = jnp.maximum(1.0 - (t - h.rollout_length) / max(h.online_steps, 1), 0.0) if h.lr_decay else jnp.ones(())
     logp_old = roll.logp.sum(-1)
 
     def minibatch(carry, idx):
@@ -790,11 +739,11 @@ def ppo_update_one(state: PPOState, roll: Rollout, env_steps, h: Hyper):
         return (actor_tr, value_tr), {"actor_loss": a_loss, "critic_loss": c_loss, **a_info}
 
     def epoch(carry, key):
-        perm = jax.random.permutation(key, h.rollout).reshape(-1, h.minibatch)
+        perm = jax.random.permutation(key, h.rollout_length).reshape(-1, h.minibatch_size)
         return jax.lax.scan(minibatch, carry, perm)
 
     key, sub = jax.random.split(state.key)
-    (actor_tr, value_tr), metrics = jax.lax.scan(epoch, (state.actor, state.value), jax.random.split(sub, h.epochs))
+    (actor_tr, value_tr), metrics = jax.lax.scan(epoch, (state.actor, state.value), jax.random.split(sub, h.ppo_epochs))
     mean, log_std = ppo_dist(actor_tr.params, obs, h)
     ref_mean, ref_log_std = ppo_dist(state.ref_actor, obs, h)
     metrics = {k: v.mean() for k, v in metrics.items()}
@@ -885,6 +834,81 @@ def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, 
     return out
 
 
+
+# ---------------------------------------------------------------------------------------------- logging
+class Logger:
+    """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., online/..., eval/...."""
+
+    def __init__(self, cfg, run_dir: Path, seeds: list, wandb_id: str, eval_lines: list):
+        # one seed: run_dir/eval.jsonl; several: run_dir/seed<S>/eval.jsonl
+        self.eval_paths = [run_dir / "eval.jsonl"] if len(seeds) == 1 else \
+            [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]
+        for path, keep in zip(self.eval_paths, eval_lines):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # drop evaluations logged after the checkpoint we resume from
+                lines = path.read_text().splitlines()[:keep]
+                path.write_text("".join(line + "\n" for line in lines))
+        self.eval_lines = list(eval_lines)
+        self.seeds = seeds
+        mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
+        self.wandb = None
+        if mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(project=cfg.project, group=cfg.group, name=cfg.name, id=wandb_id,
+                                    resume="allow", mode=mode, dir=str(run_dir), config=asdict(cfg))
+
+    def log(self, metrics: dict):
+        if self.wandb is not None:
+            self.wandb.log(metrics)
+
+    def log_eval(self, i: int, record: dict):
+        with open(self.eval_paths[i], "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.eval_lines[i] += 1
+        tag = "eval" if len(self.seeds) == 1 else f"eval/seed{self.seeds[i]}"
+        self.log({f"{tag}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        score = record.get("normalized_score", record["return"])
+        extra = f", success {record['success_rate']:.2f}" if "success_rate" in record else ""
+        print(f"[eval] seed {record['seed']} {record['phase']} updates={record['updates']} "
+              f"env_steps={record['env_steps']}: "
+              f"{'normalized score' if 'normalized_score' in record else 'return'} {score:.2f}{extra}", flush=True)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def block_metrics(metrics: dict, n, phase: str, seeds: list, updates_before) -> dict:
+    """Means of the first n[i] per-update metrics of each seed (then over seeds); a NaN/inf stops the run
+    naming the loss, the seed and the update."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}  # [seeds, steps]
+    n = np.broadcast_to(np.asarray(n), (len(seeds),))
+    valid = np.arange(next(iter(host.values())).shape[1])[None, :] < n[:, None]
+    bad = valid & np.logical_or.reduce([~np.isfinite(v) for v in host.values()])
+    if bad.any():
+        j = int(np.flatnonzero(bad.any(0))[0])  # the first update with a non-finite value, over all seeds
+        i = int(np.flatnonzero(bad[:, j])[0])
+        names = ", ".join(f"{phase}/{k} = {v[i, j]}" for k, v in host.items() if not np.isfinite(v[i, j]))
+        raise FloatingPointError(f"non-finite {names} (seed {seeds[i]}) at update "
+                                 f"{int(np.asarray(updates_before)[i]) + j + 1}; stopping (the last checkpoint is "
+                                 "intact)")
+    count = max(int(valid.sum()), 1)
+    return {f"{phase}/{k}": float(np.where(valid, v, 0.0).sum() / count) for k, v in host.items()}
+
+
+def ppo_metrics(metrics: dict, seeds: list, env_steps: list) -> dict:
+    """Means over the updated seeds of one PPO call's metrics ([updated seeds] each); a NaN/inf stops the run
+    naming the loss, the seed and the env step of the update."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}
+    for j, (seed, t) in enumerate(zip(seeds, env_steps)):
+        bad = [f"online/{k} = {v[j]}" for k, v in host.items() if not np.isfinite(v[j])]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)} (seed {seed}) at the PPO update at env step {t}; "
+                                     "stopping (the last checkpoint is intact)")
+    return {f"online/{k}": float(v.mean()) for k, v in host.items()}
+
+
+
 # ---------------------------------------------------------------------------------------------- offline sources
 def check_offline_source(cfg: TrainConfig, src: Path, seeds: list):
     """Checks of the intact --offline_checkpoint `src` that need only its meta.json and config.yaml (before any
@@ -925,7 +949,7 @@ def load_offline_actor(path: Path, h: Hyper, seed: int):
     prefix = ".actor.params"
     found = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
     what = (f"--offline_checkpoint {path}: O2PPO needs a Gaussian actor with a tanh-mean MLP of hidden widths "
-            f"{list(h.hidden)} and a state-independent log_std (this script's or algorithms/iql.py's checkpoints)")
+            f"{list(h.hidden_dims)} and a state-independent log_std (this script's or algorithms/iql.py's checkpoints)")
     if not found:
         raise RunError(f"{what}, but the checkpoint holds no '.actor.params' (names: {sorted(arrays)[:6]} ...)")
     template = jax.eval_shape(lambda: actor_net(h).init(jax.random.PRNGKey(0), jnp.zeros((1, h.obs_dim)))["params"])
@@ -943,7 +967,7 @@ def load_offline_actor(path: Path, h: Hyper, seed: int):
         if arr.shape != ref.shape:
             raise RunError(f"{what}; actor{name} has shape {arr.shape}, this config needs {ref.shape}: the "
                            "checkpoint was trained on other observation/action sizes or other hidden_dims (this "
-                           f"dataset: obs {h.obs_dim}, action {h.act_dim}; hidden_dims {list(h.hidden)})")
+                           f"dataset: obs {h.obs_dim}, action {h.act_dim}; hidden_dims {list(h.hidden_dims)})")
         leaves.append(jnp.asarray(arr, jnp.float32))
     stats = []
     for name in (".obs_mean", ".obs_std"):
@@ -959,83 +983,8 @@ def load_offline_actor(path: Path, h: Hyper, seed: int):
     return jax.tree_util.tree_unflatten(treedef, leaves), stats[0], stats[1], updates
 
 
-# ---------------------------------------------------------------------------------------------- logging
-class Logger:
-    """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., reevaluation/...,
-    online/..., eval/...."""
 
-    def __init__(self, cfg, run_dir: Path, seeds: list, wandb_id: str, eval_lines: list):
-        # one seed: run_dir/eval.jsonl; several: run_dir/seed<S>/eval.jsonl
-        self.eval_paths = [run_dir / "eval.jsonl"] if len(seeds) == 1 else \
-            [run_dir / f"seed{s}" / "eval.jsonl" for s in seeds]
-        for path, keep in zip(self.eval_paths, eval_lines):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # drop evaluations logged after the checkpoint we resume from
-                lines = path.read_text().splitlines()[:keep]
-                path.write_text("".join(line + "\n" for line in lines))
-        self.eval_lines = list(eval_lines)
-        self.seeds = seeds
-        mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
-        self.wandb = None
-        if mode != "disabled":
-            import wandb
-            self.wandb = wandb.init(project=cfg.project, group=cfg.group, name=cfg.name, id=wandb_id,
-                                    resume="allow", mode=mode, dir=str(run_dir), config=asdict(cfg))
-
-    def log(self, metrics: dict):
-        if self.wandb is not None:
-            self.wandb.log(metrics)
-
-    def log_eval(self, i: int, record: dict):
-        with open(self.eval_paths[i], "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.eval_lines[i] += 1
-        tag = "eval" if len(self.seeds) == 1 else f"eval/seed{self.seeds[i]}"
-        self.log({f"{tag}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
-        score = record.get("normalized_score", record["return"])
-        extra = f", success {record['success_rate']:.2f}" if "success_rate" in record else ""
-        if "value_start" in record:
-            extra += f", V(s0) {record['value_start']:.1f}"
-        print(f"[eval] seed {record['seed']} {record['phase']} updates={record['updates']} "
-              f"env_steps={record['env_steps']}: "
-              f"{'normalized score' if 'normalized_score' in record else 'return'} {score:.2f}{extra}", flush=True)
-
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def block_metrics(metrics: dict, n, phase: str, seeds: list, updates_before) -> dict:
-    """Means of the first n[i] per-update metrics of each seed (then over seeds); a NaN/inf stops the run
-    naming the loss, the seed and the update."""
-    host = {k: np.asarray(v) for k, v in metrics.items()}  # [seeds, steps]
-    n = np.broadcast_to(np.asarray(n), (len(seeds),))
-    valid = np.arange(next(iter(host.values())).shape[1])[None, :] < n[:, None]
-    bad = valid & np.logical_or.reduce([~np.isfinite(v) for v in host.values()])
-    if bad.any():
-        j = int(np.flatnonzero(bad.any(0))[0])  # the first update with a non-finite value, over all seeds
-        i = int(np.flatnonzero(bad[:, j])[0])
-        names = ", ".join(f"{phase}/{k} = {v[i, j]}" for k, v in host.items() if not np.isfinite(v[i, j]))
-        raise FloatingPointError(f"non-finite {names} (seed {seeds[i]}) at update "
-                                 f"{int(np.asarray(updates_before)[i]) + j + 1}; stopping (the last checkpoint is "
-                                 "intact)")
-    count = max(int(valid.sum()), 1)
-    return {f"{phase}/{k}": float(np.where(valid, v, 0.0).sum() / count) for k, v in host.items()}
-
-
-def ppo_metrics(metrics: dict, seeds: list, env_steps: list) -> dict:
-    """Means over the updated seeds of one PPO call's metrics ([updated seeds] each); a NaN/inf stops the run
-    naming the loss, the seed and the env step of the update."""
-    host = {k: np.asarray(v) for k, v in metrics.items()}
-    for j, (seed, t) in enumerate(zip(seeds, env_steps)):
-        bad = [f"online/{k} = {v[j]}" for k, v in host.items() if not np.isfinite(v[j])]
-        if bad:
-            raise FloatingPointError(f"non-finite {', '.join(bad)} (seed {seed}) at the PPO update at env step {t}; "
-                                     "stopping (the last checkpoint is intact)")
-    return {f"online/{k}": float(v.mean()) for k, v in host.items()}
-
-
-# ---------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------------- run support
 def default_run_dir(cfg) -> Path:
     seeds = f"seed{cfg.seed}" if cfg.num_seeds == 1 else f"seeds{cfg.seed}-{cfg.seed + cfg.num_seeds - 1}"
     return Path("runs") / "o2ppo" / cfg.dataset_id.replace("/", "_") / seeds
@@ -1045,6 +994,351 @@ def score_of(record: dict) -> float:
     return record.get("normalized_score", record["return"])
 
 
+def reference_weight(cfg: TrainConfig, env_steps: int) -> float:
+    """w_t of the reference advantage at env step t (0 without constrained fine-tuning), as in rollout_advantages."""
+    return max(1.0 - env_steps / cfg.end_steps, 0.0) if cfg.constrained_finetuning else 0.0
+
+
+class World(NamedTuple):
+    """What a run trains on: the dataset (host arrays; each phase puts the rows it needs on device), the envs (one
+    training env per seed, one evaluation env), the static hyper-parameters and the value re-evaluation's targets."""
+    ds: Any  # data.OfflineData
+    envs: list
+    eval_env: Any
+    h: Hyper
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    mc_targets: np.ndarray  # Monte-Carlo returns V is re-evaluated on
+    dataset_scaler: RewardScaler  # the reward scaler after its pass over the dataset (continued online)
+    refs: Optional[tuple]  # (ref_min, ref_max) return of the normalised score, None when the dataset has none
+
+    def iql_rows(self, cfg: TrainConfig) -> Buffer:
+        """The dataset on device with the IQL rewards (PPO and the re-evaluation use the raw rewards)."""
+        ds = self.ds
+        return Buffer(*(jnp.asarray(x, jnp.float32) for x in (
+            ds.observations, ds.actions, ds.rewards * cfg.iql_reward_scale + cfg.iql_reward_bias,
+            ds.next_observations, ds.terminals)))
+
+    def close(self):
+        for env in self.envs + [self.eval_env]:
+            env.close()
+
+
+def load_world(cfg: TrainConfig, n_seeds: int) -> World:
+    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in range(n_seeds)], data.make_env(cfg.dataset_id)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    try:
+        refs = data.reference_scores(cfg.dataset_id)
+    except data.DatasetError as e:
+        print(f"warning: {e}; logging raw returns only")
+        refs = None
+    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+    mc_targets, dataset_scaler = reevaluation_targets(ds.rewards, ds.terminals, ds.timeouts, cfg.discount,
+                                                      cfg.mc_returns_across_timeouts, cfg.dynamic_reward_scaling)
+    return World(ds, envs, eval_env, make_hyper(cfg, obs_dim, act_dim), obs_mean, obs_std, mc_targets,
+                 dataset_scaler, refs)
+
+
+class SeedKeys(NamedTuple):
+    """Each seed's RNG streams (one entry per seed), those of its single-seed run."""
+    iql: tuple  # IQL init and batch sampling
+    value_init: tuple  # the PPO V's init
+    reeval_updates: tuple  # re-evaluation batch sampling
+    ppo: tuple  # PPO minibatch permutations
+
+
+def seed_keys(seeds: list) -> SeedKeys:
+    k_iql, k_reeval, k_ppo = zip(*[[jax.random.fold_in(jax.random.PRNGKey(s), i) for i in range(3)] for s in seeds])
+    k_value_init, k_reeval_updates = zip(*[jax.random.split(k) for k in k_reeval])
+    return SeedKeys(k_iql, k_value_init, k_reeval_updates, k_ppo)
+
+
+def phase_template(kind: str, world: World, keys: SeedKeys):
+    """A state of type `kind` (iql | reeval | ppo) for every seed (leading seed axis): the fresh IQL state, or the
+    structure a checkpoint of a later phase is loaded into."""
+    h, N = world.h, len(keys.iql)
+    if kind == "iql":
+        return stack_seeds([init_iql_state(h, keys.iql[i], world.obs_mean, world.obs_std) for i in range(N)])
+    actor = actor_net(h).init(jax.random.PRNGKey(0), jnp.zeros((1, h.obs_dim)))["params"]
+    if kind == "reeval":
+        return stack_seeds([make_reeval_state(h, actor, init_ppo_value(h, keys.value_init[i]), keys.reeval_updates[i],
+                                              world.obs_mean, world.obs_std) for i in range(N)])
+    return stack_seeds([make_ppo_state(h, actor, init_ppo_value(h, keys.value_init[i]), keys.ppo[i], world.obs_mean,
+                                       world.obs_std) for i in range(N)])
+
+
+@dataclass
+class Progress:
+    """Per-seed bookkeeping (one entry per seed) and the host state of a run: the checkpoint's meta.json."""
+    phase: str  # offline | load_offline | reevaluation | online | done
+    kind: str  # type of the state: iql | reeval | ppo
+    num_seeds: int
+    updates: np.ndarray  # IQL gradient steps done
+    reeval_updates: np.ndarray  # re-evaluation gradient steps done
+    ppo_updates: np.ndarray  # PPO minibatch steps done
+    env_steps: np.ndarray  # online env steps done
+    episodes: np.ndarray  # online episodes finished
+    eval_lines: np.ndarray  # lines of each seed's eval.jsonl that this state has logged
+    online_evals: np.ndarray  # online evaluations done
+    last_eval_step: np.ndarray  # env step of the last online evaluation (-1: none)
+    kl_to_ref: np.ndarray  # mean KL(pi || pi_ref) after the last PPO update
+    act_key: np.ndarray  # [seeds, 2] exploration RNG keys
+    env_rng: list  # training-env RNG snapshots at the checkpoint (None before the first reset)
+    last_eval: list  # the last evaluation record
+    best_score: list  # best evaluation score so far, the reference policy's (None before fine-tuning)
+    scaler: list  # reward-scaler states (None: the scaler after the dataset pass)
+    rollout: list  # the partial rollout at an online checkpoint: {"count", "obs", ...} (None: empty)
+    wandb_id: Optional[str] = None
+    wall_time: float = 0.0  # seconds of run time before this attempt
+
+    COUNTERS = ("updates", "reeval_updates", "ppo_updates", "env_steps", "episodes", "eval_lines", "online_evals",
+                "last_eval_step")
+
+    @classmethod
+    def start(cls, seeds: list) -> "Progress":
+        N = len(seeds)
+        zeros, nones = (lambda: np.zeros(N, np.int64)), (lambda: [None] * N)  # noqa: E731
+        return cls("offline", "iql", N, zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(),
+                   np.full(N, -1, np.int64), np.zeros(N),
+                   np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), nones(), nones(), nones(), nones(),
+                   nones())
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Progress":
+        return cls(**{**meta, **{k: np.asarray(meta[k], np.int64) for k in cls.COUNTERS},
+                      "kl_to_ref": np.asarray(meta["kl_to_ref"], np.float64)})
+
+    def meta(self) -> dict:
+        return {**asdict(self), **{k: getattr(self, k).tolist() for k in self.COUNTERS + ("kl_to_ref",)}}
+
+
+def start_or_resume(cfg: TrainConfig, run, world: World, keys: SeedKeys, seeds: list):
+    """(state, progress): fresh, or restored from run.resume_from, or the offline actor(s) of run.offline_from to
+    fine-tune (in a re-evaluation state, the actor's evaluation needs only its actor and state normalisation)."""
+    h, N = world.h, len(seeds)
+    prog = Progress.start(seeds)
+    if run.resume_from is not None:
+        state, meta = load_state(run.resume_from, lambda meta: phase_template(meta["kind"], world, keys), cfg)
+        prog = Progress.from_meta(meta)
+        print(f"resumed from {run.resume_from}: phase {prog.phase}, {prog.updates.tolist()} IQL updates, "
+              f"{prog.reeval_updates.tolist()} re-evaluation updates, {prog.env_steps.tolist()} online env steps")
+    elif run.offline_from is not None:
+        per_seed = [load_offline_actor(run.offline_from, h, s) for s in seeds]
+        actor, om, osd = stack_seeds([(actor_params, om, osd) for actor_params, om, osd, _ in per_seed])
+        state = stack_seeds([make_reeval_state(h, seed_slice(actor, i), init_ppo_value(h, keys.value_init[i]),
+                                               keys.reeval_updates[i], om[i], osd[i]) for i in range(N)])
+        prog.phase, prog.updates = "load_offline", np.asarray([u for *_, u in per_seed], np.int64)
+        print(f"loaded the offline actor(s) from {run.offline_from} ({prog.updates.tolist()} updates)")
+    else:
+        state = phase_template("iql", world, keys)
+    return state, prog
+
+
+def start_finetuning(cfg: TrainConfig, world: World, keys: SeedKeys, prog: Progress, actor_params, om, osd):
+    """Hand-off after the offline phase (per-seed arrays): the re-evaluation state, or directly the PPO state."""
+    h, N = world.h, prog.num_seeds
+    value_params = stack_seeds([init_ppo_value(h, keys.value_init[i]) for i in range(N)])
+    if not cfg.policy_reevaluation:
+        return start_online(cfg, world, keys, prog, actor_params, value_params, om, osd)
+    prog.phase, prog.kind = "reevaluation", "reeval"
+    return stack_seeds([make_reeval_state(h, *seed_slice((actor_params, value_params), i), keys.reeval_updates[i],
+                                          *seed_slice((om, osd), i)) for i in range(N)])
+
+
+def start_online(cfg: TrainConfig, world: World, keys: SeedKeys, prog: Progress, actor_params, value_params, om, osd):
+    """Hand-off to PPO: log-std cap, PPO optimisers, reference := the actor, best score := the last evaluation's."""
+    N = prog.num_seeds
+    actor_params = cap_log_std(actor_params, cfg.std_cap)
+    prog.phase, prog.kind, prog.best_score = "online", "ppo", [score_of(prog.last_eval[i]) for i in range(N)]
+    return stack_seeds([make_ppo_state(world.h, *seed_slice((actor_params, value_params), i), keys.ppo[i],
+                                       *seed_slice((om, osd), i)) for i in range(N)])
+
+
+class Recorder:
+    """Evaluations (eval.jsonl, wandb, console) and checkpoints of a run: `evaluate` and `checkpoint`. Also holds the
+    reward scalers (host state continued online, saved with every checkpoint)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, seeds: list, world: World, prog: Progress, t_start: float):
+        self.cfg, self.run_dir, self.seeds, self.world, self.t_start = cfg, run_dir, seeds, world, t_start
+        self.wall_before, self.goal_task = prog.wall_time, "antmaze" in cfg.dataset_id
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(cfg, f)
+        prog.wandb_id = prog.wandb_id or f"{cfg.name}-{int(time.time())}"
+        self.logger = Logger(cfg, run_dir, seeds, prog.wandb_id, prog.eval_lines.tolist())
+        self.scalers = [RewardScaler(cfg.discount, st if st is not None else world.dataset_scaler.state())
+                        for st in prog.scaler]
+
+    def record(self, state, prog: Progress, phase: str, i: int) -> dict:
+        """Deterministic evaluation of seed i's actor (+ its PPO V along the episodes after the offline phase)."""
+        cfg, w = self.cfg, self.world
+        params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
+        if phase == "offline":
+            def policy(o):
+                return act_deterministic(params, mean_, std_, o, w.h), None
+        else:
+            value_params = seed_slice(state.value.params, i)
+
+            def policy(o):
+                return act_deterministic_with_value(params, value_params, mean_, std_, o, w.h)
+        updates = {"offline": prog.updates, "reevaluation": prog.reeval_updates, "online": prog.ppo_updates}[phase]
+        record = {"seed": self.seeds[i], "phase": phase, "updates": int(updates[i]),
+                  "env_steps": int(prog.env_steps[i])}
+        record.update(evaluate(w.eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                               self.goal_task, w.refs, cfg.discount))
+        record.update(w_t=reference_weight(cfg, int(prog.env_steps[i])), kl_to_ref=float(prog.kl_to_ref[i]))
+        return record
+
+    def log(self, prog: Progress, i: int, record: dict):
+        record["wall_time"] = round(self.wall_before + time.time() - self.t_start, 2)  # s since the run started
+        self.logger.log_eval(i, record)
+        prog.eval_lines[i], prog.last_eval[i] = self.logger.eval_lines[i], record
+
+    def evaluate(self, state, prog: Progress, phase: str, **per_seed):
+        """Evaluate and log every seed; `per_seed` values (one per seed) are added to its record."""
+        for i in range(len(self.seeds)):
+            self.log(prog, i, {**self.record(state, prog, phase, i), **{k: float(v[i]) for k, v in per_seed.items()}})
+
+    def score(self, prog: Progress, which=None) -> float:
+        records = [prog.last_eval[i] for i in (range(len(self.seeds)) if which is None else which)]
+        return float(np.mean([r.get("normalized_score", r["return"]) for r in records]))
+
+    def checkpoint(self, state, prog: Progress, act_key, name: str = "latest"):
+        """State + meta (with the reward scalers) atomically into checkpoints/<name>."""
+        prog.act_key, prog.scaler = np.asarray(act_key), [scaler.state() for scaler in self.scalers]
+        prog.wall_time = self.wall_before + time.time() - self.t_start
+        save_state(self.run_dir / "checkpoints" / name, state, prog.meta(), self.cfg)
+
+
+class Episodes:
+    """The training envs' current episodes and each seed's rollout in progress (restored from a checkpoint's)."""
+
+    def __init__(self, cfg: TrainConfig, h: Hyper, prog: Progress, envs: list, seeds: list):
+        N = len(seeds)
+        for i, env in enumerate(envs):
+            if prog.env_rng[i] is not None:
+                env_rng_restore(env, prog.env_rng[i], seeds[i])
+        self.first_reset = np.array([snapshot is None for snapshot in prog.env_rng])
+        self.roll = {k: np.zeros((N, cfg.rollout_length) + s, np.float32) for k, s in
+                     (("obs", (h.obs_dim,)), ("act", (h.act_dim,)), ("logp", (h.act_dim,)), ("rew", ()),
+                      ("next_obs", (h.obs_dim,)), ("terminal", ()), ("done", ()))}
+        self.count = np.zeros(N, np.int64)  # each seed's steps in its current rollout
+        for i, saved in enumerate(prog.rollout):
+            if saved is not None:
+                self.count[i] = saved["count"]
+                for k in self.roll:
+                    self.roll[k][i, :saved["count"]] = saved[k]
+        self.obs = np.zeros((N, h.obs_dim), np.float32)
+        self.at_start = np.ones(N, bool)
+        self.ret, self.length, self.recent = np.zeros(N), np.zeros(N, np.int64), [[] for _ in range(N)]
+        self.pending = np.zeros(N, bool)  # evaluated since the last checkpoint: checkpoint at the next episode end
+        self.due = np.zeros(N, bool)  # at that episode end, waiting for the joint checkpoint
+
+    def saved_rollouts(self) -> list:
+        return [{"count": int(c), **{k: v[i, :c].copy() for k, v in self.roll.items()}}
+                for i, c in enumerate(self.count)]
+
+
+def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes, scalers, act_key, seeds, logger):
+    """One env step of every active seed (not finished, not waiting for the joint checkpoint) with the current policy,
+    into its rollout. Returns (the active seeds, the advanced exploration keys)."""
+    N = len(seeds)
+    active = ~ep.due & (prog.env_steps < cfg.online_steps)
+    for i in np.flatnonzero(active):
+        if ep.at_start[i]:
+            ep.obs[i] = world.envs[i].reset(seed=seeds[i] if ep.first_reset[i] else None)[0]
+            ep.first_reset[i], ep.at_start[i], ep.ret[i], ep.length[i] = False, False, 0.0, 0
+            scalers[i].reset()
+    actions, logps, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, ep.obs, act_key,
+                                          jnp.asarray(active), world.h)
+    actions, logps = np.asarray(actions), np.asarray(logps)
+    for i in np.flatnonzero(active):
+        next_obs, r, term, trunc, info = world.envs[i].step(actions[i])
+        term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+        done = term or trunc
+        j, roll = ep.count[i], ep.roll
+        roll["obs"][i, j], roll["act"][i, j], roll["logp"][i, j] = ep.obs[i], actions[i], logps[i]
+        roll["rew"][i, j] = scalers[i](float(r)) if cfg.dynamic_reward_scaling else float(r)
+        roll["next_obs"][i, j], roll["terminal"][i, j], roll["done"][i, j] = next_obs, float(term), float(done)
+        ep.count[i], prog.env_steps[i] = j + 1, prog.env_steps[i] + 1
+        ep.ret[i], ep.length[i], ep.obs[i] = ep.ret[i] + float(r), ep.length[i] + 1, next_obs
+        if done:
+            prog.episodes[i] += 1
+            ep.recent[i] = (ep.recent[i] + [float(ep.ret[i])])[-10:]
+            logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": float(ep.ret[i]),
+                        "online/episode_length": int(ep.length[i]), "online/env_steps": int(prog.env_steps[i])})
+            ep.at_start[i] = True
+    return active, act_key
+
+
+def evaluate_online(cfg: TrainConfig, rec: Recorder, state, prog: Progress, i: int):
+    """Seed i's evaluation at an evaluate_freq step; the reference becomes the evaluated policy if it beats the best
+    score so far (official default), else every update_n evaluations. Returns the state."""
+    record = rec.record(state, prog, "online", i)
+    prog.online_evals[i] += 1
+    score = score_of(record)
+    updated = bool(score > prog.best_score[i] if cfg.refer_with_optimal_pi
+                   else prog.online_evals[i] % cfg.update_n == 0)
+    prog.best_score[i] = max(prog.best_score[i], score)
+    if updated:
+        state = state._replace(ref_actor=jax.tree.map(lambda ref, a: ref.at[i].set(a[i]), state.ref_actor,
+                                                      state.actor.params))
+    record.update(best_score=prog.best_score[i], reference_updated=updated)
+    rec.log(prog, i, record)
+    prog.last_eval_step[i] = prog.env_steps[i]
+    return state
+
+
+def finetune(cfg: TrainConfig, world: World, run, rec: Recorder, state, prog: Progress, act_key, seeds: list):
+    """Phase 3, constrained PPO, to the end of the run. Each seed follows exactly its single-seed schedule: its env
+    steps, a PPO update whenever its rollout is full, an evaluation (+ reference update) exactly every evaluate_freq
+    of its env steps, a checkpoint at its first episode end after an evaluation, jointly with the other seeds (a seed
+    due waits there until every seed is due or finished; docs/o2ppo.md, "Several seeds in one process")."""
+    from tqdm import tqdm
+    N, n = len(seeds), cfg.rollout_length
+    ep = Episodes(cfg, world.h, prog, world.envs, seeds)
+    bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="O2PPO online", mininterval=5)
+    while prog.env_steps.min() < cfg.online_steps:
+        active, act_key = collect(cfg, world, state, prog, ep, rec.scalers, act_key, seeds, rec.logger)
+        bar.update(int(active.sum()))
+        full = [i for i in np.flatnonzero(active) if ep.count[i] == n]  # PPO updates of these seeds, one call
+        if full:
+            steps = [int(prog.env_steps[i]) for i in full]
+            batch = Rollout(**{k: jnp.asarray(v[full]) for k, v in ep.roll.items()})
+            state, metrics = ppo_update(state, batch, jnp.asarray(steps, jnp.int32), jnp.asarray(full), world.h)
+            logged = ppo_metrics(metrics, [seeds[i] for i in full], steps)
+            ep.count[full] = 0
+            prog.ppo_updates[full] += cfg.ppo_epochs * (n // cfg.minibatch_size)
+            prog.kl_to_ref[full] = np.asarray(metrics["kl_to_ref"])
+            rec.logger.log({**logged, "online/env_steps": int(prog.env_steps.sum()),
+                            "online/updates": int(prog.ppo_updates.sum())})
+        for i in np.flatnonzero(active & (prog.env_steps % cfg.evaluate_freq == 0)):
+            state = evaluate_online(cfg, rec, state, prog, i)
+            bar.set_postfix(score=score_of(prog.last_eval[i]),
+                            train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
+            ep.pending[i] = True
+        # the joint checkpoint; a stop request waits for it (docs/o2ppo.md, "Several seeds in one process")
+        ep.due |= active & ep.at_start & ep.pending & (prog.env_steps < cfg.online_steps)
+        if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
+            prog.env_rng, prog.rollout = [env_rng_snapshot(env) for env in world.envs], ep.saved_rollouts()
+            rec.checkpoint(state, prog, act_key)
+            ep.pending &= ~ep.due
+            ep.due[:] = False
+            run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
+    bar.close()
+    for i in range(N):
+        if prog.last_eval_step[i] != prog.env_steps[i]:
+            record = rec.record(state, prog, "online", i)
+            record.update(best_score=max(prog.best_score[i], score_of(record)), reference_updated=False)
+            rec.log(prog, i, record)
+    prog.phase, prog.rollout = "done", [None] * N
+    rec.checkpoint(state, prog, act_key)
+
+
 def train(cfg: TrainConfig) -> dict:
     """IQL pre-training, value re-evaluation, constrained PPO of `num_seeds` seeds at once; returns the last
     evaluation record(s) and paths."""
@@ -1052,325 +1346,95 @@ def train(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    ckpt_dir = run_dir / "checkpoints"
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     N = len(seeds)
     cfg.name = cfg.name or f"o2ppo-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    goal_task = "antmaze" in cfg.dataset_id
     if cfg.value_alignment:
         print("note: value_alignment has no effect in O2PPO (the official O2PPO has no value-alignment step)")
     with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
         if run.offline_from is not None:
             check_offline_source(cfg, run.offline_from, seeds)
-        # data and envs (one training env per seed, one evaluation env)
-        ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-        envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
-        obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-        if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
-            raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
-                                    f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-        try:
-            refs = data.reference_scores(cfg.dataset_id)
-        except data.DatasetError as e:
-            print(f"warning: {e}; logging raw returns only")
-            refs = None
-        h = make_hyper(cfg, obs_dim, act_dim)
-        obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
-        obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-        mc_targets, dataset_scaler = reevaluation_targets(ds.rewards, ds.terminals, ds.timeouts, cfg.discount,
-                                                          cfg.mc_returns_across_timeouts, cfg.dynamic_reward_scaling)
-        # each seed's RNG streams are those of its single-seed run
-        k_iql, k_reeval, k_ppo = zip(*[[jax.random.fold_in(jax.random.PRNGKey(s), i) for i in range(3)] for s in seeds])
-        k_value_init, k_reeval_updates = zip(*[jax.random.split(k) for k in k_reeval])
+        world = load_world(cfg, N)
+        h, keys = world.h, seed_keys(seeds)
+        state, prog = start_or_resume(cfg, run, world, keys, seeds)
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
 
-        def template(kind):
-            """A state of phase `kind` for every seed (leading seed axis)."""
-            if kind == "iql":
-                return stack_seeds([init_iql_state(h, k_iql[i], obs_mean, obs_std) for i in range(N)])
-            actor = actor_net(h).init(jax.random.PRNGKey(0), jnp.zeros((1, h.obs_dim)))["params"]
-            if kind == "reeval":
-                return stack_seeds([make_reeval_state(h, actor, init_ppo_value(h, k_value_init[i]), k_reeval_updates[i],
-                                                      obs_mean, obs_std) for i in range(N)])
-            return stack_seeds([make_ppo_state(h, actor, init_ppo_value(h, k_value_init[i]), k_ppo[i], obs_mean,
-                                               obs_std) for i in range(N)])
-
-        meta = {"phase": "offline", "kind": "iql", "num_seeds": N, "updates": [0] * N, "reeval_updates": [0] * N,
-                "ppo_updates": [0] * N, "env_steps": [0] * N,
-                "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
-                "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
-                "last_eval": [None] * N, "best_score": [None] * N, "online_evals": [0] * N, "kl_to_ref": [0.0] * N,
-                "scaler": [None] * N, "rollout": [None] * N, "last_eval_step": [-1] * N, "wall_time": 0.0}
-        state, loaded = None, None
-        if run.resume_from is not None:
-            state, meta = load_state(run.resume_from, lambda meta: template(meta["kind"]), cfg)
-            print(f"resumed from {run.resume_from}: phase {meta['phase']}, {meta['updates']} IQL updates, "
-                  f"{meta['reeval_updates']} re-evaluation updates, {meta['env_steps']} online env steps")
-        elif run.offline_from is not None:
-            per_seed = [load_offline_actor(run.offline_from, h, s) for s in seeds]
-            loaded = stack_seeds([(actor_params, om, osd) for actor_params, om, osd, _ in per_seed])
-            meta.update(phase="load_offline", updates=[u for *_, u in per_seed])
-            print(f"loaded the offline actor(s) from {run.offline_from} ({meta['updates']} updates)")
-        else:
-            state = template("iql")
-        with open(run_dir / "config.yaml", "w") as f:
-            pyrallis.dump(cfg, f)
-        if meta["wandb_id"] is None:
-            meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-        logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
-        act_key = jnp.asarray(meta["act_key"])
-        wall_before = meta["wall_time"]
-        scalers = [RewardScaler(cfg.discount, st if st is not None else dataset_scaler.state())
-                   for st in meta["scaler"]]
-
-        def weight(t):
-            return max(1.0 - t / cfg.end_steps, 0.0) if cfg.constrained_finetuning else 0.0
-
-        def eval_record(phase, i, updates):
-            """Deterministic evaluation of seed i's actor (+ its PPO V along the episodes after phase 1)."""
-            actor_params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
-            if phase == "offline":
-                def policy(o):
-                    return act_deterministic(actor_params, mean_, std_, o, h), None
-            else:
-                value_params = seed_slice(state.value.params, i)
-
-                def policy(o):
-                    return act_deterministic_with_value(actor_params, value_params, mean_, std_, o, h)
-            record = {"seed": seeds[i], "phase": phase, "updates": int(updates), "env_steps": int(meta["env_steps"][i])}
-            record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
-                                   goal_task, refs, cfg.discount))
-            record.update(w_t=weight(meta["env_steps"][i]), kl_to_ref=float(meta["kl_to_ref"][i]))
-            return record
-
-        def log_record(i, record):
-            record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-            logger.log_eval(i, record)
-            meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
-
-        def checkpoint(name="latest"):
-            meta["act_key"] = np.asarray(act_key)
-            meta["scaler"] = [scaler.state() for scaler in scalers]
-            meta["wall_time"] = wall_before + time.time() - t_start
-            save_state(ckpt_dir / name, state, meta, cfg)
-
-        def start_finetuning(actor_params, om, osd):
-            """Hand-off after the offline phase (per-seed arrays): re-evaluation state, or directly the PPO state."""
-            nonlocal state
-            value_params = stack_seeds([init_ppo_value(h, k_value_init[i]) for i in range(N)])
-            if cfg.policy_reevaluation:
-                state = stack_seeds([make_reeval_state(h, *seed_slice((actor_params, value_params), i),
-                                                       k_reeval_updates[i], *seed_slice((om, osd), i))
-                                     for i in range(N)])
-                meta.update(phase="reevaluation", kind="reeval")
-            else:
-                start_online(actor_params, value_params, om, osd)
-
-        def start_online(actor_params, value_params, om, osd):
-            nonlocal state
-            actor_params = cap_log_std(actor_params, cfg.std_cap)
-            state = stack_seeds([make_ppo_state(h, *seed_slice((actor_params, value_params), i), k_ppo[i],
-                                                *seed_slice((om, osd), i)) for i in range(N)])
-            meta.update(phase="online", kind="ppo", best_score=[score_of(meta["last_eval"][i]) for i in range(N)])
-
-        # ---- phase 1: offline IQL pre-training (all seeds in one vmapped scan per block)
-        if meta["phase"] == "offline":
-            buffer = Buffer(*(jnp.asarray(x, jnp.float32) for x in (
-                ds.observations, ds.actions, ds.rewards * cfg.iql_reward_scale + cfg.iql_reward_bias,
-                ds.next_observations, ds.terminals)))
-            bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="O2PPO offline IQL", mininterval=5)
-            while meta["updates"][0] < cfg.offline_updates:
-                state, metrics = iql_block(state, buffer, h)
-                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
-                meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
+        # ---- phase 1: offline IQL pre-training (all seeds in one vmapped scan per block), or a loaded actor
+        if prog.phase == "offline":
+            rows = world.iql_rows(cfg)
+            bar = tqdm(total=cfg.offline_updates, initial=int(prog.updates[0]), desc="O2PPO offline IQL", mininterval=5)
+            while prog.updates[0] < cfg.offline_updates:
+                state, metrics = scan_offline_updates(state, rows, h)
+                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, prog.updates)
+                prog.updates += cfg.update_block
                 bar.update(cfg.update_block)
-                logger.log({**logged, "offline/updates": meta["updates"][0]})
-                if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
-                    for i in range(N):
-                        log_record(i, eval_record("offline", i, meta["updates"][i]))
-                    bar.set_postfix(score=np.mean([score_of(r) for r in meta["last_eval"]]))
-                    if meta["updates"][0] < cfg.offline_updates:
-                        checkpoint()
-                if run.stop and meta["updates"][0] < cfg.offline_updates:
-                    checkpoint()
-                    run.interrupt_if_asked(f"after {meta['updates'][0]} offline updates")
+                rec.logger.log({**logged, "offline/updates": int(prog.updates[0])})
+                if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == cfg.offline_updates:
+                    rec.evaluate(state, prog, "offline")
+                    bar.set_postfix(score=rec.score(prog))
+                    if prog.updates[0] < cfg.offline_updates:
+                        rec.checkpoint(state, prog, act_key)
+                if run.stop and prog.updates[0] < cfg.offline_updates:
+                    rec.checkpoint(state, prog, act_key)
+                    run.interrupt_if_asked(f"after {int(prog.updates[0])} offline updates")
             bar.close()
-            del buffer
-            if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
-                for i in range(N):
-                    log_record(i, eval_record("offline", i, meta["updates"][i]))
-            checkpoint("offline")
-            start_finetuning(state.actor.params, state.obs_mean, state.obs_std)
-            checkpoint()
+            del rows
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
+                rec.evaluate(state, prog, "offline")
+            rec.checkpoint(state, prog, act_key, "offline")
+            state = start_finetuning(cfg, world, keys, prog, state.actor.params, state.obs_mean, state.obs_std)
+            rec.checkpoint(state, prog, act_key)
             run.interrupt_if_asked("after the offline phase")
-        elif meta["phase"] == "load_offline":
-            actor_params, om, osd = loaded
-            state = stack_seeds([make_reeval_state(h, seed_slice(actor_params, i), init_ppo_value(h, k_value_init[i]),
-                                                   k_reeval_updates[i], om[i], osd[i]) for i in range(N)])
-            for i in range(N):
-                # the score before fine-tuning (actor only)
-                log_record(i, eval_record("offline", i, meta["updates"][i]))
-            start_finetuning(actor_params, om, osd)
-            checkpoint()
+        elif prog.phase == "load_offline":
+            rec.evaluate(state, prog, "offline")  # the score before fine-tuning (actor only)
+            state = start_finetuning(cfg, world, keys, prog, state.actor.params, state.obs_mean, state.obs_std)
+            rec.checkpoint(state, prog, act_key)
             run.interrupt_if_asked("after loading the offline actor")
 
         # ---- phase 2: value re-evaluation on the dataset's Monte-Carlo returns (all seeds in one vmapped scan)
-        if meta["phase"] == "reevaluation":
-            obs_dev, mc_dev = jnp.asarray(ds.observations, jnp.float32), jnp.asarray(mc_targets, jnp.float32)
-            bar = tqdm(total=cfg.reevaluation_updates, initial=meta["reeval_updates"][0],
+        if prog.phase == "reevaluation":
+            obs, returns = jnp.asarray(world.ds.observations, jnp.float32), jnp.asarray(world.mc_targets, jnp.float32)
+            bar = tqdm(total=cfg.reevaluation_updates, initial=int(prog.reeval_updates[0]),
                        desc="O2PPO value re-evaluation", mininterval=5)
-            while meta["reeval_updates"][0] < cfg.reevaluation_updates:
-                state, metrics = reeval_block(state, obs_dev, mc_dev, h)
-                logged = block_metrics(metrics, cfg.update_block, "reevaluation", seeds, meta["reeval_updates"])
-                meta["reeval_updates"] = [u + cfg.update_block for u in meta["reeval_updates"]]
+            while prog.reeval_updates[0] < cfg.reevaluation_updates:
+                state, metrics = scan_reevaluation_updates(state, obs, returns, h)
+                logged = block_metrics(metrics, cfg.update_block, "reevaluation", seeds, prog.reeval_updates)
+                prog.reeval_updates += cfg.update_block
                 bar.update(cfg.update_block)
-                logger.log({**logged, "reevaluation/updates": meta["reeval_updates"][0]})
-                done = meta["reeval_updates"][0]
+                done = int(prog.reeval_updates[0])
+                rec.logger.log({**logged, "reevaluation/updates": done})
                 if done % cfg.reevaluation_eval_every == 0 or done == cfg.reevaluation_updates:
-                    value_loss = np.asarray(metrics["value_loss"]).mean(1)  # per seed, over the block
-                    for i in range(N):
-                        record = eval_record("reevaluation", i, meta["reeval_updates"][i])
-                        record["value_loss"] = float(value_loss[i])
-                        log_record(i, record)
+                    rec.evaluate(state, prog, "reevaluation", value_loss=np.asarray(metrics["value_loss"]).mean(1))
                     bar.set_postfix(value_loss=logged["reevaluation/value_loss"],
-                                    v_start=np.mean([r.get("value_start", np.nan) for r in meta["last_eval"]]))
+                                    v_start=np.mean([r.get("value_start", np.nan) for r in prog.last_eval]))
                     if done < cfg.reevaluation_updates:
-                        checkpoint()
+                        rec.checkpoint(state, prog, act_key)
                 if run.stop and done < cfg.reevaluation_updates:
-                    checkpoint()
+                    rec.checkpoint(state, prog, act_key)
                     run.interrupt_if_asked(f"after {done} re-evaluation updates")
             bar.close()
-            del obs_dev, mc_dev
-            start_online(state.actor.params, state.value.params, state.obs_mean, state.obs_std)
-            checkpoint()
+            del obs, returns
+            state = start_online(cfg, world, keys, prog, state.actor.params, state.value.params, state.obs_mean,
+                                 state.obs_std)
+            rec.checkpoint(state, prog, act_key)
             run.interrupt_if_asked("before online fine-tuning")
 
-        # ---- phase 3: constrained PPO fine-tuning. Each seed follows exactly its single-seed schedule: its env
-        # steps, a PPO update whenever its rollout is full, an evaluation (+ reference update) exactly every
-        # evaluate_freq of its env steps, a checkpoint at its first episode end after an evaluation. The seeds step
-        # together (one acting call per env step for all); a seed due for its checkpoint waits at that episode end
-        # until every seed is due (or finished), then all are checkpointed together. Waiting never changes a seed's
-        # own trajectory, but afterwards the seeds' rollouts end at different steps: a PPO call updates just the
-        # seeds whose rollout is full.
-        if meta["phase"] == "online":
-            for i, env in enumerate(envs):
-                if meta["env_rng"][i] is not None:
-                    env_rng_restore(env, meta["env_rng"][i], seeds[i])
-            first_reset = [meta["env_rng"][i] is None for i in range(N)]
-            n = cfg.rollout_length
-            roll = {k: np.zeros((N, n) + s, np.float32) for k, s in
-                    (("obs", (obs_dim,)), ("act", (act_dim,)), ("logp", (act_dim,)), ("rew", ()),
-                     ("next_obs", (obs_dim,)), ("terminal", ()), ("done", ()))}
-            count = [0] * N  # each seed's steps in its current rollout
-            for i, saved in enumerate(meta["rollout"]):
-                if saved is not None:
-                    count[i] = saved["count"]
-                    for k in roll:
-                        roll[k][i, :count[i]] = saved[k]
-            obs = np.zeros((N, obs_dim), np.float32)
-            at_episode_start = [True] * N
-            ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
-            pending = [False] * N  # evaluated since the last checkpoint: checkpoint at the next episode end
-            due = [False] * N  # at that episode end, waiting for the joint checkpoint
-            bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2PPO online", mininterval=5)
-            while min(meta["env_steps"]) < cfg.online_steps:
-                active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
-                for i in np.flatnonzero(active):
-                    if at_episode_start[i]:
-                        obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
-                        first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
-                        scalers[i].reset()
-                actions, logps, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
-                                                      jnp.asarray(active), h)
-                actions, logps = np.asarray(actions), np.asarray(logps)
-                for i in np.flatnonzero(active):
-                    next_obs, r, term, trunc, info = envs[i].step(actions[i])
-                    term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                    done = term or trunc
-                    r_train = scalers[i](float(r)) if cfg.dynamic_reward_scaling else float(r)
-                    j = count[i]
-                    roll["obs"][i, j], roll["act"][i, j], roll["logp"][i, j] = obs[i], actions[i], logps[i]
-                    roll["rew"][i, j], roll["next_obs"][i, j] = r_train, next_obs
-                    roll["terminal"][i, j], roll["done"][i, j] = float(term), float(done)
-                    count[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
-                    ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
-                    if done:
-                        meta["episodes"][i] += 1
-                        recent[i] = (recent[i] + [ep_ret[i]])[-10:]
-                        logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
-                                    "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
-                        at_episode_start[i] = True
-                bar.update(int(active.sum()))
-
-                # PPO updates of the seeds whose rollout is full (one vmapped call)
-                full = [i for i in np.flatnonzero(active) if count[i] == n]
-                if full:
-                    steps = [meta["env_steps"][i] for i in full]
-                    batch = Rollout(**{k: jnp.asarray(v[full]) for k, v in roll.items()})
-                    state, metrics = ppo_update(state, batch, jnp.asarray(steps, jnp.int32), jnp.asarray(full), h)
-                    logged = ppo_metrics(metrics, [seeds[i] for i in full], steps)
-                    for j, i in enumerate(full):
-                        count[i] = 0
-                        meta["ppo_updates"][i] += cfg.ppo_epochs * (n // cfg.minibatch_size)
-                        meta["kl_to_ref"][i] = float(np.asarray(metrics["kl_to_ref"])[j])
-                    logger.log({**logged, "online/env_steps": sum(meta["env_steps"]),
-                                "online/updates": sum(meta["ppo_updates"])})
-
-                # evaluations exactly every evaluate_freq env steps of each seed
-                for i in np.flatnonzero(active):
-                    if meta["env_steps"][i] % cfg.evaluate_freq == 0:
-                        record = eval_record("online", i, meta["ppo_updates"][i])
-                        meta["online_evals"][i] += 1
-                        score = score_of(record)
-                        # reference := the evaluated policy if it beats the best score so far (official default)
-                        updated = (score > meta["best_score"][i] if cfg.refer_with_optimal_pi
-                                   else meta["online_evals"][i] % cfg.update_n == 0)
-                        meta["best_score"][i] = max(meta["best_score"][i], score)
-                        if updated:
-                            state = state._replace(ref_actor=jax.tree.map(lambda ref, a: ref.at[i].set(a[i]),
-                                                                          state.ref_actor, state.actor.params))
-                        record.update(best_score=meta["best_score"][i], reference_updated=updated)
-                        log_record(i, record)
-                        meta["last_eval_step"][i] = meta["env_steps"][i]
-                        bar.set_postfix(score=score, train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
-                        pending[i] = True
-
-                # checkpoint at the first episode end after an evaluation, jointly for all seeds. A stop request
-                # waits for this checkpoint: stopping at another episode end would make seeds wait for each other
-                # where an uninterrupted run does not, so their rollouts would fill at other steps and be updated in
-                # other PPO calls (other float round-off); a resumed run would not repeat the uninterrupted one
-                for i in np.flatnonzero(active):
-                    if at_episode_start[i] and pending[i] and meta["env_steps"][i] < cfg.online_steps:
-                        due[i] = True
-                if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
-                    meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
-                    meta["rollout"] = [{"count": count[i], **{k: v[i, :count[i]].copy() for k, v in roll.items()}}
-                                       for i in range(N)]
-                    checkpoint()
-                    pending = [p and not d for p, d in zip(pending, due)]
-                    due = [False] * N
-                    run.interrupt_if_asked(f"at {meta['env_steps']} online env steps")
-            bar.close()
-            for i in range(N):
-                if meta["last_eval_step"][i] != meta["env_steps"][i]:
-                    record = eval_record("online", i, meta["ppo_updates"][i])
-                    record.update(best_score=max(meta["best_score"][i], score_of(record)), reference_updated=False)
-                    log_record(i, record)
-            meta.update(phase="done", rollout=[None] * N)
-            checkpoint()
-        elif meta["phase"] == "done":
+        # ---- phase 3: constrained PPO fine-tuning, then the final evaluation
+        if prog.phase == "online":
+            finetune(cfg, world, run, rec, state, prog, act_key, seeds)
+        elif prog.phase == "done":
             print(f"run in {run_dir} already finished")
-        logger.close()
-        for env in envs + [eval_env]:
-            env.close()
-        summaries = [summarize(path) for path in logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0],
-               "updates": meta["updates"][0],
-               "reevaluation_updates": meta["reeval_updates"][0], "ppo_updates": meta["ppo_updates"][0],
-               "env_steps": meta["env_steps"][0], **summaries[0]}
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0], "updates": int(prog.updates[0]),
+               "reevaluation_updates": int(prog.reeval_updates[0]), "ppo_updates": int(prog.ppo_updates[0]),
+               "env_steps": int(prog.env_steps[0]), **summaries[0]}
         if N > 1:
-            out.update(last_eval=meta["last_eval"], updates=meta["updates"],
-                       reevaluation_updates=meta["reeval_updates"],
-                       ppo_updates=meta["ppo_updates"], env_steps=meta["env_steps"], per_seed=summaries)
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(),
+                       reevaluation_updates=prog.reeval_updates.tolist(), ppo_updates=prog.ppo_updates.tolist(),
+                       env_steps=prog.env_steps.tolist(), per_seed=summaries)
         return out
 
 
@@ -1739,3 +1803,4 @@ def parse_config(argv=None) -> TrainConfig:
 
 if __name__ == "__main__":
     main(train, parse_config())
+

@@ -2,116 +2,44 @@
 
 Paper:  Luo, Xie, Wang, Huang, "Optimistic Critic Reconstruction and Constrained Fine-Tuning for General
         Offline-to-Online RL", NeurIPS 2024, https://arxiv.org/abs/2412.18855.
-Official code: https://github.com/QinwenLuo/OCR-CFT @ 77c49819e0814eb06dccd7f60db06ba58165317c
-        (`finetune/O2SAC.py`, `finetune/online_agent/sac.py`, `offline/cql.py`, `offline/offline_agent/cql.py`,
-        `net.py`, `config/finetune/O2SAC/*`, `config/offline/cql/antmaze/*`).
+Reference code: https://github.com/QinwenLuo/OCR-CFT @ 77c49819e0814eb06dccd7f60db06ba58165317c
+        (`finetune/O2SAC.py`, `finetune/online_agent/sac.py`, `offline/cql.py`, `net.py`, `config/...`).
 
-What is implemented (official semantics unless listed below), phase by phase (`phase` in eval.jsonl):
-  offline       CQL pre-training exactly as OCR's (CORL-derived) `offline/cql.py`: tanh-Gaussian actor, two
-                critics without LayerNorm, SAC actor loss mean(alpha log pi - min Q) from step 1 (bc_steps 0),
-                auto-entropy (log alpha from 0), TD target min_i Qbar_i(s', a'~pi) (AntMaze: max over 10 samples),
-                CQL(H) importance-sampled logsumexp over random / current-state / next-state policy actions (the
-                next-state actions evaluated at s, as in the code), fixed weight or Lagrange (AntMaze).
-                Skipped by `--offline_checkpoint` (see "General O2O hand-off").
-  reevaluation  policy re-evaluation (PR, `SAC.ope`): FRESH critics (LayerNorm MLPs, orthogonal init) learn the
-                soft value of the fixed offline actor pi_ref with SAC's backup
-                    y = r + gamma (1-d) [min_i Qbar_i(s', a') - alpha log pi_ref(a'|s')],  a' ~ pi_ref(.|s'),
-                alpha fixed at `alpha`, Polyak target update every step. The actor is not updated.
-  alignment     value alignment (VA, `SAC.align_value`), target critics FROZEN, actor updated:
-                    a* = clip(tanh(mean_ref(s)), +-0.9999),  Q* = min_i Qbar_i(s, a*)         (anchor)
-                    a~ ~ pi(.|s) (no grad),  y~ = min(Q* - alpha (log pi_ref(a*|s) - log pi_ref(a~|s)),
-                                                      min_i Qbar_i(s, a~))
-                    L_Q = sum_i MSE(Q_i(s,a*), Q*) + sum_i MSE(Q_i(s,a~), y~)
-                    L_pi = mean(alpha log pi(a|s) - min_i Q_i(s,a)),  a ~ pi (a second, reparameterised sample)
-                then the transition: Qbar := Q (hard copy); pi_ref := pi if the aligned actor evaluates better
-                than the offline one; best score := max of both.
-  online        constrained fine-tuning (CF, `SAC.update`): per env step `utd` updates (official: 10) on batches
-                of 50 % offline + 50 % online rows (`mixing_ratio`, official buffer_load 'half'):
-                    a ~ pi(.|s) (reparam), l = log pi(a|s), l_ref = max(log pi_ref(a|s), -50)
-                    L_pi = mean(alpha l - min_i Q_i(s,a) + lambda (l - l_ref))        (alpha, lambda constants)
-                    y = r + gamma (1-d) [min_i Qbar_i(s',a') - alpha l' - lambda (l' - l'_ref)],  a' ~ pi(.|s')
-                    L_alpha = -mean(log alpha (l - |A|)),  eps_t = min(eps_end, eps_0 + t (eps_end-eps_0)/end_steps)
-                    L_lambda = lambda * stopgrad(mean(|0.7 - 1[u > 0]| u)),  u = eps_t - (l - l_ref)
-                lambda is stepped only on the first of the `utd` updates of an env step (t = env step); Polyak
-                targets every update; after each evaluation pi_ref := pi if the score beats the best so far.
-  All losses of one update come from one parameter snapshot (one jax.grad over all trainable parameters with
-  stop-gradients, as the official per-loss backward passes do). Networks as in OCR `net.py`: critics
-  [Linear -> LayerNorm (fine-tuning only) -> ReLU] x n -> Linear(1), orthogonal(1.0) kernels, zero biases, as a
-  vmapped ensemble (`n_critics`; `double_critic: false` = the official single-Q1 AntMaze setting); actor MLP
-  (3 x 256) -> 2|A| outputs split into mean and raw log-std, log_std = clip(m * raw + b, -20, 2) with learnable
-  scalars m (init 1) and b (init -1), PyTorch-default init (OCR's `net.py` ignores `orthogonal_init` for the
-  actor) and a xavier(1e-2) output layer; deterministic action clip(tanh(mean), +-0.9999); log pi_ref(a|s) of a
-  given action first clips a to +-(1-1e-4).
-
-Ablation switches (the paper's ablations run from configs; each default true):
-  policy_reevaluation    false: no PR phase and NO fresh critics: fine-tuning keeps the offline CQL critics and
-                         their targets (their architecture: `cql_critic_hidden`, no LayerNorm; with
-                         double_critic false only the first one), i.e. the naive "offline actor + critic" start.
-  value_alignment        false: no VA phase (the actor leaves reconstruction unchanged); the transition still
-                         hard-copies Qbar := Q.
-  constrained_finetuning false: lambda is 0 in the actor loss and the target (no KL term) and never updated: plain
-                         SAC with auto-entropy on the 50/50 batches (pi_ref is still tracked for the logged KL).
-  All three false: "load the offline CQL actor and critics, then run SAC" (the naive baseline).
-
-General O2O hand-off (`--offline_checkpoint DIR`): DIR is either (a) this script's `checkpoints/offline` (the
-full CQL state: actor, critics, temperatures), or (b) a checkpoint of `algorithms/cal_ql.py` (`offline` or
-`latest`), whose TanhGaussianActor has exactly this actor's form (MLP -> 2|A| mean / raw log-std, scalars
-`log_std_multiplier`, `log_std_offset`): its `actor.params` subtree is copied one to one (same Flax names); the
-hidden sizes must equal `policy_hidden` (else a clear error). Cal-QL critics are not used, so (b) needs
-`policy_reevaluation: true`. Both checks: observation / action dims and the normalisation stats stored in the
-checkpoint must equal this run's (same dataset and `normalize`). IQL-style Gaussian actors (tanh mean,
-state-independent log-std) are a different distribution and are rejected with a message saying so. Seeds: an
-o2sac checkpoint must hold this run's number of seeds; a cal_ql.py checkpoint of N seeds starts an N-seed run seed
-by seed (its i-th actor for this run's i-th seed), a one-seed one gives its actor to every seed.
+Phases (`phase` in eval.jsonl; the maths in the docstrings of the updates below; details in docs/o2sac.md):
+  offline       CQL pre-training as OCR's `offline/cql.py` (cql_update); skipped by `--offline_checkpoint`, which
+                also takes a cal_ql.py checkpoint's actor.
+  reevaluation  policy re-evaluation (PR, `SAC.ope`): fresh critics learn the soft value of the fixed offline actor.
+  alignment     value alignment (VA, `SAC.align_value`): frozen targets, critics fitted to optimistic anchors.
+  online        constrained fine-tuning (CF, `SAC.update`): `utd` updates per env step on 50/50 offline/online
+                batches, KL to the reference policy constrained by a learnt lambda.
+Ablation switches (each default true): policy_reevaluation, value_alignment, constrained_finetuning (all false =
+load the offline CQL actor and critics, then plain SAC).
 
 Deviations (and the switch that restores the reference behaviour where one exists):
-  1. Evaluation runs on a separate env seeded with `eval_seed` (the official code evaluates on the
-     training env mid-episode and also runs unlogged stochastic episodes). Online evaluations happen at exact
-     multiples of `online_eval_every` env steps as in the official loop; checkpoints at the first episode end
-     after an evaluation (so a resumed run restores the training env exactly at an episode boundary).
+  1. Evaluation on a separate env seeded with `eval_seed` (official: the training env, mid-episode); online
+     evaluations at multiples of `online_eval_every` env steps, checkpoints at the next episode end.
   2. `utd` is a config field (official: hard-coded 10).
-  3. The offline CQL phase lives in this file with OCR's settings: MuJoCo = `offline/cql.py`
-     defaults (policy lr 3e-5, weight 10, 3 x 256 critics), AntMaze = `config/offline/cql/antmaze/*.yaml`.
-  4. Terminals: true terminations only; `terminate_on_success` (AntMaze configs) ends an episode as terminal at
-     the goal, reproducing D4RL's AntMaze `eval=True` semantics on Minari's continuing-task envs. Datasets are
-     Minari's `D4RL/antmaze/*-v1` and this project's local `o2o/...` locomotion suite (OCR: D4RL -v2).
-  5. `online_block` > 1 collects that many env steps with a fixed policy before their updates run (the updates
-     of env step t still sample the online rows [0, t) and use eps_t, as the official loop does); 1 = official.
-  6. Re-evaluation records in eval.jsonl copy the score of the offline evaluation (the actor is unchanged in PR,
-     so a rollout would repeat it); their Q / KL diagnostics are computed fresh.
+  3. The offline CQL phase lives in this file with OCR's settings (MuJoCo: `offline/cql.py` defaults; AntMaze:
+     `config/offline/cql/antmaze/*.yaml`).
+  4. Terminals: true terminations only; `terminate_on_success` (AntMaze) ends an episode as terminal at the goal
+     (D4RL's eval=True). Datasets: Minari's `D4RL/antmaze/*-v1` and the local `o2o/...` suite (OCR: D4RL -v2).
+  5. `online_block` > 1 collects that many env steps with a fixed policy before their updates run; 1 = official.
+  6. Re-evaluation records copy the offline evaluation's score (the actor is unchanged in PR).
   7. `auto_alpha: false` keeps alpha fixed at `alpha` online (the official code would use alpha_multiplier).
   8. `double_critic: false` builds a 1-member ensemble (the official code keeps an unused, untrained Q2).
-  9. Not implemented: `refer_with_optimal_pi: false` (periodic reference copies, /4 threshold, hopper-expert grad
-     clip) and buffer_load 'all' / 'part' / 'none' (all official configs use the best-policy rule and 'half').
+  9. Not implemented: `refer_with_optimal_pi: false` and buffer_load 'all' / 'part' / 'none' (every official
+     config uses the best-policy rule and 'half').
  10. The AntMaze configs evaluate the CQL actor every 50k updates (official: 100 episodes every 5k; logging only).
+ 11. Orthogonal kernels by Householder QR in jnp ops (the same up to round-off; avoids a jaxlib CPU deadlock).
 
-Logged per evaluation (eval.jsonl + wandb eval/...): phase (offline | reevaluation | alignment | online), updates,
-phase_updates, env_steps, return, normalized_score (+ success_rate on goal tasks), lambda, alpha, epsilon (eps_t),
-kl_to_reference / kl_to_offline (mean single-sample KL(pi || pi_ref) estimate, as in the lambda loss, over
-`eval_batch_size` fixed dataset states), q_offline_mode (min_i Q_i at the loaded offline actor's most likely action,
-same states), q_policy_mode, best_score, reference_updated (online), seed, wall_time (seconds since the run
-started, accumulated over resumes). The score before fine-tuning is the last 'offline' record; a dip at the start
-of fine-tuning shows as 'alignment' / first 'online' records below it.
-
-Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
-vmapped over a leading seed axis (offline rows shared on device, online rows per seed) and one training env
-per seed, acted for in one jitted call per env step. Every phase runs vmapped (CQL, re-evaluation, alignment:
-update-only blocks; fine-tuning: each seed's utd updates per env step in one masked loop); each seed keeps its own
-reference policy, best score, lambda, alpha and eps_t and follows exactly its single-seed schedule (blocks,
-warm-up, updates, evaluations, reference updates), so its numbers equal the single-seed run's up to float32
-round-off (XLA's batched matmuls sum in another order). A seed due for a checkpoint (at the first episode end
-after an evaluation) waits until every seed is due (or finished). Evaluations go to run_dir/seed<S>/eval.jsonl.
-
-Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
-the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped
-ensembles, several seeds) can deadlock XLA's thread pool (docs/testing.md, "A jaxlib 0.10.2 deadlock on CPU").
+Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, vmapped over a leading seed
+axis; each seed follows its single-seed schedule (equal up to float32 round-off). Evaluations: run_dir/seed<S>/.
 
 Usage:
     python algorithms/o2sac.py --config_path configs/o2sac/quickstart.yaml
     python algorithms/o2sac.py --config_path configs/o2sac/quickstart.yaml --resume     # continue a killed run
     python algorithms/o2sac.py --config_path ... --offline_checkpoint runs/.../checkpoints/offline
     python algorithms/o2sac.py --config_path ... --value_alignment false                # an ablation
-    python algorithms/o2sac.py --config_path configs/o2sac/quickstart.yaml --num_seeds 4   # seeds 0..3 at once
 Writes to `run_dir`: config.yaml, eval.jsonl (seed<S>/eval.jsonl for several seeds), checkpoints/{latest,offline},
 checkpoints/buffer/seed<S>/ (online transitions), wandb/.
 """
@@ -261,47 +189,22 @@ class TrainConfig:
 RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}  # may change on --resume
 
 
-class CQLHyper(NamedTuple):
-    """Static hyper-parameters of the offline CQL phase."""
-    obs_dim: int
-    act_dim: int
-    policy_hidden: tuple
-    log_std_multiplier: float
-    log_std_offset: float
-    critic_hidden: tuple
-    n_critics: int
-    batch_size: int
-    block: int
-    discount: float
-    tau: float
-    policy_lr: float
-    critic_lr: float
-    target_entropy: float
-    weight: float
-    n_actions: int
-    importance_sample: bool
-    temp: float
-    lagrange: bool
-    target_action_gap: float
-    max_target_backup: bool
-    clip_diff_min: float
-    clip_diff_max: float
-    backup_entropy: bool
-
-
 class Hyper(NamedTuple):
-    """Static hyper-parameters of re-evaluation, alignment and fine-tuning."""
+    """The static (hashable) arguments of the jitted functions: the env's dimensions and the config fields the maths
+    reads, under the config's own names (make_hyper copies them from TrainConfig by name)."""
     obs_dim: int
     act_dim: int
     policy_hidden: tuple
     log_std_multiplier: float
     log_std_offset: float
-    critic_hidden: tuple  # fine-tuning critics: fresh ones, or the offline CQL critics when PR is off
+    policy_reevaluation: bool  # false: the fine-tuning critics are the offline CQL critics (see critic_net)
+    constrained_finetuning: bool
+    critic_hidden: tuple
     critic_layernorm: bool
-    n_critics: int  # effective (1 when double_critic is false)
+    finetune_n_critics: int  # derived: n_critics, or 1 when double_critic is false (a TrainConfig property)
     batch_size: int
-    offline_rows: int  # rows of an online-phase batch drawn from the offline data
-    block: int
+    mixing_ratio: float
+    update_block: int
     online_block: int
     utd: int
     discount: float
@@ -311,31 +214,30 @@ class Hyper(NamedTuple):
     alpha_lr: float
     lmbda_lr: float
     auto_alpha: bool
-    target_entropy: float
-    constrained: bool
     threshold: float
     end_threshold: float
     end_steps: int
     loss_tau: float
     ref_log_prob_min: float
-
-
-def make_cql_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> CQLHyper:
-    return CQLHyper(obs_dim, act_dim, tuple(cfg.policy_hidden), cfg.log_std_multiplier, cfg.log_std_offset,
-                    tuple(cfg.cql_critic_hidden), cfg.cql_n_critics, cfg.batch_size, cfg.update_block, cfg.discount,
-                    cfg.tau, cfg.cql_policy_lr, cfg.cql_critic_lr, -float(act_dim), cfg.cql_weight, cfg.cql_n_actions,
-                    cfg.cql_importance_sample, cfg.cql_temp, cfg.cql_lagrange, cfg.cql_target_action_gap,
-                    cfg.cql_max_target_backup, cfg.cql_clip_diff_min, cfg.cql_clip_diff_max, cfg.cql_backup_entropy)
+    cql_policy_lr: float
+    cql_critic_lr: float
+    cql_critic_hidden: tuple
+    cql_n_critics: int
+    cql_weight: float
+    cql_n_actions: int
+    cql_importance_sample: bool
+    cql_temp: float
+    cql_lagrange: bool
+    cql_target_action_gap: float
+    cql_max_target_backup: bool
+    cql_clip_diff_min: float
+    cql_clip_diff_max: float
+    cql_backup_entropy: bool
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
-    fresh = cfg.policy_reevaluation  # PR off: the fine-tuning critics ARE the offline CQL critics
-    return Hyper(obs_dim, act_dim, tuple(cfg.policy_hidden), cfg.log_std_multiplier, cfg.log_std_offset,
-                 tuple(cfg.critic_hidden if fresh else cfg.cql_critic_hidden), cfg.critic_layernorm and fresh,
-                 cfg.finetune_n_critics, cfg.batch_size, int(cfg.batch_size * cfg.mixing_ratio), cfg.update_block,
-                 cfg.online_block, cfg.utd, cfg.discount, cfg.tau, cfg.policy_lr, cfg.critic_lr, cfg.alpha_lr,
-                 cfg.lmbda_lr, cfg.auto_alpha, -float(act_dim), cfg.constrained_finetuning, cfg.threshold,
-                 cfg.end_threshold, cfg.end_steps, cfg.loss_tau, cfg.ref_log_prob_min)
+    static = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 (a list is not hashable)
+    return Hyper(obs_dim=obs_dim, act_dim=act_dim, **{k: static(getattr(cfg, k)) for k in Hyper._fields[2:]})
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -436,12 +338,16 @@ def actor_net(h) -> TanhGaussianActor:
     return TanhGaussianActor(h.act_dim, h.policy_hidden, h.log_std_multiplier, h.log_std_offset)
 
 
-def cql_critic_net(h: CQLHyper) -> nn.Module:
-    return critic_ensemble(h.critic_hidden, h.n_critics, False)
+def cql_critic_net(h: Hyper) -> nn.Module:
+    """The offline CQL critics (no LayerNorm)."""
+    return critic_ensemble(h.cql_critic_hidden, h.cql_n_critics, False)
 
 
 def critic_net(h: Hyper) -> nn.Module:
-    return critic_ensemble(h.critic_hidden, h.n_critics, h.critic_layernorm)
+    """The fine-tuning critics: fresh ones, or (policy_reevaluation false) the offline CQL critics' form."""
+    if h.policy_reevaluation:
+        return critic_ensemble(h.critic_hidden, h.finetune_n_critics, h.critic_layernorm)
+    return critic_ensemble(h.cql_critic_hidden, h.finetune_n_critics, False)
 
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -554,9 +460,9 @@ class Buffer(NamedTuple):
     done: jax.Array  # 1.0 for true terminations only
 
 
-def cql_optimizers(h: CQLHyper):
-    return {"actor": optax.adam(h.policy_lr), "critic": optax.adam(h.critic_lr),
-            "log_alpha": optax.adam(h.policy_lr), "log_alpha_prime": optax.adam(h.critic_lr)}
+def cql_optimizers(h: Hyper):
+    return {"actor": optax.adam(h.cql_policy_lr), "critic": optax.adam(h.cql_critic_lr),
+            "log_alpha": optax.adam(h.cql_policy_lr), "log_alpha_prime": optax.adam(h.cql_critic_lr)}
 
 
 def optimizers(h: Hyper):
@@ -564,7 +470,7 @@ def optimizers(h: Hyper):
             "log_alpha": optax.adam(h.alpha_lr), "log_lmbda": optax.adam(h.lmbda_lr)}
 
 
-def init_cql_state(h: CQLHyper, key, obs_mean, obs_std) -> CQLState:
+def init_cql_state(h: Hyper, key, obs_mean, obs_std) -> CQLState:
     k_actor, k_critic, key = jax.random.split(key, 3)
     o, a = jnp.zeros((1, h.obs_dim)), jnp.zeros((1, h.act_dim))
     critic = cql_critic_net(h).init(k_critic, o, a)["params"]
@@ -586,8 +492,8 @@ def init_o2_state(h: Hyper, seed: int, actor_params, obs_mean, obs_std, alpha: f
         critic = critic_net(h).init(k_critic, jnp.zeros((1, h.obs_dim)), jnp.zeros((1, h.act_dim)))["params"]
         target = critic
     else:
-        critic = jax.tree.map(lambda x: x[:h.n_critics], offline_critic)
-        target = jax.tree.map(lambda x: x[:h.n_critics], offline_critic_target)
+        critic = jax.tree.map(lambda x: x[:h.finetune_n_critics], offline_critic)
+        target = jax.tree.map(lambda x: x[:h.finetune_n_critics], offline_critic_target)
     params = {"actor": actor_params, "critic": critic, "log_alpha": jnp.asarray(math.log(alpha), jnp.float32),
               "log_lmbda": jnp.asarray(math.log(lmbda), jnp.float32)}
     txs = optimizers(h)
@@ -612,23 +518,30 @@ def sample_batch(key, buffer: Buffer, size, n: int) -> Buffer:
 
 
 # ---------------------------------------------------------------------------------------------- offline CQL
-def cql_losses(params: dict, state: CQLState, batch: Buffer, key, h: CQLHyper):
-    """All CQL losses from one snapshot (OCR `ContinuousCQL.train`); stop-gradients keep each on its parameters."""
+def cql_losses(params: dict, state: CQLState, batch: Buffer, key, h: Hyper):
+    """All CQL losses from one snapshot (OCR `ContinuousCQL.train`); stop-gradients keep each on its parameters:
+        a ~ pi(.|s) (reparam),  L_pi = mean(alpha log pi(a|s) - min_i Q_i(s,a))
+        L_alpha = -mean(log alpha (log pi(a|s) - |A|))
+        y = r + gamma (1-d) min_i Qbar_i(s', a'),  a' ~ pi(.|s')  (cql_max_target_backup: the best of cql_n_actions)
+        L_Q = sum_i [MSE(Q_i(s,a), y) + w (clip(T logsumexp_a~(Q_i(s,a~) / T) - Q_i(s,a)) - gap)],  T = cql_temp
+    over a~: cql_n_actions random, pi(.|s) and pi(.|s') actions (all at s; importance-weighted), w = cql_weight
+    (times alpha' with cql_lagrange, alpha' tuned to keep the gap at cql_target_action_gap; gap 0 otherwise)."""
     actor, critic = actor_net(h), cql_critic_net(h)
     sg = jax.lax.stop_gradient
     k_pi, k_next, k_rand, k_cur, k_cql_next = jax.random.split(key, 5)
     obs, next_obs = _norm(state, batch.obs), _norm(state, batch.next_obs)
-    b, n = obs.shape[0], h.n_actions
+    b, n = obs.shape[0], h.cql_n_actions
+    target_entropy = -float(h.act_dim)  # SAC's -|A|
     mean_all, log_std_all = actor.apply({"params": params["actor"]}, jnp.concatenate([obs, next_obs]))
     mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
 
     a_pi, logp_pi = tanh_gaussian_sample(mean, log_std, k_pi)
-    alpha_loss = -(params["log_alpha"] * sg(logp_pi + h.target_entropy)).mean()
+    alpha_loss = -(params["log_alpha"] * sg(logp_pi + target_entropy)).mean()
     alpha = jnp.exp(params["log_alpha"])
     q_pi = critic.apply({"params": sg(params["critic"])}, obs, a_pi).min(0)
     actor_loss = (sg(alpha) * logp_pi - q_pi).mean()
 
-    if h.max_target_backup:
+    if h.cql_max_target_backup:
         a_next, logp_next = tanh_gaussian_sample(sg(next_mean), sg(next_log_std), k_next, n)
         next_rep = jnp.broadcast_to(next_obs[:, None], (b, n, next_obs.shape[-1]))
         q_next = critic.apply({"params": state.critic_target}, next_rep, a_next).min(0)  # [B, n]
@@ -638,7 +551,7 @@ def cql_losses(params: dict, state: CQLState, batch: Buffer, key, h: CQLHyper):
     else:
         a_next, logp_next = tanh_gaussian_sample(sg(next_mean), sg(next_log_std), k_next)
         q_next = critic.apply({"params": state.critic_target}, next_obs, a_next).min(0)
-    if h.backup_entropy:
+    if h.cql_backup_entropy:
         q_next = q_next - sg(alpha) * logp_next
     y = sg(batch.rew + h.discount * (1.0 - batch.done) * q_next)
 
@@ -650,17 +563,17 @@ def cql_losses(params: dict, state: CQLState, batch: Buffer, key, h: CQLHyper):
     q_all = critic.apply({"params": params["critic"]}, obs_rep, actions)  # [E, B, 1 + 3n]
     q_data, q_rand = q_all[..., 0], q_all[..., 1:1 + n]
     q_nxt, q_cur = q_all[..., 1 + n:1 + 2 * n], q_all[..., 1 + 2 * n:]
-    ood = cql_logsumexp(q_rand, q_nxt, q_cur, sg(logp_nxt), sg(logp_cur), h.act_dim, h.temp, q_data,
-                        h.importance_sample)  # [E, B]
-    cql_diff = jnp.clip(ood - q_data, h.clip_diff_min, h.clip_diff_max).mean(-1)  # [E]
+    ood = cql_logsumexp(q_rand, q_nxt, q_cur, sg(logp_nxt), sg(logp_cur), h.act_dim, h.cql_temp, q_data,
+                        h.cql_importance_sample)  # [E, B]
+    cql_diff = jnp.clip(ood - q_data, h.cql_clip_diff_min, h.cql_clip_diff_max).mean(-1)  # [E]
     bellman = ((q_data - y) ** 2).mean(-1)  # [E]
-    if h.lagrange:
+    if h.cql_lagrange:
         alpha_prime = jnp.clip(jnp.exp(params["log_alpha_prime"]), 0.0, 1e6)
-        cql_loss = sg(alpha_prime) * h.weight * (cql_diff - h.target_action_gap)
-        alpha_prime_loss = -(alpha_prime * h.weight * (sg(cql_diff) - h.target_action_gap)).mean()
+        cql_loss = sg(alpha_prime) * h.cql_weight * (cql_diff - h.cql_target_action_gap)
+        alpha_prime_loss = -(alpha_prime * h.cql_weight * (sg(cql_diff) - h.cql_target_action_gap)).mean()
     else:
         alpha_prime, alpha_prime_loss = jnp.zeros(()), jnp.zeros(())
-        cql_loss = h.weight * cql_diff
+        cql_loss = h.cql_weight * cql_diff
     critic_loss = (bellman + cql_loss).sum()  # official qf1_loss + qf2_loss + cql terms
     total = critic_loss + actor_loss + alpha_loss + alpha_prime_loss
     metrics = {"critic_loss": critic_loss, "bellman_loss": bellman.mean(), "cql_diff": cql_diff.mean(),
@@ -669,13 +582,13 @@ def cql_losses(params: dict, state: CQLState, batch: Buffer, key, h: CQLHyper):
     return total, metrics
 
 
-def cql_update(state: CQLState, batch: Buffer, key, h: CQLHyper):
+def cql_update(state: CQLState, batch: Buffer, key, h: Hyper):
     names = ("actor", "critic", "log_alpha", "log_alpha_prime")
     params = {k: getattr(state, k).params for k in names}
     grads, metrics = jax.grad(cql_losses, has_aux=True)(params, state, batch, key, h)
     txs = cql_optimizers(h)
     new = {k: _step(getattr(state, k), grads[k], txs[k]) for k in names}
-    if not h.lagrange:
+    if not h.cql_lagrange:
         new["log_alpha_prime"] = state.log_alpha_prime
     target = optax.incremental_update(new["critic"].params, state.critic_target, h.tau)
     return state._replace(critic_target=target, updates=state.updates + 1, **new), metrics
@@ -685,21 +598,23 @@ def cql_update(state: CQLState, batch: Buffer, key, h: CQLHyper):
 # offline rows are shared (in_axes None). One seed's numbers equal a single-seed run's up to float32
 # round-off (XLA sums batched matmuls in a different order).
 @partial(jax.jit, static_argnames=("h",))
-def cql_block(state: CQLState, offline: Buffer, offline_size, h: CQLHyper):
-    """`h.block` CQL updates per seed in one lax.scan (vmapped over seeds), batches sampled on device inside the
-    scan; metrics of shape [seeds, h.block]."""
+def scan_cql_updates(state: CQLState, offline: Buffer, offline_size, h: Hyper):
+    """`h.update_block` CQL updates per seed in one lax.scan (vmapped over seeds), batches sampled on device inside the
+    scan; metrics of shape [seeds, h.update_block]."""
     def one_seed(state):
         def body(state, _):
             key, k_batch, k_upd = jax.random.split(state.key, 3)
             batch = sample_batch(k_batch, offline, offline_size, h.batch_size)
             return cql_update(state._replace(key=key), batch, k_upd, h)
-        return jax.lax.scan(body, state, None, length=h.block)
+        return jax.lax.scan(body, state, None, length=h.update_block)
     return jax.vmap(one_seed)(state)
 
 
 # ---------------------------------------------------------------------------------------------- reconstruction
 def pr_update(state: O2State, batch: Buffer, key, h: Hyper):
-    """Policy re-evaluation (`SAC.ope`): soft SARSA of the fixed pi_ref, alpha fixed; Polyak targets."""
+    """Policy re-evaluation (`SAC.ope`): soft SARSA of the fixed pi_ref, alpha fixed; Polyak targets:
+        y = r + gamma (1-d) [min_i Qbar_i(s', a') - alpha log pi_ref(a'|s')],  a' ~ pi_ref(.|s')
+        L_Q = sum_i MSE(Q_i(s,a), y)"""
     actor, critic = actor_net(h), critic_net(h)
     obs, next_obs = _norm(state, batch.obs), _norm(state, batch.next_obs)
     alpha = jnp.exp(state.log_alpha.params)  # = `alpha`: log alpha is not trained before the online phase
@@ -737,7 +652,11 @@ def alignment_targets(state: O2State, obs, key, h: Hyper):
 
 
 def va_update(state: O2State, batch: Buffer, key, h: Hyper):
-    """Value alignment (`SAC.align_value`): critic to the anchors / aligned targets, SAC actor step, targets frozen."""
+    """Value alignment (`SAC.align_value`): critic to the anchors / aligned targets, SAC actor step, targets frozen:
+        a* = clip(tanh(mean_ref(s)), +-0.9999),  Q* = min_i Qbar_i(s, a*)                      (anchor)
+        a~ ~ pi(.|s),  y~ = min(Q* - alpha (log pi_ref(a*|s) - log pi_ref(a~|s)), min_i Qbar_i(s, a~))
+        L_Q = sum_i MSE(Q_i(s,a*), Q*) + sum_i MSE(Q_i(s,a~), y~)
+        L_pi = mean(alpha log pi(a|s) - min_i Q_i(s,a)),  a ~ pi (a second, reparameterised sample)"""
     actor, critic = actor_net(h), critic_net(h)
     sg = jax.lax.stop_gradient
     k_tilde, k_pi = jax.random.split(key)
@@ -768,9 +687,9 @@ def va_update(state: O2State, batch: Buffer, key, h: Hyper):
 
 
 @partial(jax.jit, static_argnames=("kind", "h"))
-def reconstruct_block(state: O2State, offline: Buffer, offline_size, kind: str, h: Hyper):
-    """`h.block` PR (kind 'reevaluation') or VA (kind 'alignment') updates per seed in one lax.scan on offline
-    batches (vmapped over seeds); metrics of shape [seeds, h.block]."""
+def scan_reconstruction_updates(state: O2State, offline: Buffer, offline_size, kind: str, h: Hyper):
+    """`h.update_block` PR (kind 'reevaluation') or VA (kind 'alignment') updates per seed in one lax.scan on offline
+    batches (vmapped over seeds); metrics of shape [seeds, h.update_block]."""
     update = pr_update if kind == "reevaluation" else va_update
 
     def one_seed(state):
@@ -778,7 +697,7 @@ def reconstruct_block(state: O2State, offline: Buffer, offline_size, kind: str, 
             key, k_batch, k_upd = jax.random.split(state.key, 3)
             batch = sample_batch(k_batch, offline, offline_size, h.batch_size)
             return update(state._replace(key=key), batch, k_upd, h)
-        return jax.lax.scan(body, state, None, length=h.block)
+        return jax.lax.scan(body, state, None, length=h.update_block)
     return jax.vmap(one_seed)(state)
 
 
@@ -802,30 +721,36 @@ def update_reference(state: O2State, scores):
 # ---------------------------------------------------------------------------------------------- fine-tuning
 def cf_losses(params: dict, state: O2State, batch: Buffer, key, t, h: Hyper):
     """Constrained fine-tuning losses (`SAC.update`) from one snapshot; alpha and lambda are constants in the
-    actor and critic losses; the lambda loss only moves log lambda."""
+    actor and critic losses; the lambda loss only moves log lambda:
+        a ~ pi(.|s) (reparam), l = log pi(a|s), l_ref = max(log pi_ref(a|s), ref_log_prob_min)
+        L_pi = mean(alpha l - min_i Q_i(s,a) + lambda (l - l_ref))
+        y = r + gamma (1-d) [min_i Qbar_i(s',a') - alpha l' - lambda (l' - l'_ref)],  a' ~ pi(.|s')
+        L_alpha = -mean(log alpha (l - |A|)),  eps_t = min(eps_end, eps_0 + t (eps_end - eps_0) / end_steps)
+        L_lambda = lambda * stopgrad(mean(|loss_tau - 1[u > 0]| u)),  u = eps_t - (l - l_ref)
+    (constrained_finetuning false: lambda = 0)."""
     actor, critic = actor_net(h), critic_net(h)
     sg = jax.lax.stop_gradient
     k_pi, k_next = jax.random.split(key)
     obs, next_obs = _norm(state, batch.obs), _norm(state, batch.next_obs)
-    b = obs.shape[0]
+    b, target_entropy = obs.shape[0], -float(h.act_dim)  # SAC's -|A|
     both = jnp.concatenate([obs, next_obs])
     mean_all, log_std_all = actor.apply({"params": params["actor"]}, both)
     ref_mean_all, ref_log_std_all = actor.apply({"params": state.ref_actor}, both)
     mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
 
     alpha = jnp.exp(params["log_alpha"]) if h.auto_alpha else jnp.exp(sg(params["log_alpha"]))
-    lmbda = jnp.exp(params["log_lmbda"]) if h.constrained else jnp.zeros(())
+    lmbda = jnp.exp(params["log_lmbda"]) if h.constrained_finetuning else jnp.zeros(())
 
     a_pi, logp_pi = tanh_gaussian_sample(mean, log_std, k_pi)
     logp_ref = tanh_gaussian_log_prob(ref_mean_all[:b], ref_log_std_all[:b], a_pi)  # grad through a_pi
     kl = kl_estimate(logp_pi, logp_ref, h.ref_log_prob_min)
     q_pi = critic.apply({"params": sg(params["critic"])}, obs, a_pi).min(0)
     actor_loss = (sg(alpha) * logp_pi - q_pi + sg(lmbda) * kl).mean()
-    alpha_loss = -(params["log_alpha"] * sg(logp_pi + h.target_entropy)).mean() if h.auto_alpha else jnp.zeros(())
+    alpha_loss = -(params["log_alpha"] * sg(logp_pi + target_entropy)).mean() if h.auto_alpha else jnp.zeros(())
 
     eps_t = epsilon_schedule(t, h.threshold, h.end_threshold, h.end_steps)
     weight = sg(lambda_loss_weight(eps_t - kl, h.loss_tau))
-    lmbda_loss = lmbda * weight if h.constrained else jnp.zeros(())
+    lmbda_loss = lmbda * weight if h.constrained_finetuning else jnp.zeros(())
 
     a_next, logp_next = tanh_gaussian_sample(sg(next_mean), sg(next_log_std), k_next)
     next_kl = kl_estimate(logp_next, tanh_gaussian_log_prob(ref_mean_all[b:], ref_log_std_all[b:], a_next),
@@ -851,32 +776,34 @@ def cf_update(state: O2State, batch: Buffer, key, t, first, h: Hyper):
     new = {k: _step(getattr(state, k), grads[k], txs[k]) for k in names}
     if not h.auto_alpha:
         new["log_alpha"] = state.log_alpha
-    keep = jnp.logical_and(first, h.constrained)
+    keep = jnp.logical_and(first, h.constrained_finetuning)
     new["log_lmbda"] = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new["log_lmbda"], state.log_lmbda)
     target = optax.incremental_update(new["critic"].params, state.critic_target, h.tau)
     return state._replace(critic_target=target, updates=state.updates + 1, **new), metrics
 
 
-def cf_sampled_update(state: O2State, offline: Buffer, offline_size, online: Buffer, online_size, t, first,
-                      h: Hyper):
-    """Batch of h.offline_rows offline rows + the rest from online rows [0, online_size), then one update."""
-    key, k_off, k_on, k_upd = jax.random.split(state.key, 4)
-    off = sample_batch(k_off, offline, offline_size, h.offline_rows)
-    on = sample_batch(k_on, online, online_size, h.batch_size - h.offline_rows)
-    batch = jax.tree.map(lambda a, b: jnp.concatenate([b, a]), off, on)  # official order: online then offline
-    return cf_update(state._replace(key=key), batch, k_upd, t, first, h)
+def sample_online_batch(offline: Buffer, offline_size, online: Buffer, online_size, k_off, k_on, h: Hyper) -> Buffer:
+    """int(batch_size * mixing_ratio) offline rows + the rest from online rows [0, online_size) (official buffer_load
+    'half'), in the official order: online rows first."""
+    offline_rows = int(h.batch_size * h.mixing_ratio)
+    off = sample_batch(k_off, offline, offline_size, offline_rows)
+    on = sample_batch(k_on, online, online_size, h.batch_size - offline_rows)
+    return jax.tree.map(lambda a, b: jnp.concatenate([b, a]), off, on)
 
 
 @partial(jax.jit, static_argnames=("h",))
-def online_updates(state: O2State, offline: Buffer, offline_size, online: Buffer, first_t, k, h: Hyper):
+def scan_online_updates(state: O2State, offline: Buffer, offline_size, online: Buffer, first_t, k, h: Hyper):
     """Per seed i, the updates of its env steps t = first_t[i], ..., first_t[i] + k[i] - 1 (k[i] <= h.online_block,
-    traced): for each, h.utd updates (inner lax.scan) sampling the seed's online rows [0, t) with lambda stepped on
-    the first. One lax.fori_loop of max(k) env steps, vmapped over seeds; a seed with fewer env steps keeps its
-    state (masked). Metrics [seeds, h.online_block, h.utd], rows >= k[i] are zero."""
+    traced): for each, h.utd updates (inner lax.scan, each on a fresh batch sampling the seed's online rows [0, t))
+    with lambda stepped on the first. One lax.fori_loop of max(k) env steps, vmapped over seeds; a seed with fewer
+    env steps keeps its state (masked). Metrics [seeds, h.online_block, h.utd], rows >= k[i] are zero."""
     def one_seed(state, online, first_t, k_seed):
         def utd_updates(state, t):
-            return jax.lax.scan(lambda s, j: cf_sampled_update(s, offline, offline_size, online, t, t, j == 0, h),
-                                state, jnp.arange(h.utd))
+            def body(s, j):
+                key, k_off, k_on, k_upd = jax.random.split(s.key, 4)
+                batch = sample_online_batch(offline, offline_size, online, t, k_off, k_on, h)
+                return cf_update(s._replace(key=key), batch, k_upd, t, j == 0, h)
+            return jax.lax.scan(body, state, jnp.arange(h.utd))
 
         def env_step(i, carry):
             state, metrics = carry
@@ -917,7 +844,7 @@ def act_deterministic(actor_params, obs_mean, obs_std, obs, h):
 
 
 @partial(jax.jit, static_argnames=("h",))
-def cql_diagnostics(state: CQLState, raw_obs, h: CQLHyper):
+def cql_diagnostics(state: CQLState, raw_obs, h: Hyper):
     """Offline phase (one seed): Q of the CQL critics at the current actor's most likely action, alpha."""
     obs = _norm(state, raw_obs)
     mean, _ = actor_net(h).apply({"params": state.actor.params}, obs)
@@ -944,7 +871,7 @@ def o2_diagnostics(state: O2State, raw_obs, key, env_steps, h: Hyper):
             "kl_to_offline": kl_estimate(logp, tanh_gaussian_log_prob(off_mean, off_log_std, a),
                                          h.ref_log_prob_min).mean(),
             "q_offline_mode": q[:b].mean(), "q_policy_mode": q[b:].mean(),
-            "lambda": jnp.exp(state.log_lmbda.params) if h.constrained else jnp.zeros(()),
+            "lambda": jnp.exp(state.log_lmbda.params) if h.constrained_finetuning else jnp.zeros(()),
             "alpha": jnp.exp(state.log_alpha.params),
             "epsilon": epsilon_schedule(env_steps, h.threshold, h.end_threshold, h.end_steps),
             "best_score": state.best_score}
@@ -1014,7 +941,7 @@ def _check_obs_stats(src: Path, mean, std, obs_mean, obs_std, cfg: TrainConfig):
                          f"(normalize={cfg.normalize}); use the checkpoint's dataset and set normalize: {src_norm}")
 
 
-def load_offline_start(path: Path, cfg: TrainConfig, cql_h: CQLHyper, obs_mean, obs_std) -> OfflineStart:
+def load_offline_start(path: Path, cfg: TrainConfig, h: Hyper, obs_mean, obs_std) -> OfflineStart:
     """Read an offline checkpoint of this script or of cal_ql.py into every seed's (actor, critics) (leading seed
     axis, cfg.num_seeds seeds); clear errors otherwise. An o2sac checkpoint must hold cfg.num_seeds seeds; a
     cal_ql.py checkpoint of N seeds gives its i-th actor to the i-th seed, a one-seed one its actor to every seed."""
@@ -1028,7 +955,7 @@ def load_offline_start(path: Path, cfg: TrainConfig, cql_h: CQLHyper, obs_mean, 
         if src_n != n_seeds:
             raise ValueError(f"--offline_checkpoint {src} holds {src_n} seed(s) of o2sac.py, this run trains "
                              f"{n_seeds}; run it with --num_seeds {src_n} (and the same --seed)")
-        one = init_cql_state(cql_h, jax.random.PRNGKey(0), obs_mean, obs_std)
+        one = init_cql_state(h, jax.random.PRNGKey(0), obs_mean, obs_std)
         try:  # a one-seed checkpoint has no seed axis
             state = load_tree(src / "state.npz", one if n_seeds == 1 else stack_seeds([one] * n_seeds))
         except RunError as e:
@@ -1057,7 +984,7 @@ def load_offline_start(path: Path, cfg: TrainConfig, cql_h: CQLHyper, obs_mean, 
     if not cfg.policy_reevaluation:
         raise ValueError(f"--offline_checkpoint {src} is a cal_ql.py checkpoint: only its actor is used (its critics "
                          "have another form), so O2SAC needs fresh critics: set policy_reevaluation: true")
-    template = actor_net(cql_h).init(jax.random.PRNGKey(0), jnp.zeros((1, cql_h.obs_dim)))["params"]
+    template = actor_net(h).init(jax.random.PRNGKey(0), jnp.zeros((1, h.obs_dim)))["params"]
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     wanted = [jax.tree_util.keystr(k) for k, _ in flat]
     with np.load(src / "state.npz") as z:  # per seed: a cal_ql.py checkpoint of several seeds has a seed axis
@@ -1075,7 +1002,7 @@ def load_offline_start(path: Path, cfg: TrainConfig, cql_h: CQLHyper, obs_mean, 
         hidden_src = [s[1] for s in got[:-1]]
         raise ValueError(f"--offline_checkpoint {src}: the cal_ql actor's layers have kernel shapes {got}, this run "
                          f"needs {need}: set policy_hidden: {hidden_src} (and use the same dataset: obs dim "
-                         f"{got[0][0]} vs {cql_h.obs_dim}, action dim {got[-1][1] // 2} vs {cql_h.act_dim})")
+                         f"{got[0][0]} vs {h.obs_dim}, action dim {got[-1][1] // 2} vs {h.act_dim})")
     if set(stats) != {".obs_mean", ".obs_std"}:
         raise ValueError(f"--offline_checkpoint {src}: no obs_mean / obs_std in the checkpoint")
     for _, seed_stats in per_seed:
@@ -1173,6 +1100,316 @@ def score_of(record: dict) -> float:
     return record.get("normalized_score", record["return"])
 
 
+class World(NamedTuple):
+    """What a run trains on: the data on device, the envs (one training env per seed, one evaluation env), the
+    static hyper-parameters and the fixed dataset states of the logged diagnostics."""
+    offline: Buffer  # all dataset rows, shared by the seeds
+    offline_size: int
+    envs: list
+    eval_env: Any
+    h: Hyper
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    refs: Optional[tuple]  # (ref_min, ref_max) return of the normalised score, None when the dataset has none
+    eval_obs: jax.Array  # eval_batch_size dataset states (drawn with eval_seed) of the logged Q / KL diagnostics
+
+    def reward(self, r, cfg):
+        return r * cfg.reward_scale + cfg.reward_bias
+
+    def close(self):
+        for env in self.envs + [self.eval_env]:
+            env.close()
+
+
+def load_world(cfg: TrainConfig, n_seeds: int) -> World:
+    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in range(n_seeds)], data.make_env(cfg.dataset_id)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    try:
+        refs = data.reference_scores(cfg.dataset_id)
+    except data.DatasetError as e:
+        print(f"warning: {e}; logging raw returns only")
+        refs = None
+    rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
+    offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
+                                                              ds.next_observations, ds.terminals)))
+    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+    pick = np.random.default_rng(cfg.eval_seed).choice(len(ds), min(len(ds), cfg.eval_batch_size), replace=False)
+    eval_obs = jnp.asarray(ds.observations[np.sort(pick)], jnp.float32)  # the same states for every seed
+    return World(offline, len(ds), envs, eval_env, make_hyper(cfg, obs_dim, act_dim), obs_mean, obs_std, refs,
+                 eval_obs)
+
+
+@dataclass
+class Progress:
+    """Per-seed bookkeeping (one entry per seed) and the host state of a run: the checkpoint's meta.json."""
+    algorithm: str  # "o2sac" (load_offline_start recognises its checkpoints by it)
+    num_seeds: int
+    phase: str  # offline | load_offline | offline_done | reevaluation | alignment | online | done
+    state_kind: str  # cql (a CQLState) | o2 (an O2State): the state type of the checkpoint
+    updates: np.ndarray  # gradient steps done, all phases
+    phase_updates: np.ndarray  # gradient steps of the current phase
+    env_steps: np.ndarray  # online env steps done
+    online_size: np.ndarray  # online rows in the buffer
+    saved_rows: np.ndarray  # online rows already written to checkpoints/buffer
+    act_key: np.ndarray  # [seeds, 2] exploration RNG keys
+    env_rng: list  # training-env RNG snapshots at the checkpoint (None before the first reset)
+    eval_lines: np.ndarray  # lines of each seed's eval.jsonl that this state has logged
+    episodes: np.ndarray  # online episodes finished
+    wandb_id: Optional[str]
+    last_eval: list  # the last evaluation record
+    offline_eval: list  # the last offline evaluation record (the score before fine-tuning)
+    wall_time: float  # seconds of run time before this attempt
+
+    COUNTERS = ("updates", "phase_updates", "env_steps", "online_size", "saved_rows", "eval_lines", "episodes")
+
+    @classmethod
+    def start(cls, seeds: list) -> "Progress":
+        zeros, nones = (lambda: np.zeros(len(seeds), np.int64)), (lambda: [None] * len(seeds))  # noqa: E731
+        return cls("o2sac", len(seeds), "offline", "cql", zeros(), zeros(), zeros(), zeros(), zeros(),
+                   np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), nones(), zeros(), zeros(), None,
+                   nones(), nones(), 0.0)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Progress":
+        return cls(**{**meta, **{k: np.asarray(meta[k], np.int64) for k in cls.COUNTERS}})
+
+    def meta(self) -> dict:
+        return {**asdict(self), **{k: getattr(self, k).tolist() for k in self.COUNTERS}}
+
+    def enter(self, phase: str):
+        self.phase, self.phase_updates = phase, np.zeros(self.num_seeds, np.int64)
+
+    def count_updates(self, k):
+        self.updates += k
+        self.phase_updates += k
+
+
+def o2_states(cfg: TrainConfig, world: World, seeds: list, start: OfflineStart, offline_scores: list) -> O2State:
+    """Every seed's fine-tuning state from its offline actor (and its offline critics when policy_reevaluation is
+    false), stacked over seeds."""
+    keep_critics = not cfg.policy_reevaluation
+    return stack_seeds([
+        init_o2_state(world.h, s, seed_slice(start.actor, i), world.obs_mean, world.obs_std, cfg.alpha, cfg.lmbda,
+                      offline_scores[i], seed_slice(start.critic, i) if keep_critics else None,
+                      seed_slice(start.critic_target, i) if keep_critics else None)
+        for i, s in enumerate(seeds)])
+
+
+def start_or_resume(cfg: TrainConfig, run, world: World, seeds: list):
+    """(state, progress, online buffer, offline start): fresh CQL states, or restored from run.resume_from (state,
+    counters, RNG keys, online rows), or the offline start read from run.offline_from (phase load_offline)."""
+    h, N = world.h, len(seeds)
+    online = Buffer(*(jnp.zeros((N, cfg.online_steps + cfg.online_block) + shape, jnp.float32) for shape in
+                      ((h.obs_dim,), (h.act_dim,), (), (h.obs_dim,), ())))  # per seed, + slack for a full chunk
+    state = stack_seeds([init_cql_state(h, jax.random.PRNGKey(s), world.obs_mean, world.obs_std) for s in seeds])
+    prog, start = Progress.start(seeds), None
+    if run.resume_from is not None:
+        if load_meta(run.resume_from)["state_kind"] != "cql":
+            state = o2_states(cfg, world, seeds, OfflineStart(state.actor.params, state.critic.params,
+                                                              state.critic_target, "o2sac", {}), [0.0] * N)
+        state, meta = load_state(run.resume_from, state, cfg)
+        prog = Progress.from_meta(meta)
+        for i, s in enumerate(seeds):
+            rows = load_buffer_rows(run.run_dir / "checkpoints" / "buffer" / f"seed{s}", int(prog.online_size[i]))
+            if rows is not None:
+                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
+        print(f"resumed from {run.resume_from}: phase {prog.phase}, {prog.updates.tolist()} updates, "
+              f"{prog.env_steps.tolist()} online env steps")
+    elif run.offline_from is not None:
+        start = load_offline_start(run.offline_from, cfg, h, world.obs_mean, world.obs_std)
+        prog.phase = "load_offline"
+        print(f"loaded the offline actor{' and critics' if start.critic is not None else ''} from "
+              f"{cfg.offline_checkpoint} ({start.source} checkpoint)")
+    return state, prog, online, start
+
+
+class Recorder:
+    """Evaluations (eval.jsonl, wandb, console) and checkpoints of a run: `evaluate` and `checkpoint`."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, seeds: list, world: World, prog: Progress, t_start: float):
+        self.cfg, self.run_dir, self.seeds, self.world, self.t_start = cfg, run_dir, seeds, world, t_start
+        self.wall_before, self.goal_task = prog.wall_time, "antmaze" in cfg.dataset_id
+        self.diag_key = jax.random.PRNGKey(cfg.eval_seed)  # fixed: diagnostics never touch the training RNG
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(cfg, f)
+        prog.wandb_id = prog.wandb_id or f"{cfg.name}-{int(time.time())}"
+        self.logger = Logger(cfg, run_dir, seeds, prog.wandb_id, prog.eval_lines.tolist())
+
+    def record(self, state, prog: Progress, phase: str, i: int, rollout: bool = True) -> dict:
+        """Seed i's evaluation record (not yet logged): a rollout of its deterministic actor, or (re-evaluation) its
+        offline evaluation reused, plus the diagnostics (Q / KL / temperatures)."""
+        cfg, w, one = self.cfg, self.world, seed_slice(state, i)
+        record = {"phase": phase, "seed": self.seeds[i], "updates": int(prog.updates[i]),
+                  "phase_updates": int(prog.phase_updates[i]), "env_steps": int(prog.env_steps[i])}
+        if rollout:
+            record.update(evaluate(w.eval_env, lambda o: act_deterministic(one.actor.params, one.obs_mean,
+                                                                           one.obs_std, o, w.h),
+                                   cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success, self.goal_task, w.refs))
+        else:  # re-evaluation: the actor is the offline one, whose evaluation is reused
+            record.update({k: v for k, v in prog.offline_eval[i].items() if k in
+                           ("return", "return_std", "length", "episodes", "normalized_score", "normalized_score_std",
+                            "success_rate")})
+            record["score_reused"] = True
+        if isinstance(one, CQLState):
+            record.update({k: float(v) for k, v in cql_diagnostics(one, w.eval_obs, w.h).items()})
+            record.update({"lambda": None, "epsilon": None, "kl_to_reference": None, "kl_to_offline": None})
+        else:
+            record.update({k: float(v) for k, v in
+                           o2_diagnostics(one, w.eval_obs, self.diag_key, int(prog.env_steps[i]), w.h).items()})
+        return record
+
+    def log(self, prog: Progress, i: int, record: dict):
+        record["wall_time"] = round(self.wall_before + time.time() - self.t_start, 2)  # s since the run started
+        self.logger.log_eval(i, record)
+        prog.eval_lines[i], prog.last_eval[i] = self.logger.eval_lines[i], record
+
+    def evaluate(self, state, prog: Progress, phase: str, rollout: bool = True):
+        for i in range(len(self.seeds)):
+            self.log(prog, i, self.record(state, prog, phase, i, rollout))
+
+    def evaluate_online(self, state: O2State, prog: Progress, which: list) -> O2State:
+        """Evaluate the seeds in `which`, then each one's reference rule (diagnostics before the update)."""
+        records = {i: self.record(state, prog, "online", i) for i in which}
+        scores = [score_of(records[i]) if i in records else -np.inf for i in range(len(self.seeds))]
+        state, better = update_reference(state, jnp.asarray(scores, jnp.float32))
+        better, best = np.asarray(better), np.asarray(state.best_score)
+        for i in which:
+            records[i]["reference_updated"] = bool(better[i])
+            records[i]["best_score"] = float(best[i])
+            self.log(prog, i, records[i])
+        return state
+
+    def score(self, prog: Progress, which=None) -> float:
+        records = [prog.last_eval[i] for i in (range(len(self.seeds)) if which is None else which)]
+        return float(np.mean([score_of(r) for r in records if r is not None]))
+
+    def checkpoint(self, state, prog: Progress, online: Buffer, act_key, name: str = "latest"):
+        """Online rows appended to checkpoints/buffer, then state + meta atomically into checkpoints/<name>."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        prog.act_key = np.asarray(act_key)
+        for i, s in enumerate(self.seeds):
+            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), int(prog.saved_rows[i]),
+                             int(prog.online_size[i]))
+        prog.saved_rows = prog.online_size.copy()
+        prog.wall_time = self.wall_before + time.time() - self.t_start
+        prog.state_kind = "cql" if isinstance(state, CQLState) else "o2"
+        save_state(ckpt_dir / name, state, prog.meta(), self.cfg)
+
+
+def update_phase(cfg: TrainConfig, run, rec: Recorder, state, prog: Progress, online: Buffer, act_key, phase: str,
+                 steps: int, eval_every: int, rollout: bool, scan):
+    """The loop of an update-only phase (offline CQL, re-evaluation, alignment): blocks of update_block updates
+    (`scan(state)`: all seeds in one vmapped lax.scan), an evaluation (+ checkpoint) every eval_every updates."""
+    from tqdm import tqdm
+    bar = tqdm(total=steps, initial=int(prog.phase_updates[0]), desc=f"O2SAC {phase}", mininterval=5)
+    while prog.phase_updates[0] < steps:
+        state, metrics = scan(state)
+        logged = block_metrics(metrics, cfg.update_block, phase, rec.seeds, prog.updates)
+        prog.count_updates(cfg.update_block)
+        bar.update(cfg.update_block)
+        rec.logger.log({**logged, f"{phase}/updates": int(prog.updates[0])})
+        if prog.phase_updates[0] % eval_every == 0 or prog.phase_updates[0] == steps:
+            rec.evaluate(state, prog, phase, rollout)
+            bar.set_postfix(score=rec.score(prog))
+            if prog.phase_updates[0] < steps:
+                rec.checkpoint(state, prog, online, act_key)
+        if run.stop and prog.phase_updates[0] < steps:
+            rec.checkpoint(state, prog, online, act_key)
+            run.interrupt_if_asked(f"after {int(prog.phase_updates[0])} {phase} updates")
+    bar.close()
+    return state
+
+
+def evaluate_offline_start(rec: Recorder, state: CQLState, prog: Progress, start: OfflineStart) -> CQLState:
+    """--offline_checkpoint: the source's update counts and every seed's score before fine-tuning."""
+    N = len(rec.seeds)
+    prog.updates = np.broadcast_to(np.ravel(start.meta.get("updates", 0)).astype(int), (N,)).astype(np.int64)
+    prog.phase_updates = prog.updates.copy()  # (one count per source seed)
+    if start.cql_state is not None:
+        state = start.cql_state
+        rec.evaluate(state, prog, "offline")
+    else:  # cal_ql actors: no CQL critics of this file's form, so no offline Q diagnostic
+        state = state._replace(actor=state.actor._replace(params=start.actor))
+        for i in range(N):
+            record = rec.record(state, prog, "offline", i)
+            record["q_offline_mode"] = None
+            rec.log(prog, i, record)
+    return state
+
+
+def transition(cfg: TrainConfig, state: O2State, prog: Progress, seeds: list) -> O2State:
+    """After the reconstruction, per seed: Qbar := Q; pi_ref := pi if the aligned actor evaluated better."""
+    state = hard_copy_targets(state)
+    last = prog.last_eval
+    if cfg.value_alignment and all(r is not None and r["phase"] == "alignment" for r in last):
+        state, better = update_reference(state, jnp.asarray([score_of(r) for r in last], jnp.float32))
+        for i, b in enumerate(np.asarray(better)):
+            print(f"transition (seed {seeds[i]}): aligned actor {score_of(last[i]):.2f} vs offline "
+                  f"{score_of(prog.offline_eval[i]):.2f}: "
+                  f"{'pi_ref := aligned actor' if b else 'pi_ref stays the offline actor'}")
+    prog.enter("online")
+    return state
+
+
+class Episodes:
+    """The training envs' current episodes, one entry per seed, and one block of collected transitions."""
+
+    def __init__(self, cfg: TrainConfig, h: Hyper, prog: Progress, envs: list, seeds: list):
+        N = len(seeds)
+        for i, env in enumerate(envs):
+            if prog.env_rng[i] is not None:
+                env_rng_restore(env, prog.env_rng[i], seeds[i])
+        self.first_reset = np.array([snapshot is None for snapshot in prog.env_rng])
+        self.chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
+                      (("obs", (h.obs_dim,)), ("act", (h.act_dim,)), ("rew", ()), ("next_obs", (h.obs_dim,)),
+                       ("done", ()))}
+        self.obs = np.zeros((N, h.obs_dim), np.float32)
+        self.at_start = np.ones(N, bool)
+        self.ret, self.length, self.recent = np.zeros(N), np.zeros(N, np.int64), [[] for _ in range(N)]
+        self.pending = np.zeros(N, bool)  # evaluated since the last checkpoint
+        self.due = np.zeros(N, bool)  # at an episode end after an evaluation: waiting for the synchronised checkpoint
+
+
+def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes, act_key, seeds, logger):
+    """Up to online_block env steps per seed with the current policy, into ep.chunk; a seed's block also ends at an
+    episode end and at an evaluation step. Returns (steps per seed, the advanced exploration keys)."""
+    N = len(seeds)
+    n = np.zeros(N, np.int64)
+    active = ~ep.due & (prog.env_steps < cfg.online_steps)
+    while active.any():
+        for i in np.flatnonzero(active):
+            if ep.at_start[i]:
+                ep.obs[i] = world.envs[i].reset(seed=seeds[i] if ep.first_reset[i] else None)[0]
+                ep.first_reset[i], ep.at_start[i], ep.ret[i], ep.length[i] = False, False, 0.0, 0
+        actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, ep.obs, act_key,
+                                       jnp.asarray(active), world.h)
+        actions = np.asarray(actions)
+        for i in np.flatnonzero(active):
+            next_obs, r, term, trunc, info = world.envs[i].step(actions[i])
+            term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+            j, c = n[i], ep.chunk
+            c["obs"][i, j], c["act"][i, j], c["next_obs"][i, j] = ep.obs[i], actions[i], next_obs
+            c["done"][i, j], c["rew"][i, j] = float(term), world.reward(r, cfg)
+            n[i], prog.env_steps[i] = j + 1, prog.env_steps[i] + 1
+            ep.ret[i], ep.length[i] = ep.ret[i] + float(r), ep.length[i] + 1
+            ep.obs[i] = next_obs
+            if term or trunc:
+                prog.episodes[i] += 1
+                ep.recent[i] = (ep.recent[i] + [float(ep.ret[i])])[-10:]
+                logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": float(ep.ret[i]),
+                            "online/episode_length": int(ep.length[i]), "online/env_steps": int(prog.env_steps[i])})
+                ep.at_start[i] = True
+            if ep.at_start[i] or prog.env_steps[i] % cfg.online_eval_every == 0 or n[i] == cfg.online_block or \
+                    prog.env_steps[i] >= cfg.online_steps:
+                active[i] = False
+    return n, act_key
+
+
 def train(cfg: TrainConfig) -> dict:
     """Offline CQL, re-evaluation, alignment and constrained fine-tuning of `num_seeds` seeds at once; returns the
     last evaluation record(s), paths and the before/after scores."""
@@ -1180,343 +1417,110 @@ def train(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    ckpt_dir = run_dir / "checkpoints"
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     N = len(seeds)
     cfg.name = cfg.name or f"o2sac-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    goal_task = "antmaze" in cfg.dataset_id
     with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
-        # data and envs (one training env per seed, one evaluation env)
-        ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-        envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
-        obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-        if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
-            raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
-                                    f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-        try:
-            refs = data.reference_scores(cfg.dataset_id)
-        except data.DatasetError as e:
-            print(f"warning: {e}; logging raw returns only")
-            refs = None
-        n_off = len(ds)
-        cql_h, h = make_cql_hyper(cfg, obs_dim, act_dim), make_hyper(cfg, obs_dim, act_dim)
-        obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
-        obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-        rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
-        # offline rows on device, shared by the seeds; online rows per seed (+ slack for a full chunk of online_block)
-        offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
-                                                                  ds.next_observations, ds.terminals)))
-        capacity = cfg.online_steps + cfg.online_block
-        online = Buffer(*(jnp.zeros((N, capacity) + s, jnp.float32) for s in
-                          ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
-        pick = np.random.default_rng(cfg.eval_seed).choice(n_off, min(n_off, cfg.eval_batch_size), replace=False)
-        eval_obs = jnp.asarray(ds.observations[np.sort(pick)], jnp.float32)  # the same states for every seed
-        diag_key = jax.random.PRNGKey(cfg.eval_seed)  # fixed: diagnostics never touch the training RNG
-        del rewards
+        world = load_world(cfg, N)
+        h = world.h
+        state, prog, online, start = start_or_resume(cfg, run, world, seeds)  # a CQLState until the hand-off
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
 
-        cql_state = stack_seeds([init_cql_state(cql_h, jax.random.PRNGKey(s), obs_mean, obs_std) for s in seeds])
-        state = None  # O2State (leading seed axis) once the reconstruction starts
+        # ---- offline CQL pre-training (all seeds in one vmapped scan per block), or the loaded offline start
+        if prog.phase == "offline":
+            state = update_phase(cfg, run, rec, state, prog, online, act_key, "offline", cfg.offline_updates,
+                                 cfg.offline_eval_every, True,
+                                 lambda s: scan_cql_updates(s, world.offline, world.offline_size, h))
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policies
+                rec.evaluate(state, prog, "offline")
+            prog.offline_eval, prog.phase = list(prog.last_eval), "offline_done"
+            rec.checkpoint(state, prog, online, act_key, "offline")  # CQL states, for --offline_checkpoint
+        if prog.phase == "offline_done":  # (also a run resumed from its offline checkpoint)
+            start = OfflineStart(state.actor.params, state.critic.params, state.critic_target, "o2sac", {})
+        elif prog.phase == "load_offline":
+            state = evaluate_offline_start(rec, state, prog, start)  # the scores before fine-tuning
+            prog.offline_eval = list(prog.last_eval)
 
-        def o2_from(start: OfflineStart, offline_scores: list) -> O2State:
-            keep_critics = not cfg.policy_reevaluation
-            return stack_seeds([
-                init_o2_state(h, s, seed_slice(start.actor, i), obs_mean, obs_std, cfg.alpha, cfg.lmbda, offline_scores[i],
-                              seed_slice(start.critic, i) if keep_critics else None,
-                              seed_slice(start.critic_target, i) if keep_critics else None)
-                for i, s in enumerate(seeds)])
-
-        meta = {"algorithm": "o2sac", "num_seeds": N, "phase": "offline", "state_kind": "cql", "updates": [0] * N,
-                "phase_updates": [0] * N, "env_steps": [0] * N, "online_size": [0] * N, "saved_rows": [0] * N,
-                "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), "env_rng": [None] * N,
-                "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None, "last_eval": [None] * N,
-                "offline_eval": [None] * N, "wall_time": 0.0}
-        resumed = run.resume_from is not None
-        if resumed:
-            if load_meta(run.resume_from)["state_kind"] == "cql":
-                cql_state, meta = load_state(run.resume_from, cql_state, cfg)
-            else:
-                template = o2_from(OfflineStart(cql_state.actor.params, cql_state.critic.params,
-                                                cql_state.critic_target, "o2sac", {}), [0.0] * N)
-                state, meta = load_state(run.resume_from, template, cfg)
-            for i, s in enumerate(seeds):
-                rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
-                if rows is not None:
-                    online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
-            print(f"resumed from {run.resume_from}: phase {meta['phase']}, {meta['updates']} updates, "
-                  f"{meta['env_steps']} online env steps")
-        start = None
-        if meta["phase"] == "offline" and run.offline_from is not None and not resumed:
-            start = load_offline_start(run.offline_from, cfg, cql_h, obs_mean, obs_std)
-            meta["phase"] = "load_offline"
-            print(f"loaded the offline actor{' and critics' if start.critic is not None else ''} from "
-                  f"{cfg.offline_checkpoint} ({start.source} checkpoint)")
-        with open(run_dir / "config.yaml", "w") as f:
-            pyrallis.dump(cfg, f)
-        if meta["wandb_id"] is None:
-            meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-        logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
-        act_key = jnp.asarray(meta["act_key"])
-        wall_before = meta["wall_time"]
-
-        def record_base(phase, i):
-            return {"phase": phase, "seed": seeds[i], "updates": int(meta["updates"][i]),
-                    "phase_updates": int(meta["phase_updates"][i]), "env_steps": int(meta["env_steps"][i])}
-
-        def finish_record(i, record):
-            record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-            logger.log_eval(i, record)
-            meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
-            return record
-
-        def diagnostics(one, i):
-            """The logged Q / KL / temperatures of seed i (`one`: its slice of the current state)."""
-            if state is None:
-                d = cql_diagnostics(one, eval_obs, cql_h)
-                out = {k: float(v) for k, v in d.items()}
-                out.update({"lambda": None, "epsilon": None, "kl_to_reference": None, "kl_to_offline": None})
-                return out
-            return {k: float(v) for k, v in o2_diagnostics(one, eval_obs, diag_key, meta["env_steps"][i], h).items()}
-
-        def run_eval(phase, i, rollout=True):
-            """Seed i's evaluation record (not yet logged): a rollout of its deterministic actor, or (re-evaluation)
-            its offline evaluation reused, plus the diagnostics."""
-            one = seed_slice(cql_state if state is None else state, i)
-            policy = lambda o: act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o, h)  # noqa: E731
-            record = record_base(phase, i)
-            if rollout:
-                record.update(evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
-                                       goal_task, refs))
-            else:  # re-evaluation: the actor is the offline one, whose evaluation is reused
-                record.update({k: v for k, v in meta["offline_eval"][i].items() if k in
-                               ("return", "return_std", "length", "episodes", "normalized_score", "normalized_score_std",
-                                "success_rate")})
-                record["score_reused"] = True
-            record.update(diagnostics(one, i))
-            return record
-
-        def eval_all(phase, rollout=True):
-            for i in range(N):
-                finish_record(i, run_eval(phase, i, rollout))
-
-        def mean_score():
-            return float(np.mean([score_of(r) for r in meta["last_eval"] if r is not None]))
-
-        def checkpoint(name="latest"):
-            meta["act_key"] = np.asarray(act_key)
-            meta["wall_time"] = wall_before + time.time() - t_start
-            for i, s in enumerate(seeds):
-                save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
-                                 meta["online_size"][i])
-            meta["saved_rows"] = list(meta["online_size"])
-            meta["state_kind"] = "cql" if state is None else "o2"
-            save_state(ckpt_dir / name, cql_state if state is None else state, meta, cfg)
-
-        def count_updates(k: list):
-            meta["updates"] = [u + int(x) for u, x in zip(meta["updates"], k)]
-            meta["phase_updates"] = [u + int(x) for u, x in zip(meta["phase_updates"], k)]
-
-        def enter(phase):
-            meta["phase"], meta["phase_updates"] = phase, [0] * N
-
-        def start_reconstruction(start_: OfflineStart):
-            """The offline scores are in meta['offline_eval']: build the fine-tuning states, go to the next phase."""
-            nonlocal state
-            state = o2_from(start_, [score_of(r) for r in meta["offline_eval"]])
-            enter(next_phase(cfg, "offline"))
-            if meta["phase"] == "online":
-                transition()
-            checkpoint()
-
-        def transition():
-            """After the reconstruction, per seed: Qbar := Q; pi_ref := pi if the aligned actor evaluated better."""
-            nonlocal state
-            state = hard_copy_targets(state)
-            last = meta["last_eval"]
-            if cfg.value_alignment and all(r is not None and r["phase"] == "alignment" for r in last):
-                state, better = update_reference(state, jnp.asarray([score_of(r) for r in last], jnp.float32))
-                for i, b in enumerate(np.asarray(better)):
-                    print(f"transition (seed {seeds[i]}): aligned actor {score_of(last[i]):.2f} vs offline "
-                          f"{score_of(meta['offline_eval'][i]):.2f}: "
-                          f"{'pi_ref := aligned actor' if b else 'pi_ref stays the offline actor'}")
-            enter("online")
-
-        # ---- offline CQL pre-training (all seeds in one vmapped scan per block)
-        if meta["phase"] == "offline":
-            bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="O2SAC offline CQL", mininterval=5)
-            while meta["phase_updates"][0] < cfg.offline_updates:
-                cql_state, metrics = cql_block(cql_state, offline, n_off, cql_h)
-                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
-                count_updates([cfg.update_block] * N)
-                bar.update(cfg.update_block)
-                logger.log({**logged, "offline/updates": meta["updates"][0]})
-                if meta["phase_updates"][0] % cfg.offline_eval_every == 0 or \
-                        meta["phase_updates"][0] == cfg.offline_updates:
-                    eval_all("offline")
-                    bar.set_postfix(score=mean_score())
-                    if meta["phase_updates"][0] < cfg.offline_updates:
-                        checkpoint()
-                if run.stop and meta["phase_updates"][0] < cfg.offline_updates:
-                    checkpoint()
-                    run.interrupt_if_asked(f"after {meta['phase_updates'][0]} offline updates")
-            bar.close()
-            if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policies
-                eval_all("offline")
-            meta["offline_eval"] = list(meta["last_eval"])
-            meta["phase"] = "offline_done"
-            checkpoint("offline")  # the CQL states: reusable with --offline_checkpoint
-        if meta["phase"] == "offline_done":  # (also a run resumed from its offline checkpoint)
-            start_reconstruction(OfflineStart(cql_state.actor.params, cql_state.critic.params, cql_state.critic_target,
-                                              "o2sac", {}))
-        elif meta["phase"] == "load_offline":
-            src_updates = np.ravel(start.meta.get("updates", 0)).astype(int)  # one count per source seed
-            meta["updates"] = [int(u) for u in np.broadcast_to(src_updates, (N,))]
-            meta["phase_updates"] = list(meta["updates"])
-            if start.cql_state is not None:
-                cql_state = start.cql_state
-                eval_all("offline")  # the scores before fine-tuning
-            else:  # cal_ql actors: no CQL critics of this file's form, so no offline Q diagnostic
-                cql_state = cql_state._replace(actor=cql_state.actor._replace(params=start.actor))
-                for i in range(N):
-                    record = run_eval("offline", i)
-                    record["q_offline_mode"] = None
-                    finish_record(i, record)
-            meta["offline_eval"] = list(meta["last_eval"])
-            start_reconstruction(start)
+        # ---- hand-off: every seed's fine-tuning state from its offline actor (fresh critics unless PR is off)
+        if prog.phase in ("offline_done", "load_offline"):
+            state = o2_states(cfg, world, seeds, start, [score_of(r) for r in prog.offline_eval])
+            prog.enter(next_phase(cfg, "offline"))
+            if prog.phase == "online":
+                state = transition(cfg, state, prog, seeds)
+            rec.checkpoint(state, prog, online, act_key)
 
         # ---- policy re-evaluation and value alignment (offline data only; all seeds in one vmapped scan per block)
         for phase, steps, rollout in (("reevaluation", cfg.ope_steps, False), ("alignment", cfg.align_steps, True)):
-            if meta["phase"] != phase:
+            if prog.phase != phase:
                 continue
-            bar = tqdm(total=steps, initial=meta["phase_updates"][0], desc=f"O2SAC {phase}", mininterval=5)
-            while meta["phase_updates"][0] < steps:
-                state, metrics = reconstruct_block(state, offline, n_off, phase, h)
-                logged = block_metrics(metrics, cfg.update_block, phase, seeds, meta["updates"])
-                count_updates([cfg.update_block] * N)
-                bar.update(cfg.update_block)
-                logger.log({**logged, f"{phase}/updates": meta["updates"][0]})
-                if meta["phase_updates"][0] % cfg.reconstruct_eval_every == 0 or meta["phase_updates"][0] == steps:
-                    eval_all(phase, rollout)
-                    bar.set_postfix(score=mean_score())
-                    if meta["phase_updates"][0] < steps:
-                        checkpoint()
-                if run.stop and meta["phase_updates"][0] < steps:
-                    checkpoint()
-                    run.interrupt_if_asked(f"after {meta['phase_updates'][0]} {phase} updates")
-            bar.close()
-            enter(next_phase(cfg, phase))
-            if meta["phase"] == "online":
-                transition()
-            checkpoint()
+            state = update_phase(cfg, run, rec, state, prog, online, act_key, phase, steps, cfg.reconstruct_eval_every,
+                                 rollout, lambda s: scan_reconstruction_updates(s, world.offline, world.offline_size,
+                                                                                phase, h))
+            prog.enter(next_phase(cfg, phase))
+            if prog.phase == "online":
+                state = transition(cfg, state, prog, seeds)  # Qbar := Q, pi_ref := the better actor
+            rec.checkpoint(state, prog, online, act_key)
 
         # ---- online constrained fine-tuning. Each seed follows exactly its single-seed schedule: blocks of up to
         # online_block env steps with a fixed policy (ending at an episode end and at an evaluation step), then their
         # updates (after warm-up), an evaluation every online_eval_every env steps (a better policy becomes that seed's
         # reference). A seed at the first episode end after an evaluation is due for a checkpoint and waits until every
         # seed is due (or finished), so checkpoints fall on episode ends of all seeds.
-        def online_eval(which):
-            """Evaluate the seeds in `which`, then each one's reference rule (diagnostics before the update)."""
-            nonlocal state
-            records = {i: run_eval("online", i) for i in which}
-            scores = [score_of(records[i]) if i in records else -np.inf for i in range(N)]
-            state, better = update_reference(state, jnp.asarray(scores, jnp.float32))
-            better, best = np.asarray(better), np.asarray(state.best_score)
-            for i in which:
-                records[i]["reference_updated"] = bool(better[i])
-                records[i]["best_score"] = float(best[i])
-                finish_record(i, records[i])
-
-        if meta["phase"] == "online":
-            for i, env in enumerate(envs):
-                if meta["env_rng"][i] is not None:
-                    env_rng_restore(env, meta["env_rng"][i], seeds[i])
-            first_reset = [meta["env_rng"][i] is None for i in range(N)]
-            chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
-                     (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
-            obs = np.zeros((N, obs_dim), np.float32)
-            at_episode_start = [True] * N
-            ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
-            pending = [False] * N  # evaluated since the last checkpoint
-            due = [False] * N  # at an episode end after an evaluation: waiting for the synchronised checkpoint
+        if prog.phase == "online":
+            ep = Episodes(cfg, h, prog, world.envs, seeds)
             sums, n_sums = {}, 0
-            bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2SAC online", mininterval=5)
-            while min(meta["env_steps"]) < cfg.online_steps:
-                active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
-                n = np.zeros(N, np.int64)  # this block's env steps per seed (0: waiting or finished)
-                while active.any():
-                    for i in np.flatnonzero(active):
-                        if at_episode_start[i]:
-                            obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
-                            first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
-                    actions, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs, act_key,
-                                                   jnp.asarray(active), h)
-                    actions = np.asarray(actions)
-                    for i in np.flatnonzero(active):
-                        next_obs, r, term, trunc, info = envs[i].step(actions[i])
-                        term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                        j = n[i]
-                        chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
-                        chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
-                        n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
-                        ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
-                        if term or trunc:
-                            meta["episodes"][i] += 1
-                            recent[i] = (recent[i] + [ep_ret[i]])[-10:]
-                            logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
-                                        "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
-                            at_episode_start[i] = True
-                        if at_episode_start[i] or meta["env_steps"][i] % cfg.online_eval_every == 0 or \
-                                n[i] == cfg.online_block or meta["env_steps"][i] >= cfg.online_steps:
-                            active[i] = False
-                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
-                                       jnp.asarray(meta["online_size"], jnp.int32))
-                meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
+            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="O2SAC online",
+                       mininterval=5)
+            while prog.env_steps.min() < cfg.online_steps:
+                n, act_key = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
+                                       jnp.asarray(prog.online_size, jnp.int32))
+                prog.online_size += n
                 # updates of env steps t = first_t .. env_steps once t > warmup_steps (none for a seed that waited)
-                first_t = np.array([max(meta["env_steps"][i] - n[i] + 1, cfg.warmup_steps + 1) for i in range(N)])
-                k = np.array([max(meta["env_steps"][i] - first_t[i] + 1, 0) if n[i] > 0 else 0 for i in range(N)])
+                first_t = np.maximum(prog.env_steps - n + 1, cfg.warmup_steps + 1)
+                k = np.where(n > 0, np.maximum(prog.env_steps - first_t + 1, 0), 0)
                 if k.any():
-                    state, metrics = online_updates(state, offline, n_off, online, jnp.asarray(first_t, jnp.int32),
-                                                    jnp.asarray(k, jnp.int32), h)
-                    logged = block_metrics(metrics, k, "online", seeds, meta["updates"])
+                    state, metrics = scan_online_updates(state, world.offline, world.offline_size, online,
+                                                         jnp.asarray(first_t, jnp.int32), jnp.asarray(k, jnp.int32), h)
+                    logged = block_metrics(metrics, k, "online", seeds, prog.updates)
                     sums = {key: sums.get(key, 0.0) + v * int(k.sum()) for key, v in logged.items()}
                     n_sums += int(k.sum())
-                    count_updates(k * cfg.utd)
+                    prog.count_updates(k * cfg.utd)
                 bar.update(int(n.sum()))
-                which = [i for i in range(N) if n[i] > 0 and meta["env_steps"][i] % cfg.online_eval_every == 0]
+                which = [i for i in range(N) if n[i] > 0 and prog.env_steps[i] % cfg.online_eval_every == 0]
                 if which:
-                    online_eval(which)
-                    logger.log({**{key: v / max(n_sums, 1) for key, v in sums.items()},
-                                "online/env_steps": sum(meta["env_steps"]), "online/updates": sum(meta["updates"])})
+                    state = rec.evaluate_online(state, prog, which)
+                    rec.logger.log({**{key: v / max(n_sums, 1) for key, v in sums.items()},
+                                    "online/env_steps": int(prog.env_steps.sum()),
+                                    "online/updates": int(prog.updates.sum())})
                     sums, n_sums = {}, 0
-                    bar.set_postfix(score=np.mean([score_of(meta["last_eval"][i]) for i in which]),
-                                    train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
-                    for i in which:
-                        pending[i] = True
-                for i in range(N):
-                    if (pending[i] or run.stop) and at_episode_start[i] and meta["env_steps"][i] < cfg.online_steps:
-                        due[i] = True  # (a stop request: checkpoint at every seed's next episode end)
-                if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
-                    meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
-                    checkpoint()
-                    pending = [p and not d for p, d in zip(pending, due)]
-                    due = [False] * N
-                    run.interrupt_if_asked(f"at {meta['env_steps']} online env steps")
+                    bar.set_postfix(score=rec.score(prog, which),
+                                    train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
+                    ep.pending[which] = True
+                ep.due |= (ep.pending | run.stop) & ep.at_start & (prog.env_steps < cfg.online_steps)  # (a stop:
+                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():  # every seed's episode end)
+                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
+                    rec.checkpoint(state, prog, online, act_key)
+                    ep.pending &= ~ep.due
+                    ep.due[:] = False
+                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
             bar.close()
-            final = [i for i in range(N) if meta["last_eval"][i] is None or meta["last_eval"][i]["phase"] != "online"
-                     or meta["last_eval"][i]["env_steps"] != meta["env_steps"][i]]
+            final = [i for i, r in enumerate(prog.last_eval) if r is None or r["phase"] != "online"
+                     or r["env_steps"] != prog.env_steps[i]]
             if final:  # online_steps not a multiple of online_eval_every (or 0)
-                online_eval(final)
-            meta["phase"] = "done"
-            checkpoint()
-        elif meta["phase"] == "done":
+                state = rec.evaluate_online(state, prog, final)
+            prog.phase = "done"
+            rec.checkpoint(state, prog, online, act_key)
+        elif prog.phase == "done":
             print(f"run in {run_dir} already finished")
-        logger.close()
-        for env in envs + [eval_env]:
-            env.close()
-        summaries = [summarize(path) for path in logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
-               "env_steps": meta["env_steps"][0], **summaries[0]}
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
+               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
         if N > 1:
-            out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
                        per_seed=summaries)
         return out
 

@@ -1,99 +1,50 @@
-"""O2TD3 (single file, JAX): TD3+BC pre-training, then OCR-CFT's three phases and online fine-tuning with TD3.
+"""O2TD3 (single file, JAX): TD3+BC pre-training, then OCR-CFT's re-evaluation, alignment and constrained online
+fine-tuning with TD3.
 
 Paper:  Luo, Xie, Wang, Huang, "Optimistic Critic Reconstruction and Constrained Fine-Tuning for General
         Offline-to-Online RL", NeurIPS 2024, https://arxiv.org/abs/2412.18855.
 Official code: https://github.com/QinwenLuo/OCR-CFT @ 77c49819e0814eb06dccd7f60db06ba58165317c (PyTorch;
-        `finetune/O2TD3.py`, `finetune/online_agent/td3.py`, `offline/td3_bc.py`,
-        `offline/offline_agent/td3_bc.py`, `net.py`, `config/finetune/O2TD3/*`).
+        `finetune/O2TD3.py`, `finetune/online_agent/td3.py`, `offline/td3_bc.py`, `net.py`).
 
-What is implemented (official semantics unless listed below). Phases, in order (`phase` in eval.jsonl):
-  0. "offline": TD3+BC (Fujimoto & Gu 2021, as in CORL): critic target r + gamma (1-d) min_i Qbar_i(s', a'),
-     a' = clip(pibar(s') + clip(N(0, 0.2^2), -0.5, 0.5), -1, 1); every `policy_freq`-th update the actor loss
-     -(alpha_bc / mean|Q_1(s,pi(s))|) mean Q_1(s,pi(s)) + MSE(pi(s), a) with the just-updated critic, then Polyak
-     updates of the target critics and the target actor. Skipped with `--offline_checkpoint`.
-  1. "reevaluation" (policy re-evaluation, OPE): FRESH critics evaluate the fixed offline actor with TD3's own
-     backup (same target as above with pibar = the offline actor); Polyak target update after every step.
-  2. "alignment" (value alignment): targets frozen; with a_ref = pi_ref(s), Q_ref = min_i Qbar_i(s, a_ref),
-     a~ = clip(pi(s) + clip(N(0, 0.2^2), +-0.5), +-1) and d = min(||a~ - a_ref|| / sqrt|A|, 0.2),
-         T = Q_ref (1 + beta d^2) if Q_ref < 0 else Q_ref / (1 + beta d^2)      (always <= Q_ref)
-         L_Q = sum_i MSE(Q_i(s,a~), min(T, Qbar_i(s,a~))) + sum_i MSE(Q_i(s,a_ref), Q_ref)
-     and the actor takes a DPG step on -mean Q_1(s, pi(s)) (pre-step critic, one parameter snapshot).
-     Transition: Qbar := Q, pibar := pi; pi_ref := pi if the aligned actor evaluates better than the offline one.
-  3. "online" (constrained fine-tuning), UTD 1 after `warmup_steps` env steps, batches 50 % online + 50 %
-     offline: y = r + gamma (1-d) [min_i Qbar_i(s', a') - lambda P'] with the batch-mean scalar
-     P' = mean((pi(s') - pi_ref(s'))^2); critic step; then on every `policy_freq`-th update (a lax.cond on the
-     update counter, which also counts the alignment steps as the official `total_it` does) the actor loss
-     -mean q / stopgrad(mean|q|) + lambda MSE(pi_ref(s), pi(s)) with q = Q_1(s, pi(s)) of the just-updated critic,
-     the multiplier loss exp(log lambda) * stopgrad(mean(|0.7 - 1[u > 0]| u)), u = eps_t - (pi_ref(s) - pi(s))^2
-     elementwise, eps_t = min(eps_end, eps_0 + t (eps_end - eps_0) / end_steps) (t = env steps; Adam on
-     log lambda, lr 5e-5), and Polyak updates of Qbar and pibar. Exploration a = pi(s) + N(0, explore_noise^2).
-     The reference pi_ref is the best evaluated policy so far (initial best: the offline actor's score).
-  Networks: deterministic actor MLP -> tanh; a vmapped critic ensemble (`n_critics`, members initialised
-  independently) of MLPs [Linear -> LayerNorm (if enabled) -> ReLU]* -> Linear; every Linear layer orthogonal
-  (gain 1), zero bias, as `net.py`. States normalised with the dataset mean / std (+1e-3).
-
-Phase switches (each default true; all three false = the naive baseline "load the offline TD3+BC actor and
-critics and run TD3"):
-  * `policy_reevaluation: false` - no phase 1 and no fresh critics: the fine-tuning critics (and their targets,
-    hard-copied at the transition as the official TD3+BC loader does) ARE the offline TD3+BC critics, with
-    their architecture (`offline_critic_layernorm`; `critic_layernorm` is then unused). Needs an o2td3.py
-    offline state (in-file pre-training or its `checkpoints/offline`): an iql.py checkpoint has no TD3 critics.
-  * `value_alignment: false` - no phase 2 (the actor stays the offline actor until fine-tuning; the transition
-    copies still happen, the reference stays the offline actor).
-  * `constrained_finetuning: false` - online updates are plain TD3: target without the lambda P' term, actor loss
-    -mean Q_1(s, pi(s)) (no 1/mean|q| scaling, no reference term), lambda frozen at `lmbda`. The best policy is
-    still tracked (logged as reference_score / mse_to_reference) but not used.
-  The policy delay, target smoothing, 50/50 batches and warm-up are unchanged by the switches.
+What is implemented (official semantics unless listed below; the maths in the update functions' docstrings).
+Phases, in order (`phase` in eval.jsonl):
+  0. "offline": TD3+BC pre-training (`td3bc_update`); skipped with `--offline_checkpoint`;
+  1. "reevaluation": fresh critics evaluate the fixed offline actor with TD3's backup (`ope_update`);
+  2. "alignment": critics aligned with the actor, targets frozen; actor by DPG (`align_update`). Then Qbar := Q,
+     pibar := pi, and pi_ref := pi if the aligned actor evaluates better than the offline one;
+  3. "online": TD3 with a lambda-constrained actor towards pi_ref, the best evaluated policy so far
+     (`online_update`), UTD 1 after `warmup_steps`, batches `mixing_ratio` offline + the rest online,
+     exploration pi(s) + N(0, explore_noise^2).
+Switches (each default true; all three false = naive TD3 fine-tuning of the offline TD3+BC actor and critics):
+`policy_reevaluation` (phase 1 and fresh critics), `value_alignment` (phase 2), `constrained_finetuning` (the
+lambda terms of phase 3). Networks: deterministic tanh actor, vmapped critic ensemble (`n_critics`, optional
+LayerNorm), orthogonal init with zero biases (`net.py`); states normalised with the dataset mean / std.
+Design notes (the switches in detail, several seeds in one process, offline sources, the orthogonal init):
+docs/o2td3.md.
 
 Deviations (and the switch that restores the reference behaviour where one exists):
-  1. Evaluation runs on a separate env seeded with `eval_seed`; the official code
-     evaluates on the training env mid-episode. Online evaluations happen exactly every `online_eval_every`
-     env steps as in the official loop; checkpoints are written at the first episode end after an evaluation
-     (after Ctrl-C / SIGTERM: at the next episode end; the update-only phases stop after the current block).
-  2. The replay buffer stores the executed (noisy) action; `store_executed_action: false` stores
-     the noise-free pi(s) as the official code does.
-  3. Executed actions are clipped to [-1, 1] (official: unclipped; the MuJoCo envs clamp controls to their range
-     anyway, so the dynamics are the same; the stored executed action is the clipped one).
-  4. Online updates run in jitted blocks: up to `online_block` env steps are collected with a fixed policy (a
-     block also ends at an episode end and at an evaluation step), then their updates run in one masked
-     lax.scan. `online_block: 1` (default) is the official update-after-every-step order.
-  5. Pre-training lives in this file (official: a separate CORL-derived script) and any phase can
-     start from `--offline_checkpoint`: this script's `checkpoints/offline`, or an iql.py checkpoint whose
-     Gaussian actor's tanh-squashed mean network is used as the deterministic offline actor (parameters mapped
-     when the hidden sizes match; the normalisation statistics must match this run's).
-  6. Evaluation records of the re-evaluation phase reuse the offline actor's score (the actor is fixed and the
-     evaluation deterministic, so re-running the episodes would give the same numbers); they add the critics'
-     Q at the offline policy's actions.
-  7. `terminate_on_success` (AntMaze configs) ends an episode as terminal when info['success'] is True,
-     reproducing D4RL's AntMaze `eval=True` done-at-goal on the continuing-task Minari envs. Data: Minari's
-     `D4RL/antmaze/*-v1` and this project's local `o2o/...` locomotion suite; every transition is kept (D4RL's
-     qlearning_dataset drops each time-limited episode's last one); time-limit ends bootstrap.
-  8. The official `refer_with_optimal_pi: false` variant (reference = pi every `update_n` evaluations, end
-     threshold / 4, actor grad clip 0.25 for hopper/walker2d-expert) is not implemented.
-
-Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
-vmapped over a leading seed axis (offline rows shared on device, online rows per seed) and one training env
-per seed, acted for in one jitted call per env step. Every phase runs vmapped; each seed keeps its own
-reference policy, best score, lambda and eps_t schedule and follows exactly its single-seed schedule (blocks,
-warm-up, updates, evaluations, reference updates), so its numbers equal the single-seed run's up to float32
-round-off (XLA's batched matmuls sum in another order). A seed due for a checkpoint (at the first episode end
-after an evaluation) waits until every seed is due (or finished). Evaluations go to run_dir/seed<S>/eval.jsonl.
-
-Orthogonal kernels come from `orthogonal_kernel_init` (Householder QR in jnp ops), not nn.initializers.orthogonal:
-the same kernels up to float round-off, without jaxlib 0.10.2's CPU LAPACK QR, whose batched form (vmapped
-ensembles, several seeds) can deadlock XLA's thread pool (docs/testing.md, "A jaxlib 0.10.2 deadlock on CPU").
+  1. Evaluation runs on a separate env seeded with `eval_seed` (official: the training env, mid-episode), every
+     `online_eval_every` env steps as officially; checkpoints at the first episode end after an evaluation.
+  2. The replay buffer stores the executed (noisy) action; `store_executed_action: false` stores pi(s) (official).
+  3. Executed actions are clipped to [-1, 1] (official: unclipped; the MuJoCo envs clamp them to that range).
+  4. Online updates run in jitted blocks of up to `online_block` env steps collected with a fixed policy;
+     `online_block: 1` (default) is the official update-after-every-step order.
+  5. Pre-training lives in this file (official: a separate script); any phase can start from
+     `--offline_checkpoint`: this script's checkpoints/offline or an iql.py checkpoint (its tanh-mean actor).
+  6. Re-evaluation records reuse the offline actor's score (the actor is fixed, the evaluation deterministic).
+  7. `terminate_on_success` (AntMaze configs) ends an episode as terminal at success (D4RL's eval=True). Data:
+     Minari's `D4RL/antmaze/*-v1` and the local `o2o/...` suite, every transition kept; time-limit ends bootstrap.
+  8. The official `refer_with_optimal_pi: false` variant is not implemented.
 
 Usage:
     python algorithms/o2td3.py --config_path configs/o2td3/quickstart.yaml
     python algorithms/o2td3.py --config_path configs/o2td3/quickstart.yaml --resume       # continue a killed run
-    python algorithms/o2td3.py --config_path ... --offline_checkpoint runs/.../checkpoints/offline
-    python algorithms/o2td3.py --config_path ... --offline_checkpoint runs/iql/.../checkpoints/offline
+    python algorithms/o2td3.py --config_path ... --offline_checkpoint runs/.../checkpoints/offline   # or iql.py's
     python algorithms/o2td3.py --config_path ... --policy_reevaluation false --value_alignment false \\
         --constrained_finetuning false                                                  # naive TD3 baseline
     python algorithms/o2td3.py --config_path configs/o2td3/quickstart.yaml --num_seeds 4   # seeds 0..3 at once
-Writes to `run_dir`: config.yaml, eval.jsonl (one JSON line per evaluation; seed<S>/eval.jsonl for several seeds),
-checkpoints/{latest,offline}, checkpoints/buffer/seed<S>/ (online transitions), wandb/ (mode `wandb_mode`, or the
-WANDB_MODE environment variable).
+Writes to `run_dir`: config.yaml, eval.jsonl (seed<S>/eval.jsonl for several seeds), checkpoints/{latest,offline},
+checkpoints/buffer/seed<S>/ (online transitions), wandb/ (mode `wandb_mode`, or the WANDB_MODE environment variable).
 """
 import inspect
 import json
@@ -220,47 +171,46 @@ RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "onlin
 
 
 class Hyper(NamedTuple):
-    """Static (hashable) hyper-parameters the jitted functions are specialised on."""
+    """The static (hashable) arguments of the jitted functions: the env's dimensions, the config fields the maths
+    reads under the config's own names (make_hyper copies them from TrainConfig by name) and two derived fields."""
     obs_dim: int
     act_dim: int
     actor_hidden: tuple
     critic_hidden: tuple
     n_critics: int
-    layernorm: bool  # critic architecture of the state these functions get
     batch_size: int
-    offline_rows: int  # rows of an online-phase batch drawn from the offline data
-    block: int
+    mixing_ratio: float
+    update_block: int
     online_block: int
     discount: float
     tau: float
     policy_noise: float
     noise_clip: float
     policy_freq: int
+    offline_actor_lr: float
+    offline_critic_lr: float
+    alpha_bc: float
     actor_lr: float
     critic_lr: float
     lambda_lr: float
-    alpha_bc: float
     distance_beta: float
     loss_tau: float
     threshold: float
     end_threshold: float
     end_steps: int
-    constrained: bool
+    constrained_finetuning: bool
+    # derived (make_hyper)
+    pretraining: bool  # the functions of the TD3+BC pre-training (its learning rates and critic architecture)
+    layernorm: bool  # LayerNorm in the critics of the state these functions get
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int, offline: bool) -> Hyper:
-    """`offline`: the TD3+BC pre-training (its learning rates and critic architecture); else phases 1-3, whose
-    critics are fresh (critic_layernorm) or, without re-evaluation, the TD3+BC ones (offline_critic_layernorm)."""
-    if offline:
-        layernorm, actor_lr, critic_lr = cfg.offline_critic_layernorm, cfg.offline_actor_lr, cfg.offline_critic_lr
-    else:
-        layernorm = cfg.critic_layernorm if cfg.policy_reevaluation else cfg.offline_critic_layernorm
-        actor_lr, critic_lr = cfg.actor_lr, cfg.critic_lr
-    return Hyper(obs_dim, act_dim, tuple(cfg.actor_hidden), tuple(cfg.critic_hidden), cfg.n_critics, layernorm,
-                 cfg.batch_size, int(cfg.batch_size * cfg.mixing_ratio), cfg.update_block, cfg.online_block,
-                 cfg.discount, cfg.tau, cfg.policy_noise, cfg.noise_clip, cfg.policy_freq, actor_lr, critic_lr,
-                 cfg.lambda_lr, cfg.alpha_bc, cfg.distance_beta, cfg.loss_tau, cfg.threshold, cfg.end_threshold,
-                 cfg.end_steps, cfg.constrained_finetuning)
+    """`offline`: the TD3+BC pre-training; else phases 1-3, whose critics are fresh (critic_layernorm) or, without
+    re-evaluation, the TD3+BC ones (offline_critic_layernorm)."""
+    static = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 (a list is not hashable)
+    layernorm = cfg.offline_critic_layernorm if offline or not cfg.policy_reevaluation else cfg.critic_layernorm
+    return Hyper(obs_dim=obs_dim, act_dim=act_dim, **{k: static(getattr(cfg, k)) for k in Hyper._fields[2:-2]},
+                 pretraining=offline, layernorm=layernorm)
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -371,7 +321,9 @@ def epsilon_schedule(t, threshold, end_threshold, end_steps):
 
 
 def optimizers(h: Hyper):
-    return {"actor": optax.adam(h.actor_lr), "critic": optax.adam(h.critic_lr), "log_lmbda": optax.adam(h.lambda_lr)}
+    """Adam for each trained part; the pre-training has learning rates of its own."""
+    actor_lr, critic_lr = (h.offline_actor_lr, h.offline_critic_lr) if h.pretraining else (h.actor_lr, h.critic_lr)
+    return {"actor": optax.adam(actor_lr), "critic": optax.adam(critic_lr), "log_lmbda": optax.adam(h.lambda_lr)}
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -485,7 +437,11 @@ ONLINE_ACTOR_KEYS = ("actor_loss", "actor_q", "lambda_loss", "mse_to_reference",
 
 
 def td3bc_update(state: TD3BCState, batch: Buffer, key, t, h: Hyper):
-    """One TD3+BC step: critic; every policy_freq-th step actor (with the updated critic) and target updates."""
+    """One TD3+BC step (Fujimoto & Gu 2021, as in CORL). Critic: sum_i MSE(Q_i(s, a), y) with
+        y = r + gamma (1-d) min_i Qbar_i(s', a'),  a' = clip(pibar(s') + clip(N(0, policy_noise^2), +-noise_clip), +-1);
+    every policy_freq-th update the actor loss, with the just-updated critic,
+        -(alpha_bc / stopgrad(mean|Q_1(s, pi(s))|)) mean Q_1(s, pi(s)) + MSE(pi(s), a),
+    then Polyak updates (rate tau) of the target critics and the target actor. Pure."""
     actor, _ = networks(h)
     obs, next_obs = _normalised(state, batch)
     it = state.it + 1
@@ -517,7 +473,8 @@ def td3bc_update(state: TD3BCState, batch: Buffer, key, t, h: Hyper):
 
 
 def ope_update(state: O2TD3State, batch: Buffer, key, t, h: Hyper):
-    """Policy re-evaluation: TD3 backup with the fixed offline actor as pibar; Polyak target update every step."""
+    """Policy re-evaluation (OPE): fresh critics, the TD3+BC critic step with the fixed offline actor as pibar
+    (a' = clip(pibar(s') + clip(N(0, policy_noise^2), +-noise_clip), +-1)); Polyak target update every step. Pure."""
     obs, next_obs = _normalised(state, batch)
     y = jax.lax.stop_gradient(batch.rew + h.discount * (1.0 - batch.done) * _td3_target(state, next_obs, key, h))
     critic_tr, critic_loss, q = _critic_step(state, obs, batch.act, y, h)
@@ -527,7 +484,11 @@ def ope_update(state: O2TD3State, batch: Buffer, key, t, h: Hyper):
 
 
 def align_update(state: O2TD3State, batch: Buffer, key, t, h: Hyper):
-    """Value alignment (targets frozen): critics towards the distance-shrunk targets, actor by DPG; one snapshot."""
+    """Value alignment, targets frozen. With a_ref = pi_ref(s), Q_ref = min_i Qbar_i(s, a_ref),
+    a~ = clip(pi(s) + clip(N(0, policy_noise^2), +-noise_clip), +-1), d = min(||a~ - a_ref|| / sqrt|A|, policy_noise):
+        T = Q_ref (1 + distance_beta d^2) if Q_ref < 0 else Q_ref / (1 + distance_beta d^2)     (always <= Q_ref)
+        L_Q = sum_i MSE(Q_i(s, a~), min(T, Qbar_i(s, a~))) + sum_i MSE(Q_i(s, a_ref), Q_ref)
+    and the actor takes a DPG step on -mean Q_1(s, pi(s)) with the pre-step critic (one parameter snapshot). Pure."""
     actor, critic = networks(h)
     sg = jax.lax.stop_gradient
     obs, _ = _normalised(state, batch)
@@ -560,15 +521,21 @@ def align_update(state: O2TD3State, batch: Buffer, key, t, h: Hyper):
 
 
 def online_update(state: O2TD3State, batch: Buffer, key, t, h: Hyper):
-    """Constrained fine-tuning step at env step t: critic with the lambda P' penalty in the target; every
-    policy_freq-th update lambda, actor (with the updated critic) and the target networks."""
+    """Constrained fine-tuning step at env step t. Critic towards
+        y = r + gamma (1-d) [min_i Qbar_i(s', a') - lambda P'],  P' = mean((pi(s') - pi_ref(s'))^2) (a batch scalar);
+    then on every policy_freq-th update (`it` also counts the alignment steps, as the official `total_it`):
+      * lambda: Adam (lambda_lr) on log lambda, loss exp(log lambda) * stopgrad(mean(|loss_tau - 1[u > 0]| u)),
+        u = eps_t - (pi_ref(s) - pi(s))^2 elementwise, eps_t = epsilon_schedule(t) (t = env steps);
+      * actor: -mean q / stopgrad(mean|q|) + lambda MSE(pi_ref(s), pi(s)), q = Q_1(s, pi(s)) of the updated critic;
+      * Polyak updates of Qbar and pibar.
+    `constrained_finetuning: false` is plain TD3: no lambda P' term, actor loss -mean q, lambda frozen. Pure."""
     actor, _ = networks(h)
     sg = jax.lax.stop_gradient
     obs, next_obs = _normalised(state, batch)
     it = state.it + 1
     lmbda = jnp.exp(state.log_lmbda.params)
     q_next = _td3_target(state, next_obs, key, h)
-    if h.constrained:
+    if h.constrained_finetuning:
         gap_next = (actor.apply({"params": state.actor.params}, next_obs)
                     - actor.apply({"params": state.ref_actor}, next_obs))
         penalty = (gap_next ** 2).mean()  # scalar over batch and action dims (official F.mse_loss)
@@ -582,7 +549,7 @@ def online_update(state: O2TD3State, batch: Buffer, key, t, h: Hyper):
         a_ref = actor.apply({"params": state.ref_actor}, obs)
         a_pi = actor.apply({"params": state.actor.params}, obs)
         eps = epsilon_schedule(t, h.threshold, h.end_threshold, h.end_steps)
-        if h.constrained:
+        if h.constrained_finetuning:
             weight = sg(asymmetric_weight(eps - (a_ref - a_pi) ** 2, h.loss_tau))
             lambda_loss, l_grads = jax.value_and_grad(lambda p: jnp.exp(p) * weight)(state.log_lmbda.params)
             log_lmbda = _step(state.log_lmbda, l_grads, txs["log_lmbda"])
@@ -592,7 +559,7 @@ def online_update(state: O2TD3State, batch: Buffer, key, t, h: Hyper):
         def loss(p):
             pi = actor.apply({"params": p}, obs)
             q_pi = q_first(critic_tr.params, obs, pi, h)
-            if h.constrained:
+            if h.constrained_finetuning:
                 return -q_pi.mean() / sg(jnp.abs(q_pi).mean()) + lmbda * ((a_ref - pi) ** 2).mean(), q_pi.mean()
             return -q_pi.mean(), q_pi.mean()
         (value, q_pi), grads = jax.value_and_grad(loss, has_aux=True)(state.actor.params)
@@ -617,24 +584,24 @@ def online_update(state: O2TD3State, batch: Buffer, key, t, h: Hyper):
 UPDATES = {"offline": td3bc_update, "reevaluation": ope_update, "alignment": align_update, "online": online_update}
 
 
-def sampled_update(state, offline: Buffer, online: Buffer, online_size, t, phase: str, h: Hyper):
-    """Draw a batch on device (online phase: `h.offline_rows` offline rows + the rest from the `online_size`
-    online rows; else all offline), then one update of `phase`."""
-    key, k_off, k_on, k_upd = jax.random.split(state.key, 4)
-    n_off = offline.rew.shape[0]
-    if phase == "online":
-        i_off = jax.random.randint(k_off, (h.offline_rows,), 0, n_off)
-        i_on = jax.random.randint(k_on, (h.batch_size - h.offline_rows,), 0, jnp.maximum(online_size, 1))
-        batch = jax.tree.map(lambda on, off: jnp.concatenate([on[i_on], off[i_off]]), online, offline)
-    else:
-        idx = jax.random.randint(k_off, (h.batch_size,), 0, n_off)
-        batch = jax.tree.map(lambda x: x[idx], offline)
-    return UPDATES[phase](state._replace(key=key), batch, k_upd, t, h)
+def sample_offline(offline: Buffer, key, h: Hyper) -> Buffer:
+    """A uniform batch of the offline rows (phases 0-2)."""
+    idx = jax.random.randint(key, (h.batch_size,), 0, offline.rew.shape[0])
+    return jax.tree.map(lambda x: x[idx], offline)
+
+
+def sample_mixed(offline: Buffer, online: Buffer, online_size, k_off, k_on, h: Hyper) -> Buffer:
+    """An online-phase batch: int(batch_size * mixing_ratio) uniform offline rows (shared by all seeds) and the
+    rest from this seed's `online_size` online rows, online rows first (the official 'half' batches)."""
+    offline_rows = int(h.batch_size * h.mixing_ratio)
+    i_off = jax.random.randint(k_off, (offline_rows,), 0, offline.rew.shape[0])
+    i_on = jax.random.randint(k_on, (h.batch_size - offline_rows,), 0, jnp.maximum(online_size, 1))
+    return jax.tree.map(lambda on, off: jnp.concatenate([on[i_on], off[i_off]]), online, offline)
 
 
 # Multi-seed: every state leaf, the online buffer and the per-seed counters carry a leading seed axis; the
 # offline rows are shared (in_axes None). One seed's numbers equal a single-seed run's up to float32
-# round-off (XLA sums batched matmuls in a different order).
+# round-off (XLA sums batched matmuls in a different order). Each update draws its batch on device first.
 def over_seeds(f, *args):
     """jax.vmap(f) over the leading seed axis of every argument; with one seed, f on the arguments without it (the
     axis put back on the results). Under vmap the policy_freq lax.cond has a per-seed predicate and becomes a select
@@ -646,11 +613,14 @@ def over_seeds(f, *args):
 
 
 @partial(jax.jit, static_argnames=("phase", "h"))
-def update_block(state, offline: Buffer, phase: str, h: Hyper):
-    """`h.block` updates of an offline-data `phase` per seed in one lax.scan (vmapped over seeds), batches sampled
-    inside; metrics of shape [seeds, h.block]."""
+def scan_updates(state, offline: Buffer, phase: str, h: Hyper):
+    """`h.update_block` updates of an offline-data `phase` (offline | reevaluation | alignment) per seed in one
+    lax.scan (vmapped over seeds); metrics [seeds, h.update_block]."""
     def one_seed(state):
-        return jax.lax.scan(lambda s, i: sampled_update(s, offline, None, 0, i, phase, h), state, jnp.arange(h.block))
+        def body(s, i):
+            key, k_off, _, k_upd = jax.random.split(s.key, 4)
+            return UPDATES[phase](s._replace(key=key), sample_offline(offline, k_off, h), k_upd, i, h)
+        return jax.lax.scan(body, state, jnp.arange(h.update_block))
     return over_seeds(one_seed, state)
 
 
@@ -661,7 +631,9 @@ def update_online(state: O2TD3State, offline: Buffer, online: Buffer, online_siz
     [seeds, h.online_block], zero where masked."""
     def one_seed(state, online, online_size, t_first, n):
         def body(s, i):
-            new, metrics = sampled_update(s, offline, online, online_size, t_first + i, "online", h)
+            key, k_off, k_on, k_upd = jax.random.split(s.key, 4)
+            new, metrics = online_update(s._replace(key=key), sample_mixed(offline, online, online_size, k_off, k_on,
+                                                                           h), k_upd, t_first + i, h)
             keep = i < n
             new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, s)
             return new, jax.tree.map(lambda m: jnp.where(keep, m, jnp.zeros_like(m)), metrics)
@@ -954,6 +926,265 @@ def score_of(record: dict) -> float:
     return record.get("normalized_score", record["return"])
 
 
+class World(NamedTuple):
+    """What a run trains on: the data on device, the envs (one training env per seed, one evaluation env), the
+    static hyper-parameters of the pre-training and of phases 1-3, and the probe states."""
+    offline: Buffer  # all dataset rows (rewards transformed), shared by the seeds
+    envs: list
+    eval_env: Any
+    h_off: Hyper  # TD3+BC pre-training
+    h: Hyper  # phases 1-3
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    refs: Optional[tuple]  # (ref_min, ref_max) return of the normalised score, None when the dataset has none
+    probe_obs: list  # per seed: the fixed dataset states on which the logged Q / MSE-to-reference are averaged
+
+    def reward(self, r, cfg):
+        return r * cfg.reward_scale + cfg.reward_bias
+
+    def hyper(self, state) -> Hyper:
+        return self.h_off if isinstance(state, TD3BCState) else self.h
+
+    def close(self):
+        for env in self.envs + [self.eval_env]:
+            env.close()
+
+
+def load_world(cfg: TrainConfig, seeds: list) -> World:
+    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    try:
+        refs = data.reference_scores(cfg.dataset_id)
+    except data.DatasetError as e:
+        print(f"warning: {e}; logging raw returns only")
+        refs = None
+    rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
+    offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
+                                                              ds.next_observations, ds.terminals)))
+    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+    n_off = len(ds)
+    probe_rows = [np.sort(np.random.default_rng(s).choice(n_off, min(n_off, cfg.probe_states), replace=False))
+                  for s in seeds]  # each seed's probe states are those of its one-seed run
+    return World(offline, envs, eval_env, make_hyper(cfg, obs_dim, act_dim, True),
+                 make_hyper(cfg, obs_dim, act_dim, False), obs_mean, obs_std, refs,
+                 [jnp.asarray(ds.observations[rows]) for rows in probe_rows])
+
+
+@dataclass
+class Progress:
+    """Per-seed bookkeeping (one entry per seed) and the host state of a run: the checkpoint's meta.json."""
+    algorithm: str  # "o2td3" (how check_offline_source recognises this script's checkpoints)
+    num_seeds: int
+    state_form: str  # offline (TD3BCState) | finetune (O2TD3State): the type of the saved state
+    phase: str  # offline | load_offline | to_finetune | reevaluation | alignment | online | done
+    updates: np.ndarray  # gradient steps done in the current phase
+    env_steps: np.ndarray  # online env steps done
+    online_size: np.ndarray  # online rows in the buffer
+    saved_rows: np.ndarray  # online rows already written to checkpoints/buffer
+    act_key: np.ndarray  # [seeds, 2] exploration RNG keys
+    env_rng: list  # training-env RNG snapshots at the checkpoint (None before the first reset)
+    eval_lines: np.ndarray  # lines of each seed's eval.jsonl that this state has logged
+    episodes: np.ndarray  # online episodes finished
+    wandb_id: Optional[str]
+    last_eval: list  # the last evaluation record
+    offline_outcome: list  # the offline actor's evaluation (reused by the re-evaluation records)
+    offline_score: list  # the offline actor's score
+    best_score: list  # the score of the reference policy pi_ref
+    wall_time: float  # seconds of run time before this attempt
+
+    COUNTERS = ("updates", "env_steps", "online_size", "saved_rows", "eval_lines", "episodes")
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, seeds: list) -> "Progress":
+        N = len(seeds)
+        zeros = lambda: np.zeros(N, np.int64)  # noqa: E731
+        return cls("o2td3", N, "offline", "offline", zeros(), zeros(), zeros(), zeros(),
+                   np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), [None] * N, zeros(), zeros(),
+                   None, [None] * N, [None] * N, [None] * N, [None] * N, 0.0)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Progress":
+        return cls(**{**meta, **{k: np.asarray(meta[k], np.int64) for k in cls.COUNTERS}})
+
+    def meta(self) -> dict:
+        return {**asdict(self), **{k: getattr(self, k).tolist() for k in self.COUNTERS}}
+
+
+def finetuning_states(state: TD3BCState, h: Hyper, cfg: TrainConfig) -> O2TD3State:
+    """Every seed's start of phases 1-3 (start_finetuning) from its offline state."""
+    return stack_seeds([start_finetuning(seed_slice(state, i), h, cfg.policy_reevaluation, cfg.lmbda)
+                        for i in range(cfg.num_seeds)])
+
+
+def start_or_resume(cfg: TrainConfig, run, world: World, seeds: list, source: Optional[dict]):
+    """(state, progress, online buffer): fresh, or restored from run.resume_from (state, counters, RNG keys, online
+    rows), or the offline state of run.offline_from (`source`: check_offline_source's description) to fine-tune."""
+    h, N = world.h, len(seeds)
+    online = Buffer(*(jnp.zeros((N, cfg.online_steps + cfg.online_block) + shape, jnp.float32) for shape in
+                      ((h.obs_dim,), (h.act_dim,), (), (h.obs_dim,), ())))  # per seed, + slack for a full chunk
+    fresh = stack_seeds([init_offline_state(world.h_off, jax.random.PRNGKey(s), world.obs_mean, world.obs_std)
+                         for s in seeds])
+    state, prog = fresh, Progress.start(cfg, seeds)
+    if run.resume_from is not None:
+        template = lambda meta: fresh if meta["state_form"] == "offline" else finetuning_states(fresh, h, cfg)  # noqa
+        state, meta = load_state(run.resume_from, template, cfg)
+        prog = Progress.from_meta(meta)
+        for i, s in enumerate(seeds):
+            rows = load_buffer_rows(run.run_dir / "checkpoints" / "buffer" / f"seed{s}", int(prog.online_size[i]))
+            if rows is not None:
+                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
+        print(f"resumed from {run.resume_from}: phase {prog.phase}, {prog.updates.tolist()} updates, "
+              f"{prog.env_steps.tolist()} online env steps")
+    elif run.offline_from is not None:
+        state, info = load_offline_source(cfg, run.offline_from, source, fresh, world.h_off, seeds)
+        prog.updates, prog.phase = np.asarray(info["updates"], np.int64), "load_offline"
+        if info["act_key"] is not None:
+            prog.act_key = info["act_key"]
+        print(f"loaded the offline actor from {run.offline_from} ({info['source']}, {info['updates'][0]} updates)")
+    return state, prog, online
+
+
+class Recorder:
+    """Evaluations (eval.jsonl, wandb, console) and checkpoints of a run: `evaluate` and `checkpoint`."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, seeds: list, world: World, prog: Progress, t_start: float):
+        self.cfg, self.run_dir, self.seeds, self.world, self.t_start = cfg, run_dir, seeds, world, t_start
+        self.wall_before, self.goal_task = prog.wall_time, "antmaze" in cfg.dataset_id
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(cfg, f)
+        prog.wandb_id = prog.wandb_id or f"{cfg.name}-{int(time.time())}"
+        self.logger = Logger(cfg, run_dir, seeds, prog.wandb_id, prog.eval_lines.tolist())
+
+    def evaluate(self, state, prog: Progress, phase: str, which=None, reuse_outcome: bool = False):
+        """Evaluate each seed's current actor (`reuse_outcome`: reuse its offline actor's outcome), add the probes."""
+        cfg, w = self.cfg, self.world
+        h = w.hyper(state)
+        for i in range(len(self.seeds)) if which is None else which:
+            one = seed_slice(state, i)
+            if reuse_outcome:
+                outcome = prog.offline_outcome[i]
+            else:
+                policy = lambda o: act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o, h)  # noqa: E731
+                outcome = evaluate(w.eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
+                                   self.goal_task, w.refs)
+            record = {"seed": self.seeds[i], "phase": phase, "updates": int(prog.updates[i]),
+                      "env_steps": int(prog.env_steps[i]), **outcome}
+            probes = {k: float(v) for k, v in probe(one, w.probe_obs[i], h).items()}
+            record.update(q_offline_action=probes["q_offline_action"], **{"lambda": probes.get("lambda")},
+                          mse_to_reference=probes.get("mse_to_reference"))
+            record["epsilon_t"] = float(epsilon_schedule(int(prog.env_steps[i]), cfg.threshold, cfg.end_threshold,
+                                                         cfg.end_steps)) if isinstance(state, O2TD3State) else None
+            record["reference_score"] = prog.best_score[i]
+            record["wall_time"] = round(self.wall_before + time.time() - self.t_start, 2)  # s since the run started
+            self.logger.log_eval(i, record)
+            prog.eval_lines[i], prog.last_eval[i] = self.logger.eval_lines[i], record
+
+    def score(self, prog: Progress, which=None) -> float:
+        records = [prog.last_eval[i] for i in (range(len(self.seeds)) if which is None else which)]
+        return float(np.mean([r.get("normalized_score", r["return"]) for r in records]))
+
+    def checkpoint(self, state, prog: Progress, online: Buffer, act_key, name: str = "latest"):
+        """Online rows appended to checkpoints/buffer, then state + meta atomically into checkpoints/<name>."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        prog.act_key = np.asarray(act_key)
+        prog.state_form = "offline" if isinstance(state, TD3BCState) else "finetune"
+        for i, s in enumerate(self.seeds):
+            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), int(prog.saved_rows[i]),
+                             int(prog.online_size[i]))
+        prog.saved_rows = prog.online_size.copy()
+        prog.wall_time = self.wall_before + time.time() - self.t_start
+        save_state(ckpt_dir / name, state, prog.meta(), self.cfg)
+
+
+def update_phase(cfg: TrainConfig, run, world: World, rec: Recorder, state, prog: Progress, save, phase: str,
+                 total: int, desc: str, reuse_outcome: bool = False):
+    """Phases 0-2: blocks of `phase` updates on the offline data until `total` (all seeds in one vmapped scan per
+    block); an evaluation every offline_eval_every updates and at the end, each followed by a checkpoint
+    (`save(state)`; pre-training's last one is written by train as checkpoints/offline)."""
+    from tqdm import tqdm
+    acc = Metrics()
+    bar = tqdm(total=total, initial=int(prog.updates[0]), desc=desc, mininterval=5)
+    while prog.updates[0] < total:
+        state, metrics = scan_updates(state, world.offline, phase, world.hyper(state))
+        acc.add(metrics, cfg.update_block, phase, rec.seeds, prog.updates, TD3BC_ACTOR_KEYS if phase == "offline"
+                else ())
+        prog.updates += cfg.update_block
+        bar.update(cfg.update_block)
+        rec.logger.log({**acc.flush(), f"{phase}/updates": int(prog.updates[0])})
+        if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == total:
+            rec.evaluate(state, prog, phase, reuse_outcome=reuse_outcome)
+            bar.set_postfix(score=rec.score(prog))
+            if phase != "offline" or prog.updates[0] < total:
+                save(state)
+        if run.stop and prog.updates[0] < total:
+            save(state)
+            run.interrupt_if_asked(f"after {int(prog.updates[0])} {phase} updates")
+    bar.close()
+    return state
+
+
+class Episodes:
+    """The training envs' current episodes, one entry per seed, and one block of collected transitions."""
+
+    def __init__(self, cfg: TrainConfig, h: Hyper, prog: Progress, envs: list, seeds: list):
+        N = len(seeds)
+        for i, env in enumerate(envs):
+            if prog.env_rng[i] is not None:
+                env_rng_restore(env, prog.env_rng[i], seeds[i])
+        self.first_reset = np.array([snapshot is None for snapshot in prog.env_rng])
+        self.chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
+                      (("obs", (h.obs_dim,)), ("act", (h.act_dim,)), ("rew", ()), ("next_obs", (h.obs_dim,)),
+                       ("done", ()))}
+        self.obs = np.zeros((N, h.obs_dim), np.float32)
+        self.at_start = np.ones(N, bool)
+        self.ret, self.length, self.recent = np.zeros(N), np.zeros(N, np.int64), [[] for _ in range(N)]
+        self.evaluated = np.zeros(N, bool)  # evaluated since the last checkpoint
+        self.due = np.zeros(N, bool)  # at an episode end after an evaluation: waiting for the synchronised checkpoint
+
+
+def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes, act_key, seeds, logger):
+    """Up to online_block env steps per seed with the current policy, into ep.chunk; a seed's block also ends at an
+    episode end and at its next evaluation step. Returns (steps per seed, the advanced exploration keys)."""
+    N = len(seeds)
+    n = np.zeros(N, np.int32)
+    next_eval = (prog.env_steps // cfg.online_eval_every + 1) * cfg.online_eval_every
+    limit = np.minimum(np.minimum(next_eval, cfg.online_steps) - prog.env_steps, cfg.online_block)
+    limit[ep.due | (prog.env_steps >= cfg.online_steps)] = 0  # waiting or finished
+    active = limit > 0
+    while active.any():
+        for i in np.flatnonzero(active):
+            if ep.at_start[i]:
+                ep.obs[i] = world.envs[i].reset(seed=seeds[i] if ep.first_reset[i] else None)[0]
+                ep.first_reset[i], ep.at_start[i], ep.ret[i], ep.length[i] = False, False, 0.0, 0
+        executed, clean, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, ep.obs, act_key,
+                                               jnp.asarray(active), cfg.explore_noise, world.h)
+        executed, clean = np.asarray(executed), np.asarray(clean)
+        for i in np.flatnonzero(active):
+            next_obs, r, term, trunc, info = world.envs[i].step(executed[i])
+            term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+            j, c = n[i], ep.chunk
+            c["obs"][i, j], c["next_obs"][i, j] = ep.obs[i], next_obs
+            c["act"][i, j] = executed[i] if cfg.store_executed_action else clean[i]
+            c["done"][i, j], c["rew"][i, j] = float(term), world.reward(r, cfg)
+            n[i], prog.env_steps[i] = j + 1, prog.env_steps[i] + 1
+            ep.ret[i], ep.length[i] = ep.ret[i] + float(r), ep.length[i] + 1
+            ep.obs[i] = next_obs
+            if term or trunc:
+                prog.episodes[i] += 1
+                ep.recent[i] = (ep.recent[i] + [float(ep.ret[i])])[-10:]
+                logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": float(ep.ret[i]),
+                            "online/episode_length": int(ep.length[i]), "online/env_steps": int(prog.env_steps[i])})
+                ep.at_start[i] = True
+            if ep.at_start[i] or n[i] == limit[i]:
+                active[i] = False
+    return n, act_key
+
+
 def train(cfg: TrainConfig) -> dict:
     """TD3+BC pre-training (or a loaded offline actor), re-evaluation, alignment, fine-tuning of `num_seeds` seeds
     at once; returns the last evaluation record(s), paths and the before/after scores."""
@@ -961,286 +1192,124 @@ def train(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    ckpt_dir = run_dir / "checkpoints"
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     N = len(seeds)
     cfg.name = cfg.name or f"o2td3-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    goal_task = "antmaze" in cfg.dataset_id
     with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
         source = check_offline_source(cfg, run.offline_from, seeds) if run.offline_from is not None else None
-        # data and envs (one training env per seed, one evaluation env)
-        ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-        envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
-        obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-        if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
-            raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
-                                    f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-        try:
-            refs = data.reference_scores(cfg.dataset_id)
-        except data.DatasetError as e:
-            print(f"warning: {e}; logging raw returns only")
-            refs = None
-        n_off = len(ds)
-        h_off, h = make_hyper(cfg, obs_dim, act_dim, True), make_hyper(cfg, obs_dim, act_dim, False)
-        obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
-        obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-        rewards = (ds.rewards * cfg.reward_scale + cfg.reward_bias).astype(np.float32)
-        # offline rows on device, shared by the seeds; online rows per seed (+ slack for a full chunk of online_block)
-        offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
-                                                                  ds.next_observations, ds.terminals)))
-        online_capacity = cfg.online_steps + cfg.online_block
-        online = Buffer(*(jnp.zeros((N, online_capacity) + s, jnp.float32) for s in
-                          ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
-        probe_rows = [np.sort(np.random.default_rng(s).choice(n_off, min(n_off, cfg.probe_states), replace=False))
-                      for s in seeds]  # each seed's probe states are those of its one-seed run
-        probe_obs = [jnp.asarray(ds.observations[rows]) for rows in probe_rows]
-        del rewards
-
-        off_template = stack_seeds([init_offline_state(h_off, jax.random.PRNGKey(s), obs_mean, obs_std) for s in seeds])
-        templates = {"offline": off_template,
-                     "finetune": stack_seeds([start_finetuning(seed_slice(off_template, i), h, cfg.policy_reevaluation,
-                                                               cfg.lmbda) for i in range(N)])}
-        state = off_template
-        meta = {"algorithm": "o2td3", "num_seeds": N, "state_form": "offline", "phase": "offline", "updates": [0] * N,
-                "env_steps": [0] * N, "online_size": [0] * N, "saved_rows": [0] * N,
-                "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), "env_rng": [None] * N,
-                "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None, "last_eval": [None] * N,
-                "offline_outcome": [None] * N, "offline_score": [None] * N, "best_score": [None] * N, "wall_time": 0.0}
-        if run.resume_from is not None:
-            state, meta = load_state(run.resume_from, lambda meta: templates[meta["state_form"]], cfg)
-            for i, s in enumerate(seeds):
-                rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
-                if rows is not None:
-                    online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
-            print(f"resumed from {run.resume_from}: phase {meta['phase']}, {meta['updates']} updates, "
-                  f"{meta['env_steps']} online env steps")
-        elif run.offline_from is not None:
-            state, info = load_offline_source(cfg, run.offline_from, source, off_template, h_off, seeds)
-            meta.update(updates=info["updates"], phase="load_offline")
-            if info["act_key"] is not None:
-                meta["act_key"] = info["act_key"]
-            print(f"loaded the offline actor from {run.offline_from} ({info['source']}, "
-                  f"{info['updates'][0]} updates)")
-        with open(run_dir / "config.yaml", "w") as f:
-            pyrallis.dump(cfg, f)
-        if meta["wandb_id"] is None:
-            meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-        logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
-        act_key = jnp.asarray(meta["act_key"])
-        wall_before = meta["wall_time"]
-        acc = Metrics()
-
-        def hyper():
-            return h_off if isinstance(state, TD3BCState) else h
-
-        def run_eval(phase, which=None, reuse_outcome=False):
-            """Evaluate the current actor of each seed in `which` (default: all; `reuse_outcome`: reuse the seed's
-            offline outcome instead), add the probes, log."""
-            for i in range(N) if which is None else which:
-                one = seed_slice(state, i)
-                if reuse_outcome:
-                    outcome = meta["offline_outcome"][i]
-                else:
-                    policy = lambda o: act_deterministic(one.actor.params, one.obs_mean, one.obs_std, o,  # noqa
-                                                         hyper())
-                    outcome = evaluate(eval_env, policy, cfg.eval_episodes, cfg.eval_seed, cfg.terminate_on_success,
-                                       goal_task, refs)
-                record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
-                          "env_steps": int(meta["env_steps"][i]), **outcome}
-                probes = {k: float(v) for k, v in probe(one, probe_obs[i], hyper()).items()}
-                record.update(q_offline_action=probes["q_offline_action"], **{"lambda": probes.get("lambda")},
-                              mse_to_reference=probes.get("mse_to_reference"))
-                finetuning = isinstance(state, O2TD3State)
-                record["epsilon_t"] = float(epsilon_schedule(meta["env_steps"][i], cfg.threshold, cfg.end_threshold,
-                                                             cfg.end_steps)) if finetuning else None
-                record["reference_score"] = meta["best_score"][i]
-                record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-                logger.log_eval(i, record)
-                meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
-
-        def checkpoint(name="latest"):
-            meta["act_key"] = np.asarray(act_key)
-            meta["state_form"] = "offline" if isinstance(state, TD3BCState) else "finetune"
-            for i, s in enumerate(seeds):
-                save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
-                                 meta["online_size"][i])
-            meta["saved_rows"] = list(meta["online_size"])
-            meta["wall_time"] = wall_before + time.time() - t_start
-            save_state(ckpt_dir / name, state, meta, cfg)
-
-        def mean_score():
-            return np.mean([score_of(r) for r in meta["last_eval"] if r is not None])
-
-        def offline_phase(phase, total, desc, reuse_score=False):
-            """Blocks of `phase` updates on the offline data until `total` (all seeds in one vmapped scan per block),
-            evaluations (+ checkpoints) every offline_eval_every updates and at the end."""
-            nonlocal state
-            bar = tqdm(total=total, initial=meta["updates"][0], desc=desc, mininterval=5)
-            keys = TD3BC_ACTOR_KEYS if phase == "offline" else ()
-            while meta["updates"][0] < total:
-                state, metrics = update_block(state, offline, phase, hyper())
-                acc.add(metrics, cfg.update_block, phase, seeds, meta["updates"], keys)
-                meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
-                bar.update(cfg.update_block)
-                logger.log({**acc.flush(), f"{phase}/updates": meta["updates"][0]})
-                if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == total:
-                    run_eval(phase, reuse_outcome=reuse_score)
-                    bar.set_postfix(score=mean_score())
-                    if phase != "offline" or meta["updates"][0] < total:
-                        checkpoint()
-                if run.stop and meta["updates"][0] < total:
-                    checkpoint()
-                    run.interrupt_if_asked(f"after {meta['updates'][0]} {phase} updates")
-            bar.close()
+        world = load_world(cfg, seeds)
+        h = world.h
+        state, prog, online = start_or_resume(cfg, run, world, seeds, source)
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
+        save = lambda state, name="latest": rec.checkpoint(state, prog, online, act_key, name)  # noqa: E731
 
         # ---- 0. offline pre-training (TD3+BC) or a loaded offline actor
-        if meta["phase"] in ("offline", "load_offline"):
-            if meta["phase"] == "offline":
-                offline_phase("offline", cfg.offline_updates, "TD3+BC offline")
-                if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
-                    run_eval("offline")
-            else:
-                run_eval("offline")  # the score of the loaded actor
+        if prog.phase == "offline":
+            state = update_phase(cfg, run, world, rec, state, prog, save, "offline", cfg.offline_updates,
+                                 "TD3+BC offline")
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
+                rec.evaluate(state, prog, "offline")
+        elif prog.phase == "load_offline":
+            rec.evaluate(state, prog, "offline")  # the score of the loaded actor
+        if prog.phase in ("offline", "load_offline"):
             kept = ("return", "return_std", "length", "episodes", "normalized_score", "normalized_score_std",
                     "success_rate")
-            meta["offline_outcome"] = [{k: v for k, v in r.items() if k in kept} for r in meta["last_eval"]]
-            meta["offline_score"] = [score_of(r) for r in meta["last_eval"]]
-            meta["best_score"] = list(meta["offline_score"])
-            meta["phase"] = "to_finetune"
-            checkpoint("offline")
-        if meta["phase"] == "to_finetune":  # (also where a resume from checkpoints/offline continues)
-            state = stack_seeds([start_finetuning(seed_slice(state, i), h, cfg.policy_reevaluation, cfg.lmbda)
-                                 for i in range(N)])
-            meta.update(phase="reevaluation", updates=[0] * N)
-            checkpoint()
+            prog.offline_outcome = [{k: v for k, v in r.items() if k in kept} for r in prog.last_eval]
+            prog.offline_score = [score_of(r) for r in prog.last_eval]
+            prog.best_score = list(prog.offline_score)
+            prog.phase = "to_finetune"
+            save(state, "offline")
+        if prog.phase == "to_finetune":  # (also where a resume from checkpoints/offline continues)
+            state = finetuning_states(state, h, cfg)
+            prog.phase, prog.updates = "reevaluation", np.zeros(N, np.int64)
+            save(state)
             run.interrupt_if_asked("after the offline phase")
 
         # ---- 1. policy re-evaluation (actor fixed: its evaluation is reused)
-        if meta["phase"] == "reevaluation":
+        if prog.phase == "reevaluation":
             if cfg.policy_reevaluation:
-                offline_phase("reevaluation", cfg.ope_updates, "O2TD3 re-evaluation", reuse_score=True)
-            meta.update(phase="alignment", updates=[0] * N)
+                state = update_phase(cfg, run, world, rec, state, prog, save, "reevaluation", cfg.ope_updates,
+                                     "O2TD3 re-evaluation", reuse_outcome=True)
+            prog.phase, prog.updates = "alignment", np.zeros(N, np.int64)
             if run.stop:
-                checkpoint()
+                save(state)
                 run.interrupt_if_asked("after the re-evaluation phase")
 
         # ---- 2. value alignment, then the transition to fine-tuning (per seed: the reference becomes the aligned
         # actor if it evaluates better than the offline one)
-        if meta["phase"] == "alignment":
+        if prog.phase == "alignment":
             if cfg.value_alignment:
-                offline_phase("alignment", cfg.align_updates, "O2TD3 alignment")
+                state = update_phase(cfg, run, world, rec, state, prog, save, "alignment", cfg.align_updates,
+                                     "O2TD3 alignment")
             state = state._replace(critic_target=state.critic.params, actor_target=state.actor.params)
-            aligned = [score_of(r) for r in meta["last_eval"]]  # aligned actors' scores (offline ones if no alignment)
-            better = [a > o for a, o in zip(aligned, meta["offline_score"])]
+            aligned = [score_of(r) for r in prog.last_eval]  # aligned actors' scores (offline ones if no alignment)
+            better = [a > o for a, o in zip(aligned, prog.offline_score)]
             state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
-            meta.update(best_score=[max(a, o) for a, o in zip(aligned, meta["offline_score"])], phase="online",
-                        updates=[0] * N)
-            checkpoint()
+            prog.best_score = [max(a, o) for a, o in zip(aligned, prog.offline_score)]
+            prog.phase, prog.updates = "online", np.zeros(N, np.int64)
+            save(state)
             run.interrupt_if_asked("before online fine-tuning")
 
         # ---- 3. online fine-tuning (constrained unless switched off). Each seed follows exactly its single-seed
-        # schedule: blocks of up to online_block env steps with a fixed policy (ending at an episode end and at an
-        # evaluation step), then their updates (after warm-up), an evaluation every online_eval_every env steps (a
-        # better policy becomes that seed's reference). A seed at the first episode end after an evaluation (or after
-        # a stop request) is due for a checkpoint and waits until every seed is due (or finished), so checkpoints fall
-        # on episode ends of all seeds.
-        if meta["phase"] == "online":
-            for i, env in enumerate(envs):
-                if meta["env_rng"][i] is not None:
-                    env_rng_restore(env, meta["env_rng"][i], seeds[i])
-            first_reset = [meta["env_rng"][i] is None for i in range(N)]
-            chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
-                     (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
-            obs = np.zeros((N, obs_dim), np.float32)
-            at_episode_start = [True] * N
-            ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
-            evaluated = [False] * N  # evaluated since the last checkpoint
-            due = [False] * N  # at an episode end after an evaluation: waiting for the synchronised checkpoint
-            bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="O2TD3 online", mininterval=5)
-            while min(meta["env_steps"]) < cfg.online_steps:
-                t0 = list(meta["env_steps"])
-                limit = np.zeros(N, np.int64)  # this block's env steps per seed (0: waiting or finished)
-                for i in range(N):
-                    if not due[i] and t0[i] < cfg.online_steps:
-                        next_eval = (t0[i] // cfg.online_eval_every + 1) * cfg.online_eval_every
-                        limit[i] = min(cfg.online_block, next_eval - t0[i], cfg.online_steps - t0[i])
-                n = np.zeros(N, np.int32)
-                active = limit > 0
-                while active.any():
-                    for i in np.flatnonzero(active):
-                        if at_episode_start[i]:
-                            obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
-                            first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
-                    executed, clean, act_key = act_explore(state.actor.params, state.obs_mean, state.obs_std, obs,
-                                                           act_key, jnp.asarray(active), cfg.explore_noise, h)
-                    executed, clean = np.asarray(executed), np.asarray(clean)
-                    for i in np.flatnonzero(active):
-                        next_obs, r, term, trunc, info = envs[i].step(executed[i])
-                        term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                        j = n[i]
-                        chunk["obs"][i, j], chunk["next_obs"][i, j] = obs[i], next_obs
-                        chunk["act"][i, j] = executed[i] if cfg.store_executed_action else clean[i]
-                        chunk["done"][i, j], chunk["rew"][i, j] = float(term), r * cfg.reward_scale + cfg.reward_bias
-                        n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
-                        ep_ret[i], ep_len[i], obs[i] = ep_ret[i] + float(r), ep_len[i] + 1, next_obs
-                        if term or trunc:
-                            meta["episodes"][i] += 1
-                            recent[i] = (recent[i] + [ep_ret[i]])[-10:]
-                            logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
-                                        "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
-                            at_episode_start[i] = True
-                        if at_episode_start[i] or n[i] == limit[i]:
-                            active[i] = False
-                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
-                                       jnp.asarray(meta["online_size"], jnp.int32))
-                meta["online_size"] = [a + int(b) for a, b in zip(meta["online_size"], n)]
-                first = [max(t, cfg.warmup_steps) for t in t0]  # updates run after env steps warmup_steps + 1, ...
-                n_upd = np.array([max(meta["env_steps"][i] - first[i], 0) for i in range(N)], np.int32)
+        # schedule: collect up to online_block env steps (a block also ends at an episode end and at an evaluation
+        # step), append them, then their updates (after warm-up); an evaluation every online_eval_every env steps
+        # (a better policy becomes that seed's reference). A seed at the first episode end after an evaluation (or
+        # a stop request) is due for a checkpoint and waits until every seed is due (or finished), so checkpoints
+        # fall on episode ends of all seeds.
+        if prog.phase == "online":
+            ep, acc = Episodes(cfg, h, prog, world.envs, seeds), Metrics()
+            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="O2TD3 online",
+                       mininterval=5)
+            while prog.env_steps.min() < cfg.online_steps:
+                n, act_key = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
+                                       jnp.asarray(prog.online_size, jnp.int32))
+                prog.online_size += n
+                first = np.maximum(prog.env_steps - n, cfg.warmup_steps)  # updates after env steps warmup_steps + 1..
+                n_upd = np.maximum(prog.env_steps - first, 0).astype(np.int32)
                 if n_upd.any():
-                    state, metrics = update_online(state, offline, online, jnp.asarray(meta["online_size"], jnp.int32),
-                                                   jnp.asarray(first, jnp.int32) + 1, jnp.asarray(n_upd), h)
-                    acc.add(metrics, n_upd, "online", seeds, meta["updates"], ONLINE_ACTOR_KEYS)
-                    meta["updates"] = [u + int(k) for u, k in zip(meta["updates"], n_upd)]
+                    state, metrics = update_online(state, world.offline, online, jnp.asarray(prog.online_size,
+                                                   jnp.int32), jnp.asarray(first, jnp.int32) + 1, jnp.asarray(n_upd), h)
+                    acc.add(metrics, n_upd, "online", seeds, prog.updates, ONLINE_ACTOR_KEYS)
+                    prog.updates += n_upd
                 bar.update(int(n.sum()))
-                which = [i for i in range(N) if n[i] > 0 and (meta["env_steps"][i] % cfg.online_eval_every == 0
-                                                               or meta["env_steps"][i] == cfg.online_steps)]
+                which = [i for i in range(N) if n[i] > 0 and (prog.env_steps[i] % cfg.online_eval_every == 0
+                                                               or prog.env_steps[i] == cfg.online_steps)]
                 if which:
-                    logger.log({**acc.flush(), "online/env_steps": sum(meta["env_steps"]),
-                                "online/updates": sum(meta["updates"])})
-                    run_eval("online", which)
-                    better = [i in which and score_of(meta["last_eval"][i]) > meta["best_score"][i] for i in range(N)]
+                    rec.logger.log({**acc.flush(), "online/env_steps": int(prog.env_steps.sum()),
+                                    "online/updates": int(prog.updates.sum())})
+                    rec.evaluate(state, prog, "online", which)
+                    better = [i in which and score_of(prog.last_eval[i]) > prog.best_score[i] for i in range(N)]
                     for i in np.flatnonzero(better):  # the best policy so far becomes the seed's reference
-                        meta["best_score"][i] = score_of(meta["last_eval"][i])
+                        prog.best_score[i] = score_of(prog.last_eval[i])
                     if any(better):
                         state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
-                    bar.set_postfix(score=np.mean([score_of(meta["last_eval"][i]) for i in which]),
-                                    train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
-                    for i in which:
-                        evaluated[i] = True
-                for i in range(N):
-                    if (evaluated[i] or run.stop) and at_episode_start[i] and meta["env_steps"][i] < cfg.online_steps:
-                        due[i] = True  # (a stop request: checkpoint at every seed's next episode end)
-                if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
-                    meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
-                    checkpoint()
-                    evaluated, due = [False] * N, [False] * N
-                    run.interrupt_if_asked(f"at {meta['env_steps']} online env steps")
+                    bar.set_postfix(score=rec.score(prog, which),
+                                    train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
+                    ep.evaluated[which] = True
+                ep.due |= ((ep.evaluated | run.stop) & ep.at_start
+                           & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
+                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
+                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
+                    rec.checkpoint(state, prog, online, act_key)
+                    ep.evaluated[:], ep.due[:] = False, False
+                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
             bar.close()
             for i in range(N):
-                if meta["last_eval"][i] is None or meta["last_eval"][i]["phase"] != "online":  # online_steps == 0
-                    run_eval("online", [i])
-            meta["phase"] = "done"
-            checkpoint()
-        elif meta["phase"] == "done":
+                if prog.last_eval[i] is None or prog.last_eval[i]["phase"] != "online":  # online_steps == 0
+                    rec.evaluate(state, prog, "online", [i])
+            prog.phase = "done"
+            rec.checkpoint(state, prog, online, act_key)
+        elif prog.phase == "done":
             print(f"run in {run_dir} already finished")
-        logger.close()
-        for env in envs + [eval_env]:
-            env.close()
-        summaries = [summarize(path) for path in logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0],
-               "updates": meta["updates"][0], "env_steps": meta["env_steps"][0], **summaries[0]}
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
+               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
         if N > 1:
-            out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
                        per_seed=summaries)
         return out
 
@@ -1611,3 +1680,4 @@ def parse_config(argv=None) -> TrainConfig:
 
 if __name__ == "__main__":
     main(train, parse_config())
+

@@ -2,90 +2,43 @@
 
 Paper:  Zhang, Xu, Yu, "Policy Expansion for Bridging Offline-to-Online Reinforcement Learning", ICLR 2023,
         https://arxiv.org/abs/2302.00935.
-Official code: https://github.com/Haichao-Zhang/PEX @ b0ae11e17e5fd9ae38840748ce043aff895e952b (PyTorch:
-        `main_offline.py`, `main_online.py --algorithm pex`, `pex/algorithms/{iql,pex}.py`, `pex/networks/*`,
-        `pex/utils/util.py`).
+Reference implementation followed here: the official code, https://github.com/Haichao-Zhang/PEX @
+        b0ae11e17e5fd9ae38840748ce043aff895e952b (`main_offline.py`, `main_online.py --algorithm pex`).
+Design notes (the update in detail, networks, reusing an iql.py pre-training, several seeds): docs/pex.md.
 
 What is implemented (official semantics unless listed below):
-  * offline: IQL. V(s) by expectile regression on min_i Qbar_i(s,a) - V(s); Q_i by TD towards
-    r + gamma (1-d) V(s') with the pre-update V; Polyak target Qbar; Gaussian actor (tanh mean, state-
-    independent log-std, not squashed) by advantage-weighted regression mean(min(exp(beta adv), 100) *
-    -log pi(a|s)) with the actor LR cosine-decayed to 0 over the offline updates. The offline state, its
-    networks and their parameter names are those of `algorithms/iql.py`, so an offline checkpoint of either
-    file starts the fine-tuning of the other (`--offline_checkpoint`, see "Reusing an IQL pre-training");
-  * online (policy expansion): the offline actor pi_off is frozen, a NEW Gaussian policy pi (randomly
-    initialised) is added beside it. Each action is chosen between the candidates
-        a1 = mean of pi_off(s)   (its mode),     a2 ~ pi(s),
-    with probabilities P(k) = softmax_k(inv_temperature * min_i Q_i(s, a_k)) (online critic, not the target);
-    w ~ P and the action is a_w;
-  * online update (1 per env step once `initial_collection_steps` online transitions exist): the IQL V and Q
-    steps and the target EMA on a batch of 50 % offline + 50 % online transitions (`offline_fraction`), then
-    pi by AWR on COMPOSITE actions re-drawn at the batch states with the updated critic:
-        a_c = composite(s),  adv = min_i Qbar_i(s, a_c) - V(s)  (updated V and target),
-        L_pi = mean(min(exp(beta adv), 100) * -log pi(a_c|s));
-    constant LR online; Q and V keep their weights (and the target its own) with fresh Adam states (the
-    official PEX object creates new optimisers and then loads the offline weights);
-  * evaluation online: epsilon-greedy with epsilon = `eval_epsilon` (0.1) for both the new policy's action
-    (mean, else a sample) and the gate (argmax, else a sample), as the official `select_action(evaluate=True)`;
-    offline: the mean action of the IQL actor (official `main_offline.py`). Each online evaluation also logs
-    the fraction of actions taken from the new policy, the mean gate probability of the new policy and the
-    mean Q of each candidate;
-  * data: rewards `reward_scale * r + reward_bias` (official: raw MuJoCo rewards, AntMaze r - 1) offline and
-    online, no state normalisation by default (official); only true terminations are terminal, time-limit
-    truncations bootstrap (official: `0 if episode_steps == _max_episode_steps else done`).
-
-Networks (official PEX vs CORL's IQL): the structure is the same in both (MLP-ReLU -> Linear -> tanh
-mean, state-independent log-std; two Q MLPs; one V MLP; 256-256), here with the Q heads as a vmapped ensemble
-(`n_critics`). They differ in two details that do not change the parameters, so both are config switches:
-`actor_init: xavier` (official PEX: xavier-uniform actor weights, zero biases; `torch` = PyTorch-default
-init as in CORL/iql.py) and `log_std_min: -5` (official PEX; CORL/iql.py: -20). Q and V use PyTorch's
-default init in both.
+  * offline: IQL, with the state, networks and parameter names of algorithms/iql.py (an offline checkpoint of
+    either file starts the fine-tuning of the other: `--offline_checkpoint`); actor LR cosine-decayed to 0;
+  * online: the offline actor pi_off is frozen and a new, randomly initialised Gaussian policy pi added; an action
+    is a_w, w ~ softmax_k(inv_temperature * min_i Q_i(s, a_k)) over a1 = mean of pi_off(s) and a2 ~ pi(s);
+  * online update (one per env step once `initial_collection_steps` transitions exist): IQL V, Q and target steps
+    on `offline_fraction` offline + online rows, then pi by AWR on composite actions re-drawn at the batch states;
+    constant LR; Q and V keep their weights with fresh Adam states;
+  * evaluation: offline the IQL actor's mean action; online epsilon-greedy (`eval_epsilon`) policy action and
+    gate, logging the new policy's action fraction, its gate probability and the candidates' Q;
+  * networks: xavier-uniform actor init and log-std clamp [-5, 2] (`actor_init: torch`, `log_std_min: -20` are
+    CORL's / iql.py's); data: rewards `reward_scale * r + reward_bias`, no state normalisation by default.
 
 Deviations (and the switch that restores the reference behaviour where one exists):
-  1. Evaluation runs on a separate env seeded with `eval_seed` (official: the training env, mid-episode).
-     Its randomness (epsilon-greedy, gate samples) comes from a key derived from `eval_seed` and the online
-     env-step count, so evaluations are reproducible and a resumed run repeats them exactly.
-  2. Online updates run in jitted blocks: the agent collects up to `online_block` env steps with a fixed
-     policy (a block also ends at an episode end), appends them, then does one update per env step taken
-     after the initial collection (one jitted masked lax.scan of `online_block` steps). The official loop
-     updates once before every env step; `online_block: 1` is close to that.
+  1. Evaluation runs on a separate env seeded with `eval_seed` (official: the training env, mid-episode), its
+     epsilon/gate key derived from `eval_seed` and the env-step count (reproducible, also after a resume).
+  2. Online updates run in jitted blocks: up to `online_block` env steps with a fixed policy, then one update per
+     step past the initial collection (official: one update before every env step; `online_block: 1` is close).
   3. Online evaluations and checkpoints happen at the first episode end after every `online_eval_every` env
-     steps (not mid-episode), so a resumed run reproduces an uninterrupted one bit for bit on CPU.
-  4. `clip_actions: true` clips the new policy's action to [-1, 1] before the gate, so the gated, stored,
-     executed and AWR-trained action is the same; the official code gates, stores and trains on the unclipped
-     Gaussian sample and MuJoCo clips the control (`clip_actions: false` does that; the env always receives
-     the clipped action).
-  5. The online replay is a device array without eviction, sampled with replacement (official: FIFO list of
-     1e6 transitions, `random.sample` without replacement within a batch; eviction only matters beyond 1e6).
-  6. `terminate_on_success` (AntMaze configs) ends an episode as terminal when info['success'] is True,
-     reproducing D4RL's AntMaze `eval=True` semantics on the continuing-task Minari environments.
-  7. Datasets are Minari's: AntMaze `D4RL/antmaze/*-v1` (official: D4RL antmaze-*-v0) and this project's
-     local `o2o/...` locomotion suite (official: D4RL *-v2). The locomotion expectile/beta (0.9 / 10) are the
-     official README's locomotion example; per-task values of the paper are unverified.
-  8. `reset_optimizers: false` keeps the offline Adam states of Q and V online (as iql.py does); `normalize`
-     and `normalize_reward_by_returns` (off by default, as in the official code) exist so that an iql.py
-     pre-training with its CORL settings can be reused.
-  9. AntMaze configs evaluate the offline phase every 50k updates with `eval_episodes` (100) episodes
-     (official: 10 episodes every 10k steps); online every 10k env steps with 100 episodes (official README).
-
-Reusing an IQL pre-training: `--offline_checkpoint <run>/checkpoints/offline` accepts the offline checkpoint
-of iql.py or pex.py. Its config must have the same dataset, `hidden_dims`, `n_critics`, `discount`, state
-normalisation and reward transformation as this run (else a clear error lists the overrides to pass); the
-expectile/beta of the pre-training may differ (they only matter for the updates that follow). E.g. with the
-iql.py AntMaze configs (which normalise states): `python algorithms/pex.py --config_path
-configs/pex/D4RL/antmaze/umaze-v1.yaml --normalize true --offline_checkpoint runs/iql/<...>/checkpoints/offline`.
-
-Several seeds in one process (`--num_seeds N`): seeds seed..seed+N-1 train together, the whole train state
-vmapped over a leading seed axis (offline rows shared on device, online rows per seed): the IQL pre-training
-is one vmapped scan per block; online, each seed has its own frozen offline policy, new policy, RNG (gate and
-exploration), online buffer and counters, and one training env per seed; the composite actions of all seeds
-come from one jitted call per env step. Each seed follows exactly its single-seed schedule (blocks, updates,
-evaluations, checkpoints), so its numbers equal the single-seed run's up to float32 round-off (XLA's batched
-matmuls sum in another order). Evaluation records go to run_dir/seed<S>/eval.jsonl. An N-seed offline
-checkpoint of iql.py or pex.py starts an N-seed fine-tuning (and back); the seed counts must match.
-
-Not implemented: the official script's baselines (`scratch`, `buffer`, `direct`: iql.py covers `direct`-like
-fine-tuning).
+     steps, so a resumed run reproduces an uninterrupted one bit for bit on CPU.
+  4. `clip_actions: true` clips the new policy's action to [-1, 1] before the gate (gated, stored, trained and
+     executed action agree); `clip_actions: false` gates and trains on the unclipped sample (official).
+  5. The online replay is a device array without eviction, sampled with replacement (official: FIFO of 1e6
+     transitions, sampled without replacement within a batch).
+  6. `terminate_on_success` (AntMaze configs) ends an episode as terminal when info['success'] is True (D4RL
+     AntMaze eval=True semantics on the continuing-task Minari environments).
+  7. Datasets are Minari's: AntMaze `D4RL/antmaze/*-v1` (official: antmaze-*-v0) and the local `o2o/...`
+     locomotion suite (official: D4RL *-v2); locomotion expectile/beta 0.9/10 are the official README's example.
+  8. `reset_optimizers: false` keeps the offline Adam states of Q and V (as iql.py); `normalize` and
+     `normalize_reward_by_returns` (off by default, as official) let an iql.py pre-training be reused.
+  9. AntMaze configs evaluate offline every 50k updates with `eval_episodes` (100) episodes (official: 10 every 10k
+     steps), online every 10k env steps with 100 (official README).
+Not implemented: the official baselines `scratch`, `buffer` and `direct` (iql.py covers `direct`-like fine-tuning).
 
 Usage:
     python algorithms/pex.py --config_path configs/pex/quickstart.yaml
@@ -207,16 +160,17 @@ RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "onlin
 
 
 class Hyper(NamedTuple):
-    """Static (hashable) hyper-parameters the jitted functions are specialised on."""
+    """The static (hashable) arguments of the jitted functions: the env's dimensions and the config fields the maths
+    reads, under the config's own names (make_hyper copies them from TrainConfig by name)."""
     obs_dim: int
     act_dim: int
-    hidden: tuple
+    hidden_dims: tuple
     n_critics: int
-    xavier_actor: bool
+    actor_init: str
     log_std_min: float
     batch_size: int
-    offline_rows: int  # rows of an online-phase batch drawn from the offline data
-    block: int
+    offline_fraction: float
+    update_block: int
     online_block: int
     discount: float
     tau: float
@@ -233,11 +187,8 @@ class Hyper(NamedTuple):
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
-    return Hyper(obs_dim, act_dim, tuple(cfg.hidden_dims), cfg.n_critics, cfg.actor_init == "xavier",
-                 float(cfg.log_std_min), cfg.batch_size, int(cfg.batch_size * cfg.offline_fraction),
-                 cfg.update_block, cfg.online_block, cfg.discount, cfg.tau, cfg.expectile, cfg.beta,
-                 cfg.exp_adv_max, cfg.actor_lr, cfg.critic_lr, cfg.value_lr, cfg.offline_updates, cfg.offline_cosine,
-                 float(cfg.inv_temperature), cfg.clip_actions)
+    static = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 (a list is not hashable)
+    return Hyper(obs_dim=obs_dim, act_dim=act_dim, **{k: static(getattr(cfg, k)) for k in Hyper._fields[2:]})
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -307,8 +258,8 @@ def critic_ensemble(hidden: tuple, n: int) -> nn.Module:
 
 def networks(h: Hyper):
     """(actor, Q ensemble, V); the offline and the new policy are two parameter sets of the same actor."""
-    actor = GaussianActor(h.act_dim, h.hidden, h.log_std_min, h.xavier_actor)
-    return actor, critic_ensemble(h.hidden, h.n_critics), VNet(h.hidden)
+    actor = GaussianActor(h.act_dim, h.hidden_dims, h.log_std_min, h.actor_init == "xavier")
+    return actor, critic_ensemble(h.hidden_dims, h.n_critics), VNet(h.hidden_dims)
 
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -448,8 +399,11 @@ def _step(trainable: Trainable, grads, tx) -> Trainable:
 
 # ---------------------------------------------------------------------------------------------- update
 def value_critic_step(state, obs, next_obs, batch: Buffer, h: Hyper):
-    """IQL V step (expectile), Q step (TD to the pre-update V(s')) and target EMA; works on either state.
-    Returns (value, critic, critic_target, adv of the V step, metrics)."""
+    """The IQL V, Q and target steps (either state):
+        L_V = mean(|expectile - 1[u < 0]| u^2),  u = min_i Qbar_i(s, a) - V(s);
+        L_Q = mean_i mean((Q_i(s, a) - y)^2),    y = r + gamma (1 - d) V(s')  (V before its step);
+        Qbar <- tau Q + (1 - tau) Qbar.
+    Returns (value, critic, critic_target, adv = u, metrics)."""
     _, critic, value = networks(h)
     txs = optimizers(h)
     target_q = critic.apply({"params": state.critic_target}, obs, batch.act).min(0)
@@ -476,7 +430,7 @@ def value_critic_step(state, obs, next_obs, batch: Buffer, h: Hyper):
 
 
 def awr_actor_step(actor_tr: Trainable, tx, obs, actions, weights, h: Hyper):
-    """One AWR step: mean(weights * -log pi(actions|s))."""
+    """One AWR step: L_pi = mean(weights * -log pi(actions|s))."""
     actor = networks(h)[0]
 
     def actor_loss(p):
@@ -488,8 +442,9 @@ def awr_actor_step(actor_tr: Trainable, tx, obs, actions, weights, h: Hyper):
 
 
 def iql_update(state: IQLState, batch: Buffer, key, h: Hyper):
-    """One offline IQL step: V, Q, target EMA, actor AWR on the data actions (adv from the V step)."""
-    del key  # no randomness inside an offline step (batch sampling happens outside)
+    """One offline IQL step: V, Q, target EMA, then the actor by AWR on the data actions with the V step's
+    advantages, weights min(exp(beta * adv), exp_adv_max). Pure."""
+    del key  # no randomness inside an offline step (the batch is sampled by the caller)
     obs = (batch.obs - state.obs_mean) / state.obs_std
     next_obs = (batch.next_obs - state.obs_mean) / state.obs_std
     value_tr, critic_tr, critic_target, adv, metrics = value_critic_step(state, obs, next_obs, batch, h)
@@ -502,8 +457,10 @@ def iql_update(state: IQLState, batch: Buffer, key, h: Hyper):
 
 
 def pex_update(state: PEXState, batch: Buffer, key, h: Hyper):
-    """One online PEX step: V, Q, target EMA on the batch; then the new policy by AWR on composite actions
-    drawn at the batch states (gate with the updated critic, adv with the updated target Q and V)."""
+    """One online PEX step: V, Q, target EMA on the batch; then the new policy pi by AWR on composite actions
+    a_c = composite(s) drawn at the batch states with the updated critic (epsilon 1: sampled):
+        adv_c = min_i Qbar_i(s, a_c) - V(s)  (updated target and V),  L_pi = mean(min(exp(beta adv_c), exp_adv_max)
+        * -log pi(a_c|s)). Pure."""
     _, critic, value = networks(h)
     obs = (batch.obs - state.obs_mean) / state.obs_std
     next_obs = (batch.next_obs - state.obs_mean) / state.obs_std
@@ -521,42 +478,47 @@ def pex_update(state: PEXState, batch: Buffer, key, h: Hyper):
                           updates=state.updates + 1), metrics
 
 
-def sampled_update(state, offline: Buffer, offline_size, online: Buffer, online_size, h: Hyper):
-    """Draw a batch on device, then one update: IQLState (offline phase) -> all rows from the offline data,
-    IQL step; PEXState (online phase) -> `h.offline_rows` offline + the rest online rows, PEX step."""
-    if isinstance(state, PEXState):
-        key, k_off, k_on, k_upd = jax.random.split(state.key, 4)
-        i_off = jax.random.randint(k_off, (h.offline_rows,), 0, offline_size)
-        i_on = jax.random.randint(k_on, (h.batch_size - h.offline_rows,), 0, jnp.maximum(online_size, 1))
-        batch = jax.tree.map(lambda off, on: jnp.concatenate([off[i_off], on[i_on]]), offline, online)
-        return pex_update(state._replace(key=key), batch, k_upd, h)
-    key, k_idx, k_upd = jax.random.split(state.key, 3)
-    idx = jax.random.randint(k_idx, (h.batch_size,), 0, offline_size)
-    return iql_update(state._replace(key=key), jax.tree.map(lambda x: x[idx], offline), k_upd, h)
+def sample_offline_batch(offline: Buffer, offline_size, key, h: Hyper) -> Buffer:
+    """Offline phase: a uniform batch of the `offline_size` offline rows (shared by all seeds)."""
+    idx = jax.random.randint(key, (h.batch_size,), 0, offline_size)
+    return jax.tree.map(lambda x: x[idx], offline)
+
+
+def sample_mixed_batch(offline: Buffer, offline_size, online: Buffer, online_size, k_off, k_on, h: Hyper):
+    """Online phase: int(batch_size * offline_fraction) uniform offline rows, then the rest uniform over this
+    seed's `online_size` online rows (official: half and half)."""
+    n_off = int(h.batch_size * h.offline_fraction)  # derived: the batch's offline rows
+    i_off = jax.random.randint(k_off, (n_off,), 0, offline_size)
+    i_on = jax.random.randint(k_on, (h.batch_size - n_off,), 0, jnp.maximum(online_size, 1))
+    return jax.tree.map(lambda off, on: jnp.concatenate([off[i_off], on[i_on]]), offline, online)
 
 
 # Multi-seed: every state leaf, the online buffer and the per-seed counters carry a leading seed axis; the
 # offline rows are shared (in_axes None). One seed's numbers equal a single-seed run's up to float32
-# round-off (XLA sums batched matmuls in a different order).
+# round-off (XLA sums batched matmuls in a different order). Each update draws its batch on device first.
+# `offline_size` (the offline row count) is an argument, not the static shape: a static bound compiles to another
+# program (2.5% slower in one 3-round comparison here, benchmarks/compare_commits.py).
 @partial(jax.jit, static_argnames=("h",))
-def update_block(state, offline: Buffer, offline_size, online: Buffer, online_size, h: Hyper):
-    """`h.block` updates per seed in one lax.scan (vmapped over seeds), batches sampled inside the scan;
-    metrics of shape [seeds, h.block]."""
-    def one_seed(state, online, online_size):
-        args = (offline, offline_size, online, online_size, h)
-        return jax.lax.scan(lambda s, _: sampled_update(s, *args), state, None, length=h.block)
-    return jax.vmap(one_seed)(state, online, online_size)
+def scan_updates(state: IQLState, offline: Buffer, offline_size, h: Hyper):
+    """`h.update_block` offline IQL updates per seed in one lax.scan (vmapped over seeds); metrics
+    [seeds, h.update_block]."""
+    def one_seed(state):
+        def body(s, _):
+            key, k_idx, k_upd = jax.random.split(s.key, 3)
+            return iql_update(s._replace(key=key), sample_offline_batch(offline, offline_size, k_idx, h), k_upd, h)
+        return jax.lax.scan(body, state, None, length=h.update_block)
+    return jax.vmap(one_seed)(state)
 
 
 @partial(jax.jit, static_argnames=("h",))
-def update_online(state, offline: Buffer, offline_size, online: Buffer, online_size, n, h: Hyper):
-    """`n[i]` <= h.online_block updates for seed i (a masked lax.scan of h.online_block steps: a seed with fewer
+def update_online(state: PEXState, offline: Buffer, offline_size, online: Buffer, online_size, n, h: Hyper):
+    """`n[i]` <= h.online_block PEX updates for seed i (a masked lax.scan of h.online_block steps: a seed with fewer
     updates keeps its state for the remaining steps); metrics [seeds, h.online_block], zero where masked."""
     def one_seed(state, online, online_size, n):
-        args = (offline, offline_size, online, online_size, h)
-
         def body(s, i):
-            new, metrics = sampled_update(s, *args)
+            key, k_off, k_on, k_upd = jax.random.split(s.key, 4)
+            batch = sample_mixed_batch(offline, offline_size, online, online_size, k_off, k_on, h)
+            new, metrics = pex_update(s._replace(key=key), batch, k_upd, h)
             keep = i < n
             new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, s)
             return new, jax.tree.map(lambda m: jnp.where(keep, m, jnp.zeros_like(m)), metrics)
@@ -601,7 +563,7 @@ def act_composite(offline_actor_params, actor_params, critic_params, obs_mean, o
 
 @partial(jax.jit, static_argnames=("h",))
 def act_deterministic(actor_params, obs_mean, obs_std, obs, h: Hyper):
-    """Mean action of one seed's actor (offline-phase evaluation of the IQL policy)."""
+    """Mean action of one seed's actor (evaluation)."""
     mean, _ = networks(h)[0].apply({"params": actor_params}, (obs - obs_mean) / obs_std)
     return jnp.clip(mean, -1.0, 1.0)
 
@@ -636,9 +598,7 @@ def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, 
     return out
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
+# ---------------------------------------------------------------------------------------------- offline source
 # Fields an offline checkpoint must share with this run: networks and dataset, then what the critic's values mean.
 NETWORK_FIELDS = ("dataset_id", "hidden_dims", "n_critics")
 DATA_FIELDS = ("discount", "normalize", "reward_scale", "reward_bias", "normalize_reward_by_returns")
@@ -761,15 +721,239 @@ def prepare_rewards(cfg: TrainConfig, ds: data.OfflineData):
     return (ds.rewards * scale * cfg.reward_scale + cfg.reward_bias).astype(np.float32), scale
 
 
-def updates_due(size_before: int, n: int, initial: int) -> int:
-    """Online updates owed for n env steps taken with `size_before` online transitions stored: one per step
-    whose replay size before the step exceeds `initial` (official: `if len(memory) > initial_collection_steps`)."""
-    return max(0, n - max(0, initial + 1 - size_before))
+def updates_due(size_before, n, initial: int):
+    """Online updates owed for n env steps taken with `size_before` online transitions stored (per seed: numbers or
+    arrays): one per step whose replay size before the step exceeds `initial` (official: `if len(memory) >
+    initial_collection_steps`)."""
+    return np.maximum(0, n - np.maximum(0, initial + 1 - size_before))
 
 
 def default_run_dir(cfg) -> Path:
     seeds = f"seed{cfg.seed}" if cfg.num_seeds == 1 else f"seeds{cfg.seed}-{cfg.seed + cfg.num_seeds - 1}"
     return Path("runs") / "pex" / cfg.dataset_id.replace("/", "_") / seeds
+
+
+class World(NamedTuple):
+    """What a run trains on: the data on device, the envs (one training env per seed, one evaluation env), the
+    static hyper-parameters and the reward transformation."""
+    offline: Buffer  # all dataset rows, shared by the seeds
+    envs: list
+    eval_env: Any
+    h: Hyper
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    return_scale: float  # 1000 / return range (normalize_reward_by_returns), else 1
+    refs: Optional[tuple]  # (ref_min, ref_max) return of the normalised score, None when the dataset has none
+
+    def reward(self, r, cfg):
+        return r * self.return_scale * cfg.reward_scale + cfg.reward_bias
+
+    def close(self):
+        for env in self.envs + [self.eval_env]:
+            env.close()
+
+
+def load_world(cfg: TrainConfig, n_seeds: int) -> World:
+    ds = data.load_dataset(cfg.dataset_id, cfg.discount)
+    envs, eval_env = [data.make_env(cfg.dataset_id) for _ in range(n_seeds)], data.make_env(cfg.dataset_id)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
+        raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
+                                f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
+    try:
+        refs = data.reference_scores(cfg.dataset_id)
+    except data.DatasetError as e:
+        print(f"warning: {e}; logging raw returns only")
+        refs = None
+    rewards, return_scale = prepare_rewards(cfg, ds)
+    offline = Buffer(jnp.asarray(ds.observations), jnp.asarray(ds.actions), jnp.asarray(rewards),
+                     jnp.asarray(ds.next_observations), jnp.asarray(ds.terminals.astype(np.float32)))
+    obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
+    obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
+    return World(offline, envs, eval_env, make_hyper(cfg, obs_dim, act_dim), obs_mean, obs_std, return_scale, refs)
+
+
+@dataclass
+class Progress:
+    """Per-seed bookkeeping (one entry per seed) and the host state of a run: the checkpoint's meta.json."""
+    phase: str  # offline | load_offline | expand | online | done
+    num_seeds: int
+    updates: np.ndarray  # gradient steps done
+    env_steps: np.ndarray  # online env steps done
+    online_size: np.ndarray  # online rows in the buffer
+    saved_rows: np.ndarray  # online rows already written to checkpoints/buffer
+    next_eval: np.ndarray  # env step of the next online evaluation
+    episodes: np.ndarray  # online episodes finished
+    eval_lines: np.ndarray  # lines of each seed's eval.jsonl that this state has logged
+    act_key: np.ndarray  # [seeds, 2] exploration RNG keys
+    env_rng: list  # training-env RNG snapshots at the checkpoint (None before the first reset)
+    last_eval: list  # the last evaluation record
+    wandb_id: Optional[str] = None
+    wall_time: float = 0.0  # seconds of run time before this attempt
+
+    COUNTERS = ("updates", "env_steps", "online_size", "saved_rows", "next_eval", "episodes", "eval_lines")
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, seeds: list) -> "Progress":
+        zeros = lambda: np.zeros(len(seeds), np.int64)  # noqa: E731
+        return cls("offline", len(seeds), zeros(), zeros(), zeros(), zeros(),
+                   np.full(len(seeds), cfg.online_eval_every, np.int64), zeros(), zeros(),
+                   np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]), [None] * len(seeds),
+                   [None] * len(seeds))
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Progress":
+        return cls(**{**meta, **{k: np.asarray(meta[k], np.int64) for k in cls.COUNTERS}})
+
+    def meta(self) -> dict:
+        return {**asdict(self), **{k: getattr(self, k).tolist() for k in self.COUNTERS}}
+
+
+def start_or_resume(cfg: TrainConfig, run, world: World, seeds: list):
+    """(state, progress, online buffer): fresh, or restored from run.resume_from (state, an IQLState before the
+    expansion and a PEXState after it, counters, RNG keys, online rows), or the IQL state of run.offline_from."""
+    h, N = world.h, len(seeds)
+    online = Buffer(*(jnp.zeros((N, cfg.online_steps + cfg.online_block) + shape, jnp.float32) for shape in
+                      ((h.obs_dim,), (h.act_dim,), (), (h.obs_dim,), ())))  # per seed, + slack for a full chunk
+    state = stack_seeds([init_state(h, jax.random.PRNGKey(s), world.obs_mean, world.obs_std) for s in seeds])
+    prog = Progress.start(cfg, seeds)
+    if run.resume_from is not None:
+        expanded = lambda: jax.vmap(lambda s: expand(s, h, cfg.reset_optimizers))(state)  # noqa: E731
+        state, meta = load_state(run.resume_from, lambda meta: expanded() if meta["phase"] in ("online", "done")
+                                 else state, cfg)
+        prog = Progress.from_meta(meta)
+        for i, s in enumerate(seeds):
+            rows = load_buffer_rows(run.run_dir / "checkpoints" / "buffer" / f"seed{s}", int(prog.online_size[i]))
+            if rows is not None:
+                online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
+        print(f"resumed from {run.resume_from}: phase {prog.phase}, {prog.updates.tolist()} updates, "
+              f"{prog.env_steps.tolist()} online env steps")
+    elif run.offline_from is not None:
+        try:
+            state, src = load_state(run.offline_from, state, cfg)
+        except RunError as e:
+            raise RunError(f"--offline_checkpoint {run.offline_from}: {e}. pex.py needs an IQL offline checkpoint "
+                           "(<run_dir>/checkpoints/offline of iql.py or pex.py) with this run's network sizes and "
+                           "dataset") from e
+        prog.updates = np.asarray(np.ravel(src["updates"]), np.int64)  # (older one-seed checkpoints: an int)
+        prog.act_key, prog.phase = np.asarray(src["act_key"]).reshape(N, -1), "load_offline"
+        print(f"loaded offline IQL state from {run.offline_from} ({prog.updates.tolist()} updates)")
+    return state, prog, online
+
+
+class Recorder:
+    """Evaluations (eval.jsonl, wandb, console) and checkpoints of a run: `evaluate` and `checkpoint`."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, seeds: list, world: World, prog: Progress, t_start: float):
+        self.cfg, self.run_dir, self.seeds, self.world, self.t_start = cfg, run_dir, seeds, world, t_start
+        self.wall_before, self.goal_task = prog.wall_time, "antmaze" in cfg.dataset_id
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(cfg, f)
+        prog.wandb_id = prog.wandb_id or f"{cfg.name}-{int(time.time())}"
+        self.logger = Logger(cfg, run_dir, seeds, prog.wandb_id, prog.eval_lines.tolist())
+
+    def policy(self, state, prog: Progress, i: int, stats: list):
+        """Seed i's evaluation policy: an IQLState's mean action (offline); a PEXState's composite policy,
+        epsilon-greedy, its key depending only on eval_seed and the seed's env step (gate stats into `stats`)."""
+        h = self.world.h
+        if isinstance(state, IQLState):
+            params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
+            return lambda o: act_deterministic(params, mean_, std_, o, h)
+        one = seed_slice(state, i)
+        key = [jax.random.fold_in(jax.random.PRNGKey(self.cfg.eval_seed), int(prog.env_steps[i]))]
+
+        def policy(o):
+            a, s, key[0] = act_composite(one.offline_actor, one.actor.params, one.critic.params, one.obs_mean,
+                                         one.obs_std, o, key[0], self.cfg.eval_epsilon, h)
+            stats.append(np.asarray(s))
+            return np.clip(np.asarray(a), -1.0, 1.0)
+        return policy
+
+    def evaluate(self, state, prog: Progress, phase: str, which=None):
+        cfg, w = self.cfg, self.world
+        for i in range(len(self.seeds)) if which is None else which:
+            record = {"seed": self.seeds[i], "phase": phase, "updates": int(prog.updates[i]),
+                      "env_steps": int(prog.env_steps[i])}
+            stats = []
+            record.update(evaluate(w.eval_env, self.policy(state, prog, i, stats), cfg.eval_episodes, cfg.eval_seed,
+                                   cfg.terminate_on_success, self.goal_task, w.refs))
+            if stats:
+                s = np.mean(stats, 0)
+                record.update(new_policy_fraction=float(s[0]), gate_prob_new=float(s[1]),
+                              q_offline_action=float(s[2]), q_new_action=float(s[3]))
+            record["wall_time"] = round(self.wall_before + time.time() - self.t_start, 2)  # s since the run started
+            self.logger.log_eval(i, record)
+            prog.eval_lines[i], prog.last_eval[i] = self.logger.eval_lines[i], record
+
+    def score(self, prog: Progress, which=None) -> float:
+        records = [prog.last_eval[i] for i in (range(len(self.seeds)) if which is None else which)]
+        return float(np.mean([r.get("normalized_score", r["return"]) for r in records]))
+
+    def checkpoint(self, state, prog: Progress, online: Buffer, act_key, name: str = "latest"):
+        """Online rows appended to checkpoints/buffer, then state + meta atomically into checkpoints/<name>."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        prog.act_key = np.asarray(act_key)
+        for i, s in enumerate(self.seeds):
+            save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), int(prog.saved_rows[i]),
+                             int(prog.online_size[i]))
+        prog.saved_rows = prog.online_size.copy()
+        prog.wall_time = self.wall_before + time.time() - self.t_start
+        save_state(ckpt_dir / name, state, prog.meta(), self.cfg)
+
+
+class Episodes:
+    """The training envs' current episodes, one entry per seed, and one block of collected transitions."""
+
+    def __init__(self, cfg: TrainConfig, h: Hyper, prog: Progress, envs: list, seeds: list):
+        N = len(seeds)
+        for i, env in enumerate(envs):
+            if prog.env_rng[i] is not None:
+                env_rng_restore(env, prog.env_rng[i], seeds[i])
+        self.first_reset = np.array([snapshot is None for snapshot in prog.env_rng])
+        self.chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
+                      (("obs", (h.obs_dim,)), ("act", (h.act_dim,)), ("rew", ()), ("next_obs", (h.obs_dim,)),
+                       ("done", ()))}
+        self.obs = np.zeros((N, h.obs_dim), np.float32)
+        self.at_start = np.ones(N, bool)
+        self.ret, self.length, self.recent = np.zeros(N), np.zeros(N, np.int64), [[] for _ in range(N)]
+        self.due = np.zeros(N, bool)  # waiting for the synchronised evaluation + checkpoint
+
+
+def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes, act_key, seeds, logger):
+    """Up to online_block env steps per seed with the current composite policy, into ep.chunk (the gated action
+    stored, the env given it clipped); a seed's block also ends at an episode end. Returns (steps per seed, the
+    advanced exploration keys, the mean gate stats [w, p_new, q_offline, q_new] of the block's actions)."""
+    N = len(seeds)
+    n, act_stats = np.zeros(N, np.int32), []
+    active = ~ep.due & (prog.env_steps < cfg.online_steps)
+    while active.any():
+        for i in np.flatnonzero(active):
+            if ep.at_start[i]:
+                ep.obs[i] = world.envs[i].reset(seed=seeds[i] if ep.first_reset[i] else None)[0]
+                ep.first_reset[i], ep.at_start[i], ep.ret[i], ep.length[i] = False, False, 0.0, 0
+        actions, stats, act_key = act_explore(state.offline_actor, state.actor.params, state.critic.params,
+                                              state.obs_mean, state.obs_std, ep.obs, act_key, jnp.asarray(active),
+                                              world.h)
+        actions, stats = np.asarray(actions), np.asarray(stats)
+        for i in np.flatnonzero(active):
+            act_stats.append(stats[i])
+            next_obs, r, term, trunc, info = world.envs[i].step(np.clip(actions[i], -1.0, 1.0))
+            term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
+            j, c = n[i], ep.chunk
+            c["obs"][i, j], c["act"][i, j], c["next_obs"][i, j] = ep.obs[i], actions[i], next_obs
+            c["done"][i, j], c["rew"][i, j] = float(term), world.reward(r, cfg)
+            n[i], prog.env_steps[i] = j + 1, prog.env_steps[i] + 1
+            ep.ret[i], ep.length[i] = ep.ret[i] + float(r), ep.length[i] + 1
+            ep.obs[i] = next_obs
+            if term or trunc:
+                prog.episodes[i] += 1
+                ep.recent[i] = (ep.recent[i] + [float(ep.ret[i])])[-10:]
+                logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": float(ep.ret[i]),
+                            "online/episode_length": int(ep.length[i]), "online/env_steps": int(prog.env_steps[i])})
+                ep.at_start[i] = True
+            if ep.at_start[i] or n[i] == cfg.online_block or prog.env_steps[i] >= cfg.online_steps:
+                active[i] = False
+    return n, act_key, np.mean(act_stats, 0)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -779,246 +963,103 @@ def train(cfg: TrainConfig) -> dict:
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    ckpt_dir = run_dir / "checkpoints"
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     N = len(seeds)
     cfg.name = cfg.name or f"pex-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    goal_task = "antmaze" in cfg.dataset_id
     with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
         if run.offline_from is not None:
             check_offline_source(run.offline_from, cfg)
-        # data and envs (one training env per seed, one evaluation env)
-        ds = data.load_dataset(cfg.dataset_id, cfg.discount)
-        envs, eval_env = [data.make_env(cfg.dataset_id) for _ in seeds], data.make_env(cfg.dataset_id)
-        obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-        if envs[0].observation_space.shape != (obs_dim,) or envs[0].action_space.shape != (act_dim,):
-            raise data.DatasetError(f"{cfg.dataset_id}: env spaces {envs[0].observation_space.shape}/"
-                                    f"{envs[0].action_space.shape} do not match the dataset ({obs_dim}, {act_dim})")
-        try:
-            refs = data.reference_scores(cfg.dataset_id)
-        except data.DatasetError as e:
-            print(f"warning: {e}; logging raw returns only")
-            refs = None
-        rewards, return_scale = prepare_rewards(cfg, ds)
-        n_off = len(ds)
-        h = make_hyper(cfg, obs_dim, act_dim)
-        obs_mean = ds.obs_mean if cfg.normalize else np.zeros(obs_dim, np.float32)
-        obs_std = ds.obs_std if cfg.normalize else np.ones(obs_dim, np.float32)
-
-        # offline rows on device, shared by the seeds; online rows per seed (+ slack for a full chunk)
-        offline = Buffer(*(jnp.asarray(x, jnp.float32) for x in (ds.observations, ds.actions, rewards,
-                                                                  ds.next_observations, ds.terminals)))
-        del rewards
-        capacity = cfg.online_steps + cfg.online_block
-        online = Buffer(*(jnp.zeros((N, capacity) + s, jnp.float32) for s in
-                          ((obs_dim,), (act_dim,), (), (obs_dim,), ())))
-
-        state = stack_seeds([init_state(h, jax.random.PRNGKey(s), obs_mean, obs_std) for s in seeds])
-        iql_template = state
-        pex_template = jax.vmap(lambda s: expand(s, h, cfg.reset_optimizers))(state)
-        template = lambda meta: pex_template if meta["phase"] in ("online", "done") else iql_template  # noqa: E731
-        meta = {"phase": "offline", "num_seeds": N, "updates": [0] * N, "env_steps": [0] * N, "online_size": [0] * N,
-                "saved_rows": [0] * N, "next_eval": [cfg.online_eval_every] * N,
-                "act_key": np.stack([np.asarray(jax.random.PRNGKey(s + 1)) for s in seeds]),
-                "env_rng": [None] * N, "eval_lines": [0] * N, "episodes": [0] * N, "wandb_id": None,
-                "last_eval": [None] * N, "wall_time": 0.0}
-        if run.resume_from is not None:
-            state, meta = load_state(run.resume_from, template, cfg)
-            for i, s in enumerate(seeds):
-                rows = load_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", meta["online_size"][i])
-                if rows is not None:
-                    online = online._replace(**{k: getattr(online, k).at[i, :len(v)].set(v) for k, v in rows.items()})
-            print(f"resumed from {run.resume_from}: phase {meta['phase']}, {meta['updates']} updates, "
-                  f"{meta['env_steps']} online env steps")
-        elif run.offline_from is not None:
-            try:
-                state, src_meta = load_state(run.offline_from, iql_template, cfg)
-            except RunError as e:
-                raise RunError(f"--offline_checkpoint {run.offline_from}: {e}. pex.py needs an IQL offline checkpoint "
-                               "(<run_dir>/checkpoints/offline of iql.py or pex.py) with this run's network sizes and "
-                               "dataset") from e
-            # per-seed lists (iql.py/pex.py; older one-seed checkpoints hold an int and a single key)
-            meta.update(updates=[int(u) for u in np.ravel(src_meta["updates"])], phase="load_offline",
-                        act_key=np.asarray(src_meta["act_key"]).reshape(N, -1))
-            print(f"loaded offline IQL state from {run.offline_from} ({meta['updates']} updates)")
-        with open(run_dir / "config.yaml", "w") as f:
-            pyrallis.dump(cfg, f)
-        if meta["wandb_id"] is None:
-            meta["wandb_id"] = f"{cfg.name}-{int(time.time())}"
-        logger = Logger(cfg, run_dir, seeds, meta["wandb_id"], meta["eval_lines"])
-        act_key = jnp.asarray(meta["act_key"])
-        wall_before = meta["wall_time"]
-
-        def eval_policy(i, stats):
-            """Seed i's evaluation policy: offline phase the IQL actor's mean action; online the composite PEX
-            policy, epsilon-greedy, its key depending only on eval_seed and the seed's env step (stats appended)."""
-            if isinstance(state, IQLState):
-                params, mean_, std_ = seed_slice((state.actor.params, state.obs_mean, state.obs_std), i)
-                return lambda o: act_deterministic(params, mean_, std_, o, h)
-            one = seed_slice(state, i)
-            key = [jax.random.fold_in(jax.random.PRNGKey(cfg.eval_seed), meta["env_steps"][i])]
-
-            def policy(o):
-                a, s, key[0] = act_composite(one.offline_actor, one.actor.params, one.critic.params, one.obs_mean,
-                                             one.obs_std, o, key[0], cfg.eval_epsilon, h)
-                stats.append(np.asarray(s))
-                return np.clip(np.asarray(a), -1.0, 1.0)
-            return policy
-
-        def run_eval(phase, which=None):
-            for i in range(N) if which is None else which:
-                record = {"seed": seeds[i], "phase": phase, "updates": int(meta["updates"][i]),
-                          "env_steps": int(meta["env_steps"][i])}
-                stats = []
-                record.update(evaluate(eval_env, eval_policy(i, stats), cfg.eval_episodes, cfg.eval_seed,
-                                       cfg.terminate_on_success, goal_task, refs))
-                if stats:
-                    s = np.mean(stats, 0)
-                    record.update(new_policy_fraction=float(s[0]), gate_prob_new=float(s[1]),
-                                  q_offline_action=float(s[2]), q_new_action=float(s[3]))
-                record["wall_time"] = round(wall_before + time.time() - t_start, 2)  # s since the run started
-                logger.log_eval(i, record)
-                meta["eval_lines"][i], meta["last_eval"][i] = logger.eval_lines[i], record
-
-        def checkpoint(name="latest"):
-            meta["act_key"] = np.asarray(act_key)
-            for i, s in enumerate(seeds):
-                save_buffer_rows(ckpt_dir / "buffer" / f"seed{s}", seed_slice(online, i), meta["saved_rows"][i],
-                                 meta["online_size"][i])
-            meta["saved_rows"] = list(meta["online_size"])
-            meta["wall_time"] = wall_before + time.time() - t_start
-            save_state(ckpt_dir / name, state, meta, cfg)
-
-        def score(i):
-            return meta["last_eval"][i].get("normalized_score", meta["last_eval"][i]["return"])
+        world = load_world(cfg, N)
+        h = world.h
+        state, prog, online = start_or_resume(cfg, run, world, seeds)
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
 
         # ---- offline pre-training (IQL; all seeds in one vmapped scan per block)
-        if meta["phase"] == "offline":
-            bar = tqdm(total=cfg.offline_updates, initial=meta["updates"][0], desc="PEX offline (IQL)", mininterval=5)
-            sizes = jnp.zeros((N,), jnp.int32)
-            while meta["updates"][0] < cfg.offline_updates:
-                state, metrics = update_block(state, offline, n_off, online, sizes, h)
-                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, meta["updates"])
-                meta["updates"] = [u + cfg.update_block for u in meta["updates"]]
+        if prog.phase == "offline":
+            bar = tqdm(total=cfg.offline_updates, initial=int(prog.updates[0]), desc="PEX offline (IQL)",
+                       mininterval=5)
+            while prog.updates[0] < cfg.offline_updates:
+                state, metrics = scan_updates(state, world.offline, len(world.offline.rew), h)
+                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, prog.updates)
+                prog.updates += cfg.update_block
                 bar.update(cfg.update_block)
-                logger.log({**logged, "offline/updates": meta["updates"][0]})
-                if meta["updates"][0] % cfg.offline_eval_every == 0 or meta["updates"][0] == cfg.offline_updates:
-                    run_eval("offline")
-                    bar.set_postfix(score=np.mean([score(i) for i in range(N)]))
-                    if meta["updates"][0] < cfg.offline_updates:
-                        checkpoint()
-                if run.stop and meta["updates"][0] < cfg.offline_updates:
-                    checkpoint()
-                    run.interrupt_if_asked(f"after {meta['updates'][0]} offline updates")
+                rec.logger.log({**logged, "offline/updates": int(prog.updates[0])})
+                if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == cfg.offline_updates:
+                    rec.evaluate(state, prog, "offline")
+                    bar.set_postfix(score=rec.score(prog))
+                    if prog.updates[0] < cfg.offline_updates:
+                        rec.checkpoint(state, prog, online, act_key)
+                if run.stop and prog.updates[0] < cfg.offline_updates:
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"after {int(prog.updates[0])} offline updates")
             bar.close()
-            if meta["last_eval"][0] is None:  # offline_updates == 0: still report the starting policy
-                run_eval("offline")
-        elif meta["phase"] == "load_offline":
-            run_eval("offline")  # the score before fine-tuning
-        if meta["phase"] in ("offline", "load_offline"):
-            meta["phase"] = "expand"
-            checkpoint("offline")  # an IQLState: loadable by iql.py and pex.py
-        if meta["phase"] == "expand":  # (also a run resumed from the offline checkpoint, `latest` being damaged)
-            state = jax.vmap(lambda s: expand(s, h, cfg.reset_optimizers))(state)
-            meta["phase"] = "online"
-            checkpoint()
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
+                rec.evaluate(state, prog, "offline")
+        elif prog.phase == "load_offline":
+            rec.evaluate(state, prog, "offline")  # the score before fine-tuning
+        if prog.phase in ("offline", "load_offline"):
+            prog.phase = "expand"
+            rec.checkpoint(state, prog, online, act_key, "offline")  # an IQLState: loadable by iql.py and pex.py
 
-        # ---- online fine-tuning (policy expansion). Each seed follows exactly the single-seed schedule: collect up
-        # to online_block env steps (a block also ends at an episode end), append them, then one update per step
-        # taken after the initial collection. Seeds whose block ended early wait for the others; a seed due for
-        # evaluation (first episode end after every online_eval_every steps) waits until every seed is due, so
-        # checkpoints fall on episode ends of all seeds.
-        if meta["phase"] == "online":
-            for i, env in enumerate(envs):
-                if meta["env_rng"][i] is not None:
-                    env_rng_restore(env, meta["env_rng"][i], seeds[i])
-            first_reset = [meta["env_rng"][i] is None for i in range(N)]
-            chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
-                     (("obs", (obs_dim,)), ("act", (act_dim,)), ("rew", ()), ("next_obs", (obs_dim,)), ("done", ()))}
-            obs = np.zeros((N, obs_dim), np.float32)
-            at_episode_start = [True] * N
-            ep_ret, ep_len, recent = [0.0] * N, [0] * N, [[] for _ in range(N)]
-            due = [False] * N  # waiting for the synchronised evaluation + checkpoint
-            bar = tqdm(total=cfg.online_steps * N, initial=sum(meta["env_steps"]), desc="PEX online", mininterval=5)
-            while min(meta["env_steps"]) < cfg.online_steps:
-                n, act_stats = np.zeros(N, np.int32), []
-                active = np.array([not due[i] and meta["env_steps"][i] < cfg.online_steps for i in range(N)])
-                while active.any():
-                    for i in np.flatnonzero(active):
-                        if at_episode_start[i]:
-                            obs[i] = envs[i].reset(seed=seeds[i] if first_reset[i] else None)[0]
-                            first_reset[i], at_episode_start[i], ep_ret[i], ep_len[i] = False, False, 0.0, 0
-                    actions, stats, act_key = act_explore(state.offline_actor, state.actor.params, state.critic.params,
-                                                          state.obs_mean, state.obs_std, obs, act_key,
-                                                          jnp.asarray(active), h)
-                    actions, stats = np.asarray(actions), np.asarray(stats)
-                    for i in np.flatnonzero(active):
-                        act_stats.append(stats[i])
-                        next_obs, r, term, trunc, info = envs[i].step(np.clip(actions[i], -1.0, 1.0))
-                        term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-                        j = n[i]
-                        chunk["obs"][i, j], chunk["act"][i, j], chunk["next_obs"][i, j] = obs[i], actions[i], next_obs
-                        chunk["done"][i, j] = float(term)
-                        chunk["rew"][i, j] = r * return_scale * cfg.reward_scale + cfg.reward_bias
-                        n[i], meta["env_steps"][i] = j + 1, meta["env_steps"][i] + 1
-                        ep_ret[i], ep_len[i] = ep_ret[i] + float(r), ep_len[i] + 1
-                        obs[i] = next_obs
-                        if term or trunc:
-                            meta["episodes"][i] += 1
-                            recent[i] = (recent[i] + [ep_ret[i]])[-10:]
-                            logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ep_ret[i],
-                                        "online/episode_length": ep_len[i], "online/env_steps": meta["env_steps"][i]})
-                            at_episode_start[i] = True
-                        if at_episode_start[i] or n[i] == cfg.online_block or meta["env_steps"][i] >= cfg.online_steps:
-                            active[i] = False
-                size_before = list(meta["online_size"])
-                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in chunk.items()}),
-                                       jnp.asarray(size_before, jnp.int32))
-                meta["online_size"] = [a + int(b) for a, b in zip(size_before, n)]
-                n_upd = np.array([updates_due(size_before[i], int(n[i]), cfg.initial_collection_steps) for i in range(N)],
-                                 np.int32)
+        # ---- policy expansion: freeze the offline actor, add a new policy (also when resumed from `offline`)
+        if prog.phase == "expand":
+            state = jax.vmap(lambda s: expand(s, h, cfg.reset_optimizers))(state)
+            prog.phase = "online"
+            rec.checkpoint(state, prog, online, act_key)
+
+        # ---- online fine-tuning. Each seed follows exactly the single-seed schedule: collect up to online_block
+        # env steps (a block also ends at an episode end), append them, then one update per step taken after the
+        # initial collection. Seeds whose block ended early wait for the others; a seed due for evaluation (first
+        # episode end after every online_eval_every steps) waits until every seed is due, so checkpoints fall on
+        # episode ends of all seeds.
+        if prog.phase == "online":
+            ep = Episodes(cfg, h, prog, world.envs, seeds)
+            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="PEX online", mininterval=5)
+            while prog.env_steps.min() < cfg.online_steps:
+                n, act_key, explore = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
+                                       jnp.asarray(prog.online_size, jnp.int32))
+                n_upd = updates_due(prog.online_size, n, cfg.initial_collection_steps).astype(np.int32)
+                prog.online_size += n
                 logged = {}
                 if n_upd.any():  # nothing to do during the initial collection
-                    state, metrics = update_online(state, offline, n_off, online,
-                                                   jnp.asarray(meta["online_size"], jnp.int32), jnp.asarray(n_upd), h)
-                    logged = block_metrics(metrics, n_upd, "online", seeds, meta["updates"])
-                    meta["updates"] = [u + int(b) for u, b in zip(meta["updates"], n_upd)]
-                s = np.mean(act_stats, 0)
-                logger.log({**logged, "online/explore_new_policy_fraction": float(s[0]),
-                            "online/explore_gate_prob_new": float(s[1]), "online/env_steps": sum(meta["env_steps"]),
-                            "online/updates": sum(meta["updates"])})
+                    state, metrics = update_online(state, world.offline, len(world.offline.rew), online,
+                                                   jnp.asarray(prog.online_size, jnp.int32), jnp.asarray(n_upd), h)
+                    logged = block_metrics(metrics, n_upd, "online", seeds, prog.updates)
+                    prog.updates += n_upd
+                rec.logger.log({**logged, "online/explore_new_policy_fraction": float(explore[0]),
+                                "online/explore_gate_prob_new": float(explore[1]),
+                                "online/env_steps": int(prog.env_steps.sum()), "online/updates": int(prog.updates.sum())})
                 bar.update(int(n.sum()))
-                for i in range(N):
-                    if (n[i] > 0 and at_episode_start[i] and (meta["env_steps"][i] >= meta["next_eval"][i] or run.stop)
-                            and meta["env_steps"][i] < cfg.online_steps):
-                        due[i] = True  # (a stop request: checkpoint at every seed's next episode end, no evaluation)
-                if any(due) and all(due[i] or meta["env_steps"][i] >= cfg.online_steps for i in range(N)):
-                    which = [i for i in range(N) if due[i] and meta["env_steps"][i] >= meta["next_eval"][i]]
+                ep.due |= ((n > 0) & ep.at_start & ((prog.env_steps >= prog.next_eval) | run.stop)
+                           & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
+                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
+                    which = [i for i in range(N) if ep.due[i] and prog.env_steps[i] >= prog.next_eval[i]]
                     for i in which:
-                        while meta["next_eval"][i] <= meta["env_steps"][i]:
-                            meta["next_eval"][i] += cfg.online_eval_every
+                        while prog.next_eval[i] <= prog.env_steps[i]:
+                            prog.next_eval[i] += cfg.online_eval_every
                     if which:
-                        run_eval("online", which)
-                        bar.set_postfix(score=np.mean([score(i) for i in which]),
-                                        train_return=np.mean([np.mean(r) for r in recent if r] or [0.0]))
-                    meta["env_rng"] = [env_rng_snapshot(env) for env in envs]
-                    due = [False] * N
-                    checkpoint()
-                    run.interrupt_if_asked(f"at {meta['env_steps']} online env steps")
+                        rec.evaluate(state, prog, "online", which)
+                        bar.set_postfix(score=rec.score(prog, which),
+                                        train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
+                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
+                    ep.due[:] = False
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
             bar.close()
-            run_eval("online")
-            meta["phase"] = "done"
-            checkpoint()
-        elif meta["phase"] == "done":
+            rec.evaluate(state, prog, "online")
+            prog.phase = "done"
+            rec.checkpoint(state, prog, online, act_key)
+        elif prog.phase == "done":
             print(f"run in {run_dir} already finished")
-        logger.close()
-        for env in envs + [eval_env]:
-            env.close()
-        summaries = [summarize(path) for path in logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": meta["last_eval"][0], "updates": meta["updates"][0],
-               "env_steps": meta["env_steps"][0], **summaries[0]}
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
+               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
         if N > 1:
-            out.update(last_eval=meta["last_eval"], updates=meta["updates"], env_steps=meta["env_steps"],
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
                        per_seed=summaries)
         return out
 

@@ -9,9 +9,9 @@ Offline updates. Data: `--rows` (1M) random transitions with obs 11, act 3 (Hopp
 networks and hyper-parameters from configs/<algo>/o2o/hopper/medium-v0.yaml (`--block` replaces update_block).
 Each algorithm's offline pre-training update runs exactly as its script's train() runs it, with one seed (a
 leading seed axis of 1, the state from the module's `stack_seeds`): jitted lax.scan blocks of `--block` updates,
-batches sampled inside the scan. The updates timed: iql `scan_updates`, cal_ql `update_block` (CQL + calibration,
-the offline cql_weight), o2sac `cql_block` (CQL pre-training), o2td3 `update_block` in phase "offline" (TD3+BC),
-o2ppo `iql_block` (its IQL pre-training), aca `update_block` (SAC + ML), pex `update_block` with an IQLState (its
+batches sampled inside the scan. The updates timed: iql `scan_updates`, cal_ql `scan_updates` (CQL + calibration,
+the offline cql_weight), o2sac `scan_cql_updates` (CQL pre-training), o2td3 `scan_updates` in phase "offline" (TD3+BC),
+o2ppo `scan_offline_updates` (IQL pre-training), aca `scan_updates` (SAC + ML), pex `scan_updates` with an IQLState (its
 IQL pre-training); the online buffers these take are empty (size 0: every row offline, as in the offline phase).
 IQL is also timed with N seeds vmapped in one process (`--num_seeds 1,2,4`, as `iql.py --num_seeds N`): the
 aggregate updates/s over all seeds and its ratio to one seed.
@@ -167,9 +167,11 @@ def load_config(module, name, block):
     return cfg, str(path.relative_to(ROOT))
 
 
-HYPER_FIELDS = {"hidden": "hidden", "hidden_dims": "hidden", "policy_hidden": "policy_hidden",
-                "actor_hidden": "actor_hidden", "critic_hidden": "critic_hidden", "n_critics": "n_critics",
-                "n_actions": "cql_n_actions", "batch_size": "batch_size", "iql_batch_size": "batch_size"}
+HYPER_FIELDS = {"hidden_dims": "hidden", "policy_hidden": "policy_hidden", "actor_hidden": "actor_hidden",
+                "critic_hidden": "critic_hidden", "n_critics": "n_critics", "cql_n_actions": "cql_n_actions",
+                "batch_size": "batch_size", "iql_batch_size": "batch_size",
+                # o2sac's offline CQL networks (its Hyper also holds the fine-tuning critic's sizes)
+                "cql_critic_hidden": "critic_hidden", "cql_n_critics": "n_critics"}
 
 
 def describe(source, h):
@@ -243,17 +245,17 @@ def setup_cal_ql(args):
     flags = (cfg.calibration, cfg.cql_weight)  # the offline phase's
     return Setup(
         info, cal_ql, lambda key: cal_ql.init_state(h, key, *NORM, cfg.log_alpha_prime_init),
-        lambda n: Call(cal_ql.update_block, (offline, args.rows, *empty_online(offline, n), *flags), {"h": h}),
+        lambda n: Call(cal_ql.scan_updates, (offline, args.rows, *empty_online(offline, n), *flags), {"h": h}),
         one_update(cal_ql.calql_update, first_rows(offline, h.batch_size), KEY, *flags, h=h), explore(cal_ql, h),
         cfg.online_utd)
 
 
 def setup_o2sac(args):
-    # the CQL hyper-parameters; the fine-tuning actor is the CQL actor (the same network)
-    o2sac, cfg, h, offline, info = prepare("o2sac", args, lambda m, cfg: m.make_cql_hyper(cfg, OBS_DIM, ACT_DIM))
+    # one Hyper holds the CQL hyper-parameters (cql_*) too; the fine-tuning actor is the CQL actor (the same network)
+    o2sac, cfg, h, offline, info = prepare("o2sac", args)
     return Setup(
         info, o2sac, lambda key: o2sac.init_cql_state(h, key, *NORM),
-        lambda n: Call(o2sac.cql_block, (offline, args.rows), {"h": h}),
+        lambda n: Call(o2sac.scan_cql_updates, (offline, args.rows), {"h": h}),
         one_update(o2sac.cql_update, first_rows(offline, h.batch_size), KEY, h=h), explore(o2sac, h),
         cfg.utd, "the offline CQL update (Q at 1 + 3 cql_n_actions actions per state) is ~10x the FLOPs of the "
                  "online fine-tuning update: online_overhead_fraction and env_steps_per_s are lower bounds")
@@ -264,7 +266,7 @@ def setup_o2td3(args):
     o2td3, cfg, h, offline, info = prepare("o2td3", args, lambda m, cfg: m.make_hyper(cfg, OBS_DIM, ACT_DIM, True))
     return Setup(
         info, o2td3, lambda key: o2td3.init_offline_state(h, key, *NORM),
-        lambda n: Call(o2td3.update_block, (offline,), {"phase": "offline", "h": h}),
+        lambda n: Call(o2td3.scan_updates, (offline,), {"phase": "offline", "h": h}),
         one_update(o2td3.td3bc_update, first_rows(offline, h.batch_size), KEY, 0, h=h),
         explore(o2td3, h, cfg.explore_noise))  # the executed (noisy) action
 
@@ -273,7 +275,7 @@ def setup_o2ppo(args):
     o2ppo, cfg, h, offline, info = prepare("o2ppo", args)
     return Setup(
         info, o2ppo, lambda key: o2ppo.init_iql_state(h, key, *NORM),
-        lambda n: Call(o2ppo.iql_block, (offline,), {"h": h}),
+        lambda n: Call(o2ppo.scan_offline_updates, (offline,), {"h": h}),
         one_update(o2ppo.iql_update, first_rows(offline, h.iql_batch_size), h=h),
         explore(o2ppo, h),  # PPO acts with the IQL actor's network and parameters (it starts from them)
         None, "on-policy PPO online: its updates are amortised over rollouts, env_steps_per_s = 1000 / step_ms "
@@ -285,7 +287,7 @@ def setup_aca(args):
     noise = {k: jnp.zeros((h.batch_size, ACT_DIM)) for k in ("temp", "next", "z_next", "pi")}
     return Setup(
         info, aca, lambda key: aca.init_state(h, key, *NORM, cfg.initial_temperature),
-        lambda n: Call(aca.update_block, (offline,), {"h": h}),
+        lambda n: Call(aca.scan_updates, (offline,), {"h": h}),
         one_update(aca.offline_update, first_rows(offline, h.batch_size), noise, h=h), explore(aca, h))
 
 
@@ -298,7 +300,7 @@ def setup_pex(args):
                                                s.obs_std, o, k, a, h)[::2]  # (action, key)
     return Setup(
         info, pex, lambda key: pex.init_state(h, key, *NORM),
-        lambda n: Call(pex.update_block, (offline, args.rows, *empty_online(offline, n)), {"h": h}),
+        lambda n: Call(pex.scan_updates, (offline, args.rows), {"h": h}),
         one_update(pex.iql_update, first_rows(offline, h.batch_size), KEY, h=h), act)
 
 

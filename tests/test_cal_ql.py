@@ -167,7 +167,7 @@ def test_resume_falls_back_to_the_offline_checkpoint(reference_run, tmp_path, mo
                           reference_run[1], after_kill=lambda rd: (rd / "checkpoints" / "latest" / "state.npz").unlink())
 
 
-@pytest.mark.parametrize("function,calls", [("update_block", 2), ("update_few", 2)])  # offline; online
+@pytest.mark.parametrize("function,calls", [("scan_updates", 2), ("update_few", 2)])  # offline; online
 def test_ctrl_c_checkpoints_and_resumes_exactly(reference_run, tmp_path, monkeypatch, function, calls):
     assert_ctrl_c_resumes(cal_ql, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), function, calls,
                           monkeypatch, reference_run[1])

@@ -209,7 +209,7 @@ def test_value_reevaluation_fits_mc_returns():
         return float(jnp.mean((o2ppo.ppo_value_net(h).apply({"params": params}, obs) - returns) ** 2))
     before = mse(state)
     for _ in range(5):
-        state, metrics = o2ppo.reeval_block(state, obs, returns, h)
+        state, metrics = o2ppo.scan_reevaluation_updates(state, obs, returns, h)
     assert mse(state) < 0.1 * before and metrics["value_loss"].shape == (1, 100)
 
 
@@ -284,9 +284,12 @@ def test_resume_falls_back_to_the_offline_checkpoint(reference_run, tmp_path, mo
                           reference_run[1], after_kill=damage)
 
 
-# iql_block calls 1-4 (IQL), reeval_block 1-2 (re-evaluation), ppo_update 1-4 (full rollouts at 128, 256, ... steps)
-@pytest.mark.parametrize("where,calls,phase", [("iql_block", 2, "offline"), ("iql_block", 4, "reevaluation"),
-                                               ("reeval_block", 1, "reevaluation"), ("ppo_update", 1, "online")])
+# scan_offline_updates calls 1-4 (IQL), scan_reevaluation_updates 1-2 (re-evaluation), ppo_update 1-4 (full rollouts
+# at 128, 256, ... steps)
+@pytest.mark.parametrize("where,calls,phase", [("scan_offline_updates", 2, "offline"),
+                                               ("scan_offline_updates", 4, "reevaluation"),
+                                               ("scan_reevaluation_updates", 1, "reevaluation"),
+                                               ("ppo_update", 1, "online")])
 def test_ctrl_c_checkpoints_and_resumes_exactly(reference_run, tmp_path, monkeypatch, where, calls, phase):
     """SIGINT stops at the next block boundary (or phase end) of IQL and the re-evaluation and, online, at the next
     online checkpoint (the first episode end after an evaluation, with the partial rollout); --resume then ends with

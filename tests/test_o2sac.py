@@ -39,7 +39,7 @@ def reference_run(tiny_dataset, tmp_path_factory):
 
 def tiny_hyper(**overrides):
     cfg = o2sac.TrainConfig(**{**TINY, **overrides})
-    return o2sac.make_hyper(cfg, 5, 2), o2sac.make_cql_hyper(cfg, 5, 2)
+    return o2sac.make_hyper(cfg, 5, 2)
 
 
 def tiny_state(h, seed=0, ref_seed=None):
@@ -88,7 +88,7 @@ def test_alignment_target_and_anchors_match_numpy():
     got = o2sac.alignment_target(q_star, lp_star, lp_tilde, q_tilde, 0.2)
     np.testing.assert_allclose(np.asarray(got), np.minimum(q_star - 0.2 * (lp_star - lp_tilde), q_tilde), rtol=1e-6)
     # anchors from the networks: a* = clip(tanh(mean_ref)), Q* = min_i Qbar_i(s, a*), y~ never above Qbar(s, a~)
-    h, _ = tiny_hyper()
+    h = tiny_hyper()
     state = tiny_state(h, seed=0, ref_seed=1)
     obs = jnp.asarray(rng.normal(size=(16, 5)), jnp.float32)
     a_star, q_star, a_tilde, y_tilde = jax.jit(o2sac.alignment_targets, static_argnames="h")(
@@ -112,7 +112,7 @@ def test_alignment_target_and_anchors_match_numpy():
 
 
 def test_value_alignment_freezes_targets_and_fits_anchors():
-    h, _ = tiny_hyper()
+    h = tiny_hyper()
     state = tiny_state(h, seed=0, ref_seed=0)
     rng = np.random.default_rng(4)
     batch = o2sac.Buffer(*(jnp.asarray(x, jnp.float32) for x in (rng.normal(size=(64, 5)), rng.uniform(-1, 1, (64, 2)),
@@ -163,7 +163,7 @@ def test_kl_estimate_matches_numpy_and_gaussian_kl():
     analytic = math.log(s2 / s1) + (s1 ** 2 + (m1 - m2) ** 2) / (2 * s2 ** 2) - 0.5
     assert float(o2sac.kl_estimate(lp, lp_ref, -50.0).mean()) == pytest.approx(analytic, abs=0.01)
     # pi == pi_ref: the logged estimate is ~0
-    h, _ = tiny_hyper()
+    h = tiny_hyper()
     state = tiny_state(h)
     d = o2sac.o2_diagnostics(state, jnp.asarray(rng.normal(size=(64, 5)), jnp.float32), jax.random.PRNGKey(1), 0, h)
     assert abs(float(d["kl_to_reference"])) < 1e-3 and float(d["epsilon"]) == pytest.approx(0.125)
@@ -175,7 +175,7 @@ def test_lambda_steps_only_on_the_first_update_and_not_when_unconstrained():
                                                                  rng.normal(size=32), rng.normal(size=(32, 5)),
                                                                  np.zeros(32))))
     for constrained in (True, False):
-        h, _ = tiny_hyper(constrained_finetuning=constrained)
+        h = tiny_hyper(constrained_finetuning=constrained)
         state = tiny_state(h, seed=0, ref_seed=1)
         key = jax.random.PRNGKey(0)
         update = jax.jit(o2sac.cf_update, static_argnames="h")
@@ -192,7 +192,7 @@ def test_lambda_steps_only_on_the_first_update_and_not_when_unconstrained():
 
 def test_reference_update_is_per_seed():
     """pi_ref := pi and best := score only for the seeds whose score beats their own best (-inf: not evaluated)."""
-    h, _ = tiny_hyper()
+    h = tiny_hyper()
     state = o2sac.stack_seeds([tiny_state(h, seed=s, ref_seed=s + 10) for s in (0, 1, 2)])
     state = state._replace(best_score=jnp.asarray([1.0, 5.0, 2.0]))
     new, better = o2sac.update_reference(state, jnp.asarray([3.0, 4.0, -np.inf]))
@@ -204,7 +204,7 @@ def test_reference_update_is_per_seed():
 
 
 def test_ensemble_members_differ_at_init_and_actor_layout_matches_cal_ql():
-    h, cql_h = tiny_hyper(n_critics=3)
+    h = tiny_hyper(n_critics=3)
     state = tiny_state(h)
     leaves = jax.tree_util.tree_leaves_with_path(state.critic.params)
     assert any("LayerNorm" in jax.tree_util.keystr(k) for k, _ in leaves)
@@ -214,9 +214,9 @@ def test_ensemble_members_differ_at_init_and_actor_layout_matches_cal_ql():
             assert not np.allclose(leaf[0], leaf[1]) and not np.allclose(leaf[1], leaf[2])
     q = o2sac.critic_net(h).apply({"params": state.critic.params}, jnp.ones((7, 5)), jnp.ones((7, 2)))
     assert q.shape == (3, 7) and len(np.unique(np.asarray(q[:, 0]))) == 3
-    assert o2sac.make_hyper(o2sac.TrainConfig(**{**TINY, "double_critic": False}), 5, 2).n_critics == 1
+    assert o2sac.make_hyper(o2sac.TrainConfig(**{**TINY, "double_critic": False}), 5, 2).finetune_n_critics == 1
     # the actor's parameter tree has cal_ql.py's TanhGaussianActor names and shapes (one-to-one hand-off)
-    mine = o2sac.actor_net(cql_h).init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))["params"]
+    mine = o2sac.actor_net(h).init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))["params"]
     theirs = cal_ql.TanhGaussianActor(2, (32, 32), True, 1.0, -1.0).init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
     assert jax.tree.map(np.shape, mine) == jax.tree.map(np.shape, theirs["params"])
 
@@ -269,7 +269,8 @@ def test_resume_falls_back_to_the_offline_checkpoint(reference_run, tmp_path, mo
                           reference_run[1], after_kill=lambda rd: (rd / "checkpoints" / "latest" / "state.npz").unlink())
 
 
-@pytest.mark.parametrize("function,calls", [("cql_block", 1), ("reconstruct_block", 3), ("online_updates", 3)])
+@pytest.mark.parametrize("function,calls", [("scan_cql_updates", 1), ("scan_reconstruction_updates", 3),
+                                            ("scan_online_updates", 3)])
 def test_ctrl_c_checkpoints_and_resumes_exactly(reference_run, tmp_path, monkeypatch, function, calls):
     assert_ctrl_c_resumes(o2sac, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), function, calls,
                           monkeypatch, reference_run[1])
@@ -322,7 +323,7 @@ def test_offline_checkpoint_from_cal_ql_and_wrong_forms(reference_run, tmp_path)
     src = tmp_path / "cal_ql" / "checkpoints" / "offline"
     cfg = tiny_config(dataset_id, tmp_path / "o2sac", offline_checkpoint=str(src))
     ds = o2sac.data.load_dataset(dataset_id)
-    h_cql = o2sac.make_cql_hyper(cfg, ds.observations.shape[1], ds.actions.shape[1])
+    h_cql = o2sac.make_hyper(cfg, ds.observations.shape[1], ds.actions.shape[1])
     start = o2sac.load_offline_start(str(src), cfg, h_cql, ds.obs_mean, ds.obs_std)
     cal_state = cal_ql.load_checkpoint(src, cal_ql.init_state(cal_ql.make_hyper(cal_cfg, *h_cql[:2]),
                                                               jax.random.PRNGKey(9), ds.obs_mean, ds.obs_std, 1.0))[0]
@@ -436,7 +437,7 @@ def test_num_seeds_start_from_cal_ql_checkpoints(reference_run, multi_run, tmp_p
     cal_ql.train(cal_ql.TrainConfig(run_dir=str(tmp_path / "cal1"), seed=5, **common))
     two, one = tmp_path / "cal2" / "checkpoints" / "offline", tmp_path / "cal1" / "checkpoints" / "offline"
     ds = o2sac.data.load_dataset(dataset_id)
-    h_cql = o2sac.make_cql_hyper(tiny_config(dataset_id, tmp_path), ds.observations.shape[1], ds.actions.shape[1])
+    h_cql = o2sac.make_hyper(tiny_config(dataset_id, tmp_path), ds.observations.shape[1], ds.actions.shape[1])
     cal_h = cal_ql.make_hyper(cal_ql.TrainConfig(**common), *h_cql[:2])
     template = cal_ql.stack_seeds([cal_ql.init_state(cal_h, jax.random.PRNGKey(s), ds.obs_mean, ds.obs_std, 1.0)
                                    for s in (0, 1)])

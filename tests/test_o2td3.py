@@ -196,10 +196,10 @@ def test_resume_falls_back_to_the_offline_checkpoint(reference_run, tmp_path, mo
                           reference_run[1], after_kill=damage)
 
 
-# update_block calls 1-4: TD3+BC, 5-6: re-evaluation, 7-8: alignment; update_online: one call per env step after
+# scan_updates calls 1-4: TD3+BC, 5-6: re-evaluation, 7-8: alignment; update_online: one call per env step after
 # the 50 warm-up steps
-@pytest.mark.parametrize("where,calls,phase", [("update_block", 2, "offline"), ("update_block", 6, "alignment"),
-                                               ("update_block", 7, "alignment"), ("update_online", 3, "online")])
+@pytest.mark.parametrize("where,calls,phase", [("scan_updates", 2, "offline"), ("scan_updates", 6, "alignment"),
+                                               ("scan_updates", 7, "alignment"), ("update_online", 3, "online")])
 def test_ctrl_c_checkpoints_and_resumes_exactly(reference_run, tmp_path, monkeypatch, where, calls, phase):
     """SIGINT stops at the next block boundary (or phase end) of the update-only phases and, online, at the next
     episode end, with a checkpoint and no extra evaluation; --resume then ends with exactly the uninterrupted run's

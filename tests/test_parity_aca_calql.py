@@ -54,7 +54,7 @@ def test_aca_torch_layout_round_trip(squashed):
     cfg = aca.TrainConfig(hidden_dims=[16, 8], squashed_policy=squashed)
     h = aca.make_hyper(cfg, 5, 3)
     state = aca.init_state(h, jax.random.PRNGKey(0), np.zeros(5), np.ones(5))
-    nh = len(h.hidden)
+    nh = len(h.hidden_dims)
     for kind, tree in (("actor", state.actor.params), ("critic", state.critic.params),
                        ("baseline", state.baseline.params), ("log_temp", state.log_temp.params)):
         sd = aca_parity.to_torch(kind, tree, nh, squashed)

@@ -218,7 +218,7 @@ def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkey
                           reference_run[1])
 
 
-@pytest.mark.parametrize("function,calls,num_seeds", [("update_block", 2, 1), ("update_online", 3, 1),
+@pytest.mark.parametrize("function,calls,num_seeds", [("scan_updates", 2, 1), ("update_online", 3, 1),
                                                       ("update_online", 3, 2)])
 def test_ctrl_c_checkpoints_and_resumes_exactly(reference_run, multi_run, tmp_path, monkeypatch, function,
                                                 calls, num_seeds):

@@ -182,7 +182,7 @@ def _parity(rows: list, path: Path, python: str, setting: str, seed: int = 0):
     cfg = load_config(setting)
     obs_dim, act_dim = DIMS[setting]
     h = aca.make_hyper(cfg, obs_dim, act_dim)
-    nh, sq, b = len(h.hidden), h.squashed, h.batch_size
+    nh, sq, b = len(h.hidden_dims), h.squashed_policy, h.batch_size
     rng = np.random.default_rng(seed)
     state = aca.init_state(h, jax.random.PRNGKey(seed), np.zeros(obs_dim), np.ones(obs_dim), cfg.initial_temperature)
     # a temperature away from 1 so that T enters the offline losses visibly (the switch resets it to 1)
@@ -208,7 +208,7 @@ def _parity(rows: list, path: Path, python: str, setting: str, seed: int = 0):
                "baseline": to_torch("baseline", state.baseline.params, nh),
                "log_temp": to_torch("log_temp", state.log_temp.params, nh)}
     arrays.update({f"init/{mod}/{k}": v for mod, sd in weights.items() for k, v in sd.items()})
-    meta = {"checkout": str(path), "obs_dim": obs_dim, "act_dim": act_dim, "hidden": list(h.hidden),
+    meta = {"checkout": str(path), "obs_dim": obs_dim, "act_dim": act_dim, "hidden": list(h.hidden_dims),
             "n_critics": h.n_critics, "squashed": sq, "batch_size": b, "gamma": h.discount, "tau": h.tau,
             "actor_lr": h.actor_lr, "critic_lr": h.critic_lr, "temp_lr": h.temp_lr, "baseline_lr": h.baseline_lr,
             "alpha": h.ml_alpha, "target_entropy": cfg.target_entropy_coef * act_dim, "beta": h.beta,

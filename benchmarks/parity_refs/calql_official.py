@@ -240,7 +240,7 @@ def _update_parity(rows, path, setting: str, seed: int = 0):
     cfg = load_config(setting)
     obs_dim, act_dim = DIMS[setting]
     h = cal_ql.make_hyper(cfg, obs_dim, act_dim)
-    n, b = h.n_actions, h.batch_size
+    n, b = h.cql_n_actions, h.batch_size
     rng = np.random.default_rng(seed)
     state = cal_ql.init_state(h, jax.random.PRNGKey(seed), np.zeros(obs_dim), np.ones(obs_dim),
                               cfg.log_alpha_prime_init)
@@ -279,8 +279,9 @@ def _update_parity(rows, path, setting: str, seed: int = 0):
         mc_off = _mc_values(rng, b, cfg)
         online_weight = cfg.cql_weight if cfg.cql_weight_online < 0 else cfg.cql_weight_online
         steps = [("offline", _batch(rng, b, obs_dim, act_dim, cfg, mc_off), cfg.calibration, cfg.cql_weight)]
-        off_rows = _batch(rng, h.offline_rows, obs_dim, act_dim, cfg, mc_off[:h.offline_rows])
-        on_rows = _batch(rng, b - h.offline_rows, obs_dim, act_dim, cfg, _mc_values(rng, b - h.offline_rows, cfg))
+        n_off = cal_ql.offline_rows(h)
+        off_rows = _batch(rng, n_off, obs_dim, act_dim, cfg, mc_off[:n_off])
+        on_rows = _batch(rng, b - n_off, obs_dim, act_dim, cfg, _mc_values(rng, b - n_off, cfg))
         mixed = {k: np.concatenate([off_rows[k], on_rows[k]]) for k in off_rows}
         steps.append(("online", mixed, cfg.calibration and cfg.online_calibration, online_weight))
         note = "default = official behaviour for the update"

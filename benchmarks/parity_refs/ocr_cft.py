@@ -373,7 +373,7 @@ def _o2sac_setting(rows, R, o2sac, setting, ours_rel, ref_rel, obs_dim, act_dim,
     # ---- offline CQL (offline/cql.py + ContinuousCQL.train)
     r = Rows(rows, "o2sac", "offline", setting)
     r.value("rewards (offline transform)", ds_off["rewards"], ref_cql["rewards"])
-    h = o2sac.make_cql_hyper(cfg, obs_dim, act_dim)
+    h = o2sac.make_hyper(cfg, obs_dim, act_dim)
     actor = saturated(perturbed(policy(rc_cql.policy_log_std_multiplier, rc_cql.orthogonal_init), gen), 8.0)
     critics = [shifted(perturbed(R.net.CriticFunction(obs_dim, act_dim, n_hidden=rc_cql.q_n_hidden_layers), gen),
                        q_offset) for _ in range(2)]
@@ -405,21 +405,22 @@ def _o2sac_setting(rows, R, o2sac, setting, ours_rel, ref_rel, obs_dim, act_dim,
         critic_target=fit(state.critic_target, ensemble_tree(targets, sac_critic_tree)),
         log_alpha=trainable(o2sac, jnp.float32(log_alpha), txs["log_alpha"]),
         log_alpha_prime=trainable(o2sac, jnp.float32(log_alpha_prime), txs["log_alpha_prime"]))
-    many = (b, h.n_actions, act_dim)  # draws in the order of both codes: pi(s), pi(s') (x n with the max backup),
-    n_ours, n_ref = noises(rng, ("normal", (b, act_dim)), ("normal", many if h.max_target_backup else (b, act_dim)),
+    many = (b, h.cql_n_actions, act_dim)  # draws in the order of both codes: pi(s), pi(s') (x n with the max backup),
+    n_ours, n_ref = noises(rng, ("normal", (b, act_dim)), ("normal", many if h.cql_max_target_backup else (b, act_dim)),
                            ("uniform", many), ("normal", many), ("normal", many))  # random, current, next actions
     new, m = run_ours(lambda: o2sac.cql_update(state, our_buffer(o2sac, ds_off, batch), jax.random.PRNGKey(1), h),
                       n_ours)
     _, losses = run_ref(lambda: agent.train(torch_batch(ref_cql, batch)), n_ref)
-    if h.lagrange:
-        r.value("alpha' loss", -m["alpha_prime"] * h.weight * (m["cql_diff"] - h.target_action_gap), losses.pop(0),
+    if h.cql_lagrange:
+        r.value("alpha' loss", -m["alpha_prime"] * h.cql_weight * (m["cql_diff"] - h.cql_target_action_gap),
+                losses.pop(0),
                 note="ours: -alpha' * weight * (metrics cql_diff - gap)")
     for name, loss in zip(("alpha", "actor", "critic"), losses):
         r.value(f"{name} loss", m[f"{name}_loss"], loss)
     r.tree("grad actor (Adam m)", mu(new.actor), sac_actor_tree(actor, common.adam_first_moment(opts[0])))
     r.tree("grad critics (Adam m)", mu(new.critic), ensemble_tree(critics, sac_critic_tree, opts[1:]))
     r.value("grad log alpha (Adam m)", mu(new.log_alpha), moment(agent.alpha_optimizer, agent.log_alpha.constant))
-    if h.lagrange:
+    if h.cql_lagrange:
         r.value("grad log alpha' (Adam m)", mu(new.log_alpha_prime),
                 moment(agent.alpha_prime_optimizer, agent.log_alpha_prime.constant))
     r.tree("actor", new.actor.params, sac_actor_tree(actor))
@@ -432,7 +433,7 @@ def _o2sac_setting(rows, R, o2sac, setting, ours_rel, ref_rel, obs_dim, act_dim,
 
     # ---- re-evaluation, alignment, online (finetune/online_agent/sac.py)
     h = o2sac.make_hyper(cfg, obs_dim, act_dim)
-    n_q = h.n_critics  # AntMaze: double_critic false, only critic_1 is used and trained
+    n_q = h.finetune_n_critics  # AntMaze: double_critic false, only critic_1 is used and trained
     offline_actor = saturated(perturbed(policy(rc.policy_log_std_multiplier, rc.orthogonal_init), gen), 8.0)
     base_critics = [shifted(perturbed(R.net.CriticFunction(obs_dim, act_dim, layer_norm=rc.critic_layernorm,
                                                            n_hidden=rc.q_n_hidden_layers), gen), q_offset)
@@ -514,8 +515,11 @@ def _o2sac_setting(rows, R, o2sac, setting, ours_rel, ref_rel, obs_dim, act_dim,
         n_ours, n_ref = noises(rng, ("normal", (b, act_dim)), ("normal", (b, act_dim)))
         i_ours, i_ref = index_pair(rng, online_rows(b))
         off, on = our_buffer(o2sac, ds_off), our_buffer(o2sac, ds_on, capacity=N_ONLINE + 44)
-        new, m = run_ours(lambda: o2sac.cf_sampled_update(state, off, N_OFFLINE, on, N_ONLINE, N_ONLINE, first, h),
-                          n_ours, i_ours)
+        def sampled_update(state=state, first=first):  # the scan body of o2sac.scan_online_updates
+            key, k_off, k_on, k_upd = jax.random.split(state.key, 4)
+            batch = o2sac.sample_online_batch(off, N_OFFLINE, on, N_ONLINE, k_off, k_on, h)
+            return o2sac.cf_update(state._replace(key=key), batch, k_upd, N_ONLINE, first, h)
+        new, m = run_ours(sampled_update, n_ours, i_ours)
         buf = ref_online_buffer(R, ref_off, raw_on, obs_dim, act_dim, ref_on_r)
         _, losses = run_ref(lambda: agent.update(buf.sample(rc.batch_size), N_ONLINE, False, 0 if first else 1),
                             n_ref, i_ref)
@@ -682,8 +686,11 @@ def _o2td3_setting(rows, R, o2td3, setting, ours_rel, ref_rel, obs_dim, act_dim,
         n_ours, n_ref = noises(rng, ("normal", (b, act_dim)))
         i_ours, i_ref = index_pair(rng, online_rows(b))
         off, on = our_buffer(o2td3, ds_off), our_buffer(o2td3, ds_on, capacity=N_ONLINE + 44)
-        new, m = run_ours(lambda: o2td3.sampled_update(state, off, on, N_ONLINE, N_ONLINE, "online", h),
-                          n_ours, i_ours)
+        def ours(state=state, off=off, on=on):  # the body of o2td3.update_online's scan
+            key, k_off, k_on, k_upd = jax.random.split(state.key, 4)
+            return o2td3.online_update(state._replace(key=key), o2td3.sample_mixed(off, on, N_ONLINE, k_off, k_on, h),
+                                       k_upd, N_ONLINE, h)
+        new, m = run_ours(ours, n_ours, i_ours)
         buf = ref_online_buffer(R, ref_off, raw_on, obs_dim, act_dim, ref_on_r)
         _, losses = run_ref(lambda: agent.update(buf.sample(rc.batch_size), N_ONLINE, False), n_ref, i_ref)
         r.value("critic loss", m["critic_loss"], losses[0])
@@ -782,8 +789,8 @@ def _o2ppo_setting(rows, R, o2ppo, setting, ours_rel, ref_rel, obs_dim, act_dim,
     st = o2ppo.make_reeval_state(hv, state.actor.params, fit(o2ppo.init_ppo_value(hv, jax.random.PRNGKey(1)),
                                                              ppo_tree(learner._value)),
                                  jax.random.PRNGKey(2), np.zeros(v_dim), np.ones(v_dim))
-    st = st._replace(value=trainable(o2ppo, st.value.params, optax.adam(hv.reeval_lr)))  # as reeval_update steps
-    i_ours, i_ref = index_pair(rng, [(n, hv.reeval_batch_size)])
+    st = st._replace(value=trainable(o2ppo, st.value.params, optax.adam(hv.reevaluation_lr)))  # as reeval_update steps
+    i_ours, i_ref = index_pair(rng, [(n, hv.reevaluation_batch_size)])
     obs, returns = jnp.asarray(buf._state[:n], jnp.float32), jnp.asarray(buf._return[:n, 0], jnp.float32)
     new, m = run_ours(lambda: o2ppo.reeval_update(st, obs, returns, hv), common.Noise(), i_ours)
     _, losses = run_ref(lambda: learner.update(buf), common.Noise(), i_ref)
