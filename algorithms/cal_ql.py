@@ -592,6 +592,120 @@ def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, 
     return out
 
 
+# ---------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig) -> dict:
+    """Offline pre-training then online fine-tuning of `num_seeds` seeds at once; returns the last evaluation
+    record(s) and paths."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"cal_ql-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
+    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
+        src_seeds = load_meta(run.offline_from).get("num_seeds", 1) if run.offline_from else N
+        if src_seeds != N:
+            raise RunError(f"--offline_checkpoint {run.offline_from} holds {src_seeds} seed(s); run with --num_seeds "
+                           f"{src_seeds}")
+        world = load_world(cfg, N)
+        h, n_data = world.h, world.offline.rew.shape[0]  # dataset rows, shared by the seeds
+        state, prog, online = start_or_resume(cfg, run, world, seeds)
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
+
+        # ---- offline pre-training (all seeds in one vmapped scan per block)
+        if prog.phase == "offline":
+            bar = tqdm(total=cfg.offline_updates, initial=int(prog.updates[0]), desc="Cal-QL offline", mininterval=5)
+            while prog.updates[0] < cfg.offline_updates:
+                state, metrics = scan_updates(state, world.offline, n_data, online, jnp.asarray(prog.online_size,
+                                              jnp.int32), cfg.calibration, cfg.cql_weight, h)
+                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, prog.updates)
+                prog.updates += cfg.update_block
+                bar.update(cfg.update_block)
+                rec.logger.log({**logged, "offline/updates": int(prog.updates[0])})
+                if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == cfg.offline_updates:
+                    rec.evaluate(state, prog, "offline")
+                    bar.set_postfix(score=rec.score(prog))
+                    if prog.updates[0] < cfg.offline_updates:
+                        rec.checkpoint(state, prog, online, act_key)
+                if run.stop and prog.updates[0] < cfg.offline_updates:
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"after {int(prog.updates[0])} offline updates")
+            bar.close()
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
+                rec.evaluate(state, prog, "offline")
+        elif prog.phase == "load_offline":
+            rec.evaluate(state, prog, "offline")  # the score before fine-tuning
+        if prog.phase in ("offline", "load_offline"):
+            prog.phase = "online"
+            rec.checkpoint(state, prog, online, act_key, "offline")
+            rec.checkpoint(state, prog, online, act_key)
+
+        # ---- online fine-tuning: each seed collects one trajectory, its MC returns, then len(trajectory) *
+        # online_utd updates (the single-seed schedule). A seed due for evaluation waits until every seed is due
+        # (or finished), so checkpoints fall on episode ends of all seeds.
+        if prog.phase == "online":
+            ep = Episodes(world, prog, seeds)
+            weight = cfg.cql_weight if cfg.cql_weight_online < 0 else cfg.cql_weight_online
+            calibrate = cfg.calibration and cfg.online_calibration
+            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="Cal-QL online",
+                       mininterval=5)
+            while prog.env_steps.min() < cfg.online_steps:
+                n, returns, act_key = collect(cfg, world, state, prog, ep, act_key, seeds)
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
+                                       jnp.asarray(prog.online_size, jnp.int32))
+                prog.online_size += n
+                # n[i] * online_utd updates for seed i: whole blocks, then the remainder in one masked loop
+                todo, sums, sizes = np.asarray(n * cfg.online_utd, np.int64), {}, jnp.asarray(prog.online_size,
+                                                                                              jnp.int32)
+                while todo.max() > 0:
+                    m = np.minimum(todo, cfg.update_block)
+                    if (m == cfg.update_block).all():
+                        state, metrics = scan_updates(state, world.offline, n_data, online, sizes, calibrate, weight, h)
+                    else:
+                        state, metrics = update_few(state, world.offline, n_data, online, sizes,
+                                                    jnp.asarray(m, jnp.int32), calibrate, weight, h)
+                    logged = block_metrics(metrics, m, "online", seeds, prog.updates)
+                    sums = {k: sums.get(k, 0.0) + v * m.sum() for k, v in logged.items()}
+                    prog.updates += m
+                    todo -= m
+                logged = {k: v / max(int((n * cfg.online_utd).sum()), 1) for k, v in sums.items()}
+                rec.logger.log({**logged, **returns, "online/env_steps": int(prog.env_steps.sum()),
+                                "online/updates": int(prog.updates.sum())})
+                bar.update(int(n.sum()))
+                ep.due |= ((n > 0) & ((prog.env_steps >= prog.next_eval) | run.stop)
+                           & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
+                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
+                    which = [i for i in range(N) if ep.due[i] and prog.env_steps[i] >= prog.next_eval[i]]
+                    for i in which:
+                        while prog.next_eval[i] <= prog.env_steps[i]:
+                            prog.next_eval[i] += cfg.online_eval_every
+                    if which:
+                        rec.evaluate(state, prog, "online", which)
+                        bar.set_postfix(score=rec.score(prog, which),
+                                        train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
+                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
+                    ep.due[:] = False
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
+            bar.close()
+            rec.evaluate(state, prog, "online")
+            prog.phase = "done"
+            rec.checkpoint(state, prog, online, act_key)
+        elif prog.phase == "done":
+            print(f"run in {run_dir} already finished")
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
+               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
+        if N > 1:
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
+                       per_seed=summaries)
+        return out
+
+
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
     """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., online/..., eval/...."""
@@ -653,7 +767,7 @@ def block_metrics(metrics: dict, n, phase: str, seeds: list, updates_before) -> 
     return {f"{phase}/{k}": float(np.where(valid, v, 0.0).sum() / count) for k, v in host.items()}
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------------- run support
 def mc_returns(rewards, episode_ends, discount: float, rule: str, failure_reward: float):
     """Discounted return-to-go per episode (no bootstrap); with `rule` 'all' ('last') an episode whose
     rewards all equal (whose last reward equals) `failure_reward` gets failure_reward / (1 - discount)."""
@@ -884,119 +998,6 @@ def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes,
         ep.recent[i] = (ep.recent[i] + [ret[i]])[-10:]
     prog.env_steps += n
     return n, {f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": ret[i] for i in collected}, act_key
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Offline pre-training then online fine-tuning of `num_seeds` seeds at once; returns the last evaluation
-    record(s) and paths."""
-    from tqdm import tqdm
-
-    t_start = time.time()
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    N = len(seeds)
-    cfg.name = cfg.name or f"cal_ql-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
-        src_seeds = load_meta(run.offline_from).get("num_seeds", 1) if run.offline_from else N
-        if src_seeds != N:
-            raise RunError(f"--offline_checkpoint {run.offline_from} holds {src_seeds} seed(s); run with --num_seeds "
-                           f"{src_seeds}")
-        world = load_world(cfg, N)
-        h, n_data = world.h, world.offline.rew.shape[0]  # dataset rows, shared by the seeds
-        state, prog, online = start_or_resume(cfg, run, world, seeds)
-        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
-        act_key = jnp.asarray(prog.act_key)
-
-        # ---- offline pre-training (all seeds in one vmapped scan per block)
-        if prog.phase == "offline":
-            bar = tqdm(total=cfg.offline_updates, initial=int(prog.updates[0]), desc="Cal-QL offline", mininterval=5)
-            while prog.updates[0] < cfg.offline_updates:
-                state, metrics = scan_updates(state, world.offline, n_data, online, jnp.asarray(prog.online_size,
-                                              jnp.int32), cfg.calibration, cfg.cql_weight, h)
-                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, prog.updates)
-                prog.updates += cfg.update_block
-                bar.update(cfg.update_block)
-                rec.logger.log({**logged, "offline/updates": int(prog.updates[0])})
-                if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == cfg.offline_updates:
-                    rec.evaluate(state, prog, "offline")
-                    bar.set_postfix(score=rec.score(prog))
-                    if prog.updates[0] < cfg.offline_updates:
-                        rec.checkpoint(state, prog, online, act_key)
-                if run.stop and prog.updates[0] < cfg.offline_updates:
-                    rec.checkpoint(state, prog, online, act_key)
-                    run.interrupt_if_asked(f"after {int(prog.updates[0])} offline updates")
-            bar.close()
-            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
-                rec.evaluate(state, prog, "offline")
-        elif prog.phase == "load_offline":
-            rec.evaluate(state, prog, "offline")  # the score before fine-tuning
-        if prog.phase in ("offline", "load_offline"):
-            prog.phase = "online"
-            rec.checkpoint(state, prog, online, act_key, "offline")
-            rec.checkpoint(state, prog, online, act_key)
-
-        # ---- online fine-tuning: each seed collects one trajectory, its MC returns, then len(trajectory) *
-        # online_utd updates (the single-seed schedule). A seed due for evaluation waits until every seed is due
-        # (or finished), so checkpoints fall on episode ends of all seeds.
-        if prog.phase == "online":
-            ep = Episodes(world, prog, seeds)
-            weight = cfg.cql_weight if cfg.cql_weight_online < 0 else cfg.cql_weight_online
-            calibrate = cfg.calibration and cfg.online_calibration
-            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="Cal-QL online",
-                       mininterval=5)
-            while prog.env_steps.min() < cfg.online_steps:
-                n, returns, act_key = collect(cfg, world, state, prog, ep, act_key, seeds)
-                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
-                                       jnp.asarray(prog.online_size, jnp.int32))
-                prog.online_size += n
-                # n[i] * online_utd updates for seed i: whole blocks, then the remainder in one masked loop
-                todo, sums, sizes = np.asarray(n * cfg.online_utd, np.int64), {}, jnp.asarray(prog.online_size,
-                                                                                              jnp.int32)
-                while todo.max() > 0:
-                    m = np.minimum(todo, cfg.update_block)
-                    if (m == cfg.update_block).all():
-                        state, metrics = scan_updates(state, world.offline, n_data, online, sizes, calibrate, weight, h)
-                    else:
-                        state, metrics = update_few(state, world.offline, n_data, online, sizes,
-                                                    jnp.asarray(m, jnp.int32), calibrate, weight, h)
-                    logged = block_metrics(metrics, m, "online", seeds, prog.updates)
-                    sums = {k: sums.get(k, 0.0) + v * m.sum() for k, v in logged.items()}
-                    prog.updates += m
-                    todo -= m
-                logged = {k: v / max(int((n * cfg.online_utd).sum()), 1) for k, v in sums.items()}
-                rec.logger.log({**logged, **returns, "online/env_steps": int(prog.env_steps.sum()),
-                                "online/updates": int(prog.updates.sum())})
-                bar.update(int(n.sum()))
-                ep.due |= ((n > 0) & ((prog.env_steps >= prog.next_eval) | run.stop)
-                           & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
-                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
-                    which = [i for i in range(N) if ep.due[i] and prog.env_steps[i] >= prog.next_eval[i]]
-                    for i in which:
-                        while prog.next_eval[i] <= prog.env_steps[i]:
-                            prog.next_eval[i] += cfg.online_eval_every
-                    if which:
-                        rec.evaluate(state, prog, "online", which)
-                        bar.set_postfix(score=rec.score(prog, which),
-                                        train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
-                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
-                    ep.due[:] = False
-                    rec.checkpoint(state, prog, online, act_key)
-                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
-            bar.close()
-            rec.evaluate(state, prog, "online")
-            prog.phase = "done"
-            rec.checkpoint(state, prog, online, act_key)
-        elif prog.phase == "done":
-            print(f"run in {run_dir} already finished")
-        rec.logger.close()
-        world.close()
-        summaries = [summarize(path) for path in rec.logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
-               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
-        if N > 1:
-            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
-                       per_seed=summaries)
-        return out
 
 
 def summarize(eval_path: Path) -> dict:

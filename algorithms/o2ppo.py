@@ -835,6 +835,106 @@ def evaluate(env, policy, episodes: int, seed: int, terminate_on_success: bool, 
 
 
 
+# ---------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig) -> dict:
+    """IQL pre-training, value re-evaluation, constrained PPO of `num_seeds` seeds at once; returns the last
+    evaluation record(s) and paths."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"o2ppo-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
+    if cfg.value_alignment:
+        print("note: value_alignment has no effect in O2PPO (the official O2PPO has no value-alignment step)")
+    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
+        if run.offline_from is not None:
+            check_offline_source(cfg, run.offline_from, seeds)
+        world = load_world(cfg, N)
+        h, keys = world.h, seed_keys(seeds)
+        state, prog = start_or_resume(cfg, run, world, keys, seeds)
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
+
+        # ---- phase 1: offline IQL pre-training (all seeds in one vmapped scan per block), or a loaded actor
+        if prog.phase == "offline":
+            rows = world.iql_rows(cfg)
+            bar = tqdm(total=cfg.offline_updates, initial=int(prog.updates[0]), desc="O2PPO offline IQL", mininterval=5)
+            while prog.updates[0] < cfg.offline_updates:
+                state, metrics = scan_offline_updates(state, rows, h)
+                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, prog.updates)
+                prog.updates += cfg.update_block
+                bar.update(cfg.update_block)
+                rec.logger.log({**logged, "offline/updates": int(prog.updates[0])})
+                if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == cfg.offline_updates:
+                    rec.evaluate(state, prog, "offline")
+                    bar.set_postfix(score=rec.score(prog))
+                    if prog.updates[0] < cfg.offline_updates:
+                        rec.checkpoint(state, prog, act_key)
+                if run.stop and prog.updates[0] < cfg.offline_updates:
+                    rec.checkpoint(state, prog, act_key)
+                    run.interrupt_if_asked(f"after {int(prog.updates[0])} offline updates")
+            bar.close()
+            del rows
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
+                rec.evaluate(state, prog, "offline")
+            rec.checkpoint(state, prog, act_key, "offline")
+            state = start_finetuning(cfg, world, keys, prog, state.actor.params, state.obs_mean, state.obs_std)
+            rec.checkpoint(state, prog, act_key)
+            run.interrupt_if_asked("after the offline phase")
+        elif prog.phase == "load_offline":
+            rec.evaluate(state, prog, "offline")  # the score before fine-tuning (actor only)
+            state = start_finetuning(cfg, world, keys, prog, state.actor.params, state.obs_mean, state.obs_std)
+            rec.checkpoint(state, prog, act_key)
+            run.interrupt_if_asked("after loading the offline actor")
+
+        # ---- phase 2: value re-evaluation on the dataset's Monte-Carlo returns (all seeds in one vmapped scan)
+        if prog.phase == "reevaluation":
+            obs, returns = jnp.asarray(world.ds.observations, jnp.float32), jnp.asarray(world.mc_targets, jnp.float32)
+            bar = tqdm(total=cfg.reevaluation_updates, initial=int(prog.reeval_updates[0]),
+                       desc="O2PPO value re-evaluation", mininterval=5)
+            while prog.reeval_updates[0] < cfg.reevaluation_updates:
+                state, metrics = scan_reevaluation_updates(state, obs, returns, h)
+                logged = block_metrics(metrics, cfg.update_block, "reevaluation", seeds, prog.reeval_updates)
+                prog.reeval_updates += cfg.update_block
+                bar.update(cfg.update_block)
+                done = int(prog.reeval_updates[0])
+                rec.logger.log({**logged, "reevaluation/updates": done})
+                if done % cfg.reevaluation_eval_every == 0 or done == cfg.reevaluation_updates:
+                    rec.evaluate(state, prog, "reevaluation", value_loss=np.asarray(metrics["value_loss"]).mean(1))
+                    bar.set_postfix(value_loss=logged["reevaluation/value_loss"],
+                                    v_start=np.mean([r.get("value_start", np.nan) for r in prog.last_eval]))
+                    if done < cfg.reevaluation_updates:
+                        rec.checkpoint(state, prog, act_key)
+                if run.stop and done < cfg.reevaluation_updates:
+                    rec.checkpoint(state, prog, act_key)
+                    run.interrupt_if_asked(f"after {done} re-evaluation updates")
+            bar.close()
+            del obs, returns
+            state = start_online(cfg, world, keys, prog, state.actor.params, state.value.params, state.obs_mean,
+                                 state.obs_std)
+            rec.checkpoint(state, prog, act_key)
+            run.interrupt_if_asked("before online fine-tuning")
+
+        # ---- phase 3: constrained PPO fine-tuning, then the final evaluation
+        if prog.phase == "online":
+            finetune(cfg, world, run, rec, state, prog, act_key, seeds)
+        elif prog.phase == "done":
+            print(f"run in {run_dir} already finished")
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0], "updates": int(prog.updates[0]),
+               "reevaluation_updates": int(prog.reeval_updates[0]), "ppo_updates": int(prog.ppo_updates[0]),
+               "env_steps": int(prog.env_steps[0]), **summaries[0]}
+        if N > 1:
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(),
+                       reevaluation_updates=prog.reeval_updates.tolist(), ppo_updates=prog.ppo_updates.tolist(),
+                       env_steps=prog.env_steps.tolist(), per_seed=summaries)
+        return out
+
+
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
     """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., online/..., eval/...."""
@@ -1337,105 +1437,6 @@ def finetune(cfg: TrainConfig, world: World, run, rec: Recorder, state, prog: Pr
             rec.log(prog, i, record)
     prog.phase, prog.rollout = "done", [None] * N
     rec.checkpoint(state, prog, act_key)
-
-
-def train(cfg: TrainConfig) -> dict:
-    """IQL pre-training, value re-evaluation, constrained PPO of `num_seeds` seeds at once; returns the last
-    evaluation record(s) and paths."""
-    from tqdm import tqdm
-
-    t_start = time.time()
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    N = len(seeds)
-    cfg.name = cfg.name or f"o2ppo-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    if cfg.value_alignment:
-        print("note: value_alignment has no effect in O2PPO (the official O2PPO has no value-alignment step)")
-    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
-        if run.offline_from is not None:
-            check_offline_source(cfg, run.offline_from, seeds)
-        world = load_world(cfg, N)
-        h, keys = world.h, seed_keys(seeds)
-        state, prog = start_or_resume(cfg, run, world, keys, seeds)
-        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
-        act_key = jnp.asarray(prog.act_key)
-
-        # ---- phase 1: offline IQL pre-training (all seeds in one vmapped scan per block), or a loaded actor
-        if prog.phase == "offline":
-            rows = world.iql_rows(cfg)
-            bar = tqdm(total=cfg.offline_updates, initial=int(prog.updates[0]), desc="O2PPO offline IQL", mininterval=5)
-            while prog.updates[0] < cfg.offline_updates:
-                state, metrics = scan_offline_updates(state, rows, h)
-                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, prog.updates)
-                prog.updates += cfg.update_block
-                bar.update(cfg.update_block)
-                rec.logger.log({**logged, "offline/updates": int(prog.updates[0])})
-                if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == cfg.offline_updates:
-                    rec.evaluate(state, prog, "offline")
-                    bar.set_postfix(score=rec.score(prog))
-                    if prog.updates[0] < cfg.offline_updates:
-                        rec.checkpoint(state, prog, act_key)
-                if run.stop and prog.updates[0] < cfg.offline_updates:
-                    rec.checkpoint(state, prog, act_key)
-                    run.interrupt_if_asked(f"after {int(prog.updates[0])} offline updates")
-            bar.close()
-            del rows
-            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
-                rec.evaluate(state, prog, "offline")
-            rec.checkpoint(state, prog, act_key, "offline")
-            state = start_finetuning(cfg, world, keys, prog, state.actor.params, state.obs_mean, state.obs_std)
-            rec.checkpoint(state, prog, act_key)
-            run.interrupt_if_asked("after the offline phase")
-        elif prog.phase == "load_offline":
-            rec.evaluate(state, prog, "offline")  # the score before fine-tuning (actor only)
-            state = start_finetuning(cfg, world, keys, prog, state.actor.params, state.obs_mean, state.obs_std)
-            rec.checkpoint(state, prog, act_key)
-            run.interrupt_if_asked("after loading the offline actor")
-
-        # ---- phase 2: value re-evaluation on the dataset's Monte-Carlo returns (all seeds in one vmapped scan)
-        if prog.phase == "reevaluation":
-            obs, returns = jnp.asarray(world.ds.observations, jnp.float32), jnp.asarray(world.mc_targets, jnp.float32)
-            bar = tqdm(total=cfg.reevaluation_updates, initial=int(prog.reeval_updates[0]),
-                       desc="O2PPO value re-evaluation", mininterval=5)
-            while prog.reeval_updates[0] < cfg.reevaluation_updates:
-                state, metrics = scan_reevaluation_updates(state, obs, returns, h)
-                logged = block_metrics(metrics, cfg.update_block, "reevaluation", seeds, prog.reeval_updates)
-                prog.reeval_updates += cfg.update_block
-                bar.update(cfg.update_block)
-                done = int(prog.reeval_updates[0])
-                rec.logger.log({**logged, "reevaluation/updates": done})
-                if done % cfg.reevaluation_eval_every == 0 or done == cfg.reevaluation_updates:
-                    rec.evaluate(state, prog, "reevaluation", value_loss=np.asarray(metrics["value_loss"]).mean(1))
-                    bar.set_postfix(value_loss=logged["reevaluation/value_loss"],
-                                    v_start=np.mean([r.get("value_start", np.nan) for r in prog.last_eval]))
-                    if done < cfg.reevaluation_updates:
-                        rec.checkpoint(state, prog, act_key)
-                if run.stop and done < cfg.reevaluation_updates:
-                    rec.checkpoint(state, prog, act_key)
-                    run.interrupt_if_asked(f"after {done} re-evaluation updates")
-            bar.close()
-            del obs, returns
-            state = start_online(cfg, world, keys, prog, state.actor.params, state.value.params, state.obs_mean,
-                                 state.obs_std)
-            rec.checkpoint(state, prog, act_key)
-            run.interrupt_if_asked("before online fine-tuning")
-
-        # ---- phase 3: constrained PPO fine-tuning, then the final evaluation
-        if prog.phase == "online":
-            finetune(cfg, world, run, rec, state, prog, act_key, seeds)
-        elif prog.phase == "done":
-            print(f"run in {run_dir} already finished")
-        rec.logger.close()
-        world.close()
-        summaries = [summarize(path) for path in rec.logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0], "updates": int(prog.updates[0]),
-               "reevaluation_updates": int(prog.reeval_updates[0]), "ppo_updates": int(prog.ppo_updates[0]),
-               "env_steps": int(prog.env_steps[0]), **summaries[0]}
-        if N > 1:
-            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(),
-                       reevaluation_updates=prog.reeval_updates.tolist(), ppo_updates=prog.ppo_updates.tolist(),
-                       env_steps=prog.env_steps.tolist(), per_seed=summaries)
-        return out
 
 
 def summarize(eval_path: Path) -> dict:

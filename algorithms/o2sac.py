@@ -1015,6 +1015,122 @@ def load_offline_start(path: Path, cfg: TrainConfig, h: Hyper, obs_mean, obs_std
     return OfflineStart(stack_seeds(actors * n_seeds if src_n == 1 else actors), None, None, "cal_ql", meta)
 
 
+# ---------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig) -> dict:
+    """Offline CQL, re-evaluation, alignment and constrained fine-tuning of `num_seeds` seeds at once; returns the
+    last evaluation record(s), paths and the before/after scores."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"o2sac-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
+    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
+        world = load_world(cfg, N)
+        h = world.h
+        state, prog, online, start = start_or_resume(cfg, run, world, seeds)  # a CQLState until the hand-off
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
+
+        # ---- offline CQL pre-training (all seeds in one vmapped scan per block), or the loaded offline start
+        if prog.phase == "offline":
+            state = update_phase(cfg, run, rec, state, prog, online, act_key, "offline", cfg.offline_updates,
+                                 cfg.offline_eval_every, True,
+                                 lambda s: scan_cql_updates(s, world.offline, world.offline_size, h))
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policies
+                rec.evaluate(state, prog, "offline")
+            prog.offline_eval, prog.phase = list(prog.last_eval), "offline_done"
+            rec.checkpoint(state, prog, online, act_key, "offline")  # CQL states, for --offline_checkpoint
+        if prog.phase == "offline_done":  # (also a run resumed from its offline checkpoint)
+            start = OfflineStart(state.actor.params, state.critic.params, state.critic_target, "o2sac", {})
+        elif prog.phase == "load_offline":
+            state = evaluate_offline_start(rec, state, prog, start)  # the scores before fine-tuning
+            prog.offline_eval = list(prog.last_eval)
+
+        # ---- hand-off: every seed's fine-tuning state from its offline actor (fresh critics unless PR is off)
+        if prog.phase in ("offline_done", "load_offline"):
+            state = o2_states(cfg, world, seeds, start, [score_of(r) for r in prog.offline_eval])
+            prog.enter(next_phase(cfg, "offline"))
+            if prog.phase == "online":
+                state = transition(cfg, state, prog, seeds)
+            rec.checkpoint(state, prog, online, act_key)
+
+        # ---- policy re-evaluation and value alignment (offline data only; all seeds in one vmapped scan per block)
+        for phase, steps, rollout in (("reevaluation", cfg.ope_steps, False), ("alignment", cfg.align_steps, True)):
+            if prog.phase != phase:
+                continue
+            state = update_phase(cfg, run, rec, state, prog, online, act_key, phase, steps, cfg.reconstruct_eval_every,
+                                 rollout, lambda s: scan_reconstruction_updates(s, world.offline, world.offline_size,
+                                                                                phase, h))
+            prog.enter(next_phase(cfg, phase))
+            if prog.phase == "online":
+                state = transition(cfg, state, prog, seeds)  # Qbar := Q, pi_ref := the better actor
+            rec.checkpoint(state, prog, online, act_key)
+
+        # ---- online constrained fine-tuning. Each seed follows exactly its single-seed schedule: blocks of up to
+        # online_block env steps with a fixed policy (ending at an episode end and at an evaluation step), then their
+        # updates (after warm-up), an evaluation every online_eval_every env steps (a better policy becomes that seed's
+        # reference). A seed at the first episode end after an evaluation is due for a checkpoint and waits until every
+        # seed is due (or finished), so checkpoints fall on episode ends of all seeds.
+        if prog.phase == "online":
+            ep = Episodes(cfg, h, prog, world.envs, seeds)
+            sums, n_sums = {}, 0
+            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="O2SAC online",
+                       mininterval=5)
+            while prog.env_steps.min() < cfg.online_steps:
+                n, act_key = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
+                                       jnp.asarray(prog.online_size, jnp.int32))
+                prog.online_size += n
+                # updates of env steps t = first_t .. env_steps once t > warmup_steps (none for a seed that waited)
+                first_t = np.maximum(prog.env_steps - n + 1, cfg.warmup_steps + 1)
+                k = np.where(n > 0, np.maximum(prog.env_steps - first_t + 1, 0), 0)
+                if k.any():
+                    state, metrics = scan_online_updates(state, world.offline, world.offline_size, online,
+                                                         jnp.asarray(first_t, jnp.int32), jnp.asarray(k, jnp.int32), h)
+                    logged = block_metrics(metrics, k, "online", seeds, prog.updates)
+                    sums = {key: sums.get(key, 0.0) + v * int(k.sum()) for key, v in logged.items()}
+                    n_sums += int(k.sum())
+                    prog.count_updates(k * cfg.utd)
+                bar.update(int(n.sum()))
+                which = [i for i in range(N) if n[i] > 0 and prog.env_steps[i] % cfg.online_eval_every == 0]
+                if which:
+                    state = rec.evaluate_online(state, prog, which)
+                    rec.logger.log({**{key: v / max(n_sums, 1) for key, v in sums.items()},
+                                    "online/env_steps": int(prog.env_steps.sum()),
+                                    "online/updates": int(prog.updates.sum())})
+                    sums, n_sums = {}, 0
+                    bar.set_postfix(score=rec.score(prog, which),
+                                    train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
+                    ep.pending[which] = True
+                ep.due |= (ep.pending | run.stop) & ep.at_start & (prog.env_steps < cfg.online_steps)  # (a stop:
+                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():  # every seed's episode end)
+                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
+                    rec.checkpoint(state, prog, online, act_key)
+                    ep.pending &= ~ep.due
+                    ep.due[:] = False
+                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
+            bar.close()
+            final = [i for i, r in enumerate(prog.last_eval) if r is None or r["phase"] != "online"
+                     or r["env_steps"] != prog.env_steps[i]]
+            if final:  # online_steps not a multiple of online_eval_every (or 0)
+                state = rec.evaluate_online(state, prog, final)
+            prog.phase = "done"
+            rec.checkpoint(state, prog, online, act_key)
+        elif prog.phase == "done":
+            print(f"run in {run_dir} already finished")
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
+               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
+        if N > 1:
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
+                       per_seed=summaries)
+        return out
+
+
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
     """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., reevaluation/...,
@@ -1083,7 +1199,7 @@ def block_metrics(metrics: dict, n, phase: str, seeds: list, updates_before) -> 
     return {f"{phase}/{k}": float(np.where(valid, v, 0.0).sum() / count) for k, v in host.items()}
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------------- run support
 def default_run_dir(cfg) -> Path:
     seeds = f"seed{cfg.seed}" if cfg.num_seeds == 1 else f"seeds{cfg.seed}-{cfg.seed + cfg.num_seeds - 1}"
     return Path("runs") / "o2sac" / cfg.dataset_id.replace("/", "_") / seeds
@@ -1408,121 +1524,6 @@ def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes,
                     prog.env_steps[i] >= cfg.online_steps:
                 active[i] = False
     return n, act_key
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Offline CQL, re-evaluation, alignment and constrained fine-tuning of `num_seeds` seeds at once; returns the
-    last evaluation record(s), paths and the before/after scores."""
-    from tqdm import tqdm
-
-    t_start = time.time()
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    N = len(seeds)
-    cfg.name = cfg.name or f"o2sac-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
-        world = load_world(cfg, N)
-        h = world.h
-        state, prog, online, start = start_or_resume(cfg, run, world, seeds)  # a CQLState until the hand-off
-        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
-        act_key = jnp.asarray(prog.act_key)
-
-        # ---- offline CQL pre-training (all seeds in one vmapped scan per block), or the loaded offline start
-        if prog.phase == "offline":
-            state = update_phase(cfg, run, rec, state, prog, online, act_key, "offline", cfg.offline_updates,
-                                 cfg.offline_eval_every, True,
-                                 lambda s: scan_cql_updates(s, world.offline, world.offline_size, h))
-            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policies
-                rec.evaluate(state, prog, "offline")
-            prog.offline_eval, prog.phase = list(prog.last_eval), "offline_done"
-            rec.checkpoint(state, prog, online, act_key, "offline")  # CQL states, for --offline_checkpoint
-        if prog.phase == "offline_done":  # (also a run resumed from its offline checkpoint)
-            start = OfflineStart(state.actor.params, state.critic.params, state.critic_target, "o2sac", {})
-        elif prog.phase == "load_offline":
-            state = evaluate_offline_start(rec, state, prog, start)  # the scores before fine-tuning
-            prog.offline_eval = list(prog.last_eval)
-
-        # ---- hand-off: every seed's fine-tuning state from its offline actor (fresh critics unless PR is off)
-        if prog.phase in ("offline_done", "load_offline"):
-            state = o2_states(cfg, world, seeds, start, [score_of(r) for r in prog.offline_eval])
-            prog.enter(next_phase(cfg, "offline"))
-            if prog.phase == "online":
-                state = transition(cfg, state, prog, seeds)
-            rec.checkpoint(state, prog, online, act_key)
-
-        # ---- policy re-evaluation and value alignment (offline data only; all seeds in one vmapped scan per block)
-        for phase, steps, rollout in (("reevaluation", cfg.ope_steps, False), ("alignment", cfg.align_steps, True)):
-            if prog.phase != phase:
-                continue
-            state = update_phase(cfg, run, rec, state, prog, online, act_key, phase, steps, cfg.reconstruct_eval_every,
-                                 rollout, lambda s: scan_reconstruction_updates(s, world.offline, world.offline_size,
-                                                                                phase, h))
-            prog.enter(next_phase(cfg, phase))
-            if prog.phase == "online":
-                state = transition(cfg, state, prog, seeds)  # Qbar := Q, pi_ref := the better actor
-            rec.checkpoint(state, prog, online, act_key)
-
-        # ---- online constrained fine-tuning. Each seed follows exactly its single-seed schedule: blocks of up to
-        # online_block env steps with a fixed policy (ending at an episode end and at an evaluation step), then their
-        # updates (after warm-up), an evaluation every online_eval_every env steps (a better policy becomes that seed's
-        # reference). A seed at the first episode end after an evaluation is due for a checkpoint and waits until every
-        # seed is due (or finished), so checkpoints fall on episode ends of all seeds.
-        if prog.phase == "online":
-            ep = Episodes(cfg, h, prog, world.envs, seeds)
-            sums, n_sums = {}, 0
-            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="O2SAC online",
-                       mininterval=5)
-            while prog.env_steps.min() < cfg.online_steps:
-                n, act_key = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
-                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
-                                       jnp.asarray(prog.online_size, jnp.int32))
-                prog.online_size += n
-                # updates of env steps t = first_t .. env_steps once t > warmup_steps (none for a seed that waited)
-                first_t = np.maximum(prog.env_steps - n + 1, cfg.warmup_steps + 1)
-                k = np.where(n > 0, np.maximum(prog.env_steps - first_t + 1, 0), 0)
-                if k.any():
-                    state, metrics = scan_online_updates(state, world.offline, world.offline_size, online,
-                                                         jnp.asarray(first_t, jnp.int32), jnp.asarray(k, jnp.int32), h)
-                    logged = block_metrics(metrics, k, "online", seeds, prog.updates)
-                    sums = {key: sums.get(key, 0.0) + v * int(k.sum()) for key, v in logged.items()}
-                    n_sums += int(k.sum())
-                    prog.count_updates(k * cfg.utd)
-                bar.update(int(n.sum()))
-                which = [i for i in range(N) if n[i] > 0 and prog.env_steps[i] % cfg.online_eval_every == 0]
-                if which:
-                    state = rec.evaluate_online(state, prog, which)
-                    rec.logger.log({**{key: v / max(n_sums, 1) for key, v in sums.items()},
-                                    "online/env_steps": int(prog.env_steps.sum()),
-                                    "online/updates": int(prog.updates.sum())})
-                    sums, n_sums = {}, 0
-                    bar.set_postfix(score=rec.score(prog, which),
-                                    train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
-                    ep.pending[which] = True
-                ep.due |= (ep.pending | run.stop) & ep.at_start & (prog.env_steps < cfg.online_steps)  # (a stop:
-                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():  # every seed's episode end)
-                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
-                    rec.checkpoint(state, prog, online, act_key)
-                    ep.pending &= ~ep.due
-                    ep.due[:] = False
-                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
-            bar.close()
-            final = [i for i, r in enumerate(prog.last_eval) if r is None or r["phase"] != "online"
-                     or r["env_steps"] != prog.env_steps[i]]
-            if final:  # online_steps not a multiple of online_eval_every (or 0)
-                state = rec.evaluate_online(state, prog, final)
-            prog.phase = "done"
-            rec.checkpoint(state, prog, online, act_key)
-        elif prog.phase == "done":
-            print(f"run in {run_dir} already finished")
-        rec.logger.close()
-        world.close()
-        summaries = [summarize(path) for path in rec.logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
-               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
-        if N > 1:
-            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
-                       per_seed=summaries)
-        return out
 
 
 def summarize(eval_path: Path) -> dict:

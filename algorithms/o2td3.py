@@ -838,6 +838,136 @@ def load_offline_source(cfg: TrainConfig, src: Path, source: dict, template: TD3
     return stack_seeds(states), {"source": "iql.py", "updates": [int(np.ravel(updates)[0])] * N, "act_key": None}
 
 
+# ---------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig) -> dict:
+    """TD3+BC pre-training (or a loaded offline actor), re-evaluation, alignment, fine-tuning of `num_seeds` seeds
+    at once; returns the last evaluation record(s), paths and the before/after scores."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"o2td3-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
+    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
+        source = check_offline_source(cfg, run.offline_from, seeds) if run.offline_from is not None else None
+        world = load_world(cfg, seeds)
+        h = world.h
+        state, prog, online = start_or_resume(cfg, run, world, seeds, source)
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
+        save = lambda state, name="latest": rec.checkpoint(state, prog, online, act_key, name)  # noqa: E731
+
+        # ---- 0. offline pre-training (TD3+BC) or a loaded offline actor
+        if prog.phase == "offline":
+            state = update_phase(cfg, run, world, rec, state, prog, save, "offline", cfg.offline_updates,
+                                 "TD3+BC offline")
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
+                rec.evaluate(state, prog, "offline")
+        elif prog.phase == "load_offline":
+            rec.evaluate(state, prog, "offline")  # the score of the loaded actor
+        if prog.phase in ("offline", "load_offline"):
+            kept = ("return", "return_std", "length", "episodes", "normalized_score", "normalized_score_std",
+                    "success_rate")
+            prog.offline_outcome = [{k: v for k, v in r.items() if k in kept} for r in prog.last_eval]
+            prog.offline_score = [score_of(r) for r in prog.last_eval]
+            prog.best_score = list(prog.offline_score)
+            prog.phase = "to_finetune"
+            save(state, "offline")
+        if prog.phase == "to_finetune":  # (also where a resume from checkpoints/offline continues)
+            state = finetuning_states(state, h, cfg)
+            prog.phase, prog.updates = "reevaluation", np.zeros(N, np.int64)
+            save(state)
+            run.interrupt_if_asked("after the offline phase")
+
+        # ---- 1. policy re-evaluation (actor fixed: its evaluation is reused)
+        if prog.phase == "reevaluation":
+            if cfg.policy_reevaluation:
+                state = update_phase(cfg, run, world, rec, state, prog, save, "reevaluation", cfg.ope_updates,
+                                     "O2TD3 re-evaluation", reuse_outcome=True)
+            prog.phase, prog.updates = "alignment", np.zeros(N, np.int64)
+            if run.stop:
+                save(state)
+                run.interrupt_if_asked("after the re-evaluation phase")
+
+        # ---- 2. value alignment, then the transition to fine-tuning (per seed: the reference becomes the aligned
+        # actor if it evaluates better than the offline one)
+        if prog.phase == "alignment":
+            if cfg.value_alignment:
+                state = update_phase(cfg, run, world, rec, state, prog, save, "alignment", cfg.align_updates,
+                                     "O2TD3 alignment")
+            state = state._replace(critic_target=state.critic.params, actor_target=state.actor.params)
+            aligned = [score_of(r) for r in prog.last_eval]  # aligned actors' scores (offline ones if no alignment)
+            better = [a > o for a, o in zip(aligned, prog.offline_score)]
+            state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
+            prog.best_score = [max(a, o) for a, o in zip(aligned, prog.offline_score)]
+            prog.phase, prog.updates = "online", np.zeros(N, np.int64)
+            save(state)
+            run.interrupt_if_asked("before online fine-tuning")
+
+        # ---- 3. online fine-tuning (constrained unless switched off). Each seed follows exactly its single-seed
+        # schedule: collect up to online_block env steps (a block also ends at an episode end and at an evaluation
+        # step), append them, then their updates (after warm-up); an evaluation every online_eval_every env steps
+        # (a better policy becomes that seed's reference). A seed at the first episode end after an evaluation (or
+        # a stop request) is due for a checkpoint and waits until every seed is due (or finished), so checkpoints
+        # fall on episode ends of all seeds.
+        if prog.phase == "online":
+            ep, acc = Episodes(cfg, h, prog, world.envs, seeds), Metrics()
+            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="O2TD3 online",
+                       mininterval=5)
+            while prog.env_steps.min() < cfg.online_steps:
+                n, act_key = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
+                                       jnp.asarray(prog.online_size, jnp.int32))
+                prog.online_size += n
+                first = np.maximum(prog.env_steps - n, cfg.warmup_steps)  # updates after env steps warmup_steps + 1..
+                n_upd = np.maximum(prog.env_steps - first, 0).astype(np.int32)
+                if n_upd.any():
+                    state, metrics = update_online(state, world.offline, online, jnp.asarray(prog.online_size,
+                                                   jnp.int32), jnp.asarray(first, jnp.int32) + 1, jnp.asarray(n_upd), h)
+                    acc.add(metrics, n_upd, "online", seeds, prog.updates, ONLINE_ACTOR_KEYS)
+                    prog.updates += n_upd
+                bar.update(int(n.sum()))
+                which = [i for i in range(N) if n[i] > 0 and (prog.env_steps[i] % cfg.online_eval_every == 0
+                                                               or prog.env_steps[i] == cfg.online_steps)]
+                if which:
+                    rec.logger.log({**acc.flush(), "online/env_steps": int(prog.env_steps.sum()),
+                                    "online/updates": int(prog.updates.sum())})
+                    rec.evaluate(state, prog, "online", which)
+                    better = [i in which and score_of(prog.last_eval[i]) > prog.best_score[i] for i in range(N)]
+                    for i in np.flatnonzero(better):  # the best policy so far becomes the seed's reference
+                        prog.best_score[i] = score_of(prog.last_eval[i])
+                    if any(better):
+                        state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
+                    bar.set_postfix(score=rec.score(prog, which),
+                                    train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
+                    ep.evaluated[which] = True
+                ep.due |= ((ep.evaluated | run.stop) & ep.at_start
+                           & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
+                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
+                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
+                    rec.checkpoint(state, prog, online, act_key)
+                    ep.evaluated[:], ep.due[:] = False, False
+                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
+            bar.close()
+            for i in range(N):
+                if prog.last_eval[i] is None or prog.last_eval[i]["phase"] != "online":  # online_steps == 0
+                    rec.evaluate(state, prog, "online", [i])
+            prog.phase = "done"
+            rec.checkpoint(state, prog, online, act_key)
+        elif prog.phase == "done":
+            print(f"run in {run_dir} already finished")
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
+               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
+        if N > 1:
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
+                       per_seed=summaries)
+        return out
+
+
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
     """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., reevaluation/...,
@@ -916,7 +1046,7 @@ class Metrics:
         return out
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------------- run support
 def default_run_dir(cfg) -> Path:
     seeds = f"seed{cfg.seed}" if cfg.num_seeds == 1 else f"seeds{cfg.seed}-{cfg.seed + cfg.num_seeds - 1}"
     return Path("runs") / "o2td3" / cfg.dataset_id.replace("/", "_") / seeds
@@ -1183,135 +1313,6 @@ def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes,
             if ep.at_start[i] or n[i] == limit[i]:
                 active[i] = False
     return n, act_key
-
-
-def train(cfg: TrainConfig) -> dict:
-    """TD3+BC pre-training (or a loaded offline actor), re-evaluation, alignment, fine-tuning of `num_seeds` seeds
-    at once; returns the last evaluation record(s), paths and the before/after scores."""
-    from tqdm import tqdm
-
-    t_start = time.time()
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    N = len(seeds)
-    cfg.name = cfg.name or f"o2td3-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
-        source = check_offline_source(cfg, run.offline_from, seeds) if run.offline_from is not None else None
-        world = load_world(cfg, seeds)
-        h = world.h
-        state, prog, online = start_or_resume(cfg, run, world, seeds, source)
-        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
-        act_key = jnp.asarray(prog.act_key)
-        save = lambda state, name="latest": rec.checkpoint(state, prog, online, act_key, name)  # noqa: E731
-
-        # ---- 0. offline pre-training (TD3+BC) or a loaded offline actor
-        if prog.phase == "offline":
-            state = update_phase(cfg, run, world, rec, state, prog, save, "offline", cfg.offline_updates,
-                                 "TD3+BC offline")
-            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
-                rec.evaluate(state, prog, "offline")
-        elif prog.phase == "load_offline":
-            rec.evaluate(state, prog, "offline")  # the score of the loaded actor
-        if prog.phase in ("offline", "load_offline"):
-            kept = ("return", "return_std", "length", "episodes", "normalized_score", "normalized_score_std",
-                    "success_rate")
-            prog.offline_outcome = [{k: v for k, v in r.items() if k in kept} for r in prog.last_eval]
-            prog.offline_score = [score_of(r) for r in prog.last_eval]
-            prog.best_score = list(prog.offline_score)
-            prog.phase = "to_finetune"
-            save(state, "offline")
-        if prog.phase == "to_finetune":  # (also where a resume from checkpoints/offline continues)
-            state = finetuning_states(state, h, cfg)
-            prog.phase, prog.updates = "reevaluation", np.zeros(N, np.int64)
-            save(state)
-            run.interrupt_if_asked("after the offline phase")
-
-        # ---- 1. policy re-evaluation (actor fixed: its evaluation is reused)
-        if prog.phase == "reevaluation":
-            if cfg.policy_reevaluation:
-                state = update_phase(cfg, run, world, rec, state, prog, save, "reevaluation", cfg.ope_updates,
-                                     "O2TD3 re-evaluation", reuse_outcome=True)
-            prog.phase, prog.updates = "alignment", np.zeros(N, np.int64)
-            if run.stop:
-                save(state)
-                run.interrupt_if_asked("after the re-evaluation phase")
-
-        # ---- 2. value alignment, then the transition to fine-tuning (per seed: the reference becomes the aligned
-        # actor if it evaluates better than the offline one)
-        if prog.phase == "alignment":
-            if cfg.value_alignment:
-                state = update_phase(cfg, run, world, rec, state, prog, save, "alignment", cfg.align_updates,
-                                     "O2TD3 alignment")
-            state = state._replace(critic_target=state.critic.params, actor_target=state.actor.params)
-            aligned = [score_of(r) for r in prog.last_eval]  # aligned actors' scores (offline ones if no alignment)
-            better = [a > o for a, o in zip(aligned, prog.offline_score)]
-            state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
-            prog.best_score = [max(a, o) for a, o in zip(aligned, prog.offline_score)]
-            prog.phase, prog.updates = "online", np.zeros(N, np.int64)
-            save(state)
-            run.interrupt_if_asked("before online fine-tuning")
-
-        # ---- 3. online fine-tuning (constrained unless switched off). Each seed follows exactly its single-seed
-        # schedule: collect up to online_block env steps (a block also ends at an episode end and at an evaluation
-        # step), append them, then their updates (after warm-up); an evaluation every online_eval_every env steps
-        # (a better policy becomes that seed's reference). A seed at the first episode end after an evaluation (or
-        # a stop request) is due for a checkpoint and waits until every seed is due (or finished), so checkpoints
-        # fall on episode ends of all seeds.
-        if prog.phase == "online":
-            ep, acc = Episodes(cfg, h, prog, world.envs, seeds), Metrics()
-            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="O2TD3 online",
-                       mininterval=5)
-            while prog.env_steps.min() < cfg.online_steps:
-                n, act_key = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
-                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
-                                       jnp.asarray(prog.online_size, jnp.int32))
-                prog.online_size += n
-                first = np.maximum(prog.env_steps - n, cfg.warmup_steps)  # updates after env steps warmup_steps + 1..
-                n_upd = np.maximum(prog.env_steps - first, 0).astype(np.int32)
-                if n_upd.any():
-                    state, metrics = update_online(state, world.offline, online, jnp.asarray(prog.online_size,
-                                                   jnp.int32), jnp.asarray(first, jnp.int32) + 1, jnp.asarray(n_upd), h)
-                    acc.add(metrics, n_upd, "online", seeds, prog.updates, ONLINE_ACTOR_KEYS)
-                    prog.updates += n_upd
-                bar.update(int(n.sum()))
-                which = [i for i in range(N) if n[i] > 0 and (prog.env_steps[i] % cfg.online_eval_every == 0
-                                                               or prog.env_steps[i] == cfg.online_steps)]
-                if which:
-                    rec.logger.log({**acc.flush(), "online/env_steps": int(prog.env_steps.sum()),
-                                    "online/updates": int(prog.updates.sum())})
-                    rec.evaluate(state, prog, "online", which)
-                    better = [i in which and score_of(prog.last_eval[i]) > prog.best_score[i] for i in range(N)]
-                    for i in np.flatnonzero(better):  # the best policy so far becomes the seed's reference
-                        prog.best_score[i] = score_of(prog.last_eval[i])
-                    if any(better):
-                        state = state._replace(ref_actor=where_seeds(better, state.actor.params, state.ref_actor))
-                    bar.set_postfix(score=rec.score(prog, which),
-                                    train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
-                    ep.evaluated[which] = True
-                ep.due |= ((ep.evaluated | run.stop) & ep.at_start
-                           & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
-                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
-                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
-                    rec.checkpoint(state, prog, online, act_key)
-                    ep.evaluated[:], ep.due[:] = False, False
-                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
-            bar.close()
-            for i in range(N):
-                if prog.last_eval[i] is None or prog.last_eval[i]["phase"] != "online":  # online_steps == 0
-                    rec.evaluate(state, prog, "online", [i])
-            prog.phase = "done"
-            rec.checkpoint(state, prog, online, act_key)
-        elif prog.phase == "done":
-            print(f"run in {run_dir} already finished")
-        rec.logger.close()
-        world.close()
-        summaries = [summarize(path) for path in rec.logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
-               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
-        if N > 1:
-            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
-                       per_seed=summaries)
-        return out
 
 
 def summarize(eval_path: Path) -> dict:

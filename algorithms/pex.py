@@ -644,6 +644,115 @@ def check_offline_source(src: Path, cfg: TrainConfig):
         print("note: the offline actor was trained with dropout; PEX uses its mean action without dropout")
 
 
+# ---------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig) -> dict:
+    """IQL pre-training then online policy expansion of `num_seeds` seeds at once; returns the last evaluation
+    record(s) and paths."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    N = len(seeds)
+    cfg.name = cfg.name or f"pex-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
+    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
+        if run.offline_from is not None:
+            check_offline_source(run.offline_from, cfg)
+        world = load_world(cfg, N)
+        h = world.h
+        state, prog, online = start_or_resume(cfg, run, world, seeds)
+        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
+        act_key = jnp.asarray(prog.act_key)
+
+        # ---- offline pre-training (IQL; all seeds in one vmapped scan per block)
+        if prog.phase == "offline":
+            bar = tqdm(total=cfg.offline_updates, initial=int(prog.updates[0]), desc="PEX offline (IQL)",
+                       mininterval=5)
+            while prog.updates[0] < cfg.offline_updates:
+                state, metrics = scan_updates(state, world.offline, len(world.offline.rew), h)
+                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, prog.updates)
+                prog.updates += cfg.update_block
+                bar.update(cfg.update_block)
+                rec.logger.log({**logged, "offline/updates": int(prog.updates[0])})
+                if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == cfg.offline_updates:
+                    rec.evaluate(state, prog, "offline")
+                    bar.set_postfix(score=rec.score(prog))
+                    if prog.updates[0] < cfg.offline_updates:
+                        rec.checkpoint(state, prog, online, act_key)
+                if run.stop and prog.updates[0] < cfg.offline_updates:
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"after {int(prog.updates[0])} offline updates")
+            bar.close()
+            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
+                rec.evaluate(state, prog, "offline")
+        elif prog.phase == "load_offline":
+            rec.evaluate(state, prog, "offline")  # the score before fine-tuning
+        if prog.phase in ("offline", "load_offline"):
+            prog.phase = "expand"
+            rec.checkpoint(state, prog, online, act_key, "offline")  # an IQLState: loadable by iql.py and pex.py
+
+        # ---- policy expansion: freeze the offline actor, add a new policy (also when resumed from `offline`)
+        if prog.phase == "expand":
+            state = jax.vmap(lambda s: expand(s, h, cfg.reset_optimizers))(state)
+            prog.phase = "online"
+            rec.checkpoint(state, prog, online, act_key)
+
+        # ---- online fine-tuning. Each seed follows exactly the single-seed schedule: collect up to online_block
+        # env steps (a block also ends at an episode end), append them, then one update per step taken after the
+        # initial collection. Seeds whose block ended early wait for the others; a seed due for evaluation (first
+        # episode end after every online_eval_every steps) waits until every seed is due, so checkpoints fall on
+        # episode ends of all seeds.
+        if prog.phase == "online":
+            ep = Episodes(cfg, h, prog, world.envs, seeds)
+            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="PEX online", mininterval=5)
+            while prog.env_steps.min() < cfg.online_steps:
+                n, act_key, explore = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
+                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
+                                       jnp.asarray(prog.online_size, jnp.int32))
+                n_upd = updates_due(prog.online_size, n, cfg.initial_collection_steps).astype(np.int32)
+                prog.online_size += n
+                logged = {}
+                if n_upd.any():  # nothing to do during the initial collection
+                    state, metrics = update_online(state, world.offline, len(world.offline.rew), online,
+                                                   jnp.asarray(prog.online_size, jnp.int32), jnp.asarray(n_upd), h)
+                    logged = block_metrics(metrics, n_upd, "online", seeds, prog.updates)
+                    prog.updates += n_upd
+                rec.logger.log({**logged, "online/explore_new_policy_fraction": float(explore[0]),
+                                "online/explore_gate_prob_new": float(explore[1]),
+                                "online/env_steps": int(prog.env_steps.sum()), "online/updates": int(prog.updates.sum())})
+                bar.update(int(n.sum()))
+                ep.due |= ((n > 0) & ep.at_start & ((prog.env_steps >= prog.next_eval) | run.stop)
+                           & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
+                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
+                    which = [i for i in range(N) if ep.due[i] and prog.env_steps[i] >= prog.next_eval[i]]
+                    for i in which:
+                        while prog.next_eval[i] <= prog.env_steps[i]:
+                            prog.next_eval[i] += cfg.online_eval_every
+                    if which:
+                        rec.evaluate(state, prog, "online", which)
+                        bar.set_postfix(score=rec.score(prog, which),
+                                        train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
+                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
+                    ep.due[:] = False
+                    rec.checkpoint(state, prog, online, act_key)
+                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
+            bar.close()
+            rec.evaluate(state, prog, "online")
+            prog.phase = "done"
+            rec.checkpoint(state, prog, online, act_key)
+        elif prog.phase == "done":
+            print(f"run in {run_dir} already finished")
+        rec.logger.close()
+        world.close()
+        summaries = [summarize(path) for path in rec.logger.eval_paths]
+        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
+               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
+        if N > 1:
+            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
+                       per_seed=summaries)
+        return out
+
+
 # ---------------------------------------------------------------------------------------------- logging
 class Logger:
     """wandb + eval.jsonl (one per seed) + console. Metrics are namespaced offline/..., online/..., eval/...."""
@@ -707,7 +816,7 @@ def block_metrics(metrics: dict, n, phase: str, seeds: list, updates_before) -> 
     return {f"{phase}/{k}": float(np.where(valid, v, 0.0).sum() / count) for k, v in host.items()}
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------------- run support
 def prepare_rewards(cfg: TrainConfig, ds: data.OfflineData):
     """(offline rewards, return scale) with the reward transformation of the config applied."""
     scale = 1.0
@@ -954,114 +1063,6 @@ def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes,
             if ep.at_start[i] or n[i] == cfg.online_block or prog.env_steps[i] >= cfg.online_steps:
                 active[i] = False
     return n, act_key, np.mean(act_stats, 0)
-
-
-def train(cfg: TrainConfig) -> dict:
-    """IQL pre-training then online policy expansion of `num_seeds` seeds at once; returns the last evaluation
-    record(s) and paths."""
-    from tqdm import tqdm
-
-    t_start = time.time()
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    N = len(seeds)
-    cfg.name = cfg.name or f"pex-{cfg.dataset_id.replace('/', '-')}-seed{cfg.seed}" + (f"x{N}" if N > 1 else "")
-    with Run(cfg, run_dir) as run:  # checks that need no data, before any slow work; see Run
-        if run.offline_from is not None:
-            check_offline_source(run.offline_from, cfg)
-        world = load_world(cfg, N)
-        h = world.h
-        state, prog, online = start_or_resume(cfg, run, world, seeds)
-        rec = Recorder(cfg, run_dir, seeds, world, prog, t_start)
-        act_key = jnp.asarray(prog.act_key)
-
-        # ---- offline pre-training (IQL; all seeds in one vmapped scan per block)
-        if prog.phase == "offline":
-            bar = tqdm(total=cfg.offline_updates, initial=int(prog.updates[0]), desc="PEX offline (IQL)",
-                       mininterval=5)
-            while prog.updates[0] < cfg.offline_updates:
-                state, metrics = scan_updates(state, world.offline, len(world.offline.rew), h)
-                logged = block_metrics(metrics, cfg.update_block, "offline", seeds, prog.updates)
-                prog.updates += cfg.update_block
-                bar.update(cfg.update_block)
-                rec.logger.log({**logged, "offline/updates": int(prog.updates[0])})
-                if prog.updates[0] % cfg.offline_eval_every == 0 or prog.updates[0] == cfg.offline_updates:
-                    rec.evaluate(state, prog, "offline")
-                    bar.set_postfix(score=rec.score(prog))
-                    if prog.updates[0] < cfg.offline_updates:
-                        rec.checkpoint(state, prog, online, act_key)
-                if run.stop and prog.updates[0] < cfg.offline_updates:
-                    rec.checkpoint(state, prog, online, act_key)
-                    run.interrupt_if_asked(f"after {int(prog.updates[0])} offline updates")
-            bar.close()
-            if prog.last_eval[0] is None:  # offline_updates == 0: still report the starting policy
-                rec.evaluate(state, prog, "offline")
-        elif prog.phase == "load_offline":
-            rec.evaluate(state, prog, "offline")  # the score before fine-tuning
-        if prog.phase in ("offline", "load_offline"):
-            prog.phase = "expand"
-            rec.checkpoint(state, prog, online, act_key, "offline")  # an IQLState: loadable by iql.py and pex.py
-
-        # ---- policy expansion: freeze the offline actor, add a new policy (also when resumed from `offline`)
-        if prog.phase == "expand":
-            state = jax.vmap(lambda s: expand(s, h, cfg.reset_optimizers))(state)
-            prog.phase = "online"
-            rec.checkpoint(state, prog, online, act_key)
-
-        # ---- online fine-tuning. Each seed follows exactly the single-seed schedule: collect up to online_block
-        # env steps (a block also ends at an episode end), append them, then one update per step taken after the
-        # initial collection. Seeds whose block ended early wait for the others; a seed due for evaluation (first
-        # episode end after every online_eval_every steps) waits until every seed is due, so checkpoints fall on
-        # episode ends of all seeds.
-        if prog.phase == "online":
-            ep = Episodes(cfg, h, prog, world.envs, seeds)
-            bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="PEX online", mininterval=5)
-            while prog.env_steps.min() < cfg.online_steps:
-                n, act_key, explore = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
-                online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
-                                       jnp.asarray(prog.online_size, jnp.int32))
-                n_upd = updates_due(prog.online_size, n, cfg.initial_collection_steps).astype(np.int32)
-                prog.online_size += n
-                logged = {}
-                if n_upd.any():  # nothing to do during the initial collection
-                    state, metrics = update_online(state, world.offline, len(world.offline.rew), online,
-                                                   jnp.asarray(prog.online_size, jnp.int32), jnp.asarray(n_upd), h)
-                    logged = block_metrics(metrics, n_upd, "online", seeds, prog.updates)
-                    prog.updates += n_upd
-                rec.logger.log({**logged, "online/explore_new_policy_fraction": float(explore[0]),
-                                "online/explore_gate_prob_new": float(explore[1]),
-                                "online/env_steps": int(prog.env_steps.sum()), "online/updates": int(prog.updates.sum())})
-                bar.update(int(n.sum()))
-                ep.due |= ((n > 0) & ep.at_start & ((prog.env_steps >= prog.next_eval) | run.stop)
-                           & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
-                if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
-                    which = [i for i in range(N) if ep.due[i] and prog.env_steps[i] >= prog.next_eval[i]]
-                    for i in which:
-                        while prog.next_eval[i] <= prog.env_steps[i]:
-                            prog.next_eval[i] += cfg.online_eval_every
-                    if which:
-                        rec.evaluate(state, prog, "online", which)
-                        bar.set_postfix(score=rec.score(prog, which),
-                                        train_return=np.mean([np.mean(r) for r in ep.recent if r] or [0.0]))
-                    prog.env_rng = [env_rng_snapshot(env) for env in world.envs]
-                    ep.due[:] = False
-                    rec.checkpoint(state, prog, online, act_key)
-                    run.interrupt_if_asked(f"at {prog.env_steps.tolist()} online env steps")
-            bar.close()
-            rec.evaluate(state, prog, "online")
-            prog.phase = "done"
-            rec.checkpoint(state, prog, online, act_key)
-        elif prog.phase == "done":
-            print(f"run in {run_dir} already finished")
-        rec.logger.close()
-        world.close()
-        summaries = [summarize(path) for path in rec.logger.eval_paths]
-        out = {"run_dir": str(run_dir), "seeds": seeds, "last_eval": prog.last_eval[0],
-               "updates": int(prog.updates[0]), "env_steps": int(prog.env_steps[0]), **summaries[0]}
-        if N > 1:
-            out.update(last_eval=prog.last_eval, updates=prog.updates.tolist(), env_steps=prog.env_steps.tolist(),
-                       per_seed=summaries)
-        return out
 
 
 def summarize(eval_path: Path) -> dict:
