@@ -335,7 +335,8 @@ def _max_load(*sides) -> str:
 
 def learn_plot(rows: list, path: Path):
     """Overlay per algorithm and dataset: mean ± std over seeds of each implementation's evaluations against the
-    training step (offline updates, then offline updates + online env steps)."""
+    training step: the updates of each phase in turn (offline, then re-evaluation, alignment where the algorithm has
+    them), then the online env steps; dashed lines mark the phase ends."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -347,12 +348,17 @@ def learn_plot(rows: list, path: Path):
         mine = [r for r in rows if (r["algorithm"], r["dataset"]) == (algo, dataset)]
         done = {r["implementation"] for r in mine if r["finished"]}
         mine = [r for r in mine if r["finished"] or r["implementation"] not in done]  # finished runs, where any
-        offline_end = max((r["updates"] or 0) for r in mine if r["phase"] != "online")
+        offsets, end = {}, 0  # where each phase starts on the x axis (phases in the order the runs log them)
+        for phase in dict.fromkeys(r["phase"] for r in mine):
+            offsets[phase] = end
+            if phase != "online":
+                end += max((r["updates"] or 0) for r in mine if r["phase"] == phase)
+        offsets["online"] = end
         for impl in dict.fromkeys(r["implementation"] for r in mine):
             per_seed = {}
             for r in mine:
                 if r["implementation"] == impl and r["normalized_score"] is not None:
-                    x = offline_end + r["env_steps"] if r["phase"] == "online" else r["updates"]
+                    x = offsets[r["phase"]] + (r["env_steps"] if r["phase"] == "online" else r["updates"])
                     per_seed.setdefault(r["seed"], []).append((x, r["normalized_score"]))
             n = min(len(v) for v in per_seed.values())  # the i-th evaluation of every seed
             xs = np.median([[x for x, _ in v[:n]] for v in per_seed.values()], 0)
@@ -360,9 +366,11 @@ def learn_plot(rows: list, path: Path):
             label = "ours" if impl == "ours" else REFERENCE_NAMES.get(impl, impl)
             ax.plot(xs, ys.mean(0), label=f"{label} ({len(per_seed)} seeds)")
             ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
-        ax.axvline(offline_end, color="grey", lw=0.8, ls="--")
+        for phase, start in offsets.items():
+            if start > 0:
+                ax.axvline(start, color="grey", lw=0.8, ls="--")
         ax.set_title(f"{algo}: {dataset}", fontsize=9)
-        ax.set_xlabel("offline updates, then + online env steps")
+        ax.set_xlabel("updates of each phase, then + online env steps")
         ax.set_ylabel("normalised score")
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -43,3 +43,39 @@ def test_plumbing_comes_last_and_entry_point_is_main(name):
     assert tail.strip().splitlines() == ['if __name__ == "__main__":', "    main(train, parse_config())"]
     assert src.index("\ndef train(") < src.index(BANNER), f"{name}.py: train() must come before the plumbing"
     assert "import pickle" not in src, f"{name}.py: checkpoints are data-only (JSON + npz), no pickle"
+
+
+# Helpers above the banner that several files share word for word (the files that need another version keep their
+# own, e.g. o2td3's make_hyper has the offline/online switch): a fix to one copy must be made to every copy.
+ALL = tuple(SCRIPTS)
+SHARED = {
+    "Trainable": ALL, "_step": ALL,
+    "make_hyper": ("iql", "cal_ql", "aca", "pex", "o2sac", "o2ppo"),
+    "buffer_insert": ("iql", "cal_ql", "aca", "pex", "o2sac", "o2td3"),
+    "gaussian_log_prob": ("iql", "cal_ql", "aca", "pex", "o2sac", "o2ppo"),
+    "evaluate": ("iql", "cal_ql", "aca", "o2sac", "o2td3"),
+    "block_metrics": ("iql", "cal_ql", "aca", "pex", "o2ppo"),
+    "summarize": ("iql", "cal_ql", "aca", "pex"),
+    "Logger": ("iql", "cal_ql", "o2ppo"),
+    "householder_q": ("cal_ql", "o2sac", "o2td3", "o2ppo"),
+    "orthogonal_kernel_init": ("cal_ql", "o2sac", "o2td3", "o2ppo"),
+    "expectile_loss": ("iql", "pex", "o2ppo"),
+    "score_of": ("o2sac", "o2td3", "o2ppo"),
+    "cql_logsumexp": ("cal_ql", "o2sac"),
+}
+
+
+def above_banner(name: str) -> dict:
+    src = (ROOT / "algorithms" / f"{name}.py").read_text()
+    return definitions(src[:src.index(BANNER)])
+
+
+@pytest.mark.parametrize("helper", sorted(SHARED))
+def test_shared_helpers_are_identical(helper):
+    copies = {name: above_banner(name).get(helper) for name in SHARED[helper]}
+    missing = [name for name, text in copies.items() if text is None]
+    assert not missing, f"{helper} is no longer defined in {', '.join(missing)}.py: update SHARED in this test"
+    first = SHARED[helper][0]
+    drifted = [name for name, text in copies.items() if text != copies[first]]
+    assert not drifted, (f"{helper} in {', '.join(n + '.py' for n in drifted)} differs from {first}.py's: make the "
+                         "fix in every copy")
