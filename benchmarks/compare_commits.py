@@ -78,7 +78,10 @@ def checkout(ref: str, tmp: Path) -> tuple:
                                text=True).stdout.strip()
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         return ROOT, head.stdout.strip() + ("+edits" if dirty else "")
-    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True)
+    except FileNotFoundError:
+        sys.exit("error: git is not installed; compare_commits.py needs it to check out the commits")
     if sha.returncode != 0:
         sys.exit(f"error: {ref!r} is not a commit of this repository (git rev-parse failed); pass a commit or `.`")
     tree = tmp / sha.stdout.strip()
