@@ -127,6 +127,7 @@ class TrainConfig:
     interpolation_unit: int = 1000  # the hard-coded 1000 of the official w decay
     actor_grad_clip: float = 0.25  # online actor global grad-norm clip (official 0.25; <= 0 disables)
     online_reset_optimizers: bool = False  # fresh Adam states at the switch (official: keep the SAC+ML ones)
+    precision: str = "float32"  # float32 | bf16: bfloat16 matrix products summed in float32 (params, Adam: float32)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -151,6 +152,7 @@ class TrainConfig:
         need(self.beta > 0, f"beta must be > 0, got {self.beta}")
         need(self.initial_temperature > 0, f"initial_temperature must be > 0, got {self.initial_temperature}")
         need(len(self.hidden_dims) > 0 and all(h > 0 for h in self.hidden_dims), "hidden_dims must be positive")
+        need(self.precision in PRECISIONS, f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
 
 
 RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}  # may change on --resume
@@ -179,6 +181,7 @@ class Hyper(NamedTuple):
     interpolation: tuple
     interpolation_unit: int
     actor_grad_clip: float
+    precision: str
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
@@ -187,9 +190,21 @@ def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
 
 
 # ---------------------------------------------------------------------------------------------- networks
+PRECISIONS = ("float32", "bf16")
+
+
+def matmul(x, kernel, precision: str):
+    """x @ kernel. "bf16": both operands rounded to bfloat16, products summed in float32, float32 out (the
+    parameters, gradients and optimiser state stay float32)."""
+    if precision == "bf16":
+        return jnp.matmul(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return x @ kernel
+
+
 class TorchLinear(nn.Module):
     """Dense layer with PyTorch's default init: weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     features: int
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
@@ -197,7 +212,7 @@ class TorchLinear(nn.Module):
         init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa
         kernel = self.param("kernel", init, (x.shape[-1], self.features))
         bias = self.param("bias", init, (self.features,))
-        return x @ kernel + bias
+        return matmul(x, kernel, self.precision) + bias
 
 
 class Actor(nn.Module):
@@ -206,15 +221,16 @@ class Actor(nn.Module):
     act_dim: int
     hidden: tuple
     squashed: bool
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs):
         x = obs
         for h in self.hidden:
-            x = nn.relu(TorchLinear(h)(x))
-        mu = TorchLinear(self.act_dim)(x)
+            x = nn.relu(TorchLinear(h, precision=self.precision)(x))
+        mu = TorchLinear(self.act_dim, precision=self.precision)(x)
         if self.squashed:
-            return mu, jnp.clip(TorchLinear(self.act_dim)(x), LOG_STD_MIN, LOG_STD_MAX)
+            return mu, jnp.clip(TorchLinear(self.act_dim, precision=self.precision)(x), LOG_STD_MIN, LOG_STD_MAX)
         theta = self.param("log_std_param", nn.initializers.zeros, (self.act_dim,))
         log_std = PARAM_LOG_STD_MIN + (PARAM_LOG_STD_MAX - PARAM_LOG_STD_MIN) * jax.nn.sigmoid(theta)
         return jnp.tanh(mu), jnp.broadcast_to(log_std, mu.shape)
@@ -224,25 +240,27 @@ class QNet(nn.Module):
     """Q(s, a) = MLP(concat(s, a)) (d3rlpy VectorEncoderWithAction + Linear(1)); the first layer's kernel rows are
     [state rows; action rows], which the critic-from-Z initialisation relies on."""
     hidden: tuple
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs, act):
         x = jnp.concatenate([obs, act], -1)
         for h in self.hidden:
-            x = nn.relu(TorchLinear(h)(x))
-        return TorchLinear(1)(x)[..., 0]
+            x = nn.relu(TorchLinear(h, precision=self.precision)(x))
+        return TorchLinear(1, precision=self.precision)(x)[..., 0]
 
 
 class VNet(nn.Module):
     """Z(s) = MLP(s) (d3rlpy ValueFunction); same layer names as QNet."""
     hidden: tuple
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs):
         x = obs
         for h in self.hidden:
-            x = nn.relu(TorchLinear(h)(x))
-        return TorchLinear(1)(x)[..., 0]
+            x = nn.relu(TorchLinear(h, precision=self.precision)(x))
+        return TorchLinear(1, precision=self.precision)(x)[..., 0]
 
 
 def ensemble(module, n: int, n_inputs: int) -> nn.Module:
@@ -253,8 +271,9 @@ def ensemble(module, n: int, n_inputs: int) -> nn.Module:
 
 def networks(h: Hyper):
     """(actor, critic ensemble Q_j(s, a) / R_j(s, a), baseline ensemble Z_j(s))."""
-    return (Actor(h.act_dim, h.hidden_dims, h.squashed_policy), ensemble(QNet, h.n_critics, 2)(hidden=h.hidden_dims),
-            ensemble(VNet, h.n_critics, 1)(hidden=h.hidden_dims))
+    return (Actor(h.act_dim, h.hidden_dims, h.squashed_policy, h.precision),
+            ensemble(QNet, h.n_critics, 2)(hidden=h.hidden_dims, precision=h.precision),
+            ensemble(VNet, h.n_critics, 1)(hidden=h.hidden_dims, precision=h.precision))
 
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -424,9 +443,9 @@ def offline_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
     txs = optimizers(h)
     sg = jax.lax.stop_gradient
     obs, next_obs = _normalized(state, batch)
-    b = obs.shape[0]
-    mean_all, log_std_all = actor.apply({"params": state.actor.params}, jnp.concatenate([obs, next_obs]))
-    mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
+    # pi(.|s) once: its values serve steps 1-3 and its vjp pulls the actor loss of step 4 back to the parameters
+    (mean, log_std), actor_vjp = jax.vjp(lambda p: actor.apply({"params": p}, obs), state.actor.params)
+    next_mean, next_log_std = actor.apply({"params": state.actor.params}, next_obs)
 
     # 1. temperature
     _, logp_t = sample_action(mean, log_std, noise["temp"], h.squashed_policy)
@@ -459,15 +478,15 @@ def offline_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
     baseline_tr = _step(state.baseline, z_grads, txs["baseline"])
 
     # 4. actor: SAC loss normalised by mean |Q| (weight ml_alpha) + max-likelihood of the data actions
-    def actor_loss(p):
-        m, ls = actor.apply({"params": p}, obs)
+    def actor_loss(m, ls):  # of pi(.|s)'s outputs
         a_pi, logp_pi = sample_action(m, ls, noise["pi"], h.squashed_policy)
         q_pi = critic.apply({"params": critic_tr.params}, obs, a_pi).min(0)
         lam = h.ml_alpha / sg(jnp.abs(q_pi).mean())
         ml = -log_prob(m, ls, batch.act, h.squashed_policy).mean()
         return lam * (temp * logp_pi - q_pi).mean() + ml, (lam, ml, logp_pi)
 
-    (a_loss, (lam, ml, logp_pi)), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(state.actor.params)
+    (a_loss, (lam, ml, logp_pi)), out_grads = jax.value_and_grad(actor_loss, (0, 1), has_aux=True)(mean, log_std)
+    (a_grads,) = actor_vjp(out_grads)
     actor_tr = _step(state.actor, a_grads, txs["actor"])
 
     # 5. targets
@@ -520,10 +539,10 @@ def online_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
     obs, next_obs = _normalized(state, batch)
     b = obs.shape[0]
     w = interpolation_weight(state.online_updates, h)
-    both = jnp.concatenate([obs, next_obs])
-    mean_all, log_std_all = actor.apply({"params": state.actor.params}, both)
-    mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
-    ref_mean_all, ref_log_std_all = actor.apply({"params": state.ref_actor}, both)  # pi0, frozen
+    # pi(.|s) once: its values serve steps 1-2 and its vjp pulls the actor loss of step 3 back to the parameters
+    (mean, log_std), actor_vjp = jax.vjp(lambda p: actor.apply({"params": p}, obs), state.actor.params)
+    next_mean, next_log_std = actor.apply({"params": state.actor.params}, next_obs)
+    ref_mean_all, ref_log_std_all = actor.apply({"params": state.ref_actor}, jnp.concatenate([obs, next_obs]))
     ref_mean, ref_log_std = ref_mean_all[:b], ref_log_std_all[:b]
     ref_next_mean, ref_next_log_std = ref_mean_all[b:], ref_log_std_all[b:]
     c = clip_bound(ref_mean, ref_log_std, h.beta, h.squashed_policy)
@@ -552,14 +571,14 @@ def online_update(state: ACAState, batch: Buffer, noise: dict, h: Hyper):
     critic_tr = _step(state.critic, r_grads, txs["critic"])
 
     # 3. actor against the aligned Q (gradient also through a~ inside log pi0), grad-norm clip
-    def actor_loss(p):
-        m, ls = actor.apply({"params": p}, obs)
+    def actor_loss(m, ls):  # of pi(.|s)'s outputs
         a_pi, logp_pi = sample_action(m, ls, noise["pi"], h.squashed_policy)
         r_pi = critic.apply({"params": critic_tr.params}, obs, a_pi).min(0)
         q_pi = r_pi + bonus(ref_mean, ref_log_std, c, a_pi)
         return (temp * logp_pi - q_pi).mean(), (logp_pi, r_pi, q_pi)
 
-    (a_loss, (logp_pi, r_pi, q_pi)), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(state.actor.params)
+    (a_loss, (logp_pi, r_pi, q_pi)), out_grads = jax.value_and_grad(actor_loss, (0, 1), has_aux=True)(mean, log_std)
+    (a_grads,) = actor_vjp(out_grads)
     a_grads, grad_norm = clip_grad_norm(a_grads, h.actor_grad_clip)
     actor_tr = _step(state.actor, a_grads, txs["actor"])
 

@@ -135,6 +135,7 @@ class TrainConfig:
     log_alpha_prime_init: float = 1.0  # initial log alpha' (official Scalar(1.0))
     calibration: bool = True  # Cal-QL: lower-bound policy-action Q values by the MC return (False = CQL)
     online_calibration: bool = True  # keep the calibration online (official); false = CORL's variant
+    precision: str = "float32"  # float32 | bf16: bfloat16 matrix products summed in float32 (params, Adam: float32)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -159,6 +160,7 @@ class TrainConfig:
         need(self.cql_temp > 0, f"cql_temp must be > 0, got {self.cql_temp}")
         for name in ("policy_hidden", "critic_hidden"):
             need(len(getattr(self, name)) > 0 and all(x > 0 for x in getattr(self, name)), f"{name} must be positive")
+        need(self.precision in PRECISIONS, f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
 
 
 RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}  # may change on --resume
@@ -194,6 +196,7 @@ class Hyper(NamedTuple):
     cql_clip_diff_max: float
     cql_lagrange: bool
     cql_target_action_gap: float
+    precision: str
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
@@ -238,23 +241,36 @@ def orthogonal_kernel_init(scale: float):
     return init
 
 
+PRECISIONS = ("float32", "bf16")
+
+
+def dot_general(precision: str):
+    """nn.Dense's product: Flax's float32 one (None), or for "bf16" both operands rounded to bfloat16 and the
+    products summed in float32, float32 out (parameters, gradients and optimiser state stay float32)."""
+    if precision == "float32":
+        return None
+    return lambda x, kernel, dims, precision=None, preferred_element_type=None: jax.lax.dot_general(  # noqa: E731
+        x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), dims, preferred_element_type=jnp.float32)
+
+
 class MLP(nn.Module):
     """ReLU MLP; orthogonal(sqrt 2) hidden and orthogonal(1e-2) output kernels with zero biases (official
     `orthogonal_init`), else Flax's default hidden init and a variance-scaling(1e-2) output kernel."""
     hidden: tuple
     out_dim: int
     orthogonal_init: bool
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
-        zeros = nn.initializers.zeros
+        zeros, dot = nn.initializers.zeros, dot_general(self.precision)
         for h in self.hidden:
             kernel = (orthogonal_kernel_init(math.sqrt(2.0)) if self.orthogonal_init
                       else nn.initializers.lecun_normal())
-            x = nn.relu(nn.Dense(h, kernel_init=kernel, bias_init=zeros)(x))
+            x = nn.relu(nn.Dense(h, kernel_init=kernel, bias_init=zeros, dot_general=dot)(x))
         kernel = (orthogonal_kernel_init(1e-2) if self.orthogonal_init
                   else nn.initializers.variance_scaling(1e-2, "fan_in", "uniform"))
-        return nn.Dense(self.out_dim, kernel_init=kernel, bias_init=zeros)(x)
+        return nn.Dense(self.out_dim, kernel_init=kernel, bias_init=zeros, dot_general=dot)(x)
 
 
 class TanhGaussianActor(nn.Module):
@@ -264,10 +280,11 @@ class TanhGaussianActor(nn.Module):
     orthogonal_init: bool
     log_std_multiplier: float
     log_std_offset: float
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs):
-        out = MLP(self.hidden, 2 * self.act_dim, self.orthogonal_init)(obs)
+        out = MLP(self.hidden, 2 * self.act_dim, self.orthogonal_init, self.precision)(obs)
         mean, raw = jnp.split(out, 2, axis=-1)
         m = self.param("log_std_multiplier", lambda _: jnp.asarray(self.log_std_multiplier, jnp.float32))
         b = self.param("log_std_offset", lambda _: jnp.asarray(self.log_std_offset, jnp.float32))
@@ -277,21 +294,23 @@ class TanhGaussianActor(nn.Module):
 class QNet(nn.Module):
     hidden: tuple
     orthogonal_init: bool
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs, act):
-        return MLP(self.hidden, 1, self.orthogonal_init)(jnp.concatenate([obs, act], -1))[..., 0]
+        return MLP(self.hidden, 1, self.orthogonal_init, self.precision)(jnp.concatenate([obs, act], -1))[..., 0]
 
 
-def critic_ensemble(hidden: tuple, n: int, orthogonal_init: bool) -> nn.Module:
+def critic_ensemble(hidden: tuple, n: int, orthogonal_init: bool, precision: str = "float32") -> nn.Module:
     """`n` Q networks with independent parameters, evaluated on the same inputs: output [n, ...]."""
     return nn.vmap(QNet, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
-                   axis_size=n)(hidden=hidden, orthogonal_init=orthogonal_init)
+                   axis_size=n)(hidden=hidden, orthogonal_init=orthogonal_init, precision=precision)
 
 
 def networks(h: Hyper):
-    actor = TanhGaussianActor(h.act_dim, h.policy_hidden, h.orthogonal_init, h.log_std_multiplier, h.log_std_offset)
-    return actor, critic_ensemble(h.critic_hidden, h.n_critics, h.orthogonal_init)
+    actor = TanhGaussianActor(h.act_dim, h.policy_hidden, h.orthogonal_init, h.log_std_multiplier, h.log_std_offset,
+                              h.precision)
+    return actor, critic_ensemble(h.critic_hidden, h.n_critics, h.orthogonal_init, h.precision)
 
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -412,8 +431,8 @@ def calql_losses(params: dict, state: CalQLState, batch: Buffer, key, calibrate,
     next_obs = (batch.next_obs - state.obs_mean) / state.obs_std
     b, n = obs.shape[0], h.cql_n_actions
 
-    mean_all, log_std_all = actor.apply({"params": params["actor"]}, jnp.concatenate([obs, next_obs]))
-    mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
+    mean, log_std = actor.apply({"params": params["actor"]}, obs)
+    next_mean, next_log_std = actor.apply({"params": sg(params["actor"])}, next_obs)  # feeds detached samples only
 
     # temperature and actor
     a_pi, logp_pi = tanh_gaussian_sample(mean, log_std, k_pi)

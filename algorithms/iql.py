@@ -127,6 +127,7 @@ class TrainConfig:
     hidden_dims: List[int] = field(default_factory=lambda: [256, 256])  # hidden widths of actor, Q and V MLPs
     n_critics: int = 2  # Q ensemble size (min over members in targets)
     actor_dropout: float = 0.0  # dropout after each hidden layer of the actor (Adroit: 0.1)
+    precision: str = "float32"  # float32 | bf16: bfloat16 matrix products summed in float32 (params, Adam: float32)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -145,6 +146,7 @@ class TrainConfig:
         need(0.0 < self.expectile < 1.0, f"expectile must be in (0, 1), got {self.expectile}")
         need(0.0 <= self.actor_dropout < 1.0, f"actor_dropout must be in [0, 1), got {self.actor_dropout}")
         need(len(self.hidden_dims) > 0 and all(h > 0 for h in self.hidden_dims), "hidden_dims must be positive")
+        need(self.precision in PRECISIONS, f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
 
 
 RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}  # may change on --resume
@@ -172,6 +174,7 @@ class Hyper(NamedTuple):
     offline_updates: int
     offline_cosine: bool
     corl_cosine_restart: bool
+    precision: str
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
@@ -180,9 +183,21 @@ def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
 
 
 # ---------------------------------------------------------------------------------------------- networks
+PRECISIONS = ("float32", "bf16")
+
+
+def matmul(x, kernel, precision: str):
+    """x @ kernel. "bf16": both operands rounded to bfloat16, products summed in float32, float32 out (the
+    parameters, gradients and optimiser state stay float32)."""
+    if precision == "bf16":
+        return jnp.matmul(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return x @ kernel
+
+
 class TorchLinear(nn.Module):
     """Dense layer with PyTorch's default init: weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     features: int
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
@@ -190,7 +205,7 @@ class TorchLinear(nn.Module):
         init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa
         kernel = self.param("kernel", init, (x.shape[-1], self.features))
         bias = self.param("bias", init, (self.features,))
-        return x @ kernel + bias
+        return matmul(x, kernel, self.precision) + bias
 
 
 class GaussianActor(nn.Module):
@@ -198,50 +213,53 @@ class GaussianActor(nn.Module):
     act_dim: int
     hidden: tuple
     dropout: float = 0.0
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs, train: bool = False):
         x = obs
         for h in self.hidden:
-            x = nn.relu(TorchLinear(h)(x))
+            x = nn.relu(TorchLinear(h, precision=self.precision)(x))
             if self.dropout > 0:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        mean = jnp.tanh(TorchLinear(self.act_dim)(x))
+        mean = jnp.tanh(TorchLinear(self.act_dim, precision=self.precision)(x))
         log_std = self.param("log_std", nn.initializers.zeros, (self.act_dim,))
         return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
 
 
 class QNet(nn.Module):
     hidden: tuple
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs, act):
         x = jnp.concatenate([obs, act], -1)
         for h in self.hidden:
-            x = nn.relu(TorchLinear(h)(x))
-        return TorchLinear(1)(x)[..., 0]
+            x = nn.relu(TorchLinear(h, precision=self.precision)(x))
+        return TorchLinear(1, precision=self.precision)(x)[..., 0]
 
 
 class VNet(nn.Module):
     hidden: tuple
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs):
         x = obs
         for h in self.hidden:
-            x = nn.relu(TorchLinear(h)(x))
-        return TorchLinear(1)(x)[..., 0]
+            x = nn.relu(TorchLinear(h, precision=self.precision)(x))
+        return TorchLinear(1, precision=self.precision)(x)[..., 0]
 
 
-def critic_ensemble(hidden: tuple, n: int) -> nn.Module:
+def critic_ensemble(hidden: tuple, n: int, precision: str = "float32") -> nn.Module:
     """`n` Q networks with independent parameters, evaluated on the same inputs: output [n, ...]."""
     return nn.vmap(QNet, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
-                   axis_size=n)(hidden=hidden)
+                   axis_size=n)(hidden=hidden, precision=precision)
 
 
 def networks(h: Hyper):
-    return (GaussianActor(h.act_dim, h.hidden_dims, h.actor_dropout), critic_ensemble(h.hidden_dims, h.n_critics),
-            VNet(h.hidden_dims))
+    return (GaussianActor(h.act_dim, h.hidden_dims, h.actor_dropout, h.precision),
+            critic_ensemble(h.hidden_dims, h.n_critics, h.precision), VNet(h.hidden_dims, h.precision))
 
 
 # ---------------------------------------------------------------------------------------------- maths

@@ -143,6 +143,7 @@ class TrainConfig:
     refer_with_optimal_pi: bool = True  # reference := best evaluated policy (false: current one every update_n evals)
     update_n: int = 1  # evaluations between reference updates when refer_with_optimal_pi is false
     std_cap: float = 0.0  # > 0: cap actor / reference std at this value when fine-tuning starts (hopper expert: 0.05)
+    precision: str = "float32"  # float32 | bf16: bfloat16 matrix products summed in float32 (params, Adam: float32)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -170,6 +171,7 @@ class TrainConfig:
         for name in ("hidden_dims", "value_hidden_dims"):
             dims = getattr(self, name)
             need(len(dims) > 0 and all(h > 0 for h in dims), f"{name} must be a non-empty list of positive widths")
+        need(self.precision in PRECISIONS, f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
 
 
 RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "run_dir"}  # may change on --resume
@@ -217,6 +219,7 @@ class Hyper(NamedTuple):
     end_steps: int
     constrained_finetuning: bool
     reference_advantage_broadcast_bug: bool
+    precision: str
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
@@ -256,11 +259,23 @@ def orthogonal_kernel_init(scale: float):
     return init
 
 
+PRECISIONS = ("float32", "bf16")
+
+
+def matmul(x, kernel, precision: str):
+    """x @ kernel. "bf16": both operands rounded to bfloat16, products summed in float32, float32 out (the
+    parameters, gradients and optimiser state stay float32)."""
+    if precision == "bf16":
+        return jnp.matmul(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return x @ kernel
+
+
 class TorchLinear(nn.Module):
     """Dense layer; init = PyTorch's default U(+-1/sqrt(fan_in)) for weights and biases, or orthogonal weights
     (gain 1) with zero biases (OCR `orthogonal_net`). Same parameter names as algorithms/iql.py's TorchLinear."""
     features: int
     orthogonal: bool = False
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
@@ -273,7 +288,7 @@ class TorchLinear(nn.Module):
             init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa
             kernel = self.param("kernel", init, (fan_in, self.features))
             bias = self.param("bias", init, (self.features,))
-        return x @ kernel + bias
+        return matmul(x, kernel, self.precision) + bias
 
 
 class GaussianActor(nn.Module):
@@ -281,13 +296,14 @@ class GaussianActor(nn.Module):
     act_dim: int
     hidden: tuple
     orthogonal: bool = False
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs):
         x = obs
         for h in self.hidden:
-            x = nn.relu(TorchLinear(h, self.orthogonal)(x))
-        mean = jnp.tanh(TorchLinear(self.act_dim, self.orthogonal)(x))
+            x = nn.relu(TorchLinear(h, self.orthogonal, precision=self.precision)(x))
+        mean = jnp.tanh(TorchLinear(self.act_dim, self.orthogonal, precision=self.precision)(x))
         log_std = self.param("log_std", nn.initializers.zeros, (self.act_dim,))
         return mean, log_std
 
@@ -295,13 +311,14 @@ class GaussianActor(nn.Module):
 class QNet(nn.Module):
     hidden: tuple
     orthogonal: bool = False
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs, act):
         x = jnp.concatenate([obs, act], -1)
         for h in self.hidden:
-            x = nn.relu(TorchLinear(h, self.orthogonal)(x))
-        return TorchLinear(1, self.orthogonal)(x)[..., 0]
+            x = nn.relu(TorchLinear(h, self.orthogonal, precision=self.precision)(x))
+        return TorchLinear(1, self.orthogonal, precision=self.precision)(x)[..., 0]
 
 
 class VNet(nn.Module):
@@ -309,32 +326,34 @@ class VNet(nn.Module):
     hidden: tuple
     orthogonal: bool = False
     activation: str = "relu"
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs):
         act = nn.relu if self.activation == "relu" else jnp.tanh
         x = obs
         for h in self.hidden:
-            x = act(TorchLinear(h, self.orthogonal)(x))
-        return TorchLinear(1, self.orthogonal)(x)[..., 0]
+            x = act(TorchLinear(h, self.orthogonal, precision=self.precision)(x))
+        return TorchLinear(1, self.orthogonal, precision=self.precision)(x)[..., 0]
 
 
-def critic_ensemble(hidden: tuple, orthogonal: bool, n: int = 2) -> nn.Module:
+def critic_ensemble(hidden: tuple, orthogonal: bool, n: int = 2, precision: str = "float32") -> nn.Module:
     """`n` Q networks with independent parameters (IQL's twin Q), output [n, ...]."""
     return nn.vmap(QNet, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
-                   axis_size=n)(hidden=hidden, orthogonal=orthogonal)
+                   axis_size=n)(hidden=hidden, orthogonal=orthogonal, precision=precision)
 
 
 def actor_net(h: Hyper) -> GaussianActor:
-    return GaussianActor(h.act_dim, h.hidden_dims, h.orthogonal_init)
+    return GaussianActor(h.act_dim, h.hidden_dims, h.orthogonal_init, h.precision)
 
 
 def ppo_value_net(h: Hyper) -> VNet:
-    return VNet(h.value_hidden_dims, False, "tanh")  # PyTorch-default init (official ppo_net.MLP)
+    return VNet(h.value_hidden_dims, False, "tanh", h.precision)  # PyTorch-default init (official ppo_net.MLP)
 
 
 def iql_networks(h: Hyper):
-    return actor_net(h), critic_ensemble(h.hidden_dims, h.orthogonal_init), VNet(h.hidden_dims, h.orthogonal_init)
+    return (actor_net(h), critic_ensemble(h.hidden_dims, h.orthogonal_init, precision=h.precision),
+            VNet(h.hidden_dims, h.orthogonal_init, precision=h.precision))
 
 
 # ---------------------------------------------------------------------------------------------- maths

@@ -151,6 +151,7 @@ class TrainConfig:
     cql_clip_diff_min: float = float("-inf")  # clip of logsumexp - Q(s,a) (AntMaze -200)
     cql_clip_diff_max: float = float("inf")  # clip of logsumexp - Q(s,a)
     cql_backup_entropy: bool = False  # subtract alpha log pi(a'|s') in the CQL TD target
+    precision: str = "float32"  # float32 | bf16: bfloat16 matrix products summed in float32 (params, Adam: float32)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -180,6 +181,7 @@ class TrainConfig:
             need(self.finetune_n_critics <= self.cql_n_critics,
                  f"policy_reevaluation false keeps the offline critics: the {self.finetune_n_critics} fine-tuning "
                  f"critics must come from the cql_n_critics={self.cql_n_critics} offline ones")
+        need(self.precision in PRECISIONS, f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def finetune_n_critics(self) -> int:
@@ -233,6 +235,7 @@ class Hyper(NamedTuple):
     cql_clip_diff_min: float
     cql_clip_diff_max: float
     cql_backup_entropy: bool
+    precision: str
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
@@ -276,6 +279,18 @@ def _uniform(bound: float):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+PRECISIONS = ("float32", "bf16")
+
+
+def dot_general(precision: str):
+    """nn.Dense's product: Flax's float32 one (None), or for "bf16" both operands rounded to bfloat16 and the
+    products summed in float32, float32 out (parameters, gradients and optimiser state stay float32)."""
+    if precision == "float32":
+        return None
+    return lambda x, kernel, dims, precision=None, preferred_element_type=None: jax.lax.dot_general(  # noqa: E731
+        x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), dims, preferred_element_type=jnp.float32)
+
+
 class MLP(nn.Module):
     """ReLU MLP as in OCR `net.py`. init 'orthogonal': every kernel orthogonal(1.0), zero biases (CriticFunction);
     init 'torch': PyTorch-default hidden layers (U(+-1/sqrt(fan_in)) kernels and biases) and a xavier-uniform(1e-2)
@@ -284,22 +299,25 @@ class MLP(nn.Module):
     out_dim: int
     init: str = "orthogonal"
     layer_norm: bool = False
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
+        dot = dot_general(self.precision)
         for width in self.hidden:
             if self.init == "orthogonal":
-                dense = nn.Dense(width, kernel_init=orthogonal_kernel_init(1.0), bias_init=nn.initializers.zeros)
+                dense = nn.Dense(width, kernel_init=orthogonal_kernel_init(1.0), bias_init=nn.initializers.zeros,
+                                 dot_general=dot)
             else:
                 bound = 1.0 / math.sqrt(x.shape[-1])
-                dense = nn.Dense(width, kernel_init=_uniform(bound), bias_init=_uniform(bound))
+                dense = nn.Dense(width, kernel_init=_uniform(bound), bias_init=_uniform(bound), dot_general=dot)
             x = dense(x)
             if self.layer_norm:
                 x = nn.LayerNorm(epsilon=1e-5)(x)
             x = nn.relu(x)
         kernel = (orthogonal_kernel_init(1.0) if self.init == "orthogonal"
                   else nn.initializers.variance_scaling(1e-4, "fan_avg", "uniform"))  # xavier_uniform(gain 1e-2)
-        return nn.Dense(self.out_dim, kernel_init=kernel, bias_init=nn.initializers.zeros)(x)
+        return nn.Dense(self.out_dim, kernel_init=kernel, bias_init=nn.initializers.zeros, dot_general=dot)(x)
 
 
 class TanhGaussianActor(nn.Module):
@@ -309,10 +327,11 @@ class TanhGaussianActor(nn.Module):
     hidden: tuple
     log_std_multiplier: float = 1.0
     log_std_offset: float = -1.0
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs):
-        out = MLP(self.hidden, 2 * self.act_dim, init="torch")(obs)
+        out = MLP(self.hidden, 2 * self.act_dim, init="torch", precision=self.precision)(obs)
         mean, raw = jnp.split(out, 2, axis=-1)
         m = self.param("log_std_multiplier", lambda _: jnp.asarray(self.log_std_multiplier, jnp.float32))
         b = self.param("log_std_offset", lambda _: jnp.asarray(self.log_std_offset, jnp.float32))
@@ -322,32 +341,34 @@ class TanhGaussianActor(nn.Module):
 class QNet(nn.Module):
     hidden: tuple
     layer_norm: bool
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs, act):
-        return MLP(self.hidden, 1, "orthogonal", self.layer_norm)(jnp.concatenate([obs, act], -1))[..., 0]
+        x = jnp.concatenate([obs, act], -1)
+        return MLP(self.hidden, 1, "orthogonal", self.layer_norm, self.precision)(x)[..., 0]
 
 
-def critic_ensemble(hidden: tuple, n: int, layer_norm: bool) -> nn.Module:
+def critic_ensemble(hidden: tuple, n: int, layer_norm: bool, precision: str = "float32") -> nn.Module:
     """`n` Q networks with independent parameters, evaluated on the same inputs: output [n, ...]."""
     return nn.vmap(QNet, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
-                   axis_size=n)(hidden=hidden, layer_norm=layer_norm)
+                   axis_size=n)(hidden=hidden, layer_norm=layer_norm, precision=precision)
 
 
 def actor_net(h) -> TanhGaussianActor:
-    return TanhGaussianActor(h.act_dim, h.policy_hidden, h.log_std_multiplier, h.log_std_offset)
+    return TanhGaussianActor(h.act_dim, h.policy_hidden, h.log_std_multiplier, h.log_std_offset, h.precision)
 
 
 def cql_critic_net(h: Hyper) -> nn.Module:
     """The offline CQL critics (no LayerNorm)."""
-    return critic_ensemble(h.cql_critic_hidden, h.cql_n_critics, False)
+    return critic_ensemble(h.cql_critic_hidden, h.cql_n_critics, False, h.precision)
 
 
 def critic_net(h: Hyper) -> nn.Module:
     """The fine-tuning critics: fresh ones, or (policy_reevaluation false) the offline CQL critics' form."""
     if h.policy_reevaluation:
-        return critic_ensemble(h.critic_hidden, h.finetune_n_critics, h.critic_layernorm)
-    return critic_ensemble(h.cql_critic_hidden, h.finetune_n_critics, False)
+        return critic_ensemble(h.critic_hidden, h.finetune_n_critics, h.critic_layernorm, h.precision)
+    return critic_ensemble(h.cql_critic_hidden, h.finetune_n_critics, False, h.precision)
 
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -532,8 +553,8 @@ def cql_losses(params: dict, state: CQLState, batch: Buffer, key, h: Hyper):
     obs, next_obs = _norm(state, batch.obs), _norm(state, batch.next_obs)
     b, n = obs.shape[0], h.cql_n_actions
     target_entropy = -float(h.act_dim)  # SAC's -|A|
-    mean_all, log_std_all = actor.apply({"params": params["actor"]}, jnp.concatenate([obs, next_obs]))
-    mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
+    mean, log_std = actor.apply({"params": params["actor"]}, obs)
+    next_mean, next_log_std = actor.apply({"params": sg(params["actor"])}, next_obs)  # feeds detached samples only
 
     a_pi, logp_pi = tanh_gaussian_sample(mean, log_std, k_pi)
     alpha_loss = -(params["log_alpha"] * sg(logp_pi + target_entropy)).mean()
@@ -733,10 +754,9 @@ def cf_losses(params: dict, state: O2State, batch: Buffer, key, t, h: Hyper):
     k_pi, k_next = jax.random.split(key)
     obs, next_obs = _norm(state, batch.obs), _norm(state, batch.next_obs)
     b, target_entropy = obs.shape[0], -float(h.act_dim)  # SAC's -|A|
-    both = jnp.concatenate([obs, next_obs])
-    mean_all, log_std_all = actor.apply({"params": params["actor"]}, both)
-    ref_mean_all, ref_log_std_all = actor.apply({"params": state.ref_actor}, both)
-    mean, log_std, next_mean, next_log_std = mean_all[:b], log_std_all[:b], mean_all[b:], log_std_all[b:]
+    mean, log_std = actor.apply({"params": params["actor"]}, obs)
+    next_mean, next_log_std = actor.apply({"params": sg(params["actor"])}, next_obs)  # feeds detached samples only
+    ref_mean_all, ref_log_std_all = actor.apply({"params": state.ref_actor}, jnp.concatenate([obs, next_obs]))
 
     alpha = jnp.exp(params["log_alpha"]) if h.auto_alpha else jnp.exp(sg(params["log_alpha"]))
     lmbda = jnp.exp(params["log_lmbda"]) if h.constrained_finetuning else jnp.zeros(())

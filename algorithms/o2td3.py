@@ -141,6 +141,7 @@ class TrainConfig:
     threshold: float = 0.0025  # eps_0 of the MSE-to-reference threshold schedule
     end_threshold: float = 0.04  # eps_end of the threshold schedule
     end_steps: int = 100_000  # env steps over which eps_t rises from eps_0 to eps_end
+    precision: str = "float32"  # float32 | bf16: bfloat16 matrix products summed in float32 (params, Adam: float32)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -165,6 +166,7 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("actor_hidden", "critic_hidden"):
             need(len(getattr(self, name)) > 0 and all(x > 0 for x in getattr(self, name)), f"{name} must be positive")
+        need(self.precision in PRECISIONS, f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
 
 
 RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}  # may change on --resume
@@ -199,6 +201,7 @@ class Hyper(NamedTuple):
     end_threshold: float
     end_steps: int
     constrained_finetuning: bool
+    precision: str
     # derived (make_hyper)
     pretraining: bool  # the functions of the TD3+BC pre-training (its learning rates and critic architecture)
     layernorm: bool  # LayerNorm in the critics of the state these functions get
@@ -245,54 +248,70 @@ def orthogonal_kernel_init(scale: float):
     return init
 
 
-def dense(features: int) -> nn.Dense:
+PRECISIONS = ("float32", "bf16")
+
+
+def dot_general(precision: str):
+    """nn.Dense's product: Flax's float32 one (None), or for "bf16" both operands rounded to bfloat16 and the
+    products summed in float32, float32 out (parameters, gradients and optimiser state stay float32)."""
+    if precision == "float32":
+        return None
+    return lambda x, kernel, dims, precision=None, preferred_element_type=None: jax.lax.dot_general(  # noqa: E731
+        x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), dims, preferred_element_type=jnp.float32)
+
+
+def dense(features: int, precision: str) -> nn.Dense:
     """Linear layer with OCR's `orthogonal_net` init: orthogonal weights (gain 1), zero bias."""
-    return nn.Dense(features, kernel_init=orthogonal_kernel_init(1.0), bias_init=nn.initializers.zeros)
+    return nn.Dense(features, kernel_init=orthogonal_kernel_init(1.0), bias_init=nn.initializers.zeros,
+                    dot_general=dot_general(precision))
 
 
 class DeterministicActor(nn.Module):
     """pi(s) = tanh(MLP(s)) (OCR `DeterministicPolicy`)."""
     act_dim: int
     hidden: tuple
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs):
         x = obs
         for h in self.hidden:
-            x = nn.relu(dense(h)(x))
-        return jnp.tanh(dense(self.act_dim)(x))
+            x = nn.relu(dense(h, self.precision)(x))
+        return jnp.tanh(dense(self.act_dim, self.precision)(x))
 
 
 class QNet(nn.Module):
     """Q(s, a): [Linear -> LayerNorm (optional, PyTorch eps 1e-5) -> ReLU]* -> Linear (OCR `CriticFunction`)."""
     hidden: tuple
     layernorm: bool
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs, act):
         x = jnp.concatenate([obs, act], -1)
         for h in self.hidden:
-            x = dense(h)(x)
+            x = dense(h, self.precision)(x)
             if self.layernorm:
                 x = nn.LayerNorm(epsilon=1e-5)(x)
             x = nn.relu(x)
-        return dense(1)(x)[..., 0]
+        return dense(1, self.precision)(x)[..., 0]
 
 
-def critic_ensemble(hidden: tuple, layernorm: bool, n: int) -> nn.Module:
+def critic_ensemble(hidden: tuple, layernorm: bool, n: int, precision: str = "float32") -> nn.Module:
     """`n` Q networks with independent parameters, evaluated on the same inputs: output [n, ...]."""
     return nn.vmap(QNet, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
-                   axis_size=n)(hidden=hidden, layernorm=layernorm)
+                   axis_size=n)(hidden=hidden, layernorm=layernorm, precision=precision)
 
 
 def networks(h: Hyper):
-    return DeterministicActor(h.act_dim, h.actor_hidden), critic_ensemble(h.critic_hidden, h.layernorm, h.n_critics)
+    return (DeterministicActor(h.act_dim, h.actor_hidden, h.precision),
+            critic_ensemble(h.critic_hidden, h.layernorm, h.n_critics, h.precision))
 
 
 def q_first(critic_params, obs, act, h: Hyper):
     """Q_1(s, a) alone (the member the actor losses use), without evaluating the other members."""
     member = jax.tree.map(lambda x: x[0], critic_params)
-    return QNet(h.critic_hidden, h.layernorm).apply({"params": member}, obs, act)
+    return QNet(h.critic_hidden, h.layernorm, h.precision).apply({"params": member}, obs, act)
 
 
 # ---------------------------------------------------------------------------------------------- maths

@@ -128,6 +128,7 @@ class TrainConfig:
     eval_epsilon: float = 0.1  # evaluation: epsilon-greedy policy sample and gate (official 0.1; 0 = greedy)
     clip_actions: bool = True  # clip the new policy's action to [-1, 1] before the gate (deviation 4)
     reset_optimizers: bool = True  # fresh Adam states for Q and V online (official); false keeps them
+    precision: str = "float32"  # float32 | bf16: bfloat16 matrix products summed in float32 (params, Adam: float32)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -154,6 +155,7 @@ class TrainConfig:
         need(self.inv_temperature >= 0, f"inv_temperature must be >= 0, got {self.inv_temperature}")
         need(0.0 <= self.eval_epsilon <= 1.0, f"eval_epsilon must be in [0, 1], got {self.eval_epsilon}")
         need(len(self.hidden_dims) > 0 and all(h > 0 for h in self.hidden_dims), "hidden_dims must be positive")
+        need(self.precision in PRECISIONS, f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
 
 
 RESUME_FREE = {"resume", "overwrite", "offline_checkpoint", "wandb_mode", "online_steps", "run_dir"}  # may change on --resume
@@ -184,6 +186,7 @@ class Hyper(NamedTuple):
     offline_cosine: bool
     inv_temperature: float
     clip_actions: bool
+    precision: str
 
 
 def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
@@ -192,11 +195,23 @@ def make_hyper(cfg: TrainConfig, obs_dim: int, act_dim: int) -> Hyper:
 
 
 # ---------------------------------------------------------------------------------------------- networks
+PRECISIONS = ("float32", "bf16")
+
+
+def matmul(x, kernel, precision: str):
+    """x @ kernel. "bf16": both operands rounded to bfloat16, products summed in float32, float32 out (the
+    parameters, gradients and optimiser state stay float32)."""
+    if precision == "bf16":
+        return jnp.matmul(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return x @ kernel
+
+
 class TorchLinear(nn.Module):
     """Dense layer; PyTorch's default init (weights and biases ~ U(+-1/sqrt(fan_in))) or, with `xavier`,
     xavier-uniform weights and zero biases (official PEX actor). Same parameter names as iql.py's."""
     features: int
     xavier: bool = False
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
@@ -208,7 +223,7 @@ class TorchLinear(nn.Module):
                 key, shape, dtype, -bound, bound)
         kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features))
         bias = self.param("bias", bias_init, (self.features,))
-        return x @ kernel + bias
+        return matmul(x, kernel, self.precision) + bias
 
 
 class GaussianActor(nn.Module):
@@ -217,49 +232,52 @@ class GaussianActor(nn.Module):
     hidden: tuple
     log_std_min: float
     xavier: bool
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs):
         x = obs
         for h in self.hidden:
-            x = nn.relu(TorchLinear(h, self.xavier)(x))
-        mean = jnp.tanh(TorchLinear(self.act_dim, self.xavier)(x))
+            x = nn.relu(TorchLinear(h, self.xavier, precision=self.precision)(x))
+        mean = jnp.tanh(TorchLinear(self.act_dim, self.xavier, precision=self.precision)(x))
         log_std = self.param("log_std", nn.initializers.zeros, (self.act_dim,))
         return mean, jnp.clip(log_std, self.log_std_min, LOG_STD_MAX)
 
 
 class QNet(nn.Module):
     hidden: tuple
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs, act):
         x = jnp.concatenate([obs, act], -1)
         for h in self.hidden:
-            x = nn.relu(TorchLinear(h)(x))
-        return TorchLinear(1)(x)[..., 0]
+            x = nn.relu(TorchLinear(h, precision=self.precision)(x))
+        return TorchLinear(1, precision=self.precision)(x)[..., 0]
 
 
 class VNet(nn.Module):
     hidden: tuple
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, obs):
         x = obs
         for h in self.hidden:
-            x = nn.relu(TorchLinear(h)(x))
-        return TorchLinear(1)(x)[..., 0]
+            x = nn.relu(TorchLinear(h, precision=self.precision)(x))
+        return TorchLinear(1, precision=self.precision)(x)[..., 0]
 
 
-def critic_ensemble(hidden: tuple, n: int) -> nn.Module:
+def critic_ensemble(hidden: tuple, n: int, precision: str = "float32") -> nn.Module:
     """`n` Q networks with independent parameters, evaluated on the same inputs: output [n, ...]."""
     return nn.vmap(QNet, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
-                   axis_size=n)(hidden=hidden)
+                   axis_size=n)(hidden=hidden, precision=precision)
 
 
 def networks(h: Hyper):
     """(actor, Q ensemble, V); the offline and the new policy are two parameter sets of the same actor."""
-    actor = GaussianActor(h.act_dim, h.hidden_dims, h.log_std_min, h.actor_init == "xavier")
-    return actor, critic_ensemble(h.hidden_dims, h.n_critics), VNet(h.hidden_dims)
+    actor = GaussianActor(h.act_dim, h.hidden_dims, h.log_std_min, h.actor_init == "xavier", h.precision)
+    return actor, critic_ensemble(h.hidden_dims, h.n_critics, h.precision), VNet(h.hidden_dims, h.precision)
 
 
 # ---------------------------------------------------------------------------------------------- maths

@@ -89,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--algos", default=",".join(ALGOS), help=f"comma-separated subset of {','.join(ALGOS)}")
     p.add_argument("--num_seeds", default="1,2,4", type=lambda s: [int(x) for x in s.split(",")],
                    help="IQL: seeds trained together (vmapped), aggregate updates/s for each count")
+    p.add_argument("--precision", default="float32", choices=("float32", "bf16"),
+                   help="the algorithms' `precision` field (bf16: bfloat16 matrix products summed in float32)")
     p.add_argument("--env_steps", type=int, default=2000, help="online loop: env steps timed per algorithm")
     p.add_argument("--profile", default="iql,cal_ql",
                    help="comma-separated algorithms whose update block is also traced with jax.profiler to split its "
@@ -156,14 +158,15 @@ def first_rows(buffer, n):
     return jax.tree.map(lambda x: x[:n], buffer)
 
 
-def load_config(module, name, block):
+def load_config(module, name, block, precision="float32"):
     """The algorithm's Hopper config (pyrallis.decode: what pyrallis.parse gives without a command line, ~1 s
-    faster) with update_block = `block`, and its path."""
+    faster) with update_block = `block` and the given `precision`, and its path."""
     import pyrallis
     import yaml
     path = ROOT / "configs" / name / "o2o" / "hopper" / "medium-v0.yaml"
     cfg = pyrallis.decode(module.TrainConfig, yaml.safe_load(path.read_text()))
     cfg.update_block = block
+    cfg.precision = precision
     return cfg, str(path.relative_to(ROOT))
 
 
@@ -216,7 +219,7 @@ class Setup(NamedTuple):
 def prepare(name, args, hyper=lambda module, cfg: module.make_hyper(cfg, OBS_DIM, ACT_DIM)):
     """(module, config, Hyper, offline buffer, description) of algorithm `name`."""
     module = importlib.import_module(name)
-    cfg, source = load_config(module, name, args.block)
+    cfg, source = load_config(module, name, args.block, args.precision)
     h = hyper(module, cfg)
     return module, cfg, h, offline_buffer(module, args.rows), describe(source, h)
 
@@ -572,7 +575,8 @@ def main(args):
     result = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "jax": jax.__version__, "backend": jax.default_backend(),
               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "load_average_before": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "rows": args.rows, "block": args.block, "env": ENV_ID, "env_steps": args.env_steps,
+              "rows": args.rows, "block": args.block, "precision": args.precision, "env": ENV_ID,
+              "env_steps": args.env_steps,
               "online_note": ONLINE_NOTE}
     try:
         with open("/proc/cpuinfo") as f:

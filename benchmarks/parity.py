@@ -191,11 +191,14 @@ MATCH_BAND = 5.0  # normalised points: "match" when the 95% interval of the diff
 MIN_SEEDS = 3
 LEARN_COLUMNS = ["implementation", "entry"] + sweep.CSV_COLUMNS
 REFERENCE_NAMES = {"corl": "CORL", "calql_official": "Cal-QL (official)", "ocr_cft": "OCR-CFT",
-                   "pex": "PEX (official)", "aca": "ACA (official)"}
+                   "pex": "PEX (official)", "aca": "ACA (official)", "float32": "ours in float32"}
 
 
 def implementation(entry: dict) -> str:
-    """'ours', or the reference adapter an entry's command runs (run_reference.py REFERENCE ALGO ...)."""
+    """'ours', the entry's own `implementation` label (e.g. float32 against ours in bf16), or the reference adapter
+    an entry's command runs (run_reference.py REFERENCE ALGO ...)."""
+    if entry.get("implementation"):
+        return str(entry["implementation"])
     command = entry.get("command")
     if not command:
         return "ours"

@@ -12,7 +12,8 @@ A protocol (benchmarks/protocols/*.yaml) names `algorithms` (each with overrides
 budgets; an entry `o2td3-naive: {script: o2td3, ...}` runs a variant of algorithms/o2td3.py under its own
 label; an entry's own `command` replaces the protocol's for its runs, e.g. to run a reference implementation
 with the same config and overrides (benchmarks/parity.py learn), and its own `datasets` (a subset of the
-protocol's) limits it to those; `offline_from: <entry>` starts each of its runs from that earlier entry's
+protocol's) limits it to those; `implementation: <label>` names the side an entry is in parity.py's comparison
+(not passed to the script); `offline_from: <entry>` starts each of its runs from that earlier entry's
 offline checkpoint of the
 same dataset and seeds, `--offline_checkpoint <its run dir>/checkpoints/offline`, so variants that differ
 only online share one pre-training and start from the same offline policy), `datasets`, `seeds`, optional
@@ -297,6 +298,7 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
         fields = config_fields(root / script) if check_overrides else None
         merged = {**protocol["common"], **(overrides or {})}
         merged.pop("script", None)
+        merged.pop("implementation", None)  # a report's label of the entry (parity.py), not a config field
         command = merged.pop("command", None)
         entry_datasets = merged.pop("datasets", None)
         if entry_datasets is not None and (not isinstance(entry_datasets, list) or set(entry_datasets) - set(datasets)):

@@ -205,6 +205,7 @@ def test_committed_generated_sections_match_their_generators():
     table; docs/: the long ones), and holds exactly what the generator writes from the committed results files."""
     import re
     import dataset_report
+    import precision
     import speed_table
     from readme_tables import DOCS, README
     sections = {}
@@ -227,7 +228,8 @@ def test_committed_generated_sections_match_their_generators():
                                                        json.loads((results / "quickstart_times.json").read_text()))),
         "datasets": (dataset_report.DOC, dataset_report.markdown(json.loads((results / "datasets.json").read_text()))),
         **{s: (DOCS / "benchmarks.md", (results / f"{s}_probe.md").read_text())
-           for s in ("pex_switch", "alignment", "cal_ql_offline")}}
+           for s in ("pex_switch", "alignment", "cal_ql_offline")},
+        "precision": (DOCS / "speed.md", precision.table(json.loads((results / "precision.json").read_text())))}
     for name, (page, text) in expected.items():
         assert sections[name][0] == page, (name, sections[name][0])
         assert sections[name][1] == text.strip(), f"section {name} differs from what its generator writes"

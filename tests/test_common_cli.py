@@ -66,6 +66,7 @@ def test_mistyped_option_is_an_error(module, capsys):
 @pytest.mark.parametrize("field, value, match", [
     ("wandb_mode", "of", "wandb_mode must be online|offline|disabled"),
     ("num_seeds", 0, "num_seeds must be > 0"),
+    ("precision", "fp16", "precision must be one of float32|bf16"),
 ])
 def test_invalid_common_fields_name_themselves(module, field, value, match):
     with pytest.raises(ValueError, match=match):

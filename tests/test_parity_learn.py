@@ -121,6 +121,21 @@ def test_entry_command_and_datasets(tmp_path):
         sweep.build_plan(protocol, ROOT)
 
 
+def test_precision_protocol_pairs_bf16_with_float32():
+    """benchmarks/protocols/precision_learn.yaml: each algorithm in bf16 ("ours") against the same file in float32,
+    the `implementation` label not passed to the script."""
+    protocol = sweep.load_protocol("precision_learn")
+    plan = sweep.build_plan(protocol, ROOT)
+    for algo in ("iql", "cal_ql"):
+        assert parity.learn_entries(protocol, algo) == [algo, f"{algo}@float32"]
+        assert [parity.implementation(protocol["algorithms"][e]) for e in parity.learn_entries(protocol, algo)] == [
+            "ours", "float32"]
+    for run in plan.runs:
+        args = run.args(protocol["command"])
+        assert "--implementation" not in args
+        assert args[args.index("--precision") + 1] == ("float32" if run.algo.endswith("@float32") else "bf16")
+
+
 # ---- statistics and verdicts
 def test_bootstrap_and_verdict():
     diff, lo, hi = parity.bootstrap_diff([50, 52, 51], [50, 52, 51])

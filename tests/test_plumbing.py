@@ -62,6 +62,8 @@ SHARED = {
     "expectile_loss": ("iql", "pex", "o2ppo"),
     "score_of": ("o2sac", "o2td3", "o2ppo"),
     "cql_logsumexp": ("cal_ql", "o2sac"),
+    "matmul": ("iql", "aca", "pex", "o2ppo"),
+    "dot_general": ("cal_ql", "o2sac", "o2td3"),
 }
 
 
