@@ -105,12 +105,12 @@ def parse_args(argv=None):
     return args
 
 
-def matmul_rate(m, k=256, n=256, seconds=2.0, batch=()):
-    """float32 GFLOP/s of an (m, k) @ (k, n) matmul; with batch=(B,), B independent ones in one batched matmul (the
-    shape a layer takes when B seeds are vmapped)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (*batch, m, k), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (*batch, k, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
+def matmul_rate(m, k=256, n=256, seconds=2.0, batch=(), dtype=jnp.float32):
+    """GFLOP/s of an (m, k) @ (k, n) matmul with `dtype` operands summed in float32; with batch=(B,), B independent
+    ones in one batched matmul (the shape a layer takes when B seeds are vmapped)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (*batch, m, k), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (*batch, k, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     f(a, b).block_until_ready()
     reps, t0 = 0, time.perf_counter()
     while reps == 0 or time.perf_counter() - t0 < seconds:

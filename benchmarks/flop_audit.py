@@ -18,8 +18,8 @@ the weight gradient plus 2 R i o for the input gradient, without the input gradi
 its input needs none; an ensemble of n members costs n times that. A loss that only differentiates through a network
 into its input (an actor loss through Q(s, pi(s))) gets the input-gradient terms only (of the first layer: the action
 columns). An item run every k-th update (o2td3's delayed actor step) counts 1/k per update.
-Excess: what the update computes beyond that minimum, as named items computed with the same cost model (why, and for
-a real waste in our code where it is and the minimal change). measured matmul = minimum + listed excess, up to
+Excess: what the update computes beyond that minimum, as named items computed with the same cost model, each with
+the reason it stays. measured matmul = minimum + listed excess, up to
 `unexplained` (expected 0); tests/test_flop_audit.py checks that every algorithm stays within it.
 """
 import argparse
@@ -32,7 +32,6 @@ from pathlib import Path
 import jax
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import bench_updates as B  # noqa: E402
 from readme_tables import DOCS, update_readme  # noqa: E402
@@ -218,21 +217,9 @@ def item(name, flops, every=1):
     return {"item": name, "flops": int(flops), "every": every}
 
 
-def excess(name, flops, why, waste=None):
-    """Products beyond the minimum; waste: {"where": file:line, "fix": the minimal change} for a real waste."""
-    out = {"item": name, "flops": int(flops), "why": why}
-    if waste:
-        out["waste"] = waste
-    return out
-
-
-def where(module, snippet):
-    """'algorithms/<file>.py:<line>' of the first line of `module`'s source containing `snippet`."""
-    path = Path(module.__file__)
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if snippet in line:
-            return f"{path.relative_to(ROOT)}:{i}"
-    return f"{path.relative_to(ROOT)} (not found: {snippet!r})"
+def excess(name, flops, why):
+    """Products beyond the minimum, and why they stay."""
+    return {"item": name, "flops": int(flops), "why": why}
 
 
 # ---------------------------------------------------------------------------------------------- the minimum
@@ -265,7 +252,7 @@ def audit_pex(h, module):
     return iql_family(h, h.n_critics, h.batch_size)
 
 
-def cql_family(module, h, policy_hidden, critic_hidden, n_critics, n_actions, max_backup):
+def cql_family(h, policy_hidden, critic_hidden, n_critics, n_actions, max_backup):
     """CQL / Cal-QL: one gradient of all losses. Tanh-Gaussian actor (one head of 2|A|: mean and log-std), Q
     ensemble on [s, a]; the actor loss through min_i Q_i(s, a~) with the critic's parameters frozen."""
     b, o, a = h.batch_size, h.obs_dim, h.act_dim
@@ -289,12 +276,12 @@ def cql_family(module, h, policy_hidden, critic_hidden, n_critics, n_actions, ma
 
 
 def audit_cal_ql(h, module):
-    return cql_family(module, h, h.policy_hidden, h.critic_hidden, h.n_critics, h.cql_n_actions,
+    return cql_family(h, h.policy_hidden, h.critic_hidden, h.n_critics, h.cql_n_actions,
                       h.cql_max_target_backup)
 
 
 def audit_o2sac(h, module):
-    return cql_family(module, h, h.policy_hidden, h.cql_critic_hidden, h.cql_n_critics, h.cql_n_actions,
+    return cql_family(h, h.policy_hidden, h.cql_critic_hidden, h.cql_n_critics, h.cql_n_actions,
                       h.cql_max_target_backup)
 
 
@@ -383,9 +370,7 @@ def table(result):
         for x in r["excess"]:
             share = x["fraction_of_minimum"]
             text = f"{x['item']} ({100 * share:+.1f}%)" if share >= 0.001 else f"{x['item']} (< 0.1%)"
-            if "waste" in x:
-                text += f": waste, `{x['waste']['where']}`"
-            elif share >= NOTE_THRESHOLD:
+            if share >= NOTE_THRESHOLD:
                 text += ": not a waste"
             notes.append(text)
         if abs(r["unexplained_flops"]) > TOLERANCE * r["minimum_flops"]:

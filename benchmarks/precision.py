@@ -1,8 +1,10 @@
 """Speed of every algorithm's offline update in both precisions (`precision: float32` and `precision: bf16`),
 measured interleaved in one process, written into docs/speed.md (section `precision`).
 
-    python benchmarks/precision.py                          # all seven, 3 rounds (~15 min on 2 idle cores)
+    python benchmarks/precision.py                          # all seven, 3 rounds
     python benchmarks/precision.py --algos iql,cal_ql --rounds 5 --seconds 10
+    python benchmarks/precision.py --block 50 --seconds 4     # the committed run: ~25 min on one busy core (the
+                                                            # CQL-based cal_ql and o2sac take most of it)
 
 Each algorithm's offline update block is built as benchmarks/bench_updates.py builds it (its Hopper config,
 synthetic Hopper-shaped data, batch 256, batches sampled inside the jitted lax.scan), once per precision, both
@@ -33,6 +35,7 @@ import bench_updates as B  # noqa: E402
 from readme_tables import DOCS, update_readme  # noqa: E402
 
 PRECISIONS = ("float32", "bf16")
+DTYPES = {"float32": jnp.float32, "bf16": jnp.bfloat16}
 SECTION = "precision"
 
 
@@ -54,21 +57,6 @@ def parse_args(argv=None):
     return args
 
 
-def matmul_rate(dtype, n=256, seconds=1.0):
-    """GFLOP/s of an n x n x n product with `dtype` operands summed in float32."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dtype)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n)).astype(dtype)
-    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
-    f(a, b).block_until_ready()
-    reps, t0 = 0, time.perf_counter()
-    while reps == 0 or time.perf_counter() - t0 < seconds:
-        for _ in range(20):
-            out = f(a, b)
-        out.block_until_ready()
-        reps += 20
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
-
-
 def compiled_block(name, precision, args):
     """(run: state -> (state, metrics), the one-seed state) of `name`'s offline block in `precision`."""
     setup = B.SETUPS[name](B.parse_args(["--rows", str(args.rows), "--block", str(args.block),
@@ -82,7 +70,7 @@ def measure(args) -> dict:
     result = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "jax": jax.__version__, "backend": jax.default_backend(),
               "cpu_count": os.cpu_count(), "load_average_before": os.getloadavg(), "rounds": args.rounds,
               "seconds": args.seconds, "block": args.block, "rows": args.rows,
-              "matmul_256_gflops": {p: matmul_rate(jnp.float32 if p == "float32" else jnp.bfloat16)
+              "matmul_256_gflops": {p: B.matmul_rate(256, seconds=1.0, dtype=DTYPES[p])["gflops"]
                                     for p in PRECISIONS}, "algorithms": {}}
     print("matmul 256^3: " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in result["matmul_256_gflops"].items()))
     for name in args.algos.split(","):

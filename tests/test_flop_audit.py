@@ -21,8 +21,6 @@ def test_matmul_flops_within_minimum_and_explained_excess(name):
     assert r["xla_flops"] >= measured * (1 - F.TOLERANCE)  # XLA's total includes the products
     for x in r["excess"]:
         assert x["flops"] > 0 and x["why"]
-        if "waste" in x:
-            assert "not found" not in x["waste"]["where"], x["waste"]["where"]
 
 
 def test_dot_counter_calls_and_conditional_branches():
