@@ -23,9 +23,10 @@ Deviations (and the switch that restores the reference behaviour where one exist
      also ends at an episode end); official: an update after every env step (`online_block: 1`, slower).
   2. Online evaluation + checkpoint at the first episode end after every `online_eval_every` env steps (official:
      every 1000 steps, mid-episode); offline every `offline_eval_every` updates (official: 1000, logging only).
-  3. Only true terminations are terminal, time-limit truncations bootstrap (d3rlpy 1.1.0's online buffer also flags
-     the transition before a termination and drops the last one of time-limited episodes: not reproduced).
-  4. Updates start when the online buffer holds more than `batch_size` rows (d3rlpy's count lags by one).
+  3. Only true terminations are terminal, time-limit truncations bootstrap (`d3rlpy_terminals: true`: as d3rlpy
+     1.1.0's online buffer, the transition before a termination is terminal too, a time-limited episode's last one
+     is dropped, and each transition is stored one env step late).
+  4. Updates start when the online buffer holds more than `batch_size` rows (d3rlpy's count lags by one, as with 3).
   5. w in closed form, max(w0 - n w0 / (k * `interpolation_unit`), w_min) (official: float64 decrements).
   6. Datasets: this project's `o2o/<env>/<level>-v0` (Gymnasium v5) and Minari's `D4RL/antmaze/*-v1` (official:
      D4RL *-v2); `terminate_on_success` (AntMaze) ends an episode as terminal on info['success'] (D4RL eval=True).
@@ -108,6 +109,7 @@ class TrainConfig:
     online_reward_bias: float = 0.0  # online shift, also for seeded offline episodes (official AntMaze: -1)
     terminate_on_success: bool = False  # end episodes as terminal when info['success'] (D4RL AntMaze eval=True)
     n_trajs: int = 0  # seed the online buffer with the n_trajs highest-return offline episodes (0 = empty buffer)
+    d3rlpy_terminals: bool = False  # official: the step before a termination is terminal too (deviation 3)
     # networks and optimisers
     hidden_dims: List[int] = field(default_factory=lambda: [256, 256])  # hidden widths of actor, critics, Z
     n_critics: int = 2  # size of the critic ensemble and of the baseline ensemble (min over members)
@@ -816,13 +818,11 @@ def train(cfg: TrainConfig) -> dict:
             ep = Episodes(cfg, h, prog, world.envs, seeds)
             bar = tqdm(total=cfg.online_steps * N, initial=int(prog.env_steps.sum()), desc="ACA online", mininterval=5)
             while prog.env_steps.min() < cfg.online_steps:
-                n, act_key = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
+                n, steps, n_updates, act_key = collect(cfg, world, state, prog, ep, act_key, seeds, rec.logger)
                 starts = (world.n_seed + prog.online_size).astype(np.int32)  # buffer rows before this block
                 online = buffer_insert(online, Buffer(**{k: jnp.asarray(v) for k, v in ep.chunk.items()}),
                                        jnp.asarray(starts))
                 prog.online_size += n
-                # one update per env step whose transition made the buffer larger than batch_size (official rule)
-                n_updates = n - np.minimum(n, np.maximum(0, cfg.batch_size - starts))
                 logged = {}
                 if n_updates.any():
                     state, metrics = update_online(state, online, jnp.asarray(starts + n), jnp.asarray(n_updates), h)
@@ -830,8 +830,8 @@ def train(cfg: TrainConfig) -> dict:
                     prog.updates += n_updates
                 rec.logger.log({**logged, "online/env_steps": int(prog.env_steps.sum()),
                                 "online/updates": int(prog.updates.sum())})
-                bar.update(int(n.sum()))
-                ep.due |= ((n > 0) & ep.at_start & ((prog.env_steps >= prog.next_eval) | run.stop)
+                bar.update(int(steps.sum()))
+                ep.due |= ((steps > 0) & ep.at_start & ((prog.env_steps >= prog.next_eval) | run.stop)
                            & (prog.env_steps < cfg.online_steps))  # (a stop: checkpoint at every seed's episode end)
                 if ep.due.any() and (ep.due | (prog.env_steps >= cfg.online_steps)).all():
                     which = [i for i in range(N) if ep.due[i] and prog.env_steps[i] >= prog.next_eval[i]]
@@ -1061,7 +1061,7 @@ def start_or_resume(cfg: TrainConfig, run, world: World, seeds: list):
     """(state, progress, online buffer): fresh, or restored from run.resume_from (state, counters, RNG keys, online
     rows), or the SAC+ML state of run.offline_from to align and fine-tune."""
     h, N, n_seed = world.h, len(seeds), world.n_seed
-    capacity = n_seed + cfg.online_steps + cfg.online_block
+    capacity = n_seed + cfg.online_steps + cfg.online_block + int(cfg.d3rlpy_terminals)
 
     def column(x, shape):  # per seed: [seeded rows | online transitions | slack for a full chunk]
         out = np.zeros((N, capacity) + shape, np.float32)
@@ -1147,20 +1147,28 @@ class Episodes:
             if prog.env_rng[i] is not None:
                 env_rng_restore(env, prog.env_rng[i], seeds[i])
         self.first_reset = np.array([snapshot is None for snapshot in prog.env_rng])
-        self.chunk = {k: np.zeros((N, cfg.online_block) + s, np.float32) for k, s in
+        self.chunk = {k: np.zeros((N, cfg.online_block + int(cfg.d3rlpy_terminals)) + s, np.float32) for k, s in
                       (("obs", (h.obs_dim,)), ("act", (h.act_dim,)), ("rew", ()), ("next_obs", (h.obs_dim,)),
                        ("done", ()))}
         self.obs = np.zeros((N, h.obs_dim), np.float32)
         self.at_start = np.ones(N, bool)
         self.ret, self.length, self.recent = np.zeros(N), np.zeros(N, np.int64), [[] for _ in range(N)]
         self.due = np.zeros(N, bool)  # waiting for the synchronised evaluation + checkpoint
+        self.pending = [None] * N  # d3rlpy_terminals: this episode's last transition, stored at the next env step
 
 
 def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes, act_key, seeds, logger):
-    """Up to online_block env steps per seed with the current policy, into ep.chunk; a seed's block also ends at an
-    episode end. Returns (steps per seed, the advanced exploration keys)."""
+    """Up to online_block env steps per seed with the current policy, their transitions into ep.chunk; a seed's
+    block also ends at an episode end. Returns per seed the transitions, the env steps and the updates due (official
+    rule: one per env step after which the buffer holds more than batch_size rows), and the advanced exploration
+    keys. d3rlpy_terminals: a transition is stored at the next env step, with that step's termination flag."""
     N = len(seeds)
-    n = np.zeros(N, np.int32)
+    n, steps, updates = np.zeros(N, np.int32), np.zeros(N, np.int32), np.zeros(N, np.int32)
+
+    def store(i, row):
+        for k, v in zip(("obs", "act", "next_obs", "done", "rew"), row):
+            ep.chunk[k][i, n[i]] = v
+        n[i] += 1
     active = ~ep.due & (prog.env_steps < cfg.online_steps)
     while active.any():
         for i in np.flatnonzero(active):
@@ -1173,10 +1181,17 @@ def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes,
         for i in np.flatnonzero(active):
             next_obs, r, term, trunc, info = world.envs[i].step(actions[i])
             term = term or (cfg.terminate_on_success and bool(info.get("success", False)))
-            j, c = n[i], ep.chunk
-            c["obs"][i, j], c["act"][i, j], c["next_obs"][i, j] = ep.obs[i], actions[i], next_obs
-            c["done"][i, j], c["rew"][i, j] = float(term), world.reward(r, cfg)
-            n[i], prog.env_steps[i] = j + 1, prog.env_steps[i] + 1
+            row = (ep.obs[i].copy(), actions[i].copy(), next_obs, float(term), world.reward(r, cfg))
+            if not cfg.d3rlpy_terminals:
+                store(i, row)
+            else:
+                if ep.pending[i] is not None:
+                    store(i, ep.pending[i][:3] + (float(term),) + ep.pending[i][4:])
+                ep.pending[i] = None if term or trunc else row
+                if term:
+                    store(i, row)
+            steps[i], prog.env_steps[i] = steps[i] + 1, prog.env_steps[i] + 1
+            updates[i] += world.n_seed + prog.online_size[i] + n[i] > cfg.batch_size
             ep.ret[i], ep.length[i] = ep.ret[i] + float(r), ep.length[i] + 1
             ep.obs[i] = next_obs
             if term or trunc:
@@ -1185,9 +1200,9 @@ def collect(cfg: TrainConfig, world: World, state, prog: Progress, ep: Episodes,
                 logger.log({f"online/episode_return{'' if N == 1 else f'/seed{seeds[i]}'}": float(ep.ret[i]),
                             "online/episode_length": int(ep.length[i]), "online/env_steps": int(prog.env_steps[i])})
                 ep.at_start[i] = True
-            if ep.at_start[i] or n[i] == cfg.online_block or prog.env_steps[i] >= cfg.online_steps:
+            if ep.at_start[i] or steps[i] == cfg.online_block or prog.env_steps[i] >= cfg.online_steps:
                 active[i] = False
-    return n, act_key
+    return n, steps, updates, act_key
 
 
 def summarize(eval_path: Path) -> dict:

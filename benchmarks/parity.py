@@ -383,7 +383,7 @@ def learn_plot(rows: list, path: Path):
 
 def learn_readme(summary: list) -> str:
     lines = ["Learning parity: ours and the reference trained with the same data, hyper-parameters, budgets and "
-             "evaluations, 3 seeds each (`python benchmarks/parity.py learn all --reference_dir DIR`; every "
+             "evaluations, at least 3 seeds a side (`python benchmarks/parity.py learn all --reference_dir DIR`; every "
              "evaluation, the curves and the budgets in [benchmarks/results/parity/learn.md]"
              "(benchmarks/results/parity/learn.md)). Final online score, mean ± std; verdict fixed in advance: "
              f"*match* when the 95% bootstrap interval of the difference contains 0 or lies within ±{MATCH_BAND:g}.",

@@ -171,7 +171,8 @@ def markdown(protocol: dict, summary: dict, rows: list, algos: list, datasets: l
              png: Path, include_unfinished: bool, page_dir: Path = ROOT) -> str:
     """The full report; `page_dir`: the directory of the page it goes in (the curves' image link is relative to it)."""
     rel = lambda p: str(p.resolve().relative_to(ROOT)) if p.resolve().is_relative_to(ROOT) else str(p)  # noqa
-    planned = len(protocol["seeds"]) * len(protocol["datasets"]) * len(protocol["algorithms"])
+    planned = sum(len(o.get("seeds") or protocol["seeds"]) * len(o.get("datasets") or protocol["datasets"])
+                  for o in (o or {} for o in protocol["algorithms"].values()))
     runs = {(r["algorithm"], r["dataset"], r["seed"]) for r in rows}
     finished = {(r["algorithm"], r["dataset"], r["seed"]) for r in rows if r["finished"]}
     missing = [a for a in protocol["algorithms"] if not any(k[0] == a for k in summary)]

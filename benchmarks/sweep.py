@@ -12,7 +12,8 @@ A protocol (benchmarks/protocols/*.yaml) names `algorithms` (each with overrides
 budgets; an entry `o2td3-naive: {script: o2td3, ...}` runs a variant of algorithms/o2td3.py under its own
 label; an entry's own `command` replaces the protocol's for its runs, e.g. to run a reference implementation
 with the same config and overrides (benchmarks/parity.py learn), and its own `datasets` (a subset of the
-protocol's) limits it to those; `implementation: <label>` names the side an entry is in parity.py's comparison
+protocol's) limits it to those, and its own `seeds` replaces the protocol's (e.g. more seeds where an effect
+is close to seed noise); `implementation: <label>` names the side an entry is in parity.py's comparison
 (not passed to the script); `offline_from: <entry>` starts each of its runs from that earlier entry's
 offline checkpoint of the
 same dataset and seeds, `--offline_checkpoint <its run dir>/checkpoints/offline`, so variants that differ
@@ -277,8 +278,10 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
         if d not in known:
             errors.append(f"unknown dataset id '{d}'{_suggest(d, known)} (known ids: configs/make_configs.py)")
     filters = parse_only(only)
+    all_seeds = set(seeds).union(*((o or {}).get("seeds") for o in algos.values()
+                                   if isinstance((o or {}).get("seeds"), list)))
     for f in filters:
-        for key, universe in (("algo", algos), ("dataset", datasets), ("seed", [str(s) for s in seeds])):
+        for key, universe in (("algo", algos), ("dataset", datasets), ("seed", [str(s) for s in sorted(all_seeds)])):
             for v in f.get(key, ()):
                 if v not in universe:
                     errors.append(f"--only {key}={v}: not in the protocol ({', '.join(map(str, universe))})")
@@ -301,6 +304,12 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
         merged.pop("implementation", None)  # a report's label of the entry (parity.py), not a config field
         command = merged.pop("command", None)
         entry_datasets = merged.pop("datasets", None)
+        entry_seeds = merged.pop("seeds", None)
+        if entry_seeds is not None and (not isinstance(entry_seeds, list) or not entry_seeds or len(set(entry_seeds))
+                                        != len(entry_seeds) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                                       for s in entry_seeds)):
+            errors.append(f"{a}: seeds must be a non-empty list of distinct integers, got {entry_seeds!r}")
+            entry_seeds = None
         if entry_datasets is not None and (not isinstance(entry_datasets, list) or set(entry_datasets) - set(datasets)):
             errors.append(f"{a}: datasets must be a list of the protocol's datasets, got {entry_datasets!r}")
             entry_datasets = None
@@ -339,7 +348,8 @@ def build_plan(protocol: dict, root: Path = ROOT, only=None, strict=False, check
                 errors.append(f"{a}: no config {config} for dataset '{d}' (generate it with "
                               "configs/make_configs.py, or drop the dataset)")
                 continue
-            for group in seed_groups(seeds, num_seeds or 1):  # a group runs whole if --only selects one of its seeds
+            # a group runs whole if --only selects one of its seeds
+            for group in seed_groups(seeds if entry_seeds is None else entry_seeds, num_seeds or 1):
                 if filters and not any(a in f.get("algo", {a}) and d in f.get("dataset", {d})
                                        and any(str(s) in f.get("seed", {str(s)}) for s in group) for f in filters):
                     continue

@@ -391,6 +391,31 @@ def test_top_n_seeding_run(reference_run, tmp_path):
     assert buffer_rows(tmp_path) == 300  # only online transitions are saved; seeded rows are rebuilt from the dataset
 
 
+def test_d3rlpy_terminals_run(reference_run, tmp_path):
+    """`d3rlpy_terminals` (the official online buffer): each transition is stored one env step late with that step's
+    termination flag, so the last two transitions of a terminated episode are terminal; a time-limited or unfinished
+    episode loses its last transition. Updates: one per env step after which the buffer holds > batch_size rows."""
+    dataset_id, ref_dir, _, _ = reference_run
+    result = aca.train(tiny_config(dataset_id, tmp_path, d3rlpy_terminals=True,
+                                   offline_checkpoint=str(ref_dir / "checkpoints" / "offline")))
+    parts = [np.load(f) for f in sorted((tmp_path / "checkpoints" / "buffer" / "seed0").glob("rows_*.npz"))]
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in ("obs", "next_obs", "done")}
+    n = len(rows["done"])
+    cuts = [0] + [k + 1 for k in range(n - 1) if not np.array_equal(rows["next_obs"][k], rows["obs"][k + 1])] + [n]
+    episodes = [rows["done"][a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    terminated = [d for d in episodes if d[-1] == 1.0]
+    assert len(terminated) >= 2 and all(len(d) >= 2 for d in terminated)  # a tiny policy falls within 300 steps
+    for d in episodes:
+        expected = np.zeros(len(d))
+        if d[-1] == 1.0:
+            expected[-2:] = 1.0
+        np.testing.assert_array_equal(d, expected)
+    assert 300 - (len(episodes) - len(terminated)) - 1 <= n <= 300 - (len(episodes) - len(terminated))
+    # no time limit within 300 steps: the buffer lags the steps by one row except right after a termination, so
+    # the first update comes at env step 66 (65 if an episode terminated there), one or none later than by default
+    assert result["env_steps"] == 300 and result["updates"] in (200 + 300 - 65, 200 + 300 - 64)
+
+
 @pytest.mark.parametrize("kill_after", [2, 5])  # 2: at the switch, 5: during fine-tuning
 def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path, monkeypatch, kill_after):
     assert_resume_matches(aca, lambda **kw: tiny_config(reference_run[0], tmp_path, **kw), kill_after, monkeypatch,

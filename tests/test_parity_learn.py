@@ -121,6 +121,22 @@ def test_entry_command_and_datasets(tmp_path):
         sweep.build_plan(protocol, ROOT)
 
 
+def test_entry_seeds(tmp_path):
+    """An entry's own `seeds` replaces the protocol's for its runs (--only accepts them); a bad list is refused."""
+    protocol = _protocol(tmp_path)
+    protocol["algorithms"]["iql@corl"]["seeds"] = [0, 1, 2, 3, 4]
+    plan = sweep.build_plan(protocol, ROOT)
+    assert sorted(r.seeds[0] for r in plan.runs if r.algo == "iql@corl") == [0, 1, 2, 3, 4]
+    assert sorted(r.seeds[0] for r in plan.runs if r.algo == "iql" and "hopper" in r.dataset) == [0, 1, 2]
+    assert "--seed" in plan.recorded_args(plan.runs[-1]) and "--seeds" not in plan.recorded_args(plan.runs[-1])
+    only = sweep.build_plan(protocol, ROOT, only=["seed=4"])
+    assert [(r.algo, r.seeds) for r in only.runs] == [("iql@corl", [4])]
+    for bad in ([], [1, 1], "0-4", [0, True]):
+        protocol["algorithms"]["iql@corl"]["seeds"] = bad
+        with pytest.raises(sweep.SweepError, match="iql@corl: seeds must be a non-empty list of distinct integers"):
+            sweep.build_plan(protocol, ROOT)
+
+
 def test_precision_protocol_pairs_bf16_with_float32():
     """benchmarks/protocols/precision_learn.yaml: each algorithm in bf16 ("ours") against the same file in float32,
     the `implementation` label not passed to the script."""

@@ -22,6 +22,7 @@ CONFIG = str(ROOT / "configs" / "aca" / "o2o" / "hopper" / "medium-replay-v0.yam
     (["--online_reset_optimizers", "true"], "online_reset_optimizers=True"),
     (["--online_reward_bias", "-1"], "online_reward_bias=-1.0"),
     (["--online_block", "50"], "online_block=50 (the reference has 1)"),
+    (["--d3rlpy_terminals", "false"], "d3rlpy_terminals=False (the reference has True)"),
     (["--dataset_id", "D4RL/antmaze/umaze-v1"], "o2o/<env>/<level>-v0"),
     (["--online_steps", "25000", "--online_eval_every", "10000"],
      "online_steps (25000) must be a positive multiple of online_eval_every (10000)"),
@@ -30,7 +31,7 @@ CONFIG = str(ROOT / "configs" / "aca" / "o2o" / "hopper" / "medium-replay-v0.yam
 ])
 def test_refuses_what_the_official_scripts_cannot_run(tmp_path, capsys, overrides, message):
     rc = run_reference.main(["aca", "aca", "--config_path", CONFIG, "--run_dir", str(tmp_path), "--online_block", "1",
-                             *overrides])
+                             "--d3rlpy_terminals", "true", *overrides])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and message in err[0]
     assert (tmp_path / "eval.jsonl").read_text() == ""
@@ -51,7 +52,7 @@ def test_refuses_official_config_mismatch(tmp_path, capsys):
     os.environ["O2O_PARITY_REFERENCE_DIR"] = _reference_or_skip()
     try:  # medium-replay: the official online config seeds the buffer with the 50 best offline episodes
         rc = run_reference.main(["aca", "aca", "--config_path", CONFIG, "--run_dir", str(tmp_path), "--n_trajs", "0",
-                                 "--online_block", "1"])
+                                 "--online_block", "1", "--d3rlpy_terminals", "true"])
     finally:
         os.environ.pop("O2O_PARITY_REFERENCE_DIR", None)
     err = capsys.readouterr().err
@@ -67,7 +68,7 @@ def test_official_aca_learns_on_our_data(tiny_dataset, tmp_path):
                                  "--dataset_id", ds_id, "--seed", "1", "--run_dir", str(tmp_path),
                                  "--offline_updates", "40", "--update_block", "20", "--offline_eval_every", "20",
                                  "--online_steps", "300", "--online_eval_every", "150", "--eval_episodes", "1",
-                                 "--hidden_dims", "[64, 64]", "--online_block", "1"])
+                                 "--hidden_dims", "[64, 64]", "--online_block", "1", "--d3rlpy_terminals", "true"])
     finally:
         os.environ.pop("O2O_PARITY_REFERENCE_DIR", None)
     assert rc == 0

@@ -429,8 +429,9 @@ def learn_aca(cfg, reference_dir, log) -> dict:
     `run_aca.py`'s main (load its last model, T <- 1, pi0, critic_init, buffer_init, fit_online), unmodified, in the
     ACA venv (`_reference_learn`). The official configs of the dataset's D4RL name (configs/{offline,online}/
     mjc_*.yaml: alpha, squashed policy, target entropy, beta, interpolation, n_trajs) must equal ours; what the
-    scripts hard-code (learning rates, batch, ensembles, an update after every env step) is either required equal or, for
-    budgets, evaluation schedule and episodes and network widths, passed in by the adapter (see _reference_learn).
+    scripts hard-code (learning rates, batch, ensembles, an update per env step, d3rlpy's buffer) is required equal
+    or, for budgets, evaluation schedule and episodes and network widths, passed in by the adapter (see
+    _reference_learn).
     Evaluations: offline every `offline_eval_every` updates (d3rlpy epochs), online every `online_eval_every` env
     steps; both budgets must be multiples of them. MuJoCo datasets only (run_aca.py's AntMaze reward scaler does
     not exist in d3rlpy 1.1.0)."""
@@ -438,7 +439,8 @@ def learn_aca(cfg, reference_dir, log) -> dict:
                    temp_lr=3e-4, baseline_lr=3e-4, n_critics=2, tau=0.005, discount=0.99, initial_temperature=1.0,
                    actor_grad_clip=0.25, interpolation_unit=1000, normalize=False, reward_scale=1.0,
                    reward_bias=0.0, online_reward_bias=0.0, terminate_on_success=False,
-                   online_reset_optimizers=False, num_seeds=1, offline_checkpoint="", online_block=1)
+                   online_reset_optimizers=False, num_seeds=1, offline_checkpoint="", online_block=1,
+                   d3rlpy_terminals=True)
     data = common.ours("data")
     parsed = data.parse_local_id(cfg.dataset_id)
     if parsed is None:
