@@ -26,7 +26,7 @@ Deviations (and the switch that restores the reference behaviour where one exist
   3. Only true terminations are terminal, time-limit truncations bootstrap (`d3rlpy_terminals: true`: as d3rlpy
      1.1.0's online buffer, the transition before a termination is terminal too, a time-limited episode's last one
      is dropped, and each transition is stored one env step late).
-  4. Updates start when the online buffer holds more than `batch_size` rows (d3rlpy's count lags by one, as with 3).
+  4. Updates start when the online buffer holds more than `batch_size` rows (d3rlpy's count lags: reproduced by 3).
   5. w in closed form, max(w0 - n w0 / (k * `interpolation_unit`), w_min) (official: float64 decrements).
   6. Datasets: this project's `o2o/<env>/<level>-v0` (Gymnasium v5) and Minari's `D4RL/antmaze/*-v1` (official:
      D4RL *-v2); `terminate_on_success` (AntMaze) ends an episode as terminal on info['success'] (D4RL eval=True).
