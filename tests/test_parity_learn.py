@@ -245,3 +245,50 @@ def test_corl_iql_learns_on_our_data(tiny_dataset, tmp_path):
         assert r["normalized_score"] == pytest.approx(100 * (r["return"] - lo) / (hi - lo))
     info = json.loads((tmp_path / "reference.json").read_text())
     assert info["commit"] == common.REFERENCES["corl"][1] and info["reference_config"]["iql_tau"] == 0.7
+
+
+def test_aca_train_returns_on_fake_runs(tmp_path):
+    """Ours: episodes cut where a buffer row's obs is not the previous row's next_obs, windowed by the row of the
+    episode's end; the official: d3rlpy's rollout_return.csv by epoch; then the per-window difference."""
+    hopper = "o2o/hopper/medium-replay-v0"
+    proto = {"name": "aca_test", "output_root": str(tmp_path / "runs"), "seeds": [0, 1], "datasets": [hopper],
+             "algorithms": {"aca": {"online_steps": 20, "online_eval_every": 10},
+                            "aca@aca": {"script": "aca", "online_steps": 20, "online_eval_every": 10, "command": [
+                                "{python}", "benchmarks/parity_refs/run_reference.py", "aca", "{algo}",
+                                "--config_path", "{config}", "--seed", "{seed}", "--run_dir", "{run_dir}"]}}}
+    (tmp_path / "aca_test.yaml").write_text(yaml.safe_dump(proto))
+    protocol = sweep.load_protocol(tmp_path / "aca_test.yaml")
+    root = tmp_path / "runs"
+    plan = sweep.build_plan(protocol, ROOT)
+
+    def finished(run_dir):
+        run = next(r for r in plan.runs if ROOT / r.run_dir == run_dir)
+        (run_dir / "done.json").write_text(json.dumps({"args": plan.recorded_args(run)}))
+
+    for seed in (0, 1):
+        ours = root / "aca" / hopper / f"seed{seed}"
+        buf = ours / "checkpoints" / "buffer" / f"seed{seed}"
+        buf.mkdir(parents=True)
+        # episodes of 6, 6 and 8 rows (ends at rows 5, 11, 19: windows 0, 1, 1), rewards 1 each, +seed in the last
+        obs = np.arange(20, dtype=np.float32)[:, None].repeat(2, 1)
+        nxt = obs + 1
+        nxt[[5, 11]] = -1  # an episode ends: the next row starts elsewhere
+        rew = np.ones(20, np.float32)
+        rew[12:] += seed
+        np.savez(buf / "rows_0000000000_0000000012.npz", obs=obs[:12], act=obs[:12], rew=rew[:12],
+                 next_obs=nxt[:12], done=np.zeros(12, np.float32))
+        np.savez(buf / "rows_0000000012_0000000020.npz", obs=obs[12:], act=obs[12:], rew=rew[12:],
+                 next_obs=nxt[12:], done=np.zeros(8, np.float32))
+        finished(ours)
+        ref = root / "aca@aca" / hopper / f"seed{seed}"
+        exp = ref / "reference" / "d3rlpy_logs" / "ACA" / "hopper-medium-replay-v2" / str(seed) / "exp"
+        exp.mkdir(parents=True)
+        (exp / "rollout_return.csv").write_text(f"1,10,6.0\n2,20,{7.0 + seed}\n2,20,{7.0 + seed}\n")
+        finished(ref)
+    result = parity.aca_train_returns(protocol, tmp_path / "out", root=sweep.ROOT, refs=(0.0, 100.0))
+    assert result["per_seed_normalized"]["ours"] == {0: [6.0, 7.0], 1: [6.0, 11.0]}  # (6 + 8) / 2; (6 + 16) / 2
+    assert result["per_seed_normalized"]["official"] == {0: [6.0, 7.0], 1: [6.0, 8.0]}
+    w0, w1 = result["windows"]
+    assert w0["env_steps"] == [0, 10] and w0["diff"] == 0.0 and w0["n"] == [2, 2]
+    assert w1["diff"] == pytest.approx(9.0 - 7.5)
+    assert "| 10-20 | 2 / 2 | 9.0 ± 2.8 | 7.5 ± 0.7 | +1.5 [" in (tmp_path / "out" / "aca_train_returns.md").read_text()

@@ -560,6 +560,7 @@ def _reference_learn(spec_path: Path):
                             save_interval=n_epochs, show_progress=False)
     ACA.fit_online = with_kwargs(ACA.fit_online, n_steps=spec["online_steps"], show_progress=False,
                                  n_steps_per_epoch=spec["online_eval_every"],
+                                 save_interval=spec["online_steps"] // spec["online_eval_every"],
                                  callback=lambda algo, epoch, step: progress.update(env_steps=step))
     d3rlpy.metrics.evaluate_on_environment = scorer_factory("offline", d3rlpy.metrics.evaluate_on_environment)
     iterators.evaluate_on_environment = scorer_factory("online", iterators.evaluate_on_environment)
