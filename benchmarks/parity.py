@@ -2,6 +2,7 @@
 
     python benchmarks/parity.py step iql|cal_ql|aca|pex|o2sac|o2td3|o2ppo|all [--reference_dir DIR] [--out DIR]
     python benchmarks/parity.py learn iql|...|all [--reference_dir DIR] [--report_only]
+    python benchmarks/parity.py aca_returns [--runs_root DIR]   # ACA's training returns and final policies
 
 `learn` trains ours and the reference on the same datasets with the same hyper-parameters, budgets and evaluation
 schedule (protocol benchmarks/protocols/parity_learn.yaml, run by the sweep runner: resumable, finished runs kept;
@@ -498,21 +499,49 @@ def _official_rollout_returns(run_dir: Path):
     return {int(r[0]): float(r[2]) for r in rows}
 
 
-def aca_train_returns(protocol: dict, out: Path, root: Path = sweep.ROOT, refs: tuple | None = None) -> dict:
+def _aca_final_policies(dirs: dict) -> dict:
+    """{seed: parity_refs.aca.final_policy_scores + each side's logged final score} for the seeds whose official
+    run saved its last online model (model_<online_steps>.pt) and whose run of ours is finished; {} without torch."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("aca_returns: torch is not installed here; the final-policy comparison is left out", file=sys.stderr)
+        return {}
+    from parity_refs import aca as aca_ref
+    out = {}
+    for seed, by in sorted(dirs.items()):
+        if "ours" not in by or "official" not in by:
+            continue
+        (ours_dir, steps), (ref_dir, _) = by["ours"], by["official"]
+        model = sorted(ref_dir.glob(f"reference/d3rlpy_logs/ACA/*/*/exp/model_{steps}.pt"))
+        if not model or not (ours_dir / "checkpoints" / "latest").exists():
+            continue
+        logged = [_final([r for r in sweep.read_records(d / "eval.jsonl")], True) for d in (ours_dir, ref_dir)]
+        out[seed] = {**aca_ref.final_policy_scores(ours_dir, model[0]), "logged": logged}
+        print(f"  seed {seed}: deterministic {out[seed]['ours']['deterministic_mean']:.1f} / "
+              f"{out[seed]['official']['deterministic_mean']:.1f}", flush=True)
+    return out
+
+
+def aca_train_returns(protocol: dict, out: Path, root: Path = sweep.ROOT, refs: tuple | None = None,
+                      final_policies: bool = True) -> dict:
     """ACA's online *training* episodes (the sampling policy, every episode of the online phase), ours against the
     official, per evaluation interval: the mean normalised return of the episodes ending in it, per seed, then the
     difference of the means with its bootstrap interval. Ours from the online buffer checkpoints, the official
-    from d3rlpy's rollout_return log. Writes <out>/aca_train_returns.{json,md}. refs: the normalisation's (min,
+    from d3rlpy's rollout_return log. With final_policies (and torch), both sides' final online policies scored by
+    our evaluator (_aca_final_policies). Writes <out>/aca_train_returns.{json,md}. refs: the normalisation's (min,
     max) returns (default: the dataset's)."""
     plan = sweep.build_plan(protocol, root, check_overrides=False)
-    sides, every, dataset = {"ours": {}, "official": {}}, None, None
+    sides, every, dataset, dirs = {"ours": {}, "official": {}}, None, None, {}
     for run in plan.runs:
         if run.script.stem != "aca" or not (plan.root / run.run_dir / "done.json").exists():
             continue
         o = {**protocol.get("common", {}), **protocol["algorithms"][run.algo]}
         every, dataset, n = int(o["online_eval_every"]), run.dataset, int(o["online_steps"]) // int(o["online_eval_every"])
         rd = plan.root / run.run_dir
-        if implementation(protocol["algorithms"][run.algo]) == "ours":
+        side = "ours" if implementation(protocol["algorithms"][run.algo]) == "ours" else "official"
+        dirs.setdefault(run.seed, {})[side] = (rd, int(o["online_steps"]))
+        if side == "ours":
             got = _online_rows_returns(rd, run.seed)
             if got is not None:
                 ends, rets = got
@@ -540,10 +569,12 @@ def aca_train_returns(protocol: dict, out: Path, root: Path = sweep.ROOT, refs: 
                         "ours_std": float(np.std(a, ddof=1)), "official_mean": float(np.mean(b)),
                         "official_std": float(np.std(b, ddof=1)), "n": [len(a), len(b)], "diff": diff,
                         "ci95": [lo, hi]})
-    result = {"dataset": dataset, "protocol": protocol["path"], "per_seed_normalized": norm, "windows": windows}
+    finals = _aca_final_policies(dirs) if final_policies else {}
+    result = {"dataset": dataset, "protocol": protocol["path"], "per_seed_normalized": norm, "windows": windows,
+              "final_policies": finals}
     out.mkdir(parents=True, exist_ok=True)
     (out / "aca_train_returns.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["# ACA: online training-episode returns, ours vs the official code", "",
+    lines = ["# ACA: online training-episode returns and final policies, ours vs the official code", "",
              "Generated by `python benchmarks/parity.py aca_returns` (do not edit) from the finished ACA runs of the "
              f"learning-parity protocol ({dataset}). Each row: the episodes of the online phase (the sampling policy "
              "that collects the data, not the deterministic evaluation) that ended in that interval of env steps; "
@@ -555,6 +586,28 @@ def aca_train_returns(protocol: dict, out: Path, root: Path = sweep.ROOT, refs: 
         lines.append(f"| {it['env_steps'][0]}-{it['env_steps'][1]} | {it['n'][0]} / {it['n'][1]} | "
                      f"{it['ours_mean']:.1f} ± {it['ours_std']:.1f} | {it['official_mean']:.1f} ± "
                      f"{it['official_std']:.1f} | {it['diff']:+.1f} [{it['ci95'][0]:+.1f}, {it['ci95'][1]:+.1f}] |")
+    if finals:
+        lines += ["", "## The final online policies, both scored by our evaluator", "",
+                  "The official run's last model (saved by the adapter at the end of `fit_online`) converted to our "
+                  "network and our final checkpoint, each evaluated by our evaluator: the deterministic tanh(mean) "
+                  "policy over five evaluation seeds (the protocol's `eval_seed` and the next four, 10 episodes "
+                  "each), the sampling policy over the first two; `std`: the mean policy standard deviation (before "
+                  "tanh) at the first 20k dataset states. 'as logged': each side's own final evaluation in the "
+                  "learning-parity runs.", "",
+                  "| seed | deterministic: ours / official | as logged: ours / official | episode length: ours / "
+                  "official | sampled: ours / official | std: ours / official |", "|---|---|---|---|---|---|"]
+        for seed, f in sorted(finals.items()):
+            o, t = f["ours"], f["official"]
+            lines.append(f"| {seed} | {o['deterministic_mean']:.1f} / {t['deterministic_mean']:.1f} | "
+                         f"{f['logged'][0]:.1f} / {f['logged'][1]:.1f} | {o['length_mean']:.0f} / "
+                         f"{t['length_mean']:.0f} | {o['sampled_mean']:.1f} / {t['sampled_mean']:.1f} | "
+                         f"{o['policy_std_mean']:.2f} / {t['policy_std_mean']:.2f} |")
+        for key, name in (("deterministic_mean", "deterministic"), ("sampled_mean", "sampled")):
+            a = [f["ours"][key] for f in finals.values()]
+            b = [f["official"][key] for f in finals.values()]
+            diff, lo, hi = bootstrap_diff(a, b)
+            lines.append(f"| mean, {name} | {np.mean(a):.1f} / {np.mean(b):.1f}, difference {diff:+.1f} "
+                         f"[{lo:+.1f}, {hi:+.1f}] | | | | |")
     (out / "aca_train_returns.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-len(windows) - 2:]) + f"\nwrote {out / 'aca_train_returns.json'} and .md")
     return result
@@ -580,7 +633,8 @@ def main(argv=None) -> int:
                                                        "the runs (e.g. a git worktree that ran them)")
     lrn.add_argument("--no_pin", dest="pin", action="store_false",
                      help="do not pin each running run to its own share of the CPUs")
-    acr = sub.add_parser("aca_returns", help="ACA's online training-episode returns, ours vs the official runs")
+    acr = sub.add_parser("aca_returns", help="ACA's online training-episode returns and final policies, ours vs "
+                                             "the official runs")
     acr.add_argument("--runs_root", default=None, help="the checkout whose output_root holds the learn runs")
     acr.add_argument("--out", default=str(DEFAULT_OUT), help="output directory of aca_train_returns.{json,md}")
     args = parser.parse_args(argv)

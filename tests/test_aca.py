@@ -547,3 +547,23 @@ def test_num_seeds_top_n_seeding_from_offline_checkpoint(reference_run, multi_ru
     assert seed1[0] == [e for e in read_evals(multi_dir / "seed1") if e["phase"] == "offline"][-1]
     for s in (0, 1):
         assert buffer_rows(tmp_path / "multi", s) == 300
+
+
+def test_final_policy_comparison_scores_a_copied_policy_identically(reference_run, tmp_path):
+    """parity.py aca_returns: an official d3rlpy model holding *our* final actor (to_torch, saved as d3rlpy saves
+    `_policy`) scores exactly as our checkpoint does, deterministic and sampled (torch: skipped without it)."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from parity_refs import aca as aca_ref
+    _, run_dir, _, _ = reference_run
+    cfg = aca.parse_config(["--config_path", str(run_dir / "config.yaml"), "--run_dir", str(tmp_path / "x")])
+    world = aca.load_world(cfg, 1)
+    template = aca.stack_seeds([aca.init_state(world.h, jax.random.PRNGKey(0), world.obs_mean, world.obs_std)])
+    state, _ = aca.load_state(run_dir / "checkpoints" / "latest", template, cfg)
+    world.close()
+    sd = aca_ref.to_torch("actor", aca.seed_slice(state, 0).actor.params, len(cfg.hidden_dims), cfg.squashed_policy)
+    model = tmp_path / "model_300.pt"
+    torch.save({"_policy": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, model)
+    got = aca_ref.final_policy_scores(run_dir, model, eval_seeds=[0, 1], sampled_seeds=[0])
+    assert got["ours"] == got["official"]
+    assert len(got["ours"]["deterministic"]) == 2 and got["ours"]["policy_std_mean"] > 0

@@ -490,6 +490,59 @@ def learn_aca(cfg, reference_dir, log) -> dict:
     return {"reference_spec": spec, "reference_python": python, "updates": r.get("updates")}
 
 
+def final_policy_scores(ours_dir: Path, official_model: Path, eval_seeds=None, sampled_seeds=None) -> dict:
+    """Our final online policy (<ours_dir>/checkpoints/latest of a one-seed run) and the official one (the model
+    d3rlpy saved at the end of fit_online, converted with from_torch) scored by our evaluator: the deterministic
+    tanh(mean) policy with `eval_episodes` episodes per evaluation seed (default: the run's eval_seed and the next
+    four), and the sampling policy a = tanh(mean + std eps) (default: the first two of those seeds; numpy's
+    generator seeded 0). Also the mean policy std (before tanh) at the first 20k dataset states."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    aca = common.ours("aca")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = aca.parse_config(["--config_path", str(Path(ours_dir) / "config.yaml"), "--run_dir", tmp])
+    eval_seeds = list(eval_seeds) if eval_seeds is not None else [cfg.eval_seed + i for i in range(5)]
+    sampled_seeds = list(sampled_seeds) if sampled_seeds is not None else eval_seeds[:2]
+    world = aca.load_world(cfg, 1)
+    h = world.h
+    template = aca.stack_seeds([aca.init_state(h, jax.random.PRNGKey(0), world.obs_mean, world.obs_std)])
+    state, _ = aca.load_state(Path(ours_dir) / "checkpoints" / "latest", template, cfg)
+    one = aca.seed_slice(state, 0)
+    sd = torch.load(official_model, map_location="cpu", weights_only=False)["_policy"]
+    theirs = from_torch("actor", {k: v.numpy() for k, v in sd.items()}, len(cfg.hidden_dims), cfg.squashed_policy)
+    theirs = jax.tree.map(lambda r, v: jnp.asarray(np.reshape(v, np.shape(r)), r.dtype), one.actor.params, theirs)
+    states = np.asarray(world.offline.obs)[:20000]
+    try:
+        return {"ours": _policy_scores(aca, world, cfg, one, one.actor.params, eval_seeds, sampled_seeds, states),
+                "official": _policy_scores(aca, world, cfg, one, theirs, eval_seeds, sampled_seeds, states)}
+    finally:
+        world.close()
+
+
+def _policy_scores(aca, world, cfg, one, params, eval_seeds, sampled_seeds, states) -> dict:
+    import jax
+    h = world.h
+    apply = jax.jit(lambda o: aca.networks(h)[0].apply({"params": params}, (o - one.obs_mean) / one.obs_std))
+    rng = np.random.default_rng(0)
+
+    def sampled(o):
+        mean, log_std = (np.asarray(x) for x in apply(o))
+        x = mean + np.exp(log_std) * rng.standard_normal(mean.shape)
+        return np.tanh(x) if cfg.squashed_policy else np.clip(x, -1.0, 1.0)
+
+    def run(policy, seeds):
+        evs = [aca.evaluate(world.eval_env, policy, cfg.eval_episodes, s, cfg.terminate_on_success,
+                            "antmaze" in cfg.dataset_id, world.refs) for s in seeds]
+        key = "normalized_score" if world.refs is not None else "return"
+        return [e[key] for e in evs], [e["length"] for e in evs]
+    det, length = run(lambda o: aca.act_deterministic(params, one.obs_mean, one.obs_std, o, h), eval_seeds)
+    smp, _ = run(sampled, sampled_seeds)
+    return {"deterministic": det, "deterministic_mean": float(np.mean(det)), "length_mean": float(np.mean(length)),
+            "sampled": smp, "sampled_mean": float(np.mean(smp)),
+            "policy_std_mean": float(np.exp(np.asarray(apply(states)[1])).mean())}
+
+
 def _reference_learn(spec_path: Path):
     """Runs in the ACA venv, cwd = the work dir: run_sacml.main then run_aca.main, with adapters only:
       * data and env: d3rlpy's own get_d4rl builds its MDPDataset from `gym.make(name).get_dataset()`, which is our
