@@ -26,6 +26,7 @@ Results of earlier runs for other algorithms are kept in step.json / step.md (on
 import argparse
 import csv
 import importlib
+import importlib.util
 import io
 import os
 import signal
@@ -502,9 +503,7 @@ def _official_rollout_returns(run_dir: Path):
 def _aca_final_policies(dirs: dict) -> dict:
     """{seed: parity_refs.aca.final_policy_scores + each side's logged final score} for the seeds whose official
     run saved its last online model (model_<online_steps>.pt) and whose run of ours is finished; {} without torch."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         print("aca_returns: torch is not installed here; the final-policy comparison is left out", file=sys.stderr)
         return {}
     from parity_refs import aca as aca_ref
