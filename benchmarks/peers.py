@@ -42,10 +42,11 @@ PEERS = {  # name -> (git URL, pinned commit)
     "jax_corl": ("https://github.com/nissymori/JAX-CORL", "d747dd8ad4fcc088ff9f1ade49a6be43a60f6556"),
 }
 # update -> implementations that have it (ours first); corl_t2 / corl_t1: CORL with 2 / 1 torch threads
-IMPLS = {"iql": ["ours", "unifloral", "jax_corl", "corl_t2", "corl_t1"],
-         "td3bc": ["ours", "unifloral", "jax_corl", "corl_t2", "corl_t1"],
-         "cql": ["ours", "unifloral", "jax_corl"],
-         "cal_ql": ["ours", "corl_t2", "corl_t1"]}
+# ours_bf16: our file with `precision: bf16` (bf16 matrix products, float32 parameters and accumulation)
+IMPLS = {"iql": ["ours", "ours_bf16", "unifloral", "jax_corl", "corl_t2", "corl_t1"],
+         "td3bc": ["ours", "ours_bf16", "unifloral", "jax_corl", "corl_t2", "corl_t1"],
+         "cql": ["ours", "ours_bf16", "unifloral", "jax_corl"],
+         "cal_ql": ["ours", "ours_bf16", "corl_t2", "corl_t1"]}
 OURS = {"iql": "iql.py (IQL)", "td3bc": "o2td3.py (TD3+BC pre-training)", "cql": "o2sac.py (CQL pre-training)",
         "cal_ql": "cal_ql.py (Cal-QL)"}
 OBS_DIM, ACT_DIM, BATCH = 11, 3, 256
@@ -83,10 +84,10 @@ def unrolled_scans():
         yield
 
 
-def build_ours(update: str, opts) -> Built:
+def build_ours(update: str, opts, precision: str = "float32") -> Built:
     import jax
     import bench_updates as B
-    args = types.SimpleNamespace(block=opts.block, rows=opts.rows)
+    args = types.SimpleNamespace(block=opts.block, rows=opts.rows, precision=precision)
     setup = {"iql": B.setup_iql, "td3bc": B.setup_o2td3, "cql": B.setup_o2sac, "cal_ql": B.setup_cal_ql}[update](args)
     state = setup.module.stack_seeds([setup.init(jax.random.PRNGKey(0))])
     _, run = setup.block(1).compile(state)
@@ -97,7 +98,8 @@ def build_ours(update: str, opts) -> Built:
         jax.block_until_ready(holder[0])
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return Built(step=step, per_call=opts.block, flops=jax_flops(setup.one.lower(setup.init(B.KEY))),
-                 info={**setup.info, "block": opts.block, "commit": head.stdout.strip() or "this repo"})
+                 info={**setup.info, "block": opts.block, "precision": precision,
+                       "commit": head.stdout.strip() or "this repo"})
 
 
 def _peer_module(name: str, rel: str, opts):
@@ -275,8 +277,8 @@ def build_corl(update: str, opts, threads: int) -> Built:
 
 
 def build(impl: str, update: str, opts) -> Built:
-    if impl == "ours":
-        return build_ours(update, opts)
+    if impl in ("ours", "ours_bf16"):
+        return build_ours(update, opts, "bf16" if impl == "ours_bf16" else "float32")
     if impl == "unifloral":
         return build_unifloral(update, opts)
     if impl == "jax_corl":
@@ -344,20 +346,22 @@ def markdown(res: dict) -> str:
     lines = [f"Measured {res['date']} by `python benchmarks/peers.py` ({res['rounds']} interleaved rounds of "
              f"{res['seconds']:g} s per implementation; {res['cpus']} CPUs; load average {res['load_before']} "
              f"before, {res['load_after']} after; float32 256x256x256 matmul {mm:.0f} GFLOP/s, median of the "
-             "rounds). Updates/s: median over rounds, one update as our file counts it; ratio = ours / peer.", "",
+             "rounds). Updates/s: median over rounds, one update as our file counts it; ratio = ours / peer (in "
+             "brackets: ours in bf16 / peer).", "",
              "| update | implementation | commit | updates/s | ours / peer | GFLOP per update | GFLOP/s | "
              "fraction of matmul rate |", "|---|---|---|---|---|---|---|---|"]
     for update, rows in res["updates"].items():
         ours = rows.get("ours", {}).get("updates_per_s")
+        bf16 = rows.get("ours_bf16", {}).get("updates_per_s")
         for impl, r in rows.items():
             if "error" in r:
                 lines.append(f"| {update} | {impl} | – | not run: {r['error']} | | | | |")
                 continue
             ups, gf = r["updates_per_s"], r["flops"] / 1e9
-            name = OURS[update] if impl == "ours" else {"unifloral": "unifloral", "jax_corl": "JAX-CORL",
-                                                        "corl_t2": "CORL, 2 threads",
-                                                        "corl_t1": "CORL, 1 thread"}[impl]
-            ratio = "–" if impl == "ours" or not ours else f"{ours / ups:.2f}x"
+            name = {"ours": OURS[update], "ours_bf16": f"{OURS[update]}, bf16", "unifloral": "unifloral",
+                    "jax_corl": "JAX-CORL", "corl_t2": "CORL, 2 threads", "corl_t1": "CORL, 1 thread"}[impl]
+            ratio = "–" if impl.startswith("ours") or not ours else f"{ours / ups:.2f}x" + (
+                f" ({bf16 / ups:.2f}x)" if bf16 else "")
             commit = r["info"].get("commit", "this repo")[:7]
             lines.append(f"| {update} | {name} | {commit} | {ups:.1f} | {ratio} | {gf:.3f} | {ups * gf:.1f} | "
                          f"{ups * gf / mm:.3f} |")
@@ -368,22 +372,28 @@ def headline(res: dict) -> str:
     """README's short table: per update, ours against the fastest JAX peer and CORL (2 threads)."""
     lines = ["Offline updates/s on this 2-core CPU, measured interleaved with the peers in one run (`python "
              "benchmarks/peers.py`; every implementation, FLOPs and notes: [docs/speed.md](docs/speed.md)).", "",
+             "Each cell with two figures: ours in float32 / ours in bf16 (`precision: bf16`).", "",
              "| update | ours | fastest JAX peer | ours / it | CORL (PyTorch, 2 threads) | ours / CORL |",
              "|---|---|---|---|---|---|"]
     for update, rows in res["updates"].items():
         ours = rows.get("ours", {}).get("updates_per_s")
         if ours is None:
             continue
+        bf16 = rows.get("ours_bf16", {}).get("updates_per_s")
+
+        def both(fmt, f):  # "f(ours)" or "f(ours) / f(ours in bf16)"
+            return fmt.format(f(ours)) + (" / " + fmt.format(f(bf16)) if bf16 else "")
         jax_peers = [(r["updates_per_s"], name) for name, r in rows.items()
                      if name in ("unifloral", "jax_corl") and "updates_per_s" in r]
         best = max(jax_peers, default=None)
         corl = rows.get("corl_t2", {}).get("updates_per_s")
         names = {"unifloral": "unifloral", "jax_corl": "JAX-CORL"}
-        lines.append(f"| {update} | {ours:.1f} | " + (f"{best[0]:.1f} ({names[best[1]]}) | {ours / best[0]:.2f}x | "
-                                                      if best else "– | – | ")
-                     + (f"{corl:.1f} | {ours / corl:.2f}x |" if corl else "– | – |"))
+        lines.append(f"| {update} | {both('{:.1f}', lambda x: x)} | "
+                     + (f"{best[0]:.1f} ({names[best[1]]}) | {both('{:.2f}x', lambda x: x / best[0])} | "
+                        if best else "– | – | ")
+                     + (f"{corl:.1f} | {both('{:.2f}x', lambda x: x / corl)} |" if corl else "– | – |"))
     if "cql" in res["updates"]:
-        flops = {k: r["flops"] / 1e9 for k, r in res["updates"]["cql"].items() if "flops" in r}
+        flops = {k: r["flops"] / 1e9 for k, r in res["updates"]["cql"].items() if "flops" in r and k != "ours_bf16"}
         lines += ["", "cql: each implementation's own default CQL, not the same networks: " + ", ".join(
             f"{k} {v:.1f}" for k, v in flops.items()) + " GFLOP per update (ours: O2SAC's pre-training CQL, 3x256 "
             "critics, Q at 31 actions per state); the work rate per FLOP is in docs/speed.md."]
@@ -425,7 +435,7 @@ def main(argv=None) -> int:
     workers, res = [], {"updates": {u: {} for u in updates}}
     for update in updates:
         for impl in IMPLS[update]:
-            if only and impl not in only and impl != "ours":
+            if only and impl not in only and impl not in ("ours", "ours_bf16"):
                 continue
             print(f"building {update} / {impl} ...", flush=True)
             try:

@@ -58,6 +58,15 @@ LOOSER_ACTOR_LOSS = ("looser bound 3e-5: the loss (about -0.15) is the mean of t
 LOOSER_LOG_TEMP = ("looser bound 3e-5: log T is reset to 0 at the switch, so after this step it is one Adam update "
                    "(~3e-4), and optax computes Adam's bias correction 1 - 0.999^t in float32 (relative error ~1e-5 "
                    "at t = 2) where torch uses float64")
+# after the single online update, this many more on fresh batches and noise (the Adam moments past their first step,
+# the temperature, the target EMA and w evolving together), compared at the end with a bound for the accumulation
+# Adam amplifies round-off (a coordinate whose gradient is near 0 moves by about lr x sign either way), so the bound
+# is measured: the same sequence run by ours from a state perturbed at round-off size (every float leaf x (1 + 1e-6 z))
+# sets each quantity's floor; the reference must stay within SEQUENCE_FACTOR x that floor (and at least 1e-5).
+ONLINE_SEQUENCE = 100
+SEQUENCE_FACTOR = 10.0
+SEQUENCE_NOTE = (f"after {ONLINE_SEQUENCE} more online updates on fresh batches and noise (Adam past step 1, T, target "
+                 "EMA and w together); bound: 10x ours against ours from a state perturbed by 1e-6 relative")
 # our module -> (d3rlpy impl attribute, its optimiser)
 MODULES = {"actor": ("_policy", "_actor_optim"), "critic": ("_q_func", "_critic_optim"),
            "baseline": ("_z_func", "_baseline_optim"), "log_temp": ("_log_temp", "_temp_optim"),
@@ -191,12 +200,14 @@ def _parity(rows: list, path: Path, python: str, setting: str, seed: int = 0):
     w0, decay, w_min = cfg.interpolation
     w_steps = int(math.ceil((w0 - w_min) * decay * cfg.interpolation_unit / w0)) + 10  # past the end of the decay
 
-    stages = [("offline", OFFLINE_NOISE), ("online", ONLINE_NOISE)]
+    stages = [("offline", OFFLINE_NOISE), ("online", ONLINE_NOISE)] + [
+        (f"seq{i}", ONLINE_NOISE) for i in range(ONLINE_SEQUENCE)]
     arrays, ours_batches = {}, {}
     for stage, names in stages:
         raw = _raw_batch(rng, b, obs_dim, act_dim, sparse)
         arrays.update({f"{stage}/batch/{k}": v for k, v in raw.items()})
         bias = cfg.reward_bias if stage == "offline" else cfg.online_reward_bias  # our train()'s transforms
+        # (the sequence's stages are online ones)
         ours_batches[stage] = aca.Buffer(jnp.asarray(raw["obs"]), jnp.asarray(raw["act"]),
                                          jnp.asarray(raw["rew"] * cfg.reward_scale + bias),
                                          jnp.asarray(raw["next_obs"]), jnp.asarray(raw["done"]))
@@ -214,7 +225,7 @@ def _parity(rows: list, path: Path, python: str, setting: str, seed: int = 0):
             "alpha": h.ml_alpha, "target_entropy": cfg.target_entropy_coef * act_dim, "beta": h.beta,
             "interpolation": [float(x) for x in cfg.interpolation],
             "online_reward_shift": -1.0 if sparse else None,  # run_aca.py: ConstantShiftRewardScaler(-1) for AntMaze
-            "w_steps": w_steps}
+            "w_steps": w_steps, "online_sequence": ONLINE_SEQUENCE}
     ref = _run_reference(python, arrays, meta)
 
     # ours: the same sequence
@@ -228,6 +239,13 @@ def _parity(rows: list, path: Path, python: str, setting: str, seed: int = 0):
     snapshots["switch"] = state
     state, results["online"] = online(state, ours_batches["online"], noise("online", ONLINE_NOISE), h=h)
     snapshots["online"] = state
+    perturbed = jax.tree.map(lambda x, z: x * (1 + 1e-6 * z) if jnp.issubdtype(x.dtype, jnp.floating) else x, state,
+                             _normal_like(state, rng))
+    for i in range(ONLINE_SEQUENCE):
+        state, results["sequence"] = online(state, ours_batches[f"seq{i}"], noise(f"seq{i}", ONLINE_NOISE), h=h)
+        perturbed, results["perturbed"] = online(perturbed, ours_batches[f"seq{i}"], noise(f"seq{i}", ONLINE_NOISE),
+                                                 h=h)
+    snapshots["sequence"], snapshots["perturbed"] = state, perturbed
 
     note = "default = official behaviour for the update"
 
@@ -246,13 +264,31 @@ def _parity(rows: list, path: Path, python: str, setting: str, seed: int = 0):
             tree = getattr(st, mod).opt_state[0].mu
         return to_torch(kind, tree, nh, sq)
 
-    for stage in ("offline", "switch", "online"):
-        phase = {"offline": "offline (SAC+ML)", "switch": "alignment (switch)", "online": "online (ACA)"}[stage]
+    for stage in ("offline", "switch", "online", "sequence"):
+        phase = {"offline": "offline (SAC+ML)", "switch": "alignment (switch)", "online": "online (ACA)",
+                 "sequence": f"online, {ONLINE_SEQUENCE} more updates"}[stage]
         st = snapshots[stage]
         if stage == "switch":
             for mod in ("critic", "critic_target", "log_temp", "actor"):
                 cmp(phase, f"params {mod}", _flat(ours_sd(st, mod)), _flat(ref_sd(stage, "param", mod)),
                     "R from Z by the official critic_init" if mod.startswith("critic") else "")
+            continue
+        if stage == "sequence":
+            pt = snapshots["perturbed"]
+
+            def seq_cmp(quantity, ours, perturbed, theirs):
+                floor = common.rel_diff(perturbed, ours)[0]
+                tol = max(SEQUENCE_FACTOR * floor, common.TOLERANCE)
+                cmp(phase, quantity, ours, theirs, f"{SEQUENCE_NOTE} (that difference: {floor:.1e})", tol)
+            for name in ("temp_loss", "critic_loss", "actor_loss"):
+                seq_cmp(f"{name} (last update)", results[stage][name], results["perturbed"][name],
+                        ref[f"{stage}/loss/{name}"])
+            for mod in ("actor", "critic", "log_temp"):
+                seq_cmp(f"grad {mod} (Adam m)", _flat(ours_sd(st, mod, True)), _flat(ours_sd(pt, mod, True)),
+                        _flat(ref_sd(stage, "m", mod)))
+            for mod in ("actor", "critic", "log_temp", "critic_target"):
+                seq_cmp(f"params {mod}", _flat(ours_sd(st, mod)), _flat(ours_sd(pt, mod)),
+                        _flat(ref_sd(stage, "param", mod)))
             continue
         losses = ("temp_loss", "critic_loss", "baseline_loss", "actor_loss") if stage == "offline" else \
             ("temp_loss", "critic_loss", "actor_loss")
@@ -277,9 +313,16 @@ def _parity(rows: list, path: Path, python: str, setting: str, seed: int = 0):
         "deviation 5: closed form (float32) vs the official float64 decrement")
 
 
+def _normal_like(tree, rng):
+    """A standard-normal array (float32) for every leaf of `tree`, drawn from the numpy generator `rng`."""
+    import jax
+    return jax.tree.map(lambda x: np.asarray(rng.normal(size=np.shape(x)), np.float32), tree)
+
+
 def step_aca(reference_dir=None) -> list[dict]:
     """Parity rows of our ACA against the official code: per setting (MuJoCo squashed, AntMaze Gaussian) one
-    SAC+ML update, the switch, one ACA update and the w schedule, on the same weights, batches and noise."""
+    SAC+ML update, the switch, one ACA update, 100 more ACA updates (fresh batches and noise) and the w schedule, on
+    the same weights, batches and noise."""
     path = common.reference_checkout("aca", reference_dir)
     python = reference_python()
     rows: list[dict] = []
@@ -397,6 +440,11 @@ def _reference_side(inp: Path, out: Path):
     utility.critic_init(agent, env, dataset)
     dump("switch", agent._impl)
     update(agent, "online", ONLINE_NOISE)
+    for i in range(meta["online_sequence"]):  # ACA.update also steps w, as fit_online's updates do
+        queue.extend(torch.from_numpy(arrays[f"seq{i}/noise/{n}"]) for n in ONLINE_NOISE)
+        metrics = agent.update(minibatch(f"seq{i}"))
+        assert not queue, f"{len(queue)} noise arrays unused in update {i} of the sequence"
+    dump("sequence", agent._impl, metrics)
     agent._impl._weight = agent._interpolation[0]  # the weight schedule alone, from its start
     w = [agent._impl._weight]
     for _ in range(meta["w_steps"]):
