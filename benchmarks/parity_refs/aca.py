@@ -59,7 +59,7 @@ LOOSER_LOG_TEMP = ("looser bound 3e-5: log T is reset to 0 at the switch, so aft
                    "(~3e-4), and optax computes Adam's bias correction 1 - 0.999^t in float32 (relative error ~1e-5 "
                    "at t = 2) where torch uses float64")
 # after the single online update, this many more on fresh batches and noise (the Adam moments past their first step,
-# the temperature, the target EMA and w evolving together), compared at the end with a bound for the accumulation
+# the temperature, the target EMA and w evolving together), compared at the end with a bound for the accumulation.
 # Adam amplifies round-off (a coordinate whose gradient is near 0 moves by about lr x sign either way), so the bound
 # is measured: the same sequence run by ours from a state perturbed at round-off size (every float leaf x (1 + 1e-6 z))
 # sets each quantity's floor; the reference must stay within SEQUENCE_FACTOR x that floor (and at least 1e-5).
