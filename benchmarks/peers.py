@@ -7,9 +7,10 @@ Each implementation runs in a warm process of its own (a worker: built, compiled
 synthetic Hopper-shaped data (`--rows` 1M random transitions, obs 11, act 3, batch 256), with the batch sampling
 inside the timed loop, exactly as each program trains (ours twice: float32 and `precision: bf16`): ours and
 unifloral a jitted lax.scan of updates (`--block`), JAX-CORL its jitted `update_n_times` (its n_jitted_updates, 8),
-CORL its `ReplayBuffer.sample` + `trainer.train(batch)` loop. The peers' code runs unmodified from checkouts of the pinned commits outside this
-repository (--peer_dir holding unifloral/, jax_corl/, corl/; default the parity cache directory, cloned when the
-network answers), with stand-ins for what they import at module level (gym, d4rl, wandb, tyro, omegaconf).
+CORL its `ReplayBuffer.sample` + `trainer.train(batch)` loop. The peers' code runs unmodified from checkouts of the
+pinned commits outside this repository (--peer_dir holding unifloral/, jax_corl/, corl/; default the parity cache
+directory, cloned when the network answers), with stand-ins for what they import at module level (gym, d4rl, wandb,
+tyro, omegaconf).
 Rounds: [matmul reference, every worker in turn] x `--rounds`, so machine drift hits all alike; each worker's
 updates/s is the median over rounds. Updates: one update = what our file calls one update (TD3+BC: a critic step
 and, every 2nd update, the actor step; unifloral's TD3+BC step is its num_critic_updates_per_step critic steps and
