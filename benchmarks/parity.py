@@ -10,6 +10,9 @@ the reference side through parity_refs/run_reference.py), then writes benchmarks
 png}: every evaluation, the overlay of both implementations' curves (mean +- std over seeds), and per algorithm and
 dataset both final scores, the difference with a 95% bootstrap interval, the verdict fixed in advance (`match` when
 the interval contains 0 or lies within +-5 normalised points) and the wall time and updates/s of both sides.
+Each finished run's record files (eval.jsonl, done.json, eval_times.json, config.yaml; not its checkpoints) are
+kept under <out>/runs/ and committed with the report: a later report, on a machine without the run directories,
+reads them from there, and refuses to drop a finished run that the committed learn.csv holds.
 
 `step`:
 An adapter per reference (benchmarks/parity_refs/) builds the reference's networks and ours with the same weights,
@@ -29,6 +32,7 @@ import importlib
 import importlib.util
 import io
 import os
+import shutil
 import signal
 import json
 import platform
@@ -407,11 +411,61 @@ def learn_readme(summary: list) -> str:
     return "\n".join(lines)
 
 
+class ReportError(RuntimeError):
+    """The report would drop finished runs that the committed report holds."""
+
+
+def record_files(run) -> list:
+    """The files of a finished run that the report reads (paths relative to its run dir; not its checkpoints)."""
+    return ["done.json", "eval_times.json", "config.yaml"] + [str(f) for _, f in run.eval_files()]
+
+
+def kept_dir(out: Path, run) -> Path:
+    """Where the report keeps a finished run's record files: out/runs/<algorithm entry>/<dataset>/<seed dir>."""
+    return out / "runs" / run.algo / run.dataset / run.run_dir.name
+
+
+def use_kept_records(plan, out: Path) -> int:
+    """Runs finished in the run directories have their record files copied to `kept_dir` (committed with the
+    report); runs not finished there but kept are read from the kept copy, so a report can be rebuilt, and grown by
+    new seeds, on a machine that no longer holds the runs. Returns how many runs come from kept records."""
+    served = 0
+    for run in plan.runs:
+        live, kept = plan.root / run.run_dir, kept_dir(out, run)
+        if (live / "done.json").exists():
+            for name in record_files(run):
+                if (live / name).exists():
+                    (kept / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(live / name, kept / name)
+        elif (kept / "done.json").exists():
+            if json.loads((kept / "done.json").read_text()).get("args") != plan.recorded_args(run):
+                print(f"warning: the kept record {kept} ran with other arguments than the protocol's; not used")
+                continue
+            run.run_dir, run.status, served = kept.resolve(), "done", served + 1
+    return served
+
+
+def check_nothing_dropped(out: Path, rows: list):
+    """Refuse to overwrite a committed learn.csv whose finished runs the new report would not hold."""
+    old = out / "learn.csv"
+    if not old.exists():
+        return
+    key = lambda r: (r["entry"], r["dataset"], str(r["seed"]))  # noqa: E731
+    before = {key(r) for r in csv.DictReader(old.open()) if r["finished"] == "1"}
+    lost = sorted(before - {key(r) for r in rows if r["finished"]})
+    if lost:
+        raise ReportError(f"{old} holds {len(lost)} finished runs that neither the run directories nor the kept "
+                          f"records in {out / 'runs'} hold (e.g. {', '.join(' '.join(k) for k in lost[:3])}); point "
+                          "--runs_root at the checkout that ran them, or delete learn.csv to drop them knowingly")
+
+
 def learn_report(protocol: dict, out: Path, readme: bool = True, root: Path = sweep.ROOT) -> list:
-    """(Re)write learn.csv/json/md/png from the run directories of the whole protocol (a pure function of them);
-    returns the summary."""
+    """(Re)write learn.csv/json/md/png from the finished runs of the whole protocol (a pure function of their record
+    files: the run directories' or, for runs no longer there, the copies kept under out/runs); returns the summary."""
     plan = sweep.build_plan(protocol, root, check_overrides=False)
+    kept = use_kept_records(plan, out)
     rows = learn_rows(plan)
+    check_nothing_dropped(out, rows)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, LEARN_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -427,7 +481,8 @@ def learn_report(protocol: dict, out: Path, readme: bool = True, root: Path = sw
     if readme and out.resolve() == DEFAULT_OUT.resolve():
         from readme_tables import replace_section
         replace_section("parity_learn", learn_readme(summary))
-    print(f"wrote {out / 'learn.csv'} ({len(rows)} evaluations), learn.json, learn.md, learn.png")
+    print(f"wrote {out / 'learn.csv'} ({len(rows)} evaluations), learn.json, learn.md, learn.png"
+          + (f" ({kept} runs from the records kept in {out / 'runs'})" if kept else ""))
     for it in summary:
         on = it.get("online")
         print(f"  {it['algorithm']} {it['dataset']} vs {it['reference']}: " +
@@ -465,14 +520,23 @@ def learn(algo: str, reference_dir=None, out: Path = DEFAULT_OUT, report_only: b
         try:
             results = sweep.execute(plan, jobs, pin=pin)
         except KeyboardInterrupt:
-            learn_report(protocol, out, readme)
+            report(protocol, out, readme)
             return 130
         failed = [(r, m) for r, good, m in results if not good]
         for r, m in failed:
             print(f"FAILED {r.label}: {m}", file=sys.stderr)
         ok = not failed
-    learn_report(protocol, out, readme)
-    return 0 if ok else 1
+    return 0 if report(protocol, out, readme) and ok else 1
+
+
+def report(protocol: dict, out: Path, readme: bool, root: Path = sweep.ROOT) -> bool:
+    """learn_report, its refusal to drop committed runs as one line on stderr (False)."""
+    try:
+        learn_report(protocol, out, readme, root)
+        return True
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
 
 
 def _online_rows_returns(run_dir: Path, seed: int):
@@ -649,8 +713,8 @@ def main(argv=None) -> int:
         if args.runs_root and not args.report_only:
             parser.error("--runs_root goes with --report_only (runs are made in this checkout)")
         if args.runs_root:
-            learn_report(sweep.load_protocol(args.protocol), Path(args.out), args.readme, Path(args.runs_root))
-            return 0
+            return 0 if report(sweep.load_protocol(args.protocol), Path(args.out), args.readme,
+                               Path(args.runs_root)) else 1
         return learn(args.algo, args.reference_dir, Path(args.out), args.report_only, args.protocol, args.readme,
                      args.jobs, args.pin)
 

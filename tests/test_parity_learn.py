@@ -4,6 +4,7 @@ fake runs. No network; the one test that trains a reference needs torch and $O2O
 """
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -203,7 +204,21 @@ def test_learn_report_on_fake_runs(tmp_path):
     assert (out / "learn.png").stat().st_size > 0 and "| iql | o2o/hopper/medium-replay-v0 | CORL | 3 / 3 |" in \
         (out / "learn.md").read_text()
     assert "| 60.3 ± 1.5 / 60.7 ± 2.5 | -0.3 [" in parity.learn_readme(summary)
+    # each finished run's record files are kept beside the report (to be committed with it), not its checkpoints
+    kept = out / "runs" / "iql@corl" / hopper / "seed2"
+    assert sorted(p.name for p in kept.iterdir()) == ["done.json", "eval.jsonl"]
+    # a run whose directory is gone (another machine, a new checkout) is read from its kept record
+    shutil.rmtree(root / "iql@corl" / hopper / "seed2")
+    item = parity.learn_report(protocol, out, readme=False, root=ROOT)[0]
+    assert item["ref"]["seeds"] == [0, 1, 2] and item["online"]["verdict"] == "match"
+    # a finished run that neither holds is not dropped from the committed report silently
+    shutil.rmtree(kept)
+    with pytest.raises(parity.ReportError, match="holds 1 finished runs that neither the run directories nor"):
+        parity.learn_report(protocol, out, readme=False, root=ROOT)
+    assert "| iql | o2o/hopper/medium-replay-v0 | CORL | 3 / 3 |" in (out / "learn.md").read_text()  # untouched
     # an unfinished run (no done.json) is plotted and listed but not counted
+    (out / "learn.csv").unlink()
+    _fake_run(plan, root / "iql@corl" / hopper / "seed2", 2, 41.0, 63.0, 250.0)
     (root / "iql@corl" / hopper / "seed2" / "done.json").unlink()
     item = parity.learn_report(protocol, out, readme=False, root=ROOT)[0]
     assert item["ref"]["seeds"] == [0, 1] and item["online"]["verdict"] == "incomplete (3 / 2 seeds)"
