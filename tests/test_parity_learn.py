@@ -307,3 +307,8 @@ def test_aca_train_returns_on_fake_runs(tmp_path):
     assert w0["env_steps"] == [0, 10] and w0["diff"] == 0.0 and w0["n"] == [2, 2]
     assert w1["diff"] == pytest.approx(9.0 - 7.5)
     assert "| 10-20 | 2 / 2 | 9.0 ± 2.8 | 7.5 ± 0.7 | +1.5 [" in (tmp_path / "out" / "aca_train_returns.md").read_text()
+    # seed 1's runs gone (a new checkout): its numbers come from the committed JSON, the same result
+    shutil.rmtree(root / "aca" / hopper / "seed1")
+    shutil.rmtree(root / "aca@aca" / hopper / "seed1")
+    again = parity.aca_train_returns(protocol, tmp_path / "out", root=sweep.ROOT, refs=(0.0, 100.0))
+    assert again["per_seed_normalized"] == result["per_seed_normalized"] and again["windows"] == result["windows"]
