@@ -445,14 +445,14 @@ def use_kept_records(plan, out: Path) -> int:
     return served
 
 
-def check_nothing_dropped(out: Path, rows: list):
-    """Refuse to overwrite a committed learn.csv whose finished runs the new report would not hold."""
+def check_nothing_dropped(out: Path, present: set):
+    """Refuse to overwrite a committed learn.csv whose finished runs ((entry, dataset, seed) keys) are not all in
+    `present`."""
     old = out / "learn.csv"
     if not old.exists():
         return
-    key = lambda r: (r["entry"], r["dataset"], str(r["seed"]))  # noqa: E731
-    before = {key(r) for r in csv.DictReader(old.open()) if r["finished"] == "1"}
-    lost = sorted(before - {key(r) for r in rows if r["finished"]})
+    before = {(r["entry"], r["dataset"], str(r["seed"])) for r in csv.DictReader(old.open()) if r["finished"] == "1"}
+    lost = sorted(before - present)
     if lost:
         raise ReportError(f"{old} holds {len(lost)} finished runs that neither the run directories nor the kept "
                           f"records in {out / 'runs'} hold (e.g. {', '.join(' '.join(k) for k in lost[:3])}); point "
@@ -465,7 +465,7 @@ def learn_report(protocol: dict, out: Path, readme: bool = True, root: Path = sw
     plan = sweep.build_plan(protocol, root, check_overrides=False)
     kept = use_kept_records(plan, out)
     rows = learn_rows(plan)
-    check_nothing_dropped(out, rows)
+    check_nothing_dropped(out, {(r["entry"], r["dataset"], str(r["seed"])) for r in rows if r["finished"]})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, LEARN_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -501,7 +501,13 @@ def learn(algo: str, reference_dir=None, out: Path = DEFAULT_OUT, report_only: b
         if not entries:
             raise sweep.SweepError(f"protocol {protocol['path']} has no entry for {algo}")
         plan = sweep.build_plan(protocol, sweep.ROOT, only=[f"algo={e}" for e in entries])
-    except sweep.SweepError as e:
+        use_kept_records(plan, out)  # runs finished on another machine (kept records) are not run again
+        # before any run: the report written at the end must not drop a finished run the committed one holds
+        full = sweep.build_plan(protocol, sweep.ROOT, check_overrides=False)
+        use_kept_records(full, out)
+        check_nothing_dropped(out, {(r.algo, r.dataset, str(s)) for r in full.runs if r.status == "done" or
+                                    (not report_only and r.algo in entries) for s in r.seeds})
+    except (sweep.SweepError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ok = True

@@ -180,7 +180,7 @@ def _fake_run(plan, run_dir, seed, offline, online, wall, updates=(1000, 2000)):
                                                    "args": plan.recorded_args(run)}))
 
 
-def test_learn_report_on_fake_runs(tmp_path):
+def test_learn_report_on_fake_runs(tmp_path, capsys):
     protocol = _protocol(tmp_path)
     root = tmp_path / "runs"
     hopper = "o2o/hopper/medium-replay-v0"
@@ -216,6 +216,9 @@ def test_learn_report_on_fake_runs(tmp_path):
     with pytest.raises(parity.ReportError, match="holds 1 finished runs that neither the run directories nor"):
         parity.learn_report(protocol, out, readme=False, root=ROOT)
     assert "| iql | o2o/hopper/medium-replay-v0 | CORL | 3 / 3 |" in (out / "learn.md").read_text()  # untouched
+    # `learn` says so before any slow work (here --report_only); a run it would train again counts as present
+    assert parity.learn("iql", out=out, report_only=True, protocol_name=protocol["path"], readme=False) == 2
+    assert "holds 1 finished runs" in capsys.readouterr().err
     # an unfinished run (no done.json) is plotted and listed but not counted
     (out / "learn.csv").unlink()
     _fake_run(plan, root / "iql@corl" / hopper / "seed2", 2, 41.0, 63.0, 250.0)
