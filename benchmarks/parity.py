@@ -342,7 +342,16 @@ def _max_load(*sides) -> str:
     return f"{max(loads):.1f}" if loads else "–"
 
 
-def learn_plot(rows: list, path: Path):
+def side_label(protocol, entry: str, impl: str) -> str:
+    """'ours', 'ours in bf16' (a protocol entry of ours with another precision, as in precision_learn), or the
+    reference's name."""
+    if impl != "ours":
+        return REFERENCE_NAMES.get(impl, impl)
+    precision = ((protocol or {}).get("algorithms", {}).get(entry) or {}).get("precision", "float32")
+    return "ours" if precision == "float32" else f"ours in {precision}"
+
+
+def learn_plot(rows: list, path: Path, protocol: dict = None):
     """Overlay per algorithm and dataset: mean ± std over seeds of each implementation's evaluations against the
     training step: the updates of each phase in turn (offline, then re-evaluation, alignment where the algorithm has
     them), then the online env steps; dashed lines mark the phase ends."""
@@ -372,7 +381,7 @@ def learn_plot(rows: list, path: Path):
             n = min(len(v) for v in per_seed.values())  # the i-th evaluation of every seed
             xs = np.median([[x for x, _ in v[:n]] for v in per_seed.values()], 0)
             ys = np.array([[y for _, y in v[:n]] for v in per_seed.values()])
-            label = "ours" if impl == "ours" else REFERENCE_NAMES.get(impl, impl)
+            label = side_label(protocol, next(r["entry"] for r in mine if r["implementation"] == impl), impl)
             ax.plot(xs, ys.mean(0), label=f"{label} ({len(per_seed)} seeds)")
             ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
         for phase, start in offsets.items():
@@ -477,7 +486,7 @@ def learn_report(protocol: dict, out: Path, readme: bool = True, root: Path = sw
     (out / "learn.json").write_text(json.dumps({"protocol": protocol["path"], "match_band": MATCH_BAND,
                                                 "summary": summary}, indent=1) + "\n")
     (out / "learn.md").write_text(learn_markdown(summary, protocol) + "\n![curves](learn.png)\n")
-    learn_plot(rows, out / "learn.png")
+    learn_plot(rows, out / "learn.png", protocol)
     if readme and out.resolve() == DEFAULT_OUT.resolve():
         from readme_tables import replace_section
         replace_section("parity_learn", learn_readme(summary))
