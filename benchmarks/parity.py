@@ -11,7 +11,7 @@ png}: every evaluation, the overlay of both implementations' curves (mean +- std
 dataset both final scores, the difference with a 95% bootstrap interval, the verdict fixed in advance (`match` when
 the interval contains 0 or lies within +-5 normalised points) and the wall time and updates/s of both sides.
 Each finished run's record files (eval.jsonl, done.json, eval_times.json, config.yaml; not its checkpoints) are
-kept under <out>/runs/ and committed with the report: a later report, on a machine without the run directories,
+kept under <out>/records/ and committed with the report: a later report, on a machine without the run directories,
 reads them from there, and refuses to drop a finished run that the committed learn.csv holds.
 
 `step`:
@@ -430,8 +430,8 @@ def record_files(run) -> list:
 
 
 def kept_dir(out: Path, run) -> Path:
-    """Where the report keeps a finished run's record files: out/runs/<algorithm entry>/<dataset>/<seed dir>."""
-    return out / "runs" / run.algo / run.dataset / run.run_dir.name
+    """Where the report keeps a finished run's record files: out/records/<algorithm entry>/<dataset>/<seed dir>."""
+    return out / "records" / run.algo / run.dataset / run.run_dir.name
 
 
 def use_kept_records(plan, out: Path) -> int:
@@ -464,13 +464,14 @@ def check_nothing_dropped(out: Path, present: set):
     lost = sorted(before - present)
     if lost:
         raise ReportError(f"{old} holds {len(lost)} finished runs that neither the run directories nor the kept "
-                          f"records in {out / 'runs'} hold (e.g. {', '.join(' '.join(k) for k in lost[:3])}); point "
+                          f"records in {out / 'records'} hold (e.g. {', '.join(' '.join(k) for k in lost[:3])}); point "
                           "--runs_root at the checkout that ran them, or delete learn.csv to drop them knowingly")
 
 
 def learn_report(protocol: dict, out: Path, readme: bool = True, root: Path = sweep.ROOT) -> list:
     """(Re)write learn.csv/json/md/png from the finished runs of the whole protocol (a pure function of their record
-    files: the run directories' or, for runs no longer there, the copies kept under out/runs); returns the summary."""
+    files: the run directories' or, for runs no longer there, the copies kept under out/records); returns the
+    summary."""
     plan = sweep.build_plan(protocol, root, check_overrides=False)
     kept = use_kept_records(plan, out)
     rows = learn_rows(plan)
@@ -491,7 +492,7 @@ def learn_report(protocol: dict, out: Path, readme: bool = True, root: Path = sw
         from readme_tables import replace_section
         replace_section("parity_learn", learn_readme(summary))
     print(f"wrote {out / 'learn.csv'} ({len(rows)} evaluations), learn.json, learn.md, learn.png"
-          + (f" ({kept} runs from the records kept in {out / 'runs'})" if kept else ""))
+          + (f" ({kept} runs from the records kept in {out / 'records'})" if kept else ""))
     for it in summary:
         on = it.get("online")
         print(f"  {it['algorithm']} {it['dataset']} vs {it['reference']}: " +

@@ -558,8 +558,26 @@ def run_one(plan: Plan, run: Run, env: dict, wrap=(), poll_s: float = 1.0, cpus=
         "algorithm": run.algo, "dataset": run.dataset, "seeds": run.seeds, "args": plan.recorded_args(run),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_time_s": round(total, 1),
         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()], **({"cpus": sorted(cpus)} if cpus else {}),
-        "attempts": len(timer.attempts), "per_seed": per_seed})
+        "cpu": cpu_description(), "attempts": len(timer.attempts), "per_seed": per_seed})
     return run, True, f"done in {total / 60:.1f} min (this attempt {timer.attempts[-1]['seconds'] / 60:.1f} min)"
+
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "avx_vnni")
+
+
+def cpu_description() -> dict:
+    """The CPU model and the vector-instruction flags that change XLA:CPU's code: bf16 runs were seen to differ
+    between machines whose float32 runs were bit-identical."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return {"model": platform.processor() or platform.machine()}
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines()  # noqa: E731
+                               if line.startswith(name)), "")
+    flags = set(field("flags").split())
+    return {"model": field("model name") or platform.machine(), "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
 def prepare_datasets(plan: Plan, env: dict):

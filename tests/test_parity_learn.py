@@ -205,7 +205,7 @@ def test_learn_report_on_fake_runs(tmp_path, capsys):
         (out / "learn.md").read_text()
     assert "| 60.3 ± 1.5 / 60.7 ± 2.5 | -0.3 [" in parity.learn_readme(summary)
     # each finished run's record files are kept beside the report (to be committed with it), not its checkpoints
-    kept = out / "runs" / "iql@corl" / hopper / "seed2"
+    kept = out / "records" / "iql@corl" / hopper / "seed2"
     assert sorted(p.name for p in kept.iterdir()) == ["done.json", "eval.jsonl"]
     # a run whose directory is gone (another machine, a new checkout) is read from its kept record
     shutil.rmtree(root / "iql@corl" / hopper / "seed2")
