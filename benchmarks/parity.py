@@ -705,6 +705,11 @@ def aca_train_returns(protocol: dict, out: Path, root: Path = sweep.ROOT, refs: 
             diff, lo, hi = bootstrap_diff(a, b)
             lines.append(f"- mean over {len(a)} seeds, {name}: ours {np.mean(a):+.1f}, official {np.mean(b):+.1f}, "
                          f"difference {diff:+.1f} [{lo:+.1f}, {hi:+.1f}] (95% bootstrap interval)")
+    planned = len(entry.get("seeds", protocol["seeds"]))
+    done_both = len(set(norm["ours"]) & set(norm["official"]))
+    if done_both < planned:  # a protocol reports its results when every planned run has finished
+        lines[1:1] = ["", f"**Incomplete: {done_both} of {planned} seeds finished on both sides; not a result until "
+                          "all have.**"]
     (out / "aca_train_returns.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-len(windows) - 2:]) + f"\nwrote {out / 'aca_train_returns.json'} and .md")
     return result
