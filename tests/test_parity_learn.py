@@ -315,3 +315,7 @@ def test_aca_train_returns_on_fake_runs(tmp_path):
     shutil.rmtree(root / "aca@aca" / hopper / "seed1")
     again = parity.aca_train_returns(protocol, tmp_path / "out", root=sweep.ROOT, refs=(0.0, 100.0))
     assert again["per_seed_normalized"] == result["per_seed_normalized"] and again["windows"] == result["windows"]
+    assert "Incomplete" not in (tmp_path / "out" / "aca_train_returns.md").read_text()
+    # a protocol with a seed not yet run: the table says it is not a result yet
+    parity.aca_train_returns({**protocol, "seeds": [0, 1, 2]}, tmp_path / "out", root=sweep.ROOT, refs=(0.0, 100.0))
+    assert "**Incomplete: 2 of 3 seeds finished on both sides" in (tmp_path / "out" / "aca_train_returns.md").read_text()
